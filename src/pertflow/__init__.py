@@ -1,0 +1,5 @@
+"""pertflow: predict single-cell perturbation responses and measure them against baselines."""
+
+from pertflow.errors import InputError
+
+__version__ = "0.1.0"

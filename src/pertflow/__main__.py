@@ -1,0 +1,3 @@
+from pertflow.cli import main
+
+raise SystemExit(main())
