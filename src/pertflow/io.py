@@ -19,7 +19,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Keep the real suffix last: some writers (h5ad, safetensors) look at it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -39,6 +40,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_h5ad(path: str | os.PathLike, adata: Any) -> None:
+    """Write an AnnData to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -1,0 +1,239 @@
+"""``pertflow <verb>``: the command line. It only calls the public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from pertflow.errors import InputError
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]) -> Callable:
+    """Register a sub-command: ``add_arguments`` declares its flags, the decorated function runs it."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable:
+        COMMANDS[name] = (add_arguments, run, help)
+        return run
+
+    return register
+
+
+# ---------------------------------------------------------------------------- shared flags
+def add_spec_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data spec (detected when not given)")
+    g.add_argument("--pert-col", help="obs column with the perturbation of each cell")
+    g.add_argument("--control", help="label of control cells in the perturbation column")
+    g.add_argument("--context-col", action="append", dest="context_cols", help="obs column(s) defining a cell's context")
+    g.add_argument("--layer", help="read expression from this layer instead of X")
+    kind = g.add_mutually_exclusive_group()
+    kind.add_argument("--counts", dest="is_counts", action="store_const", const=True, help="expression holds raw counts")
+    kind.add_argument("--log", dest="is_counts", action="store_const", const=False, help="expression is log-normalised")
+    g.add_argument("--combo-delim", help="separator of combinations (default '+')")
+    g.add_argument("--min-cells", type=int, help="minimum cells per perturbation and context")
+    g.add_argument("--spec", help="a data spec JSON saved by pertflow (instead of detection)")
+    g.add_argument("--backed", action="store_true", help="keep expression on disk, read rows on demand")
+
+
+def spec_keys(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("pert_col", "control", "context_cols", "layer", "is_counts", "combo_delim", "min_cells")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def open_data(path: str, args: argparse.Namespace, progress: bool = True):
+    from pertflow.data.dataset import PerturbationData
+
+    return PerturbationData.read(path, backed=args.backed, spec=args.spec, progress=progress, **spec_keys(args))
+
+
+# ---------------------------------------------------------------------------- inspect
+def _inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="an .h5ad file")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.add_argument("--save-spec", help="write the detected data spec to this JSON file")
+    add_spec_flags(p)
+
+
+def format_summary(s: dict[str, Any], top: int = 40) -> str:
+    spec, ev = s["spec"], s["evidence"]
+    lines = [f"{s['file']}: {s['cells']} cells x {s['genes']} genes"]
+    lines.append(f"  expression       {s['expression']['source']}, {s['expression']['kind']}, {s['expression']['storage']}  ({ev.get('is_counts', '')})")
+    lines.append(f"  perturbation col {spec['pert_col']}  ({ev.get('pert_col', '')})")
+    lines.append(f"  control label    {spec['control']}: {s['control_cells']} cells")
+    contexts = spec["context_cols"] or ["(none)"]
+    lines.append(f"  context columns  {', '.join(contexts)}  ({ev.get('context_cols', '')})")
+    for key in ("batch_col", "dose_col", "gene_symbol_col"):
+        lines.append(f"  {key:<16} {spec[key]}  ({ev.get(key, '')})")
+    lines.append(f"  genetic          {spec['genetic']}  ({ev.get('genetic', '')})")
+    lines.append(f"  contexts ({len(s['contexts'])}):")
+    for ctx, n in s["contexts"].items():
+        lines.append(f"    {ctx:<24} {n:>7} cells, {s['control_cells_by_context'].get(ctx, 0):>6} controls")
+    perts = s["perturbations"]
+    lines.append(f"  perturbations ({s['n_perturbations']}, of which {s['n_combinations']} combinations), cells:")
+    for name, n in list(perts.items())[:top]:
+        lines.append(f"    {name:<32} {n:>7}")
+    if len(perts) > top:
+        lines.append(f"    ... {len(perts) - top} more (--json lists all)")
+    return "\n".join(lines)
+
+
+@command("inspect", "describe a file: the detected spec, controls, perturbations, contexts", _inspect_arguments)
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with open_data(args.file, args) as data:
+        summary = data.summary()
+        if args.save_spec:
+            data.spec.save(args.save_spec)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+# ---------------------------------------------------------------------------- split
+SPLIT_FLAGS = {
+    "random": ("test_fraction", "seed"),
+    "perturbations": ("test_perturbations", "n_test", "seed", "include_combinations"),
+    "combinations": ("seen", "fraction", "seed"),
+    "gears": ("seed", "train_gene_set_size", "combo_seen2_train_frac"),
+    "context": ("test_context", "perturbations"),
+}
+COMMON_SPLIT_FLAGS = ("keep", "n_top_genes", "val_fraction", "val_seed")
+
+
+def _split_arguments(p: argparse.ArgumentParser) -> None:
+    from pertflow.data.splits import SPLIT_KINDS
+
+    p.add_argument("--out", required=True, help="the split JSON to write")
+    src = p.add_argument_group("what to split: a task file, or a data file and a kind")
+    src.add_argument("--task", help="a task YAML file, or a task name looked up in --tasks-dir")
+    src.add_argument("--fold", help="the task's fold (for context tasks: the held-out context)")
+    src.add_argument("--tasks-dir", default="benchmarks/tasks", help="folder of task files (default benchmarks/tasks)")
+    src.add_argument("--data-dir", help="folder of the task's data (default: $PERTFLOW_DATA_DIR)")
+    src.add_argument("--data", help="an .h5ad file")
+    src.add_argument("--kind", choices=SPLIT_KINDS, help="how to split")
+    k = p.add_argument_group("split options (each kind takes its own)")
+    k.add_argument("--keep", action="append", metavar="COL=V1,V2", help="keep only cells with these obs values")
+    k.add_argument("--test-fraction", type=float, help="random: share of each perturbation's cells held out")
+    k.add_argument("--test-perturbations", help="perturbations: comma-separated list to hold out")
+    k.add_argument("--n-test", type=int, help="perturbations: hold out this many random singles")
+    k.add_argument("--no-combinations", dest="include_combinations", action="store_const", const=False,
+                   help="perturbations: do not also hold out combinations containing a held-out single")
+    k.add_argument("--seen", type=int, action="append", help="combinations: hold out combinations with this many measured singles (repeatable)")
+    k.add_argument("--fraction", type=float, help="combinations: hold out only this share of them")
+    k.add_argument("--train-gene-set-size", type=float, help="gears: share of genes used for training (0.75)")
+    k.add_argument("--combo-seen2-train-frac", type=float, help="gears: share of seen-2 combinations kept for training (0.75)")
+    k.add_argument("--test-context", help="context: the context whose perturbed cells are held out")
+    k.add_argument("--perturbations", help="context: hold out only these perturbations (comma-separated)")
+    k.add_argument("--seed", type=int, help="seed of the split's random draws")
+    k.add_argument("--n-top-genes", type=int, help="keep the top N highly variable genes of the training cells")
+    k.add_argument("--val-fraction", type=float, help="share of the remaining cells used for validation (0.1)")
+    k.add_argument("--val-seed", type=int, help="seed of the validation draw (0)")
+    add_spec_flags(p)
+
+
+def _split_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for name in COMMON_SPLIT_FLAGS + tuple({f for flags in SPLIT_FLAGS.values() for f in flags}):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name not in COMMON_SPLIT_FLAGS and name not in SPLIT_FLAGS[args.kind]:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} does not apply to --kind {args.kind}; it takes {['--' + f.replace('_', '-') for f in SPLIT_FLAGS[args.kind]]}.")
+        if name in ("test_perturbations", "perturbations"):
+            value = [v for v in value.split(",") if v]
+        if name == "keep":
+            value = _parse_keep(value)
+        options[name] = value
+    return options
+
+
+def _parse_keep(items: list[str]) -> dict[str, list[str]]:
+    keep: dict[str, list[str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--keep {item}: write COLUMN=VALUE1,VALUE2.")
+        col, values = item.split("=", 1)
+        keep.setdefault(col, []).extend(v for v in values.split(",") if v)
+    return keep
+
+
+def resolve_task(task: str, tasks_dir: str):
+    from pertflow.data.tasks import Task, find_tasks
+
+    if Path(task).suffix in (".yaml", ".yml") or Path(task).is_file():
+        return Task.load(task)
+    tasks = find_tasks(tasks_dir)
+    if task not in tasks:
+        raise InputError(f"no task '{task}' in {tasks_dir}; tasks: {sorted(tasks)}.")
+    return tasks[task]
+
+
+@command("split", "write a train/val/test split file (a task's fold, or any split kind)", _split_arguments)
+def cmd_split(args: argparse.Namespace) -> int:
+    from pertflow.data.splits import make_split
+
+    if args.task:
+        if args.data or args.kind:
+            raise InputError("give either --task (with --fold, --data-dir) or --data with --kind, not both.")
+        task = resolve_task(args.task, args.tasks_dir)
+        with task.open_data(args.data_dir, backed=args.backed) as data:
+            split = task.build(data, args.fold)
+    else:
+        if not (args.data and args.kind):
+            raise InputError("give --data FILE and --kind KIND (or --task NAME).")
+        with open_data(args.data, args) as data:
+            split = make_split(data, args.kind, **_split_options(args))
+    split.save(args.out)
+    ctx = f", test context {split.test_context}" if split.test_context else ""
+    print(
+        f"wrote {args.out}: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test cells; "
+        f"{len(split.test_perturbations)} test perturbations{ctx}; {len(split.genes or [])} genes"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="pertflow-demo", help="output folder (default ./pertflow-demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+
+
+@command("demo", "the main job on built-in synthetic data: make it, split it, and report", _demo_arguments)
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pertflow.demo import run_demo
+
+    report = run_demo(Path(args.out), seed=args.seed)
+    print(report.read_text())
+    return 0
+
+
+# ---------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    from pertflow import __version__
+
+    parser = argparse.ArgumentParser(prog="pertflow", description="Predict single-cell perturbation responses and measure them.")
+    parser.add_argument("--version", action="version", version=f"pertflow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add, _, help) in COMMANDS.items():
+        add(sub.add_parser(name, help=help, description=help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command][1](args)
+    except InputError as err:
+        print(f"pertflow {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

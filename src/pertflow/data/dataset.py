@@ -1,0 +1,350 @@
+"""A perturbation dataset: AnnData metadata, its spec, and row access to log1p expression."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from pertflow.data.loading import DEFAULT_CHUNK, ExpressionSource, H5adFile, normalize_log1p, stored_values
+from pertflow.data.spec import SPEC_FIELDS, DataSpec, Detection, check_spec, detect_spec, split_components
+from pertflow.errors import InputError
+
+SINGLE_CONTEXT = "all"
+CONTEXT_JOIN = "|"
+
+
+class PerturbationData:
+    """Cells, their perturbation and context labels, and their expression as log1p values.
+
+    Build one with :meth:`read` (a file, in memory or backed) or :meth:`from_anndata`. The spec
+    is detected unless given; bad input stops here with an error that names the fix.
+
+    Attributes
+    ----------
+    adata
+        The AnnData (metadata only when backed).
+    spec
+        The :class:`~pertflow.data.spec.DataSpec` in use.
+    evidence
+        How each spec key was found.
+    perturbations
+        Canonical perturbation name of each cell (``A+ctrl`` -> ``A``); controls carry
+        ``spec.control``.
+    contexts
+        Context of each cell (values of ``spec.context_cols`` joined by ``|``), ``"all"``
+        without context columns.
+    is_control
+        Boolean mask of control cells.
+    """
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        spec: DataSpec,
+        source: ExpressionSource,
+        evidence: dict[str, str] | None = None,
+        path: Path | None = None,
+        file: H5adFile | None = None,
+    ):
+        self.adata = adata
+        self.spec = spec
+        self.source = source
+        self.evidence = evidence or {}
+        self.path = path
+        self._file = file
+        self._check_names()
+        labels = adata.obs[spec.pert_col].astype(str).to_numpy()
+        self.is_control = labels == spec.control
+        self._components: dict[str, tuple[str, ...]] = {}
+        canonical_of_label: dict[str, str] = {}
+        name_of_set: dict[frozenset[str], str] = {}
+        for label in pd.unique(labels):
+            comps = split_components(label, spec)
+            if label == spec.control or not comps:
+                canonical_of_label[label] = spec.control
+                continue
+            key = frozenset(comps)
+            name = name_of_set.setdefault(key, spec.combo_delim.join(comps))
+            canonical_of_label[label] = name
+            self._components.setdefault(name, comps)
+        self.is_control = np.array([canonical_of_label[x] == spec.control for x in labels])
+        self.perturbations = np.array([canonical_of_label[x] for x in labels], dtype=object)
+        if spec.context_cols:
+            parts = [adata.obs[c].astype(str).to_numpy() for c in spec.context_cols]
+            self.contexts = np.array([CONTEXT_JOIN.join(v) for v in zip(*parts)], dtype=object)
+        else:
+            self.contexts = np.full(adata.n_obs, SINGLE_CONTEXT, dtype=object)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def read(
+        cls,
+        path: str | Path,
+        *,
+        backed: bool = False,
+        spec: DataSpec | str | Path | None = None,
+        validate: bool = True,
+        progress: bool = False,
+        **spec_keys: Any,
+    ) -> PerturbationData:
+        """Open an ``.h5ad`` file.
+
+        Parameters
+        ----------
+        path
+            The file.
+        backed
+            Keep expression on disk and read rows on demand.
+        spec
+            A spec (or the path of its JSON); otherwise it is detected, with ``spec_keys``
+            (``pert_col=``, ``control=``, ...) overriding detection.
+        validate
+            Check values, names and cell counts (see :meth:`validate`).
+        """
+        file = H5adFile(path, backed=backed)
+        try:
+            detection = _resolve_spec(file.adata, spec, spec_keys, file.source, file.layer_names)
+            data = cls(
+                file.adata,
+                detection.spec,
+                file.source(detection.spec.layer),
+                detection.evidence,
+                path=Path(path),
+                file=file,
+            )
+            if validate:
+                data.validate(progress=progress)
+        except Exception:
+            file.close()
+            raise
+        return data
+
+    @classmethod
+    def from_anndata(
+        cls,
+        adata: ad.AnnData,
+        spec: DataSpec | str | Path | None = None,
+        validate: bool = True,
+        **spec_keys: Any,
+    ) -> PerturbationData:
+        """Wrap an in-memory AnnData (not copied)."""
+        detection = _resolve_spec(adata, spec, spec_keys, None, None)
+        layer = detection.spec.layer
+        source = ExpressionSource(adata.X if layer is None else adata.layers[layer], detection.spec.expression_source)
+        data = cls(adata, detection.spec, source, detection.evidence)
+        if validate:
+            data.validate()
+        return data
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> PerturbationData:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ checks
+    def _check_names(self) -> None:
+        for what, names, fix in (
+            ("cell", self.adata.obs_names, "adata.obs_names_make_unique()"),
+            ("gene", pd.Index(self.gene_symbols), "adata.var_names_make_unique() or drop the duplicated genes"),
+        ):
+            dup = names[names.duplicated()].unique()
+            if len(dup):
+                raise InputError(
+                    f"{len(dup)} duplicated {what} names, e.g. {list(map(str, dup[:5]))}. Make them unique "
+                    f"({fix}) and save the file again."
+                )
+
+    def validate(self, progress: bool = False) -> None:
+        """Check expression values and cell counts; raise :class:`InputError` naming the fix.
+
+        Expression is read in row chunks (never densified whole): NaN or Inf values and negative
+        values are errors. There must be control cells, and every perturbation must have at
+        least ``spec.min_cells`` cells in each context where it occurs.
+        """
+        source = self.source
+        chunks = source.iter_chunks(DEFAULT_CHUNK)
+        n_chunks = -(-source.shape[0] // DEFAULT_CHUNK)
+        if progress and n_chunks > 4:
+            chunks = tqdm(chunks, total=n_chunks, desc="checking values", unit="chunk")
+        for start, block in chunks:
+            values = stored_values(block)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                row = start + _first_row_where(block, bad)
+                raise InputError(
+                    f"{source.name} holds {int(bad.sum())} NaN or Inf values in rows {start}-{start + block.shape[0] - 1} "
+                    f"(first in cell '{self.adata.obs_names[row]}'). Remove or repair those cells, or choose "
+                    "another expression source (--layer)."
+                )
+            neg = values < 0
+            if neg.any():
+                row = start + _first_row_where(block, neg)
+                raise InputError(
+                    f"{source.name} holds negative values (min {values.min():.3g}, first in cell "
+                    f"'{self.adata.obs_names[row]}'). pertflow needs counts or log1p-normalised expression: "
+                    "pass a layer with counts (--layer) or undo scaling/centring."
+                )
+        if not self.is_control.any():
+            raise InputError(
+                f"no control cells: no cell of obs['{self.spec.pert_col}'] is labelled '{self.spec.control}'. "
+                "Give the right control label (--control); pertflow predicts from control cells."
+            )
+        counts = Counter(zip(self.perturbations[~self.is_control], self.contexts[~self.is_control]))
+        small = sorted((n, p, c) for (p, c), n in counts.items() if n < self.spec.min_cells)
+        if small:
+            shown = ", ".join(f"'{p}' in {c}: {n}" for n, p, c in small[:5])
+            raise InputError(
+                f"{len(small)} perturbation(s) have fewer than min_cells={self.spec.min_cells} cells ({shown}). "
+                "Drop them from the file or lower min_cells (--min-cells)."
+            )
+
+    # ------------------------------------------------------------------ names
+    @property
+    def n_cells(self) -> int:
+        return self.adata.n_obs
+
+    @property
+    def cell_names(self) -> pd.Index:
+        return self.adata.obs_names
+
+    @property
+    def gene_names(self) -> pd.Index:
+        return self.adata.var_names
+
+    @property
+    def gene_symbols(self) -> np.ndarray:
+        """Gene symbols (``var_names`` unless the spec names a symbol column)."""
+        col = self.spec.gene_symbol_col
+        return (self.adata.var[col] if col else self.adata.var_names).astype(str).to_numpy()
+
+    @property
+    def perturbation_names(self) -> list[str]:
+        """Canonical names of the perturbations (control excluded), in order of appearance."""
+        return list(self._components)
+
+    def components(self, perturbation: str) -> tuple[str, ...]:
+        """Components of a perturbation name (``'A+B'`` -> ``('A', 'B')``; control -> ``()``)."""
+        return self._components.get(perturbation) or split_components(perturbation, self.spec)
+
+    @property
+    def context_names(self) -> list[str]:
+        return list(pd.unique(self.contexts))
+
+    def rows_of(self, cell_names: list[str] | np.ndarray | pd.Index, what: str = "cells") -> np.ndarray:
+        """Row indices of named cells; unknown names raise an error listing some of them."""
+        index = self.cell_names.get_indexer(pd.Index(cell_names))
+        missing = np.asarray(cell_names)[index < 0]
+        if len(missing):
+            raise InputError(
+                f"{len(missing)} {what} are not in {self.path or 'the data'}, e.g. {list(map(str, missing[:5]))}. "
+                "The split was made for another file: rebuild it with `pertflow split` on this file."
+            )
+        return index.astype(np.int64)
+
+    def gene_indices(self, genes: list[str] | None) -> np.ndarray:
+        """Column indices of genes given by name (``var_names`` or symbols); None = all."""
+        if genes is None:
+            return np.arange(self.adata.n_vars)
+        by_name = pd.Index(self.gene_names).get_indexer(pd.Index(genes))
+        if (by_name < 0).any():
+            by_symbol = pd.Index(self.gene_symbols).get_indexer(pd.Index(genes))
+            by_name = np.where(by_name < 0, by_symbol, by_name)
+        missing = np.asarray(genes)[by_name < 0]
+        if len(missing):
+            raise InputError(
+                f"{len(missing)} genes are not in {self.path or 'the data'}, e.g. {list(map(str, missing[:5]))}. "
+                "A saved model or split needs the same genes: use matching data or retrain."
+            )
+        return by_name.astype(np.int64)
+
+    # ------------------------------------------------------------------ expression
+    def log_expression(
+        self, rows: np.ndarray, genes: np.ndarray | None = None, dense: bool = True
+    ) -> np.ndarray | sp.csr_matrix:
+        """log1p expression of ``rows`` for gene columns ``genes`` (all when None).
+
+        Counts are normalised on all genes of the file first (normalize_total + log1p), then
+        the genes are chosen. Returns float32, dense unless ``dense=False``.
+        """
+        block = self.source.read_rows(rows)
+        if self.spec.is_counts:
+            block = normalize_log1p(block, self.spec.target_sum)
+        if genes is not None:
+            block = block[:, genes]
+        if dense:
+            block = block.toarray() if sp.issparse(block) else block
+            return np.asarray(block, dtype=np.float32)
+        return sp.csr_matrix(block, dtype=np.float32) if sp.issparse(block) else np.asarray(block, dtype=np.float32)
+
+    def to_anndata(self, rows: np.ndarray, genes: np.ndarray | None = None, dense: bool = True) -> ad.AnnData:
+        """An in-memory AnnData of ``rows`` with log1p ``X`` and canonical perturbation labels."""
+        X = self.log_expression(rows, genes, dense=dense)
+        obs = self.adata.obs.iloc[rows].copy()
+        obs[self.spec.pert_col] = pd.Categorical(self.perturbations[rows].astype(str))
+        var = self.adata.var.iloc[genes if genes is not None else slice(None)].copy()
+        return ad.AnnData(X=X, obs=obs, var=var)
+
+    # ------------------------------------------------------------------ description
+    def summary(self) -> dict[str, Any]:
+        """What ``pertflow inspect`` prints: spec, evidence and counts."""
+        pert = pd.Series(self.perturbations[~self.is_control]).value_counts()
+        combos = [p for p in pert.index if len(self.components(p)) > 1]
+        contexts = pd.Series(self.contexts).value_counts()
+        ctrl_by_context = pd.Series(self.contexts[self.is_control]).value_counts()
+        return {
+            "file": str(self.path) if self.path else None,
+            "cells": self.n_cells,
+            "genes": int(self.adata.n_vars),
+            "spec": self.spec.to_dict(),
+            "evidence": dict(self.evidence),
+            "expression": {
+                "source": self.source.name,
+                "kind": "counts" if self.spec.is_counts else "log-normalised",
+                "storage": ("sparse" if self.source.is_sparse else "dense") + (" on disk" if self.source.on_disk else ""),
+            },
+            "control_cells": int(self.is_control.sum()),
+            "control_cells_by_context": {str(k): int(v) for k, v in ctrl_by_context.items()},
+            "perturbations": {str(k): int(v) for k, v in pert.items()},
+            "n_perturbations": int(len(pert)),
+            "n_combinations": len(combos),
+            "combinations": combos,
+            "contexts": {str(k): int(v) for k, v in contexts.items()},
+        }
+
+
+def _first_row_where(block: np.ndarray | sp.spmatrix, flags: np.ndarray) -> int:
+    """Row of the first flagged stored value of a block."""
+    first = int(np.argmax(flags))
+    if sp.issparse(block):
+        return int(np.searchsorted(sp.csr_matrix(block).indptr, first, side="right") - 1)
+    return first // block.shape[1]
+
+
+def _resolve_spec(
+    adata: ad.AnnData,
+    spec: DataSpec | str | Path | None,
+    spec_keys: dict[str, Any],
+    source_of: Any,
+    layer_names: list[str] | None,
+) -> Detection:
+    if spec is None:
+        return detect_spec(adata, source_of=source_of, layer_names=layer_names, **spec_keys)
+    if not isinstance(spec, DataSpec):
+        spec = DataSpec.load(spec)
+    overrides = {k: v for k, v in spec_keys.items() if v is not None}
+    if overrides:
+        spec = spec.replace(**overrides)
+    check_spec(adata, spec, layer_names)
+    return Detection(spec=spec, evidence={k: "from the given spec" for k in SPEC_FIELDS})

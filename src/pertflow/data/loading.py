@@ -1,0 +1,148 @@
+"""Reading expression from ``.h5ad`` files, in memory or backed, without densifying a sparse matrix.
+
+An :class:`ExpressionSource` reads given rows of ``X`` or of a layer, whether the matrix is a
+NumPy array, a SciPy CSR/CSC matrix, an HDF5 dataset or an on-disk CSR group. Only the rows
+asked for are read, and only the genes asked for are made dense.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import anndata as ad
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+from pertflow.errors import InputError
+
+DEFAULT_CHUNK = 4096
+
+
+class ExpressionSource:
+    """Row access to one expression matrix (``X`` or a layer).
+
+    Parameters
+    ----------
+    matrix
+        ``np.ndarray``, a SciPy sparse matrix, an ``h5py.Dataset`` (dense on disk) or an
+        AnnData on-disk sparse dataset.
+    name
+        ``"X"`` or ``"layers['name']"``, for messages.
+    """
+
+    def __init__(self, matrix: Any, name: str = "X"):
+        if matrix is None:
+            raise InputError(f"{name} is empty in this file. Choose a layer that holds expression (CLI: --layer).")
+        self.matrix = matrix
+        self.name = name
+        self.shape = tuple(int(s) for s in matrix.shape)
+
+    @property
+    def is_sparse(self) -> bool:
+        return not isinstance(self.matrix, (np.ndarray, h5py.Dataset))
+
+    @property
+    def on_disk(self) -> bool:
+        return not isinstance(self.matrix, np.ndarray) and not sp.issparse(self.matrix)
+
+    def read_rows(self, rows: np.ndarray | slice) -> np.ndarray | sp.csr_matrix:
+        """Rows in the order given; CSR for sparse sources, a dense array otherwise."""
+        if isinstance(rows, slice):
+            block = self.matrix[rows]
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            if self.on_disk:
+                # HDF5 fancy indexing wants increasing, unique indices: read sorted, then reorder.
+                unique, inverse = np.unique(rows, return_inverse=True)
+                block = self.matrix[unique]
+                block = block[inverse]
+            else:
+                block = self.matrix[rows]
+        if sp.issparse(block):
+            return sp.csr_matrix(block)
+        return np.asarray(block)
+
+    def iter_chunks(self, chunk_size: int = DEFAULT_CHUNK) -> Iterator[tuple[int, np.ndarray | sp.csr_matrix]]:
+        """Yield ``(start_row, block)`` over the whole matrix, ``chunk_size`` rows at a time."""
+        for start in range(0, self.shape[0], chunk_size):
+            yield start, self.read_rows(slice(start, min(start + chunk_size, self.shape[0])))
+
+
+def stored_values(block: np.ndarray | sp.spmatrix) -> np.ndarray:
+    """The stored values of a block: the ``data`` array of a sparse block, all values of a dense one."""
+    return block.data if sp.issparse(block) else np.asarray(block).ravel()
+
+
+def sample_values(source: ExpressionSource, n_rows: int = 2000, seed: int = 0) -> np.ndarray:
+    """Non-zero values of up to ``n_rows`` random rows (for telling counts from log values)."""
+    n = source.shape[0]
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, n_rows), replace=False))
+    values = stored_values(source.read_rows(rows))
+    values = values[np.isfinite(values)]
+    return values[values != 0]
+
+
+def normalize_log1p(block: np.ndarray | sp.spmatrix, target_sum: float) -> np.ndarray | sp.csr_matrix:
+    """scanpy's ``normalize_total(target_sum)`` + ``log1p`` on a block of whole rows.
+
+    Both steps act on each row alone, so a block of rows gives exactly what the whole matrix
+    would. The row sums must be over all genes of the file: normalise before choosing genes.
+    """
+    import scanpy as sc
+
+    block = block.astype(np.float32) if sp.issparse(block) else np.asarray(block, dtype=np.float32)
+    tmp = ad.AnnData(X=block)
+    sc.pp.normalize_total(tmp, target_sum=target_sum)
+    sc.pp.log1p(tmp)
+    return tmp.X
+
+
+class H5adFile:
+    """An open ``.h5ad``: metadata in memory, the expression matrices in memory or on disk.
+
+    With ``backed=True`` only ``obs``, ``var`` and ``uns`` are read; ``X`` and every layer stay
+    on disk and are read row by row. (AnnData's own backed mode keeps ``X`` on disk but reads
+    all layers into memory.)
+    """
+
+    def __init__(self, path: str | Path, backed: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such file. Check the path.")
+        self.backed = backed
+        self._h5: h5py.File | None = None
+        try:
+            if backed:
+                self._h5 = h5py.File(self.path, "r")
+                read = ad.io.read_elem
+                self.adata = ad.AnnData(
+                    obs=read(self._h5["obs"]),
+                    var=read(self._h5["var"]),
+                    uns=read(self._h5["uns"]) if "uns" in self._h5 else {},
+                )
+                self.layer_names = list(self._h5["layers"].keys()) if "layers" in self._h5 else []
+            else:
+                self.adata = ad.read_h5ad(self.path)
+                self.layer_names = list(self.adata.layers.keys())
+        except (OSError, KeyError) as err:
+            self.close()
+            raise InputError(f"{self.path} could not be read as .h5ad ({err}). Is it an AnnData file?") from err
+
+    def source(self, layer: str | None) -> ExpressionSource:
+        """The expression matrix ``X`` (``layer=None``) or a layer."""
+        name = "X" if layer is None else f"layers['{layer}']"
+        if layer is not None and layer not in self.layer_names:
+            raise InputError(f"{self.path} has no layer '{layer}'; layers: {self.layer_names}. Fix --layer.")
+        if not self.backed:
+            return ExpressionSource(self.adata.X if layer is None else self.adata.layers[layer], name)
+        elem = self._h5["X"] if layer is None else self._h5["layers"][layer]
+        if isinstance(elem, h5py.Group):
+            return ExpressionSource(ad.io.sparse_dataset(elem), name)
+        return ExpressionSource(elem, name)
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None

@@ -1,0 +1,41 @@
+"""Shared fixtures: small synthetic data, and the real datasets of ../shared/data when present.
+
+Tests that read ``../shared/data`` skip with a reason where that folder is absent (a user's
+clone); with ``PERTFLOW_REQUIRE_SHARED_DATA=1`` (set by ``.ci/run``) they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pertflow.data.synthetic import make_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PERTFLOW_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder of real datasets and reference splits."""
+    if not (SHARED_DATA / "README.md").is_file():
+        reason = f"real datasets not found at {SHARED_DATA} (set PERTFLOW_DATA_DIR to the shared/data folder)"
+        if os.environ.get("PERTFLOW_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(f"PERTFLOW_REQUIRE_SHARED_DATA=1 but {reason}")
+        pytest.skip(reason)
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_adata():
+    """Small synthetic counts: 3 contexts, 6 singles, 3 combinations. Do not modify; copy."""
+    return make_synthetic(n_genes=60, n_singles=6, n_combos=3, cells_per_group=20, controls_per_context=40, n_effect_genes=12, seed=1)
+
+
+@pytest.fixture(scope="session")
+def synthetic_file(tmp_path_factory, synthetic_adata) -> Path:
+    path = tmp_path_factory.mktemp("synthetic") / "synthetic.h5ad"
+    synthetic_adata.write_h5ad(path)
+    return path

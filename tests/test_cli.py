@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from pertflow.cli import main
+from pertflow.data.splits import Split
+
+
+def test_inspect_prints_what_detection_found(synthetic_file, capsys):
+    assert main(["inspect", str(synthetic_file)]) == 0
+    out = capsys.readouterr().out
+    assert "perturbation col perturbation" in out
+    assert "control label    control: 120 cells" in out
+    assert "of which 3 combinations" in out
+    assert "line_A" in out and "counts" in out
+
+
+def test_inspect_json_and_save_spec(synthetic_file, tmp_path, capsys):
+    assert main(["inspect", str(synthetic_file), "--json", "--backed", "--save-spec", str(tmp_path / "spec.json")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["spec"]["pert_col"] == "perturbation"
+    assert summary["expression"]["storage"] == "sparse on disk"
+    assert json.loads((tmp_path / "spec.json").read_text())["control"] == "control"
+
+
+def test_bad_input_gives_a_message_not_a_traceback(synthetic_file, capsys):
+    assert main(["inspect", str(synthetic_file), "--control", "NTC", "--pert-col", "perturbation"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pertflow inspect: error: control label 'NTC'") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--kind", "random", "--test-fraction", "0.3"],
+        ["--kind", "perturbations", "--n-test", "2", "--seed", "4"],
+        ["--kind", "combinations", "--seen", "2"],
+        ["--kind", "gears", "--seed", "1"],
+        ["--kind", "context", "--test-context", "line_A", "--n-top-genes", "30"],
+    ],
+)
+def test_split_kinds(synthetic_file, tmp_path, capsys, flags):
+    out = tmp_path / "split.json"
+    assert main(["split", "--data", str(synthetic_file), "--out", str(out), *flags]) == 0
+    split = Split.load(out)
+    assert split.test and split.train and split.val
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_split_flag_of_another_kind_is_refused(synthetic_file, tmp_path, capsys):
+    assert main(["split", "--data", str(synthetic_file), "--out", str(tmp_path / "s.json"), "--kind", "random", "--seen", "2"]) == 2
+    assert "--seen does not apply to --kind random" in capsys.readouterr().err
+
+
+def test_split_of_a_task(shared_data, tmp_path):
+    out = tmp_path / "kang.json"
+    assert main(["split", "--task", "kang-celltype-transfer", "--fold", "NK", "--data-dir", str(shared_data), "--out", str(out)]) == 0
+    ref = Split.load(shared_data / "splits" / "kang-celltype-transfer__NK.json")
+    assert Split.load(out).test == ref.test
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert "# pertflow demo" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "split.json").is_file() and (tmp_path / "demo" / "report.md").is_file()
