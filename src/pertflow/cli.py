@@ -44,10 +44,11 @@ def spec_keys(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
-def open_data(path: str, args: argparse.Namespace, progress: bool = True):
+def open_data(path: str, args: argparse.Namespace, progress: bool = True, spec: Any = None):
+    """Open a data file with the spec flags (``spec``: a default spec, e.g. a trained model's)."""
     from pertflow.data.dataset import PerturbationData
 
-    return PerturbationData.read(path, backed=args.backed, spec=args.spec, progress=progress, **spec_keys(args))
+    return PerturbationData.read(path, backed=args.backed, spec=args.spec or spec, progress=progress, **spec_keys(args))
 
 
 # ---------------------------------------------------------------------------- inspect
@@ -192,6 +193,52 @@ def cmd_split(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test cells; "
         f"{len(split.test_perturbations)} test perturbations{ctx}; {len(split.genes or [])} genes"
     )
+    return 0
+
+
+# ---------------------------------------------------------------------------- train / predict
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    from pertflow.models.registry import MODELS
+
+    p.add_argument("--model", required=True, choices=sorted(MODELS), help="which model to train")
+    p.add_argument("--data", required=True, help="an .h5ad file")
+    p.add_argument("--split", required=True, help="a split JSON (pertflow split, or another tool's)")
+    p.add_argument("--out", required=True, help="the run folder to write")
+    p.add_argument("--config", help="a YAML file with 'model' and 'train' sections")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config key, e.g. train.max_steps=100")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    add_spec_flags(p)
+
+
+@command("train", "train a model on a split's training cells", _train_arguments)
+def cmd_train(args: argparse.Namespace) -> int:
+    from pertflow.api import train
+
+    model = train(args.model, args.data, args.split, args.out, config=args.config, sets=args.set, resume=args.resume,
+                  backed=args.backed, spec=args.spec, **spec_keys(args))
+    report = ", ".join(f"{k} {v}" for k, v in model.fit_report.items() if not isinstance(v, list))
+    print(f"trained {model.name} into {args.out}" + (f": {report}" if report else ""))
+    return 0
+
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a run folder written by pertflow train")
+    p.add_argument("--data", required=True, help="an .h5ad file")
+    p.add_argument("--split", required=True, help="the split whose test cells to predict")
+    p.add_argument("--out", required=True, help="the prediction .h5ad to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the control draw and the noise")
+    p.add_argument("--set", action="append", metavar="model.KEY=VALUE", help="change an inference setting, e.g. model.ode_steps=10")
+    add_spec_flags(p)
+
+
+@command("predict", "predict a split's test cells with a trained model (cell-eval-ready .h5ad)", _predict_arguments)
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pertflow.api import predict
+
+    pred = predict(args.run, args.data, args.split, args.out, seed=args.seed, sets=args.set,
+                   backed=args.backed, spec=args.spec, **spec_keys(args))
+    n_pred = int((pred.obs["source"] == "predicted").sum())
+    print(f"wrote {args.out}: {n_pred} predicted cells and {pred.n_obs - n_pred} control cells x {pred.n_vars} genes")
     return 0
 
 

@@ -1,0 +1,4 @@
+"""Probability paths, ODE solvers and the velocity-field contract (no weights)."""
+
+from pertflow.flows.path import CondOTPath, PathSample
+from pertflow.flows.solver import SOLVERS, VelocityField, solve_ode

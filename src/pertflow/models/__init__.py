@@ -1,0 +1,1 @@
+"""Model families, one sub-package each (``pertflow.models.scgpt``, ...); import them directly."""

@@ -1,0 +1,89 @@
+"""The workflow verbs over files, as the CLI and the benchmark runner use them.
+
+``train`` fits a registered model on a split and writes a run folder; ``predict`` writes a
+cell-eval-ready prediction of a split's test cells. Both take paths, so they are what another
+tool scripts against; the classes underneath (:class:`~pertflow.data.dataset.PerturbationData`,
+:class:`~pertflow.data.splits.Split`, the models) are the Python API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+
+from pertflow.configs import build, load_sections
+from pertflow.data.dataset import PerturbationData
+from pertflow.data.splits import Split
+from pertflow.errors import InputError
+from pertflow.io import write_h5ad
+from pertflow.models.base import FitData, PerturbationModel, predict_split
+from pertflow.models.registry import model_class
+from pertflow.train.config import TrainConfig
+
+
+def train(
+    model: str,
+    data: str | Path | PerturbationData,
+    split: str | Path | Split,
+    out: str | Path,
+    config: str | Path | None = None,
+    sets: list[str] | None = None,
+    resume: bool = False,
+    backed: bool = False,
+    spec: Any = None,
+    **spec_keys: Any,
+) -> PerturbationModel:
+    """Train ``model`` on the training cells of ``split`` and save it into the run folder ``out``."""
+    out = Path(out)
+    if (out / "model.json").is_file() and not resume:
+        raise InputError(f"{out} already holds a trained model. Choose a new --out, or delete that folder first.")
+    cls = model_class(model)
+    sections = load_sections(config, sets)
+    model_config = build(cls.config_class, sections["model"], "model")
+    train_config = build(TrainConfig, sections["train"], "train")
+    own = not isinstance(data, PerturbationData)
+    dataset = PerturbationData.read(data, backed=backed, spec=spec, **spec_keys) if own else data
+    try:
+        split = split if isinstance(split, Split) else Split.load(split)
+        fit_data = FitData.prepare(dataset, split)
+        instance = cls.from_fit_data(fit_data, model_config)
+        instance.fit(fit_data, train_config, out, resume=resume)
+        instance.save(out)
+    finally:
+        if own:
+            dataset.close()
+    return instance
+
+
+def predict(
+    run: str | Path | PerturbationModel,
+    data: str | Path | PerturbationData,
+    split: str | Path | Split,
+    out: str | Path | None = None,
+    seed: int = 0,
+    sets: list[str] | None = None,
+    backed: bool = False,
+    spec: Any = None,
+    **spec_keys: Any,
+) -> ad.AnnData:
+    """Predict the test cells of ``split`` with a trained model; write them to ``out`` if given."""
+    model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
+    changes = load_sections(None, sets)
+    if changes["train"]:
+        raise InputError("prediction takes only model.* settings (e.g. model.ode_steps=10).")
+    if changes["model"]:
+        build(type(model.config), {**model.config.__dict__, **changes["model"]}, "model")
+        model.replace_config(**changes["model"])
+    own = not isinstance(data, PerturbationData)
+    dataset = PerturbationData.read(data, backed=backed, spec=spec or model.spec, **spec_keys) if own else data
+    try:
+        split = split if isinstance(split, Split) else Split.load(split)
+        pred = predict_split(model, dataset, split, seed=seed)
+    finally:
+        if own:
+            dataset.close()
+    if out is not None:
+        write_h5ad(out, pred)
+    return pred

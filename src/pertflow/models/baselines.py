@@ -1,0 +1,224 @@
+"""The field's baselines, as models with the same API as every other model.
+
+Each predicts **cells**: the test context's control cells plus a predicted shift ``delta``
+(clipped at 0), so their predictions have a real cell-to-cell spread and cell-eval's DE metrics
+stay meaningful. Shifts are learnt on the split's training cells only. A training *response*
+is ``mean(perturbed cells of p in context c) - mean(control cells of c)``, always taken
+against the controls of the same context.
+
+* ``no-change``: delta = 0 (the controls themselves).
+* ``mean``: the average response of the training perturbations (in the test context when it
+  has any, else over all contexts): the same shift for every perturbation.
+* ``additive``: a combination is the sum of its singles' responses; a single is its own
+  response (0 when never seen).
+* ``linear``: ridge regression of the response on perturbation features (Ahlmann-Eltze et al.
+  2025): ``delta = b + G W p`` with ``G`` the genes' top principal-component loadings of the
+  training cells, ``p`` the perturbation's features (the loadings of its target gene when it is
+  measured, a one-hot of non-gene perturbation tokens, summed over a combination's components)
+  and ``W = (G'G + lambda I)^-1 G' Y P (P'P + lambda I)^-1``.
+* ``context-shift``: a held-out context's controls plus the perturbation's response averaged
+  over the contexts where it was measured (its own response when it was measured in the test
+  context; 0 when never seen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pertflow.models.base import FitData, PerturbationModel
+from pertflow.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """This model has no options."""
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Options of the linear baseline.
+
+    Attributes
+    ----------
+    n_components
+        K, principal components of the training cells used as gene embeddings.
+    ridge
+        lambda of the ridge penalty.
+    """
+
+    n_components: int = 10
+    ridge: float = 0.1
+
+
+class DeltaModel(PerturbationModel):
+    """Control cells plus a learnt shift: the common part of the baselines."""
+
+    config_class = NoOptions
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.keys: list[tuple[str, str]] = []  # (perturbation, context) of each training response
+        self.responses = np.zeros((0, len(self.genes)), dtype=np.float32)
+
+    def fit(self, fit_data: FitData, train_config: TrainConfig | None = None, run_dir: Path | None = None, resume: bool = False) -> None:
+        groups = fit_data.groups(fit_data.rows.train)
+        control_mean = {
+            ctx: fit_data.expression.get(rows).mean(0) for (pert, ctx), rows in groups.items() if pert == self.spec.control
+        }
+        keys, responses = [], []
+        for (pert, ctx), rows in sorted(groups.items()):
+            if pert == self.spec.control:
+                continue
+            if ctx not in control_mean:
+                continue  # the sampler-level check names this; a baseline just cannot use the group
+            keys.append((pert, ctx))
+            responses.append(fit_data.expression.get(rows).mean(0) - control_mean[ctx])
+        self.keys = keys
+        self.responses = np.array(responses, dtype=np.float32).reshape(len(keys), len(self.genes))
+        self.fit_report = {"training_responses": len(keys)}
+
+    # ------------------------------------------------------------------ lookups
+    def response(self, perturbation: str, context: str) -> np.ndarray | None:
+        """The training response of a perturbation in a context, else averaged over its contexts."""
+        exact = [i for i, k in enumerate(self.keys) if k == (perturbation, context)]
+        if exact:
+            return self.responses[exact[0]]
+        anywhere = [i for i, k in enumerate(self.keys) if k[0] == perturbation]
+        return self.responses[anywhere].mean(0) if anywhere else None
+
+    def predicted_delta(self, perturbation: str, context: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def generate(self, controls: np.ndarray, perturbation: str, context: str, rng: np.random.Generator) -> np.ndarray:
+        return np.clip(controls + self.predicted_delta(perturbation, context)[None, :], 0, None)
+
+    # ------------------------------------------------------------------ persistence
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"responses": torch.from_numpy(self.responses)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.responses = tensors["responses"].numpy()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"keys": [list(k) for k in self.keys]}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.keys = [tuple(k) for k in state["keys"]]
+
+
+class NoChange(DeltaModel):
+    name = "no-change"
+
+    def predicted_delta(self, perturbation: str, context: str) -> np.ndarray:
+        return np.zeros(len(self.genes), dtype=np.float32)
+
+
+class TrainingMean(DeltaModel):
+    name = "mean"
+
+    def predicted_delta(self, perturbation: str, context: str) -> np.ndarray:
+        same = [i for i, k in enumerate(self.keys) if k[1] == context]
+        chosen = same or list(range(len(self.keys)))
+        return self.responses[chosen].mean(0) if chosen else np.zeros(len(self.genes), dtype=np.float32)
+
+
+class Additive(DeltaModel):
+    name = "additive"
+
+    def predicted_delta(self, perturbation: str, context: str) -> np.ndarray:
+        comps = self.components(perturbation)
+        if len(comps) == 1:
+            found = self.response(perturbation, context)
+            return found if found is not None else np.zeros(len(self.genes), dtype=np.float32)
+        total = np.zeros(len(self.genes), dtype=np.float32)
+        for comp in comps:
+            found = self.response(comp, context)
+            if found is not None:
+                total += found
+        return total
+
+
+class ContextShift(DeltaModel):
+    name = "context-shift"
+
+    def predicted_delta(self, perturbation: str, context: str) -> np.ndarray:
+        found = self.response(perturbation, context)
+        return found if found is not None else np.zeros(len(self.genes), dtype=np.float32)
+
+
+class Linear(DeltaModel):
+    name = "linear"
+    config_class = LinearConfig
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.gene_embedding = np.zeros((len(self.genes), 0), dtype=np.float32)  # G: (genes, K)
+        self.weights = np.zeros((0, 0), dtype=np.float32)  # W: (K, features)
+        self.offset = np.zeros(len(self.genes), dtype=np.float32)  # b
+        self.feature_tokens: list[str] = []  # non-gene tokens with a one-hot feature
+
+    def fit(self, fit_data: FitData, train_config: TrainConfig | None = None, run_dir: Path | None = None, resume: bool = False) -> None:
+        super().fit(fit_data)
+        expr = fit_data.expression.get(fit_data.rows.train).astype(np.float64)
+        k = min(self.config.n_components, min(expr.shape) - 1)
+        centred = expr - expr.mean(0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        G = vt[:k].T  # (genes, K): principal-component loadings
+        self.gene_embedding = G.astype(np.float32)
+        self.feature_tokens = sorted({c for p, _ in self.keys for c in self.components(p) if c not in self._gene_pos})
+        Y = self.responses.T.astype(np.float64)  # (genes, groups)
+        self.offset = Y.mean(1).astype(np.float32) if Y.size else np.zeros(len(self.genes), dtype=np.float32)
+        if not self.keys:
+            self.weights = np.zeros((k, k + len(self.feature_tokens)), dtype=np.float32)
+            return
+        P = np.stack([self.features(p) for p, _ in self.keys])  # (groups, features)
+        lam = self.config.ridge
+        left = np.linalg.solve(G.T @ G + lam * np.eye(G.shape[1]), G.T @ (Y - self.offset[:, None]))
+        self.weights = (left @ P @ np.linalg.inv(P.T @ P + lam * np.eye(P.shape[1]))).astype(np.float32)
+        self.fit_report.update({"n_components": k, "features": int(P.shape[1])})
+
+    @property
+    def _gene_pos(self) -> dict[str, int]:
+        symbols = self.vocab.expression_genes
+        return {g: i for i, g in enumerate(symbols)}
+
+    def features(self, perturbation: str) -> np.ndarray:
+        """p: summed over components, [loadings of a measured target gene, one-hot of other tokens]."""
+        k = self.gene_embedding.shape[1]
+        out = np.zeros(k + len(self.feature_tokens), dtype=np.float64)
+        pos = self._gene_pos
+        for comp in self.components(perturbation):
+            if comp in pos:
+                out[:k] += self.gene_embedding[pos[comp]]
+            elif comp in self.feature_tokens:
+                out[k + self.feature_tokens.index(comp)] += 1.0
+        return out
+
+    def predicted_delta(self, perturbation: str, context: str) -> np.ndarray:
+        return (self.offset + self.gene_embedding @ (self.weights @ self.features(perturbation))).astype(np.float32)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            **super().state_tensors(),
+            "gene_embedding": torch.from_numpy(self.gene_embedding),
+            "weights": torch.from_numpy(np.ascontiguousarray(self.weights)),
+            "offset": torch.from_numpy(self.offset),
+        }
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_state_tensors(tensors)
+        self.gene_embedding = tensors["gene_embedding"].numpy()
+        self.weights = tensors["weights"].numpy()
+        self.offset = tensors["offset"].numpy()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "feature_tokens": self.feature_tokens}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        self.feature_tokens = list(state["feature_tokens"])

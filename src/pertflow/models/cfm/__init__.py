@@ -1,0 +1,1 @@
+"""Gene-space conditional flow matching (the scDFM backbone)."""

@@ -1,0 +1,54 @@
+"""Configuration of the gene-space flow model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class CFMConfig:
+    """The ``model`` section of a ``cfm`` run (SPEC 2.1; defaults are the SPEC's).
+
+    Attributes
+    ----------
+    d_model, n_heads, n_layers, mlp_ratio, dropout
+        Width, attention heads, backbone layers (DiffPerceiverBlocks), MLP width ratio, dropout
+        of the value encoders.
+    differential_attention
+        scDFM's differential attention (True) or plain attention (False, an ablation).
+    genes_per_step
+        G: random genes per training step (all genes when the data has fewer).
+    gamma
+        Weight of the MMD term on the one-step estimate ``x_t + (1 - t) v``.
+    max_components
+        Most components of a combination.
+    ode_method, ode_steps
+        Inference solver (``rk4``, ``euler``, ``midpoint``, ``dopri5``) and its fixed steps.
+    inference_gene_chunk
+        None: inference attends over all genes at once (the SPEC). A number: genes are split
+        at random into chunks of about this size, each integrated on its own, as in training
+        (linear instead of quadratic cost in the number of genes; used on CPU).
+    predict_batch_size
+        Cells generated per call.
+    """
+
+    d_model: int = 128
+    n_heads: int = 8
+    n_layers: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    differential_attention: bool = True
+    genes_per_step: int = 1000
+    gamma: float = 0.5
+    max_components: int = 2
+    ode_method: Literal["rk4", "euler", "midpoint", "dopri5"] = "rk4"
+    ode_steps: int = 20
+    inference_gene_chunk: int | None = None
+    predict_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.genes_per_step < 2:
+            raise ValueError("genes_per_step must be at least 2")

@@ -1,0 +1,221 @@
+"""The gene-space conditional flow-matching network (SPEC 2.1): tensors in, velocities out.
+
+Shapes: B cells, G genes in the step, d width, K perturbation components.
+
+* tokens: ``fusion(cat[enc_state(x_t), enc_control(control)]) + gene_emb``  (B, G, d)
+* condition: ``c = time_embedding(t) + perturbation_embedding``            (B, d)
+* L backbone layers: GeneAdaLN -> cat perturbation -> adapter -> DiffPerceiverBlock with the
+  control cell's tokens as the reference
+* ``ExprDecoder(cat[x, perturbation])`` -> velocity per gene                 (B, G)
+
+Training draws a random subset of genes per step and minimises the velocity MSE plus
+``gamma * MMD(x_t + (1 - t) v, target)``; sampling integrates from noise over all genes (or
+gene chunks) conditioned on control cells, and clamps expression at 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from pertflow.flows import CondOTPath, solve_ode
+from pertflow.models.cfm.config import CFMConfig
+from pertflow.nn import ContinuousValueEncoder, ExprDecoder, GeneEncoder
+from pertflow.nn.attention import DiffPerceiverBlock
+from pertflow.nn.conditioning import GeneAdaLN, TimestepEmbedder
+from pertflow.nn.loss import LossOutput
+from pertflow.ops.kernels import mmd2_rbf
+
+
+class PerturbationEncoder(nn.Module):
+    """Perturbation token ids (B, K) -> (B, d), the mean over a combination's components.
+
+    Gene tokens are embedded by the model's :class:`GeneEncoder` (passed at call time, so its
+    weights are shared, not copied); non-gene tokens (drugs, cytokines) by a table of their own,
+    zero-initialised so that a token never seen in training adds nothing. Optional descriptor
+    vectors (V, D) are projected and added, which is what lets an unseen perturbation carry
+    information.
+    """
+
+    def __init__(self, n_tokens: int, first_other_token: int, pad_id: int, d_model: int, descriptors: Tensor | None = None):
+        super().__init__()
+        self.first_other_token = first_other_token
+        self.pad_id = pad_id
+        n_other = n_tokens - first_other_token
+        self.other = nn.Embedding(max(n_other, 1), d_model)
+        nn.init.zeros_(self.other.weight)
+        if descriptors is not None:
+            self.register_buffer("descriptors", descriptors.float())
+            self.descriptor_proj = nn.Linear(descriptors.shape[1], d_model)
+        else:
+            self.descriptors = None
+
+    def forward(self, ids: Tensor, gene_encoder: GeneEncoder) -> Tensor:
+        is_other = ids >= self.first_other_token
+        gene_part = gene_encoder(torch.where(is_other, torch.full_like(ids, self.pad_id), ids))
+        other_part = self.other((ids - self.first_other_token).clamp(min=0))
+        emb = torch.where(is_other.unsqueeze(-1), other_part, gene_part)
+        if self.descriptors is not None:
+            emb = emb + self.descriptor_proj(self.descriptors[ids])
+        mask = (ids != self.pad_id).unsqueeze(-1).to(emb.dtype)
+        return (emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class BackboneLayer(nn.Module):
+    """GeneAdaLN -> concat perturbation -> adapter -> DiffPerceiverBlock."""
+
+    def __init__(self, d_model: int, n_heads: int, depth: int, mlp_ratio: float, differential: bool):
+        super().__init__()
+        self.gene_adaln = GeneAdaLN(d_model)
+        self.adapter = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.LeakyReLU(), nn.Linear(d_model, d_model), nn.LeakyReLU())
+        self.block = DiffPerceiverBlock(d_model, n_heads, depth, mlp_ratio, differential)
+
+    def forward(self, x: Tensor, gene_emb: Tensor, control_tokens: Tensor, pert_tokens: Tensor, c: Tensor) -> Tensor:
+        x = self.gene_adaln(gene_emb, x)
+        x = self.adapter(torch.cat([x, pert_tokens], dim=-1))
+        return self.block(x, control_tokens, c)
+
+
+class CFMModule(nn.Module):
+    """The velocity field ``v(t, x_t | control, perturbation)`` over genes.
+
+    Parameters
+    ----------
+    config
+        Architecture and loss settings.
+    gene_tokens
+        (G_full,) vocabulary ids of the model's genes, in column order.
+    n_tokens, first_other_token, pad_id
+        Vocabulary size, first non-gene token, padding token.
+    descriptors
+        Optional (n_tokens, D) descriptor vectors of perturbation tokens.
+    """
+
+    def __init__(
+        self,
+        config: CFMConfig,
+        gene_tokens: Tensor,
+        n_tokens: int,
+        first_other_token: int,
+        pad_id: int,
+        descriptors: Tensor | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.register_buffer("gene_tokens", gene_tokens.long())
+        self.gene_encoder = GeneEncoder(n_tokens, d, padding_idx=pad_id)
+        self.state_encoder = ContinuousValueEncoder(d, config.dropout)
+        self.control_encoder = ContinuousValueEncoder(d, config.dropout)
+        self.fusion = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, d), nn.LayerNorm(d))
+        self.perturbation_encoder = PerturbationEncoder(n_tokens, first_other_token, pad_id, d, descriptors)
+        self.time_embedder = TimestepEmbedder(d)
+        self.layers = nn.ModuleList(
+            BackboneLayer(d, config.n_heads, i, config.mlp_ratio, config.differential_attention) for i in range(config.n_layers)
+        )
+        self.decoder = ExprDecoder(2 * d, d)
+        self.path = CondOTPath()
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.gene_tokens.shape[0])
+
+    def velocity(self, t: Tensor, x_t: Tensor, control: Tensor, pert_ids: Tensor, gene_idx: Tensor | None = None) -> Tensor:
+        """The velocity field.
+
+        Parameters
+        ----------
+        t
+            (B,) times.
+        x_t
+            (B, G) current state on the G genes ``gene_idx`` (all genes when None).
+        control
+            (B, G) control cells on the same genes.
+        pert_ids
+            (B, K) perturbation token ids.
+
+        Returns
+        -------
+        Tensor
+            (B, G) velocity.
+        """
+        tokens = self.gene_tokens if gene_idx is None else self.gene_tokens[gene_idx]
+        gene_emb = self.gene_encoder(tokens).unsqueeze(0)  # (1, G, d), broadcast over cells
+        control_tokens = self.control_encoder(control)
+        x = self.fusion(torch.cat([self.state_encoder(x_t), control_tokens], dim=-1)) + gene_emb
+        pert = self.perturbation_encoder(pert_ids, self.gene_encoder)
+        c = self.time_embedder(t) + pert
+        pert_tokens = pert.unsqueeze(1).expand(-1, x.shape[1], -1)
+        for layer in self.layers:
+            x = layer(x, gene_emb, control_tokens, pert_tokens, c)
+        return self.decoder(torch.cat([x, pert_tokens], dim=-1)).pred
+
+    def loss(self, batch: dict[str, Tensor]) -> LossOutput:
+        """Flow-matching loss on a random gene subset.
+
+        ``batch``: ``target`` (B, G_full) perturbed cells, ``control`` (B, G_full) control cells of
+        the same context, ``pert_ids`` (B, K).
+        """
+        target, control = batch["target"], batch["control"]
+        n_genes = target.shape[1]
+        g = min(self.config.genes_per_step, n_genes)
+        gene_idx = torch.randperm(n_genes, device=target.device)[:g] if g < n_genes else None
+        if gene_idx is not None:
+            target, control = target[:, gene_idx], control[:, gene_idx]
+        noise = torch.randn_like(target)
+        t = torch.rand(target.shape[0], device=target.device)
+        path = self.path.sample(t, noise, target)
+        v = self.velocity(t, path.x_t, control, batch["pert_ids"], gene_idx)
+        mse = ((v.float() - path.dx_t.float()) ** 2).mean()
+        loss = mse
+        metrics = {"mse": float(mse.detach())}
+        if self.config.gamma > 0 and target.shape[0] >= 2:
+            x1_hat = self.path.target_estimate(path.x_t, v, t)
+            mmd = mmd2_rbf(x1_hat.float(), target.float())
+            loss = loss + self.config.gamma * mmd
+            metrics["mmd"] = float(mmd.detach())
+        return LossOutput(loss=loss, metrics=metrics)
+
+    def gene_chunks(self, generator: torch.Generator | None) -> list[Tensor | None]:
+        """All genes (``[None]``), or a random partition into chunks of about ``inference_gene_chunk``."""
+        chunk = self.config.inference_gene_chunk
+        if chunk is None or chunk >= self.n_genes:
+            return [None]
+        perm = torch.randperm(self.n_genes, generator=generator).to(self.gene_tokens.device)
+        return list(perm.chunk(math.ceil(self.n_genes / chunk)))
+
+    @torch.no_grad()
+    def sample(self, control: Tensor, pert_ids: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Generate perturbed cells from noise, one per control cell.
+
+        Parameters
+        ----------
+        control
+            (B, G_full) control cells.
+        pert_ids
+            (B, K) perturbation token ids.
+        generator
+            Seeds the noise and the gene chunks.
+
+        Returns
+        -------
+        Tensor
+            (B, G_full) expression, clamped at 0.
+        """
+        noise = torch.randn(control.shape, generator=generator).to(control.device, control.dtype)
+        out = torch.empty_like(control)
+        for idx in self.gene_chunks(generator):
+            sub_control = control if idx is None else control[:, idx]
+            x0 = noise if idx is None else noise[:, idx]
+
+            def field(t: Tensor, x: Tensor, sub_control: Tensor = sub_control, idx: Tensor | None = idx) -> Tensor:
+                return self.velocity(t, x, sub_control, pert_ids, idx)
+
+            x1 = solve_ode(field, x0, self.config.ode_method, self.config.ode_steps)
+            if idx is None:
+                out = x1
+            else:
+                out[:, idx] = x1
+        return out.clamp(min=0)

@@ -1,0 +1,153 @@
+"""Checkpoints as safetensors + JSON, written atomically; no pickles.
+
+A resumable checkpoint is a folder ``checkpoints/step-00000250/`` with
+
+* ``model.safetensors``: the weights;
+* ``optimizer.safetensors``: the optimizer's tensors and the torch RNG states;
+* ``state.json``: format version, step, the optimizer's non-tensor state, scheduler state,
+  the batch sampler's generator state, best validation so far, the count of skipped steps,
+  and the run's metadata (model config, data spec, vocabulary, genes).
+
+The folder is written under a temporary name and renamed; ``checkpoints/latest.json`` then
+points at it (also replaced atomically), so an interrupted write never leaves a half
+checkpoint behind as the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pertflow.errors import InputError
+from pertflow.io import atomic_path, read_json, write_json
+
+FORMAT_VERSION = 1
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to a safetensors file atomically (contiguous CPU copies)."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InputError(f"{path}: missing weights file. The run folder is incomplete; train again or resume.")
+    return load_file(str(path))
+
+
+def optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer ``state_dict`` into tensors and JSON-ready values."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if not name.startswith("state."):
+            continue
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.torch_cuda.{i}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.torch_cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class CheckpointDir:
+    """The ``checkpoints/`` folder of a run: resumable step folders, a latest pointer, the best weights."""
+
+    def __init__(self, run_dir: Path):
+        self.root = Path(run_dir) / "checkpoints"
+
+    @property
+    def latest_pointer(self) -> Path:
+        return self.root / "latest.json"
+
+    @property
+    def best_weights(self) -> Path:
+        return self.root / "best.safetensors"
+
+    def exists(self) -> bool:
+        return self.latest_pointer.is_file()
+
+    def save(
+        self,
+        step: int,
+        model_state: dict[str, torch.Tensor],
+        optimizer_state: dict[str, Any],
+        state: dict[str, Any],
+        keep: int,
+    ) -> Path:
+        """Write a resumable checkpoint of ``step`` and point ``latest.json`` at it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"step-{step:08d}"
+        tmp = self.root / f".{name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        opt_tensors, opt_meta = optimizer_to_flat(optimizer_state)
+        save_tensors(tmp / "model.safetensors", model_state)
+        save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, **rng_tensors()})
+        write_json(tmp / "state.json", {"format_version": FORMAT_VERSION, "step": step, "optimizer": opt_meta, **state})
+        final = self.root / name
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        write_json(self.latest_pointer, {"step": step, "dir": name})
+        for old in sorted(self.root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+        return final
+
+    def load_latest(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+        """``(model_state, optimizer_state, rng_tensors, state)`` of the latest checkpoint."""
+        pointer = read_json(self.latest_pointer)
+        folder = self.root / pointer["dir"]
+        state = read_json(folder / "state.json")
+        if state.get("format_version", 0) > FORMAT_VERSION:
+            raise InputError(
+                f"{folder} was written by a newer pertflow (checkpoint format {state['format_version']}); upgrade pertflow."
+            )
+        extra = load_tensors(folder / "optimizer.safetensors")
+        optimizer_state = optimizer_from_flat(extra, state.pop("optimizer"))
+        rng = {k: v for k, v in extra.items() if k.startswith("rng.")}
+        return load_tensors(folder / "model.safetensors"), optimizer_state, rng, state
+
+    def save_best(self, model_state: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        save_tensors(self.best_weights, model_state, metadata={"info": json.dumps(info)})

@@ -1,0 +1,75 @@
+"""The training configuration shared by every model family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained (the ``train`` section of a run config).
+
+    Attributes
+    ----------
+    max_steps
+        Optimizer steps.
+    batch_size
+        B: perturbed cells (and as many control cells) per step.
+    lr, weight_decay, optimizer
+        Adam or AdamW.
+    schedule, warmup_steps, min_lr_ratio
+        ``cosine``: linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``.
+    grad_clip
+        Clip the global gradient norm (0 disables).
+    nonfinite
+        What to do with a step whose loss or gradient is NaN/Inf: ``skip`` it (recorded in the
+        history) or ``stop`` the run. ``max_nonfinite`` consecutive bad steps always stop it.
+    val_every, val_batches
+        Validation loss on the split's validation cells every ``val_every`` steps over
+        ``val_batches`` fixed batches; the best step's weights are kept.
+    checkpoint_every, keep_checkpoints
+        Resumable checkpoints; the newest ``keep_checkpoints`` are kept.
+    log_every
+        Steps between rows of ``history.csv``.
+    seed
+        Seeds weights, batches and noise.
+    weighting, include_controls
+        Batch sampling (see :class:`pertflow.data.sampler.PairedBatchSampler`).
+    mixed_precision
+        ``no``, ``bf16`` or ``fp16`` through accelerate.
+    device
+        ``auto`` (accelerate's choice), ``cpu`` or ``cuda``.
+    progress
+        Show a progress bar.
+    """
+
+    max_steps: int = 2000
+    batch_size: int = 48
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    optimizer: Literal["adam", "adamw"] = "adam"
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite: int = 20
+    val_every: int = 250
+    val_batches: int = 8
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    weighting: Literal["cells", "uniform"] = "cells"
+    include_controls: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "val_every", "checkpoint_every", "log_every", "keep_checkpoints", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")

@@ -1,0 +1,282 @@
+"""The one training loop every model family uses.
+
+A model hands the :class:`Trainer` a module whose ``loss(batch)`` returns a
+:class:`~pertflow.nn.loss.LossOutput`, a source of training batches and (optionally) a fixed list
+of validation batches. The trainer owns everything else: Adam/AdamW with a cosine schedule,
+gradient clipping, the finite-value guard, validation and best-step selection, resumable
+checkpoints, device placement and mixed precision through ``accelerate``, a progress bar and the
+loss log ``history.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from pertflow.errors import InputError
+from pertflow.io import write_text
+from pertflow.train.checkpoint import CheckpointDir, load_tensors, restore_rng
+from pertflow.train.config import TrainConfig
+
+Batch = dict[str, torch.Tensor]
+VAL_SEED = 1234
+
+
+class BatchSource(Protocol):
+    """Training batches: ``next_batch()`` plus a state that a checkpoint saves."""
+
+    def next_batch(self) -> Batch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the finite-value guard stops a run."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    steps: int
+    best_step: int | None
+    best_val_loss: float | None
+    skipped_steps: list[int] = field(default_factory=list)
+    history: Path | None = None
+
+
+def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based): warm-up, then cosine decay."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Train ``module`` with ``config``, writing checkpoints and the log under ``run_dir``.
+
+    Parameters
+    ----------
+    module
+        An ``nn.Module`` with ``loss(batch) -> LossOutput``.
+    config
+        The training configuration.
+    run_dir
+        Output folder: ``checkpoints/``, ``history.csv``.
+    train_batches
+        The training batch source (its state is checkpointed).
+    val_batches
+        Fixed validation batches (never test cells); None disables validation.
+    metadata
+        JSON-ready run description stored in every checkpoint (model config, data spec, ...).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        config: TrainConfig,
+        run_dir: str | Path,
+        train_batches: BatchSource,
+        val_batches: list[Batch] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.train_batches = train_batches
+        self.val_batches = val_batches or []
+        self.metadata = metadata or {}
+        self.checkpoints = CheckpointDir(self.run_dir)
+        cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise InputError("train.device is 'cuda' but no GPU is visible. Use train.device=auto or cpu.")
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+        self.module = module
+        self.optimizer = make_optimizer(module.parameters(), config)
+        self.module, self.optimizer = self.accelerator.prepare(self.module, self.optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
+        self.step = 0
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.skipped: list[int] = []
+        self._history_rows: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return self.accelerator.unwrap_model(self.module).state_dict()
+
+    def _loss(self, batch: Batch):
+        with self.accelerator.autocast():
+            return self.accelerator.unwrap_model(self.module).loss(batch)
+
+    def validate(self) -> float | None:
+        """Mean loss over the fixed validation batches, with fixed noise; training RNG untouched."""
+        if not self.val_batches:
+            return None
+        module = self.accelerator.unwrap_model(self.module)
+        module.eval()
+        total = 0.0
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(VAL_SEED)
+            for batch in self.val_batches:
+                total += float(self._loss(self._to_device(batch)).loss)
+        module.train()
+        return total / len(self.val_batches)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        state = {
+            "sampler": self.train_batches.state_dict(),
+            "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+            "best_val_loss": self.best_val,
+            "best_step": self.best_step,
+            "skipped_steps": self.skipped,
+            "train_config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
+            "metadata": self.metadata,
+        }
+        self.checkpoints.save(self.step, self._weights(), self.optimizer.state_dict(), state, self.config.keep_checkpoints)
+        self._write_history()
+
+    def _resume(self) -> None:
+        model_state, optimizer_state, rng, state = self.checkpoints.load_latest()
+        self.accelerator.unwrap_model(self.module).load_state_dict(model_state)
+        self.optimizer.load_state_dict(optimizer_state)
+        scheduler_state = dict(state["scheduler"])
+        scheduler_state["lr_lambdas"] = [None]
+        self.scheduler.load_state_dict(scheduler_state)
+        self.train_batches.load_state_dict(state["sampler"])
+        restore_rng(rng)
+        self.step = int(state["step"])
+        self.best_val, self.best_step = state["best_val_loss"], state["best_step"]
+        self.skipped = list(state["skipped_steps"])
+        self._history_rows = [r for r in self._read_history() if int(r["step"]) <= self.step]
+
+    def _read_history(self) -> list[dict[str, Any]]:
+        path = self.run_dir / "history.csv"
+        if not path.is_file():
+            return []
+        with path.open() as f:
+            return list(csv.DictReader(f))
+
+    def _write_history(self) -> None:
+        if not self._history_rows:
+            return
+        keys: list[str] = []
+        for row in self._history_rows:
+            keys += [k for k in row if k not in keys]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self._history_rows)
+        write_text(self.run_dir / "history.csv", buf.getvalue())
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train to ``max_steps`` (continuing from the latest checkpoint with ``resume``)."""
+        cfg = self.config
+        if self.checkpoints.exists():
+            if not resume:
+                raise InputError(
+                    f"{self.run_dir} already holds a training run. Resume it with --resume, or choose a new --out."
+                )
+            self._resume()
+        elif resume:
+            raise InputError(f"nothing to resume in {self.run_dir}: no checkpoint was written there.")
+        else:
+            torch.manual_seed(cfg.seed)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.module.train()
+        consecutive_bad = 0
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step", disable=not cfg.progress)
+        try:
+            while self.step < cfg.max_steps:
+                batch = self._to_device(self.train_batches.next_batch())
+                out = self._loss(batch)
+                bad = not torch.isfinite(out.loss).item()
+                grad_norm = float("nan")
+                if not bad:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.accelerator.backward(out.loss)
+                    if cfg.grad_clip > 0:
+                        grad_norm = float(self.accelerator.clip_grad_norm_(self.module.parameters(), cfg.grad_clip))
+                    else:
+                        grad_norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.module.parameters() if p.grad is not None)))
+                    bad = not math.isfinite(grad_norm)
+                if bad:
+                    # The finite-value guard: record the step, drop its gradients, keep the weights.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.skipped.append(self.step)
+                    consecutive_bad += 1
+                    if cfg.nonfinite == "stop" or consecutive_bad >= cfg.max_nonfinite:
+                        self._write_history()
+                        raise TrainingDiverged(
+                            f"non-finite loss or gradient at step {self.step} ({consecutive_bad} in a row; skipped steps "
+                            f"{self.skipped[-10:]}). Lower train.lr, check the data for extreme values, or use "
+                            "train.mixed_precision=no. The last good checkpoint is in checkpoints/."
+                        )
+                else:
+                    consecutive_bad = 0
+                    self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                bar.update(1)
+                val = None
+                if self.step % cfg.val_every == 0 or self.step == cfg.max_steps:
+                    val = self.validate()
+                    if val is not None and (self.best_val is None or val < self.best_val):
+                        self.best_val, self.best_step = val, self.step
+                        if self.accelerator.is_main_process:
+                            self.checkpoints.save_best(self._weights(), {"step": self.step, "val_loss": val})
+                if self.step % cfg.log_every == 0 or val is not None or bad:
+                    row = {"step": self.step, "loss": float(out.loss.detach()), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped": int(bad)}
+                    row.update(out.metrics)
+                    if val is not None:
+                        row["val_loss"] = val
+                    self._history_rows.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", **({"val": f"{val:.4f}"} if val is not None else {}))
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                    self._save()
+        finally:
+            bar.close()
+        return TrainResult(
+            steps=self.step,
+            best_step=self.best_step,
+            best_val_loss=self.best_val,
+            skipped_steps=list(self.skipped),
+            history=self.run_dir / "history.csv",
+        )
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        """The best validation step's weights when validation ran, else the last weights."""
+        if self.best_step is not None and self.checkpoints.best_weights.is_file():
+            return load_tensors(self.checkpoints.best_weights)
+        return {k: v.detach().cpu() for k, v in self._weights().items()}
+

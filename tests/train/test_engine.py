@@ -1,0 +1,145 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pertflow.errors import InputError
+from pertflow.nn.loss import LossOutput
+from pertflow.train import TrainConfig, Trainer, TrainingDiverged
+
+
+class Regression(nn.Module):
+    """y = X w* + noise, with dropout so that resuming must restore the torch RNG too."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+        self.nan_at: set[int] = set()
+        self.calls = 0
+
+    def loss(self, batch):
+        self.calls += self.training  # count training calls only
+        pred = self.net(batch["x"]).squeeze(-1)
+        loss = ((pred - batch["y"]) ** 2).mean() + 0.0 * torch.randn(()).abs()
+        if self.calls in self.nan_at:
+            loss = loss * float("nan")
+        return LossOutput(loss, {"mse": float(loss.detach())})
+
+
+class Source:
+    """Seeded numpy batches; can raise an interruption at a given call."""
+
+    w = np.array([1.0, -2.0, 0.5, 3.0])
+
+    def __init__(self, seed=0, interrupt_at=None):
+        self.rng = np.random.default_rng(seed)
+        self.calls = 0
+        self.interrupt_at = interrupt_at
+
+    def next_batch(self):
+        self.calls += 1
+        if self.interrupt_at is not None and self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        x = self.rng.normal(size=(32, 4))
+        y = x @ self.w + 0.1 * self.rng.normal(size=32)
+        return {"x": torch.tensor(x, dtype=torch.float32), "y": torch.tensor(y, dtype=torch.float32)}
+
+    def state_dict(self):
+        return {"bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state["bit_generator"]
+
+
+def config(**kw):
+    base = dict(max_steps=20, lr=1e-2, batch_size=32, val_every=5, checkpoint_every=5, log_every=1, progress=False, seed=7, warmup_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def val_batches():
+    return [Source(seed=99).next_batch() for _ in range(2)]
+
+
+def make(run_dir, source=None, **kw):
+    torch.manual_seed(0)
+    return Trainer(Regression(), config(**kw), run_dir, source or Source(), val_batches(), metadata={"model": "toy"})
+
+
+def weights(trainer):
+    return {k: v.clone() for k, v in trainer.module.state_dict().items()}
+
+
+def test_loss_falls_and_history_is_written(tmp_path):
+    t = make(tmp_path, max_steps=200, val_every=50)
+    result = t.fit()
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    losses = [float(r.split(",")[1]) for r in rows[1:]]
+    assert np.mean(losses[-20:]) < 0.1 * np.mean(losses[:5])
+    assert result.best_step is not None and result.best_val_loss < 1.0
+    assert "val_loss" in rows[0]
+
+
+def test_resume_equals_unbroken_run(tmp_path):
+    unbroken = make(tmp_path / "a")
+    unbroken.fit()
+    broken = make(tmp_path / "b", source=Source(interrupt_at=13))
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit()
+    assert json.loads((tmp_path / "b" / "checkpoints" / "latest.json").read_text())["step"] == 10
+    resumed = make(tmp_path / "b")  # a fresh process: new module, new source
+    result = resumed.fit(resume=True)
+    assert result.steps == 20
+    for name, value in weights(unbroken).items():
+        torch.testing.assert_close(weights(resumed)[name], value, rtol=0, atol=0)
+    assert resumed.best_step == unbroken.best_step and resumed.best_val == unbroken.best_val
+    history = (tmp_path / "b" / "history.csv").read_text()
+    assert history == (tmp_path / "a" / "history.csv").read_text()
+
+
+def test_checkpoints_are_safetensors_and_json(tmp_path):
+    make(tmp_path, keep_checkpoints=2).fit()
+    ckpt = tmp_path / "checkpoints"
+    steps = sorted(p.name for p in ckpt.glob("step-*"))
+    assert steps == ["step-00000015", "step-00000020"]
+    folder = ckpt / steps[-1]
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "optimizer.safetensors", "state.json"}
+    state = json.loads((folder / "state.json").read_text())
+    assert state["format_version"] == 1 and state["step"] == 20 and state["metadata"] == {"model": "toy"}
+    assert "bit_generator" in state["sampler"]
+    assert (ckpt / "best.safetensors").is_file()
+    assert not list(ckpt.glob(".*tmp*"))
+
+
+def test_existing_run_needs_resume(tmp_path):
+    make(tmp_path, max_steps=5).fit()
+    with pytest.raises(InputError, match="already holds a training run.*--resume"):
+        make(tmp_path, max_steps=5).fit()
+    with pytest.raises(InputError, match="nothing to resume"):
+        make(tmp_path / "empty").fit(resume=True)
+
+
+def test_nonfinite_steps_are_skipped_and_recorded(tmp_path):
+    t = make(tmp_path)
+    t.module.nan_at = {3, 4}
+    result = t.fit()
+    assert result.skipped_steps == [2, 3]
+    assert all(torch.isfinite(p).all() for p in t.module.parameters())
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    skipped_col = rows[0].split(",").index("skipped")
+    assert sum(int(r.split(",")[skipped_col]) for r in rows[1:]) == 2
+
+
+def test_nonfinite_stop_policy(tmp_path):
+    t = make(tmp_path, nonfinite="stop")
+    t.module.nan_at = {6}
+    with pytest.raises(TrainingDiverged, match="non-finite loss or gradient at step 5"):
+        t.fit()
+
+
+def test_cosine_schedule_reaches_min_lr(tmp_path):
+    t = make(tmp_path, max_steps=10, warmup_steps=0, min_lr_ratio=0.1, val_every=100, checkpoint_every=100)
+    t.fit()
+    assert t.scheduler.get_last_lr()[0] == pytest.approx(1e-3)
