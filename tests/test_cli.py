@@ -59,7 +59,29 @@ def test_split_of_a_task(shared_data, tmp_path):
     assert Split.load(out).test == ref.test
 
 
-def test_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
-    assert "# pertflow demo" in capsys.readouterr().out
-    assert (tmp_path / "demo" / "split.json").is_file() and (tmp_path / "demo" / "report.md").is_file()
+def test_demo_end_to_end_with_a_tiny_flow_model(tmp_path):
+    from pertflow.demo import DEMO_CFM, run_demo
+
+    tiny = {"model": {**DEMO_CFM["model"], "d_model": 16, "n_layers": 1, "ode_steps": 2},
+            "train": {**DEMO_CFM["train"], "max_steps": 4, "val_every": 2, "checkpoint_every": 2}}
+    report = run_demo(tmp_path / "demo", models=("no-change", "additive", "cfm"), cfm_config=tiny).read_text()
+    assert "# pertflow demo" in report and "| cfm |" in report and "| additive |" in report
+    bench = tmp_path / "demo" / "benchmark"
+    results = __import__("pandas").read_csv(bench / "results.csv")
+    assert set(results["model"]) == {"no-change", "additive", "cfm"}
+    assert len(set(results["perturbation"])) == 5
+    assert (bench / "plots" / "synthetic-combo-seen2_deltas.png").is_file()
+    assert (bench / "runs" / "synthetic-combo-seen2" / "cfm" / "pred.h5ad").is_file()
+
+
+def test_demo_command_is_wired(monkeypatch, tmp_path, capsys):
+    import pertflow.demo
+
+    def fake(out, seed=0):
+        (out / "report.md").parent.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(f"# pertflow demo {seed}")
+        return out / "report.md"
+
+    monkeypatch.setattr(pertflow.demo, "run_demo", fake)
+    assert main(["demo", "--out", str(tmp_path), "--seed", "3"]) == 0
+    assert "# pertflow demo 3" in capsys.readouterr().out

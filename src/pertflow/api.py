@@ -87,3 +87,54 @@ def predict(
     if out is not None:
         write_h5ad(out, pred)
     return pred
+
+
+def evaluation_context_col(data: PerturbationData, split: Split) -> str | None:
+    """The context column to evaluate by: the split's, else the spec's when the test spans contexts."""
+    if split.context_col:
+        return split.context_col
+    rows = split.rows(data).test
+    if len(data.spec.context_cols) == 1 and len(set(data.contexts[rows])) > 1:
+        return data.spec.context_cols[0]
+    return None
+
+
+def evaluate_split(
+    data: str | Path | PerturbationData,
+    split: str | Path | Split,
+    pred: str | Path | ad.AnnData,
+    out: str | Path | None = None,
+    de_cache: str | Path | None = None,
+    config: Any = None,
+    backed: bool = False,
+    spec: Any = None,
+    **spec_keys: Any,
+):
+    """Score a prediction file of a split's test cells (pertflow's or another tool's).
+
+    Returns the :class:`~pertflow.eval.evaluator.EvalResult`; with ``out``, writes
+    ``results.csv`` (one row per perturbation and context) and ``agg_results.csv`` there.
+    """
+    from pertflow.eval.evaluator import EvalConfig, evaluate
+    from pertflow.models.base import real_test_anndata
+
+    own = not isinstance(data, PerturbationData)
+    dataset = PerturbationData.read(data, backed=backed, spec=spec, **spec_keys) if own else data
+    try:
+        split = split if isinstance(split, Split) else Split.load(split)
+        real = real_test_anndata(dataset, split)
+        rows = split.rows(dataset)
+        genes = dataset.gene_indices(split.genes) if split.genes is not None else None
+        train_cells = dataset.to_anndata(rows.train, genes, dense=False)
+        train_cells.var_names = real.var_names
+        context_col = evaluation_context_col(dataset, split)
+        pert_col, control = dataset.spec.pert_col, dataset.spec.control
+    finally:
+        if own:
+            dataset.close()
+    if not isinstance(pred, ad.AnnData):
+        pred = ad.read_h5ad(pred)
+    return evaluate(
+        real, pred, pert_col=pert_col, control=control, context_col=context_col, train=train_cells,
+        outdir=out, de_cache=de_cache, config=config or EvalConfig(),
+    )

@@ -29,6 +29,7 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pert-col", help="obs column with the perturbation of each cell")
     g.add_argument("--control", help="label of control cells in the perturbation column")
     g.add_argument("--context-col", action="append", dest="context_cols", help="obs column(s) defining a cell's context")
+    g.add_argument("--batch-col", help="obs column with the batch of each cell")
     g.add_argument("--layer", help="read expression from this layer instead of X")
     kind = g.add_mutually_exclusive_group()
     kind.add_argument("--counts", dest="is_counts", action="store_const", const=True, help="expression holds raw counts")
@@ -40,15 +41,22 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
 
 
 def spec_keys(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("pert_col", "control", "context_cols", "layer", "is_counts", "combo_delim", "min_cells")
+    keys = ("pert_col", "control", "context_cols", "batch_col", "layer", "is_counts", "combo_delim", "min_cells")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
-def open_data(path: str, args: argparse.Namespace, progress: bool = True, spec: Any = None):
-    """Open a data file with the spec flags (``spec``: a default spec, e.g. a trained model's)."""
+def open_data(path: str, args: argparse.Namespace, progress: bool = True, spec: Any = None, unlabelled_ok: bool = False):
+    """Open a data file with the spec flags (``spec``: a default spec, e.g. a trained model's).
+
+    ``unlabelled_ok``: a file without perturbation labels is read with every cell as a control.
+    """
     from pertflow.data.dataset import PerturbationData
 
-    return PerturbationData.read(path, backed=args.backed, spec=args.spec or spec, progress=progress, **spec_keys(args))
+    keys = spec_keys(args)
+    if unlabelled_ok and "pert_col" not in keys and args.spec is None and spec is None:
+        if not PerturbationData.has_perturbation_labels(path):
+            return PerturbationData.read_unlabelled(path, backed=args.backed, **keys)
+    return PerturbationData.read(path, backed=args.backed, spec=args.spec or spec, progress=progress, **keys)
 
 
 # ---------------------------------------------------------------------------- inspect
@@ -239,6 +247,93 @@ def cmd_predict(args: argparse.Namespace) -> int:
                    backed=args.backed, spec=args.spec, **spec_keys(args))
     n_pred = int((pred.obs["source"] == "predicted").sum())
     print(f"wrote {args.out}: {n_pred} predicted cells and {pred.n_obs - n_pred} control cells x {pred.n_vars} genes")
+    return 0
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="the .h5ad file the split was made on")
+    p.add_argument("--split", required=True, help="the split JSON")
+    p.add_argument("--pred", required=True, help="a prediction .h5ad (pertflow predict, or another tool's)")
+    p.add_argument("--out", required=True, help="folder for results.csv and agg_results.csv")
+    p.add_argument("--de-cache", help="folder caching the real data's DE tables across models")
+    p.add_argument("--threads", type=int, default=1, help="threads for cell-eval's DE tests")
+    add_spec_flags(p)
+
+
+@command("evaluate", "score a prediction file against the real test cells (cell-eval + pertflow metrics)", _evaluate_arguments)
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pertflow.api import evaluate_split
+    from pertflow.eval.evaluator import EvalConfig
+
+    result = evaluate_split(args.data, args.split, args.pred, out=args.out, de_cache=args.de_cache,
+                            config=EvalConfig(num_threads=args.threads), backed=args.backed, spec=args.spec, **spec_keys(args))
+    keys = [k for k in ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "overlap_at_N") if k in result.aggregate.index]
+    print(result.aggregate.loc[keys, ["mean", "median", "n"]].to_string(float_format=lambda v: f"{v:.4f}"))
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {Path(args.out) / 'results.csv'} and {Path(args.out) / 'agg_results.csv'}")
+    return 0
+
+
+def _benchmark_arguments(p: argparse.ArgumentParser) -> None:
+    from pertflow.models.registry import BASELINES
+
+    p.add_argument("--models", default=",".join(BASELINES), help=f"comma-separated models (default: the baselines {','.join(BASELINES)})")
+    p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    p.add_argument("--folds", help="comma-separated folds to run (default: all folds of each task)")
+    p.add_argument("--tasks-dir", default="benchmarks/tasks", help="folder of task files (default benchmarks/tasks)")
+    p.add_argument("--data-dir", help="folder of the datasets (default: $PERTFLOW_DATA_DIR)")
+    p.add_argument("--splits-dir", help="folder of reference split files (default: <data-dir>/splits when it exists)")
+    p.add_argument("--configs-dir", default="benchmarks/configs", help="folder of <model>-cpu.yaml configs (default benchmarks/configs)")
+    p.add_argument("--config-suffix", default="-cpu.yaml", help="config file suffix (default -cpu.yaml)")
+    p.add_argument("--out", required=True, help="output folder; an interrupted benchmark continues there")
+    p.add_argument("--threads", type=int, default=1, help="threads for cell-eval's DE tests")
+
+
+@command("benchmark", "run models on the benchmark tasks: results table, summary, plots", _benchmark_arguments)
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from pertflow.benchmark import run_benchmark
+    from pertflow.data.tasks import find_tasks, resolve_data_dir
+
+    data_dir = resolve_data_dir(args.data_dir)
+    tasks = find_tasks(args.tasks_dir)
+    names = sorted(tasks) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in names if t not in tasks]
+    if unknown:
+        raise InputError(f"unknown tasks {unknown}; tasks in {args.tasks_dir}: {sorted(tasks)}.")
+    splits_dir = Path(args.splits_dir) if args.splits_dir else (data_dir / "splits" if (data_dir / "splits").is_dir() else None)
+    models = [m for m in args.models.split(",") if m]
+    out = Path(args.out)
+    folds = [f for f in args.folds.split(",") if f] if args.folds else None
+    run_benchmark(models, [tasks[t] for t in names], data_dir, out, splits_dir=splits_dir, folds=folds,
+                  configs_dir=Path(args.configs_dir), config_suffix=args.config_suffix, threads=args.threads)
+    print((out / "summary.md").read_text())
+    print(f"wrote {out / 'results.csv'}, {out / 'summary.md'} and plots in {out / 'plots'}")
+    return 0
+
+
+def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="an .h5ad file (any: perturbation columns are not needed)")
+    p.add_argument("--out", required=True, help="folder for the public-layout model (args.json, vocab.json, best_model.pt)")
+    p.add_argument("--config", help="a YAML file with 'model' (pretraining) and 'train' sections")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config key, e.g. model.mvc=1")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    add_spec_flags(p)
+
+
+@command("pretrain", "pretrain a small scGPT-compatible foundation model (MLM) on an .h5ad file", _pretrain_arguments)
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pertflow.configs import build, load_sections
+    from pertflow.data.dataset import PerturbationData
+    from pertflow.models.scgpt.pretrain import PretrainConfig, pretrain
+    from pertflow.train import TrainConfig
+
+    sections = load_sections(args.config, args.set)
+    config = build(PretrainConfig, sections["model"], "model")
+    train_config = build(TrainConfig, sections["train"], "train")
+    with open_data(args.data, args, unlabelled_ok=True) as data:
+        pretrain(data, args.out, config, train_config, resume=args.resume)
+    print(f"pretrained into {args.out} (load it with pertflow.models.scgpt.load_pretrained)")
     return 0
 
 

@@ -123,9 +123,9 @@ def test_real_de_is_cached_and_reused(synthetic, noisy_pred, tmp_path):
     evaluate(changed, changed, de_cache=tmp_path / "de", config=FAST, **KW)
     assert len(list((tmp_path / "de").glob("real_de_*.parquet"))) == len(CONTEXTS) + 1
     # Outputs on disk mirror the returned tables.
-    on_disk = pd.read_csv(tmp_path / "run2" / "per_perturbation.csv")
+    on_disk = pd.read_csv(tmp_path / "run2" / "results.csv")
     assert list(on_disk.columns) == list(second.per_perturbation.columns)
-    assert (tmp_path / "run2" / "aggregate.csv").is_file()
+    assert (tmp_path / "run2" / "agg_results.csv").is_file()
 
 
 # --- perfect vs wrong predictions -------------------------------------------------------------

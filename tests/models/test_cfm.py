@@ -108,13 +108,16 @@ def test_unseen_genetic_and_drug_perturbations(synthetic_adata):
     fit = FitData.prepare(data, split)
     assert held in fit.vocab and fit.vocab.is_gene_token(held)  # the target gene's own token
     model = CFM.from_fit_data(fit, CFMConfig(d_model=16, n_heads=2, n_layers=1, ode_steps=2))
+    model.trained_components = ["G0001"]
+    assert model.known_components(held) == [held]  # a measured gene: its token is learnt from expression
+    assert model.known_components("NOTAGENE") == ["<unk>"]  # never trained, no descriptor
     out = model.generate(fit.expression.get(fit.control_rows("line_A")[:3]), held, "line_A", np.random.default_rng(0))
     assert out.shape == (3, 60)
 
 
 def test_non_gene_tokens_use_their_own_table():
     gene_tokens = torch.arange(2, 12)
-    module = CFMModule(CFMConfig(d_model=16, n_heads=2, n_layers=1), gene_tokens, n_tokens=14, first_other_token=12, pad_id=0)
+    module = CFMModule(CFMConfig(d_model=16, n_heads=2, n_layers=1), gene_tokens, n_tokens=14, first_other_token=12, pad_id=0, unk_id=1)
     drug = torch.tensor([[12, 0]])
     gene = torch.tensor([[3, 0]])
     # zero-initialised drug table: an unseen drug adds nothing; a gene goes through the gene encoder
@@ -145,7 +148,7 @@ def test_differential_attention_matches_explicit_softmax():
 
 def test_chunked_inference_covers_every_gene():
     torch.manual_seed(0)
-    module = CFMModule(CFMConfig(d_model=16, n_heads=2, n_layers=1, inference_gene_chunk=4, ode_steps=2), torch.arange(2, 12), 14, 12, 0)
+    module = CFMModule(CFMConfig(d_model=16, n_heads=2, n_layers=1, inference_gene_chunk=4, ode_steps=2), torch.arange(2, 12), 14, 12, 0, 1)
     chunks = module.gene_chunks(torch.Generator().manual_seed(0))
     assert sorted(torch.cat(chunks).tolist()) == list(range(10)) and len(chunks) == 3
     out = module.sample(torch.rand(3, 10), torch.tensor([[3, 0]] * 3), torch.Generator().manual_seed(1))

@@ -17,6 +17,7 @@ from pertflow.data.spec import SPEC_FIELDS, DataSpec, Detection, check_spec, det
 from pertflow.errors import InputError
 
 SINGLE_CONTEXT = "all"
+UNLABELLED_COL = "pertflow_unlabelled"
 CONTEXT_JOIN = "|"
 
 
@@ -125,6 +126,33 @@ class PerturbationData:
             file.close()
             raise
         return data
+
+    @classmethod
+    def read_unlabelled(cls, path: str | Path, *, backed: bool = False, **spec_keys: Any) -> PerturbationData:
+        """Open a file without perturbation labels (for pretraining): every cell reads as a control."""
+        file = H5adFile(path, backed=backed)
+        try:
+            file.adata.obs[UNLABELLED_COL] = "control"
+            keys = {k: v for k, v in spec_keys.items() if k not in ("pert_col", "control") and v is not None}
+            detection = detect_spec(file.adata, file.source, file.layer_names, pert_col=UNLABELLED_COL, control="control", **keys)
+            data = cls(file.adata, detection.spec, file.source(detection.spec.layer), detection.evidence, Path(path), file)
+            data.validate()
+        except Exception:
+            file.close()
+            raise
+        return data
+
+    @staticmethod
+    def has_perturbation_labels(path: str | Path) -> bool:
+        """Whether spec detection finds a perturbation column with a control label in a file."""
+        file = H5adFile(path, backed=True)
+        try:
+            detect_spec(file.adata, file.source, file.layer_names)
+            return True
+        except InputError:
+            return False
+        finally:
+            file.close()
 
     @classmethod
     def from_anndata(

@@ -21,7 +21,8 @@ from pertflow.errors import InputError
 
 PAD = "<pad>"
 CLS = "<cls>"
-SPECIAL_TOKENS = (PAD, CLS)
+UNK = "<unk>"  # a perturbation the model has not learnt; trained as "some perturbation"
+SPECIAL_TOKENS = (PAD, CLS, UNK)
 
 
 @dataclass
@@ -63,6 +64,15 @@ class Vocabulary:
     def cls_id(self) -> int:
         return self._id[CLS]
 
+    @property
+    def unk_id(self) -> int:
+        return self._id[UNK]
+
+    @property
+    def first_other_id(self) -> int:
+        """Id of the first non-gene perturbation token (all ids below are special or gene tokens)."""
+        return len(SPECIAL_TOKENS) + len(self.expression_genes) + len(self.perturbed_genes)
+
     def __contains__(self, token: str) -> bool:
         return token in self._id
 
@@ -81,8 +91,7 @@ class Vocabulary:
         return np.array([self.id_of(g) for g in genes], dtype=np.int64)
 
     def is_gene_token(self, token: str) -> bool:
-        i = self.id_of(token)
-        return len(SPECIAL_TOKENS) <= i < len(SPECIAL_TOKENS) + len(self.expression_genes) + len(self.perturbed_genes)
+        return len(SPECIAL_TOKENS) <= self.id_of(token) < self.first_other_id
 
     def encode(self, components: Iterable[Sequence[str]], width: int = 2) -> np.ndarray:
         """Token ids of perturbations given as component lists, padded to ``width``.

@@ -115,6 +115,11 @@ class EvalConfig:
         prediction there) and ``overlap_at_*`` for a perturbation without a significant real DE
         gene (cell-eval gives 0.0, even to a perfect prediction). Each case is listed in
         ``notes``. ``False`` keeps cell-eval's numbers exactly.
+    flat_correlation_is_zero
+        A prediction whose mean shift from control is zero on every gene (the no-change
+        baseline, a model that predicts nothing for an unseen perturbation) has an undefined
+        Pearson delta; count it as 0 (no information about the shape of the response), so that
+        averages over perturbations do not silently drop the perturbations a model gave up on.
     seed
         Seed for every subsample.
     """
@@ -129,6 +134,7 @@ class EvalConfig:
     skip_cell_eval_metrics: tuple[str, ...] = ()
     noise_ceiling: bool = False
     mask_undefined: bool = True
+    flat_correlation_is_zero: bool = True
     seed: int = 0
 
 
@@ -225,7 +231,7 @@ def evaluate(
         the PCA of the distribution metrics and for the Systema reference. Without it the PCA is
         fitted on the real control cells and the Systema metrics are NaN.
     outdir
-        If given: ``per_perturbation.csv``, ``aggregate.csv`` (and ``ceiling.csv``) are written
+        If given: ``results.csv`` (per perturbation), ``agg_results.csv`` (and ``ceiling.csv``) are written
         there, and cell-eval's DE tables under ``cell_eval/<context>/``.
     de_cache
         Directory caching the real DE table per context (reused across models on the same real
@@ -301,8 +307,8 @@ def evaluate(
     aggregate = aggregate_table(per_pert)
     ceiling_table = pd.concat(ceilings, ignore_index=True) if cfg.noise_ceiling else None
     if outdir is not None:
-        _write_csv(per_pert, Path(outdir) / "per_perturbation.csv", index=False)
-        _write_csv(aggregate, Path(outdir) / "aggregate.csv", index=True)
+        _write_csv(per_pert, Path(outdir) / "results.csv", index=False)
+        _write_csv(aggregate, Path(outdir) / "agg_results.csv", index=True)
         if ceiling_table is not None:
             _write_csv(ceiling_table, Path(outdir) / "ceiling.csv", index=False)
     return EvalResult(
@@ -596,6 +602,8 @@ def _evaluate_context(
     )
     if cfg.mask_undefined:
         _mask_undefined(table, perts, cell_eval_out.n_sig_real, where, notes)
+    if cfg.flat_correlation_is_zero:
+        _zero_flat_correlations(table, perts, x_pred, p_lab, control, where, notes)
     ceiling = cell_eval_out.ceiling
     if ceiling is not None:
         ceiling.insert(0, "context", context)
@@ -651,6 +659,23 @@ def _check_context_labels(r_lab: np.ndarray, p_lab: np.ndarray, control: str, wh
         raise InputError(
             f"pred lacks perturbations that real has{where}: {missing[:5]}. Predict every test perturbation."
         )
+
+
+_DELTA_CORRELATIONS = ("pearson_delta", "pearson_delta_top{k}_de")
+
+
+def _zero_flat_correlations(
+    table: pd.DataFrame, perts: list[str], x_pred: np.ndarray, p_lab: np.ndarray, control: str, where: str, notes: list[str]
+) -> None:
+    """Pearson delta of a prediction with no shift at all: 0 instead of NaN (see ``EvalConfig``)."""
+    ctrl_mean = x_pred[p_lab == control].mean(axis=0)
+    flat = [p for p in perts if np.abs(x_pred[p_lab == p].mean(axis=0) - ctrl_mean).max() < 1e-9]
+    if not flat:
+        return
+    cols = [c for c in table.columns if any(re.fullmatch(t.replace("{k}", r"\d+"), c) for t in _DELTA_CORRELATIONS)]
+    rows = table["perturbation"].isin(flat)
+    table.loc[rows, cols] = table.loc[rows, cols].fillna(0.0)
+    notes.append(f"{flat}{where}: predicted no shift from control; Pearson delta counted as 0 (undefined otherwise)")
 
 
 def _warn_degenerate(

@@ -282,6 +282,97 @@ class PerturbationModel:
         self.config = dataclasses.replace(self.config, **changes)
 
 
+class TokenPerturbationModel(PerturbationModel):
+    """A network that reads perturbations as vocabulary tokens.
+
+    It remembers the components it trained on, so that at inference a component it never learnt
+    (not trained, not an expression gene, no descriptor) is read as ``<unk>``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.trained_components: list[str] = []
+        self.module = self.build_module()
+
+    def build_module(self) -> torch.nn.Module:
+        """The network: an ``nn.Module`` with ``loss(batch) -> LossOutput`` for the trainer and
+        ``sample(control (B, G), pert_ids (B, K), generator) -> (B, G)`` for prediction."""
+        raise NotImplementedError
+
+    def generate(self, controls: np.ndarray, perturbation: str, context: str, rng: np.random.Generator) -> np.ndarray:
+        device = inference_device()
+        module = self.module.to(device).eval()
+        ids = self.perturbation_ids(perturbation, 1)
+        out = []
+        for start in range(0, len(controls), self.config.predict_batch_size):
+            block = torch.from_numpy(controls[start : start + self.config.predict_batch_size]).to(device)
+            generator = torch.Generator().manual_seed(int(rng.integers(2**31 - 1)))
+            out.append(module.sample(block, ids.expand(len(block), -1).to(device), generator).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.genes)), dtype=np.float32)
+
+    def fit(self, fit_data: FitData, train_config: TrainConfig, run_dir: Path, resume: bool = False) -> None:
+        """Train the network on paired batches with the shared engine; keep the best weights."""
+        from pertflow.train.engine import Trainer
+
+        torch.manual_seed(train_config.seed)
+        self.module = self.build_module()
+        self.record_training_perturbations(fit_data)
+        width = self.config.max_components
+        batches = PairedTensorBatches(
+            fit_data, fit_data.rows.train, train_config.batch_size, train_config.seed, width,
+            weighting=train_config.weighting, include_controls=train_config.include_controls,
+        )
+        val = validation_batches(fit_data, train_config, width)
+        trainer = Trainer(self.module, train_config, run_dir, batches, val, metadata={**self.describe(), **self.extra_state()})
+        result = trainer.fit(resume=resume)
+        self.module.load_state_dict(trainer.final_weights())
+        self.module.to("cpu")
+        self.fit_report = {
+            "steps": result.steps,
+            "best_step": result.best_step,
+            "best_val_loss": result.best_val_loss,
+            "skipped_steps": result.skipped_steps,
+            "parameters": sum(p.numel() for p in self.module.parameters()),
+        }
+
+    def record_training_perturbations(self, fit_data: FitData) -> None:
+        train_perts = set(fit_data.data.perturbations[fit_data.rows.train]) - {self.spec.control}
+        self.trained_components = sorted({c for p in train_perts for c in fit_data.data.components(p)})
+
+    def known_components(self, perturbation: str) -> list[str]:
+        """Components as the model can read them: one it has not learnt becomes ``<unk>``.
+
+        A component is learnt when a training perturbation contained it, when it is an
+        expression gene (its token is trained through expression), or when it has a descriptor.
+        """
+        from pertflow.data.vocab import UNK
+
+        described = set() if self.vocab.descriptors is None else set(self.vocab.descriptors.index)
+        known = set(self.trained_components) | set(self.vocab.expression_genes) | described
+        return [c if c in known else UNK for c in self.components(perturbation)]
+
+    def perturbation_ids(self, perturbation: str, n: int) -> torch.Tensor:
+        """(n, max_components) token ids of a perturbation, unknown components as ``<unk>``."""
+        ids = self.vocab.encode([self.known_components(perturbation)], self.config.max_components)
+        return torch.from_numpy(ids).expand(n, -1)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"trained_components": self.trained_components}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.trained_components = list(state.get("trained_components", []))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(tensors)
+
+
+def inference_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 # ---------------------------------------------------------------------------- prediction
 def predict_split(
     model: PerturbationModel,
@@ -317,7 +408,7 @@ def predict_split(
     blocks, obs_rows = [], []
     context_cols = list(data.spec.context_cols)
     items = sorted(test_groups.items(), key=lambda kv: (kv[0][1], kv[0][0]))
-    for (pert, ctx), rows in tqdm(items, desc="predicting", unit="group", disable=not progress):
+    for (pert, ctx), rows in tqdm(items, desc="predicting", unit="group", disable=None if progress else True):
         pool = fit.control_rows(ctx)
         chosen = rng.choice(pool, size=len(rows), replace=len(pool) < len(rows))
         pred = model.generate(fit.expression.get(chosen), pert, ctx, rng)

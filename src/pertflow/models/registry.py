@@ -13,6 +13,7 @@ MODELS = {
     "linear": "pertflow.models.baselines:Linear",
     "context-shift": "pertflow.models.baselines:ContextShift",
     "cfm": "pertflow.models.cfm.model:CFM",
+    "scgpt-generator": "pertflow.models.scgpt.generator:ScGPTGenerator",
 }
 BASELINES = ("no-change", "mean", "additive", "linear", "context-shift")
 

@@ -215,7 +215,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.module.train()
         consecutive_bad = 0
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step", disable=not cfg.progress)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step", disable=None if cfg.progress else True)
         try:
             while self.step < cfg.max_steps:
                 batch = self._to_device(self.train_batches.next_batch())

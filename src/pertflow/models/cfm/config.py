@@ -23,6 +23,10 @@ class CFMConfig:
         Weight of the MMD term on the one-step estimate ``x_t + (1 - t) v``.
     max_components
         Most components of a combination.
+    unknown_perturbation_p
+        Share of training batches whose perturbation is replaced by ``<unk>``, so that a
+        perturbation never seen in training (and without a descriptor) gets the typical
+        response instead of an untrained embedding.
     ode_method, ode_steps
         Inference solver (``rk4``, ``euler``, ``midpoint``, ``dopri5``) and its fixed steps.
     inference_gene_chunk
@@ -42,6 +46,7 @@ class CFMConfig:
     genes_per_step: int = 1000
     gamma: float = 0.5
     max_components: int = 2
+    unknown_perturbation_p: float = 0.1
     ode_method: Literal["rk4", "euler", "midpoint", "dopri5"] = "rk4"
     ode_steps: int = 20
     inference_gene_chunk: int | None = None

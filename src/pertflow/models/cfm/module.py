@@ -26,41 +26,8 @@ from pertflow.nn import ContinuousValueEncoder, ExprDecoder, GeneEncoder
 from pertflow.nn.attention import DiffPerceiverBlock
 from pertflow.nn.conditioning import GeneAdaLN, TimestepEmbedder
 from pertflow.nn.loss import LossOutput
+from pertflow.nn.perturbation import PerturbationEncoder, unknown_perturbation_dropout
 from pertflow.ops.kernels import mmd2_rbf
-
-
-class PerturbationEncoder(nn.Module):
-    """Perturbation token ids (B, K) -> (B, d), the mean over a combination's components.
-
-    Gene tokens are embedded by the model's :class:`GeneEncoder` (passed at call time, so its
-    weights are shared, not copied); non-gene tokens (drugs, cytokines) by a table of their own,
-    zero-initialised so that a token never seen in training adds nothing. Optional descriptor
-    vectors (V, D) are projected and added, which is what lets an unseen perturbation carry
-    information.
-    """
-
-    def __init__(self, n_tokens: int, first_other_token: int, pad_id: int, d_model: int, descriptors: Tensor | None = None):
-        super().__init__()
-        self.first_other_token = first_other_token
-        self.pad_id = pad_id
-        n_other = n_tokens - first_other_token
-        self.other = nn.Embedding(max(n_other, 1), d_model)
-        nn.init.zeros_(self.other.weight)
-        if descriptors is not None:
-            self.register_buffer("descriptors", descriptors.float())
-            self.descriptor_proj = nn.Linear(descriptors.shape[1], d_model)
-        else:
-            self.descriptors = None
-
-    def forward(self, ids: Tensor, gene_encoder: GeneEncoder) -> Tensor:
-        is_other = ids >= self.first_other_token
-        gene_part = gene_encoder(torch.where(is_other, torch.full_like(ids, self.pad_id), ids))
-        other_part = self.other((ids - self.first_other_token).clamp(min=0))
-        emb = torch.where(is_other.unsqueeze(-1), other_part, gene_part)
-        if self.descriptors is not None:
-            emb = emb + self.descriptor_proj(self.descriptors[ids])
-        mask = (ids != self.pad_id).unsqueeze(-1).to(emb.dtype)
-        return (emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 class BackboneLayer(nn.Module):
@@ -87,8 +54,8 @@ class CFMModule(nn.Module):
         Architecture and loss settings.
     gene_tokens
         (G_full,) vocabulary ids of the model's genes, in column order.
-    n_tokens, first_other_token, pad_id
-        Vocabulary size, first non-gene token, padding token.
+    n_tokens, first_other_token, pad_id, unk_id
+        Vocabulary size, first non-gene token, padding token, unknown-perturbation token.
     descriptors
         Optional (n_tokens, D) descriptor vectors of perturbation tokens.
     """
@@ -100,10 +67,12 @@ class CFMModule(nn.Module):
         n_tokens: int,
         first_other_token: int,
         pad_id: int,
+        unk_id: int,
         descriptors: Tensor | None = None,
     ):
         super().__init__()
         self.config = config
+        self.pad_id, self.unk_id = pad_id, unk_id
         d = config.d_model
         self.register_buffer("gene_tokens", gene_tokens.long())
         self.gene_encoder = GeneEncoder(n_tokens, d, padding_idx=pad_id)
@@ -158,7 +127,9 @@ class CFMModule(nn.Module):
         ``batch``: ``target`` (B, G_full) perturbed cells, ``control`` (B, G_full) control cells of
         the same context, ``pert_ids`` (B, K).
         """
-        target, control = batch["target"], batch["control"]
+        target, control, pert_ids = batch["target"], batch["control"], batch["pert_ids"]
+        if self.training:
+            pert_ids = unknown_perturbation_dropout(pert_ids, self.pad_id, self.unk_id, self.config.unknown_perturbation_p)
         n_genes = target.shape[1]
         g = min(self.config.genes_per_step, n_genes)
         gene_idx = torch.randperm(n_genes, device=target.device)[:g] if g < n_genes else None
@@ -167,7 +138,7 @@ class CFMModule(nn.Module):
         noise = torch.randn_like(target)
         t = torch.rand(target.shape[0], device=target.device)
         path = self.path.sample(t, noise, target)
-        v = self.velocity(t, path.x_t, control, batch["pert_ids"], gene_idx)
+        v = self.velocity(t, path.x_t, control, pert_ids, gene_idx)
         mse = ((v.float() - path.dx_t.float()) ** 2).mean()
         loss = mse
         metrics = {"mse": float(mse.detach())}

@@ -1,0 +1,338 @@
+"""``pertflow benchmark``: models x tasks x folds -> results table, markdown summary and plots.
+
+For every fold of every task the runner trains each model on the training cells (reusing a run
+folder that already holds a trained model), predicts the test cells, and scores the prediction
+with :func:`pertflow.eval.evaluator.evaluate`, sharing the real data's DE table across models.
+Everything lands under ``out/``:
+
+* ``runs/<split>/<model>/``: the run folder, ``pred.h5ad``, ``eval/results.csv``;
+* ``results.csv``: one row per (task, fold, model, context, perturbation), one column per metric;
+* ``summary.csv`` / ``summary.md``: per task and model, the mean over perturbations within a
+  fold, then over folds; the best value of each column is marked;
+* ``plots/<task>_metrics.png``: key metrics per model; ``plots/<task>_deltas.png``: predicted vs
+  real mean shift (vs control) of every held-out perturbation, one panel per model.
+
+An interrupted benchmark continues where it stopped: finished steps are read back from disk.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from pertflow.data.splits import Split
+from pertflow.data.tasks import Task
+from pertflow.errors import InputError
+from pertflow.io import write_text
+
+KEY_METRICS = (
+    "pearson_delta",
+    "pearson_delta_top20_de",
+    "mse_top20_de_rel_nochange",
+    "r2_delta",
+    "systema_pearson_delta",
+    "centroid_accuracy",
+    "edistance_pca",
+    "mmd_rbf_pca",
+    "knn_purity_pca",
+    "discrimination_score_l1",
+    "overlap_at_N",
+    "de_direction_match",
+)
+PLOT_METRICS = ("pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "systema_pearson_delta")
+
+
+@dataclass
+class FoldInputs:
+    """What every model of one fold shares: the split, the real cells, the training cells."""
+
+    split: Split
+    real: ad.AnnData
+    train: ad.AnnData
+    context_col: str | None
+
+
+def fold_inputs(task: Task, data: Any, fold: str | None, splits_dir: Path | None) -> FoldInputs:
+    """The fold's split (the reference file when one exists, else built from the task) and cells."""
+    from pertflow.api import evaluation_context_col
+    from pertflow.models.base import real_test_anndata
+
+    name = task.split_name(fold)
+    reference = splits_dir / f"{name}.json" if splits_dir else None
+    split = Split.load(reference) if reference and reference.is_file() else task.build(data, fold)
+    split.name = split.name or name
+    real = real_test_anndata(data, split)
+    rows = split.rows(data)
+    genes = data.gene_indices(split.genes) if split.genes is not None else None
+    train = data.to_anndata(rows.train, genes, dense=False)
+    train.var_names = real.var_names
+    return FoldInputs(split, real, train, evaluation_context_col(data, split))
+
+
+def run_benchmark(
+    models: list[str],
+    tasks: list[Task],
+    data_dir: Path,
+    out: Path,
+    splits_dir: Path | None = None,
+    configs_dir: Path | None = None,
+    config_suffix: str = "-cpu.yaml",
+    threads: int = 1,
+    folds: list[str] | None = None,
+    log: Any = print,
+) -> pd.DataFrame:
+    """Run (or continue) a benchmark; returns the per-perturbation results table.
+
+    Parameters
+    ----------
+    models
+        Registered model names.
+    tasks
+        Tasks to run, all their folds.
+    data_dir
+        Folder of the tasks' datasets.
+    out
+        Output folder (see the module docstring).
+    splits_dir
+        Folder of reference split files ``<task>__<fold>.json``; used when present.
+    configs_dir
+        Folder of model configs ``<model><config_suffix>`` (e.g. ``cfm-cpu.yaml``).
+    threads
+        Threads for cell-eval's DE tests.
+    folds
+        Run only these folds of tasks that have folds (all when None).
+    """
+    from pertflow.api import predict, train
+    from pertflow.eval.evaluator import EvalConfig, evaluate
+    from pertflow.models.registry import model_class
+
+    for name in models:
+        model_class(name)  # unknown names fail before any work
+    eval_config = EvalConfig(num_threads=threads)
+    tables = []
+    for task in tasks:
+        data = task.open_data(data_dir)
+        try:
+            for fold in task.fold_names:
+                if folds is not None and fold is not None and fold not in folds:
+                    continue
+                inputs = fold_inputs(task, data, fold, splits_dir)
+                split_name = inputs.split.name
+                de_cache = out / "cache" / "de" / split_name
+                for model in models:
+                    run_dir = out / "runs" / split_name / model
+                    config = configs_dir / f"{model}{config_suffix}" if configs_dir else None
+                    timing = _read_timing(run_dir)
+                    if not (run_dir / "model.json").is_file():
+                        log(f"[{split_name}] training {model}")
+                        start = time.perf_counter()
+                        resume = (run_dir / "checkpoints" / "latest.json").is_file()
+                        train(model, data, inputs.split, run_dir, config=config if config and config.is_file() else None,
+                              sets=["train.progress=false"] if _is_network(model) else None, resume=resume)
+                        timing["train_seconds"] = time.perf_counter() - start
+                    pred_path = run_dir / "pred.h5ad"
+                    if not pred_path.is_file():
+                        log(f"[{split_name}] predicting {model}")
+                        start = time.perf_counter()
+                        predict(run_dir, data, inputs.split, pred_path)
+                        timing["predict_seconds"] = time.perf_counter() - start
+                    _write_timing(run_dir, timing)
+                    results_path = run_dir / "eval" / "results.csv"
+                    if not results_path.is_file():
+                        log(f"[{split_name}] evaluating {model}")
+                        evaluate(inputs.real, ad.read_h5ad(pred_path), pert_col=data.spec.pert_col, control=data.spec.control,
+                                 context_col=inputs.context_col, train=inputs.train, outdir=run_dir / "eval",
+                                 de_cache=de_cache, config=eval_config)
+                        _write_deltas(run_dir, inputs, ad.read_h5ad(pred_path), data.spec.pert_col, data.spec.control)
+                    table = pd.read_csv(results_path)
+                    table.insert(0, "model", model)
+                    table.insert(0, "fold", fold if fold is not None else "")
+                    table.insert(0, "task", task.name)
+                    for key, value in timing.items():
+                        table[key] = value
+                    tables.append(table)
+        finally:
+            data.close()
+    if not tables:
+        raise InputError("nothing was benchmarked: give at least one model and one task.")
+    results = pd.concat(tables, ignore_index=True)
+    write_report(results, out, models)
+    return results
+
+
+def _is_network(model: str) -> bool:
+    from pertflow.models.registry import BASELINES
+
+    return model not in BASELINES
+
+
+def _read_timing(run_dir: Path) -> dict[str, float]:
+    path = run_dir / "timing.csv"
+    return pd.read_csv(path).iloc[0].to_dict() if path.is_file() else {}
+
+
+def _write_timing(run_dir: Path, timing: dict[str, float]) -> None:
+    write_text(run_dir / "timing.csv", pd.DataFrame([timing]).to_csv(index=False))
+
+
+def _context_values(adata: ad.AnnData, context_col: str | None) -> np.ndarray:
+    return adata.obs[context_col].astype(str).to_numpy() if context_col else np.full(adata.n_obs, "all", dtype=object)
+
+
+def _mean_shifts(adata: ad.AnnData, context_col: str | None, pert_col: str, control: str) -> dict[tuple[str, str], np.ndarray]:
+    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    perts = adata.obs[pert_col].astype(str).to_numpy()
+    ctxs = _context_values(adata, context_col)
+    out = {}
+    for ctx in pd.unique(ctxs):
+        ctrl = X[(ctxs == ctx) & (perts == control)].mean(0)
+        for pert in pd.unique(perts[(ctxs == ctx) & (perts != control)]):
+            out[(str(ctx), str(pert))] = X[(ctxs == ctx) & (perts == pert)].mean(0) - ctrl
+    return out
+
+
+def _write_deltas(run_dir: Path, inputs: FoldInputs, pred: ad.AnnData, pert_col: str, control: str) -> None:
+    """Mean shift vs control of every held-out perturbation, real and predicted (for the plots)."""
+    from pertflow.io import atomic_path
+
+    real = _mean_shifts(inputs.real, inputs.context_col, pert_col, control)
+    predicted = _mean_shifts(pred, inputs.context_col, pert_col, control)
+    keys = [k for k in real if k in predicted]
+    with atomic_path(run_dir / "deltas.npz") as tmp:
+        np.savez(
+            tmp,
+            context=np.array([k[0] for k in keys]),
+            perturbation=np.array([k[1] for k in keys]),
+            real=np.array([real[k] for k in keys]),
+            pred=np.array([predicted[k] for k in keys]),
+        )
+
+
+# ---------------------------------------------------------------------------- report
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, model): mean over perturbations within each fold, then mean over folds."""
+    metrics = [c for c in results.columns if c not in ("task", "fold", "model", "context", "perturbation")]
+    numeric = results[["task", "fold", "model", *metrics]].copy()
+    numeric[metrics] = numeric[metrics].apply(pd.to_numeric, errors="coerce")
+    per_fold = numeric.groupby(["task", "fold", "model"], sort=False).mean()
+    return per_fold.groupby(level=["task", "model"], sort=False).mean()
+
+
+def markdown_table(summary: pd.DataFrame, metrics: tuple[str, ...] = KEY_METRICS) -> str:
+    """One table per task, the best model of each column in bold (direction from the metric)."""
+    from pertflow.eval.evaluator import metric_direction
+
+    lines = []
+    for task, block in summary.groupby(level="task", sort=False):
+        block = block.droplevel("task")
+        cols = [m for m in metrics if m in block.columns and block[m].notna().any()]
+        lines += [f"### {task}", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        best: dict[str, set[str]] = {}
+        for m in cols:
+            direction = metric_direction(m)
+            values = block[m].dropna()
+            if direction == "none" or values.nunique() < 2:
+                continue  # nothing to mark when every model ties
+            top = values.max() if direction == "higher" else values.min()
+            best[m] = set(values.index[np.isclose(values, top, rtol=1e-9, atol=1e-12)])
+        for model, row in block.iterrows():
+            cells = []
+            for m in cols:
+                v = row[m]
+                text = "–" if pd.isna(v) else f"{v:.3f}"
+                cells.append(f"**{text}**" if model in best.get(m, ()) else text)
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(results: pd.DataFrame, out: Path, models: list[str]) -> None:
+    from pertflow.io import atomic_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "results.csv") as tmp:
+        results.to_csv(tmp, index=False)
+    summary = summarize(results)
+    with atomic_path(out / "summary.csv") as tmp:
+        summary.to_csv(tmp)
+    write_text(out / "summary.md", "Mean over perturbations within a fold, then over folds; best per column in bold.\n\n" + markdown_table(summary))
+    plot_metrics(summary, out / "plots")
+    plot_deltas(results, out, models)
+
+
+def plot_metrics(summary: pd.DataFrame, plots: Path) -> None:
+    """Bars of the key metrics per model, one figure per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pertflow.eval.evaluator import metric_direction
+
+    plots.mkdir(parents=True, exist_ok=True)
+    for task, block in summary.groupby(level="task", sort=False):
+        block = block.droplevel("task")
+        cols = [m for m in PLOT_METRICS if m in block.columns and block[m].notna().any()]
+        fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols), 3.4), squeeze=False)
+        colors = plt.cm.tab10(np.arange(len(block)) % 10)
+        for ax, m in zip(axes[0], cols):
+            ax.bar(range(len(block)), block[m].to_numpy(), color=colors)
+            ax.set_xticks(range(len(block)), block.index, rotation=45, ha="right", fontsize=8)
+            arrow = {"higher": "↑", "lower": "↓"}.get(metric_direction(m), "")
+            ax.set_title(f"{m} {arrow}", fontsize=9)
+            ax.axhline(0, color="black", lw=0.5)
+        fig.suptitle(task)
+        fig.tight_layout()
+        fig.savefig(plots / f"{task}_metrics.png", dpi=110)
+        plt.close(fig)
+
+
+def plot_deltas(results: pd.DataFrame, out: Path, models: list[str], max_panels: int = 12) -> None:
+    """Predicted vs real mean shift per gene, for each held-out perturbation (rows) and model (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    for task, block in results.groupby("task", sort=False):
+        cases = block[["fold", "context", "perturbation"]].drop_duplicates().head(max_panels)
+        fig, axes = plt.subplots(len(cases), len(models), figsize=(2.4 * len(models), 2.3 * len(cases)), squeeze=False)
+        for col, model in enumerate(models):
+            for row, (_, case) in enumerate(cases.iterrows()):
+                ax = axes[row, col]
+                split_name = task if case["fold"] in ("", None) or pd.isna(case["fold"]) else f"{task}__{case['fold']}"
+                path = out / "runs" / split_name / model / "deltas.npz"
+                if not path.is_file():
+                    ax.axis("off")
+                    continue
+                with np.load(path) as d:
+                    hit = np.flatnonzero((d["perturbation"] == case["perturbation"]) & (d["context"] == str(case["context"])))
+                    if not len(hit):
+                        ax.axis("off")
+                        continue
+                    real, pred = d["real"][hit[0]], d["pred"][hit[0]]
+                ax.scatter(real, pred, s=3, alpha=0.5)
+                lim = max(np.abs(real).max(), np.abs(pred).max(), 1e-3) * 1.05
+                ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.5)
+                ax.set_xlim(-lim, lim)
+                ax.set_ylim(-lim, lim)
+                r = np.corrcoef(real, pred)[0, 1] if min(real.std(), pred.std()) > 1e-6 else float("nan")
+                label = case["perturbation"] + ("" if case["context"] == "all" else f" / {case['context']}")
+                ax.set_title(f"{model}\n{label}  r={r:.2f}", fontsize=7)
+                ax.tick_params(labelsize=6)
+                if col == 0:
+                    ax.set_ylabel("predicted shift", fontsize=7)
+                if row == len(cases) - 1:
+                    ax.set_xlabel("real shift", fontsize=7)
+        fig.suptitle(f"{task}: predicted vs real mean shift vs control, per gene", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(plots / f"{task}_deltas.png", dpi=100)
+        plt.close(fig)

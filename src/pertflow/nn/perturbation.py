@@ -1,0 +1,59 @@
+"""Perturbation tokens -> vectors, shared by the token-reading models."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pertflow.nn.embeddings import GeneEncoder
+
+
+def unknown_perturbation_dropout(pert_ids: Tensor, pad_id: int, unk_id: int, p: float) -> Tensor:
+    """With probability ``p``, the whole batch's perturbation becomes ``<unk>``.
+
+    Trained this way, the ``<unk>`` token learns the typical response, which is what a
+    perturbation never seen in training (and without a descriptor) is given at inference, instead
+    of an untrained embedding. One draw per batch: a batch holds one perturbation.
+
+    Parameters
+    ----------
+    pert_ids
+        (B, K) perturbation token ids, padded with ``pad_id``.
+    """
+    if p <= 0 or torch.rand(()) >= p:
+        return pert_ids
+    return torch.where(pert_ids != pad_id, torch.full_like(pert_ids, unk_id), pert_ids)
+
+
+class PerturbationEncoder(nn.Module):
+    """Perturbation token ids (B, K) -> (B, d), the mean over a combination's components.
+
+    Gene tokens are embedded by the model's :class:`GeneEncoder` (passed at call time, so its
+    weights are shared, not copied); non-gene tokens (drugs, cytokines) by a table of their own,
+    zero-initialised so that a token never seen in training adds nothing. Optional descriptor
+    vectors (V, D) are projected and added, which is what lets an unseen perturbation carry
+    information.
+    """
+
+    def __init__(self, n_tokens: int, first_other_token: int, pad_id: int, d_model: int, descriptors: Tensor | None = None):
+        super().__init__()
+        self.first_other_token = first_other_token
+        self.pad_id = pad_id
+        n_other = n_tokens - first_other_token
+        self.other = nn.Embedding(max(n_other, 1), d_model)
+        nn.init.zeros_(self.other.weight)
+        if descriptors is not None:
+            self.register_buffer("descriptors", descriptors.float())
+            self.descriptor_proj = nn.Linear(descriptors.shape[1], d_model)
+        else:
+            self.descriptors = None
+
+    def forward(self, ids: Tensor, gene_encoder: GeneEncoder) -> Tensor:
+        is_other = ids >= self.first_other_token
+        gene_part = gene_encoder(torch.where(is_other, torch.full_like(ids, self.pad_id), ids))
+        other_part = self.other((ids - self.first_other_token).clamp(min=0))
+        emb = torch.where(is_other.unsqueeze(-1), other_part, gene_part)
+        if self.descriptors is not None:
+            emb = emb + self.descriptor_proj(self.descriptors[ids])
+        mask = (ids != self.pad_id).unsqueeze(-1).to(emb.dtype)
+        return (emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
