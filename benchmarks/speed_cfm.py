@@ -4,7 +4,9 @@ Measures training steps/s (loss + backward + Adam step) and predicted cells/s (O
 noise) at two sizes:
 
 * ``spec-default``: SPEC 2.1's defaults, B 48, 1000 of 5000 genes per step, d 128, 4 layers,
-  8 heads, RK4 with 20 steps over all 5000 genes at inference;
+  8 heads, RK4 with 20 steps over all 5000 genes at inference (on a CPU a full RK4 x 20 sample
+  takes many minutes per cell: ``--default-ode-steps 1`` times one RK4 step, and the JSON then
+  reports that measurement and the rate it implies for 20 steps);
 * ``cpu-benchmark``: the model section of ``benchmarks/configs/cfm-cpu.yaml`` on 500 genes
   (the Norman and glioblastoma tasks) and on 2000 genes (the Kang task).
 
@@ -21,6 +23,7 @@ import json
 import platform
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -72,10 +75,14 @@ def time_training(module: CFMModule, b: int, n_genes: int, device: torch.device,
     return {"steps": steps, "seconds": elapsed, "steps_per_s": steps / elapsed}
 
 
-def time_sampling(module: CFMModule, cells: int, n_genes: int, device: torch.device, bf16: bool) -> dict:
+def time_sampling(module: CFMModule, cells: int, n_genes: int, device: torch.device, bf16: bool,
+                  ode_steps: int | None = None) -> dict:
     data = batch(cells, n_genes, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     module.eval()
+    full_steps = module.config.ode_steps
+    if ode_steps is not None:
+        module.config = replace(module.config, ode_steps=ode_steps)
     with amp:
         module.sample(data["control"][:2], data["pert_ids"][:2], torch.Generator().manual_seed(0))  # warm-up
         sync(device)
@@ -83,7 +90,10 @@ def time_sampling(module: CFMModule, cells: int, n_genes: int, device: torch.dev
         module.sample(data["control"], data["pert_ids"], torch.Generator().manual_seed(0))
         sync(device)
     elapsed = time.perf_counter() - start
-    return {"cells": cells, "seconds": elapsed, "cells_per_s": cells / elapsed}
+    out = {"cells": cells, "seconds": elapsed, "ode_steps_measured": module.config.ode_steps, "cells_per_s": cells / elapsed}
+    if module.config.ode_steps != full_steps:
+        out["cells_per_s_at_configured_steps"] = cells / elapsed * module.config.ode_steps / full_steps
+    return out
 
 
 def main() -> None:
@@ -94,14 +104,15 @@ def main() -> None:
     p.add_argument("--train-seconds", type=float, default=60.0, help="time budget of each training measurement")
     p.add_argument("--sample-cells-default", type=int, default=4, help="cells sampled at the SPEC default size")
     p.add_argument("--sample-cells-cpu", type=int, default=64, help="cells sampled at the CPU benchmark size")
+    p.add_argument("--default-ode-steps", type=int, default=None, help="RK4 steps timed at the SPEC default size (default: all 20)")
     args = p.parse_args()
     device = torch.device(args.device)
     cpu_model = yaml.safe_load((REPO / "benchmarks/configs/cfm-cpu.yaml").read_text())["model"]
     cpu_batch = yaml.safe_load((REPO / "benchmarks/configs/cfm-cpu.yaml").read_text())["train"]["batch_size"]
     cases = [
-        ("spec-default", CFMConfig(), 48, 5000, args.sample_cells_default),
-        ("cpu-benchmark-500-genes", build(CFMConfig, cpu_model), cpu_batch, 500, args.sample_cells_cpu),
-        ("cpu-benchmark-2000-genes", build(CFMConfig, cpu_model), cpu_batch, 2000, args.sample_cells_cpu),
+        ("spec-default", CFMConfig(), 48, 5000, args.sample_cells_default, args.default_ode_steps),
+        ("cpu-benchmark-500-genes", build(CFMConfig, cpu_model), cpu_batch, 500, args.sample_cells_cpu, None),
+        ("cpu-benchmark-2000-genes", build(CFMConfig, cpu_model), cpu_batch, 2000, args.sample_cells_cpu, None),
     ]
     results = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -111,7 +122,7 @@ def main() -> None:
         "bf16": args.bf16,
         "cases": {},
     }
-    for name, config, b, n_genes, cells in cases:
+    for name, config, b, n_genes, cells, ode_steps in cases:
         module = make_module(config, n_genes, device)
         entry = {
             "batch_size": b,
@@ -126,7 +137,7 @@ def main() -> None:
         print(f"{name}: training ...", flush=True)
         entry["training"] = time_training(module, b, n_genes, device, args.bf16, args.train_seconds)
         print(f"{name}: sampling {cells} cells ...", flush=True)
-        entry["sampling"] = time_sampling(module, cells, n_genes, device, args.bf16)
+        entry["sampling"] = time_sampling(module, cells, n_genes, device, args.bf16, ode_steps)
         results["cases"][name] = entry
         print(json.dumps(entry, indent=1), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

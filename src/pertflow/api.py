@@ -8,6 +8,7 @@ tool scripts against; the classes underneath (:class:`~pertflow.data.dataset.Per
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +90,39 @@ def predict(
     return pred
 
 
-def evaluation_context_col(data: PerturbationData, split: Split) -> str | None:
-    """The context column to evaluate by: the split's, else the spec's when the test spans contexts."""
-    if split.context_col:
-        return split.context_col
-    rows = split.rows(data).test
-    if len(data.spec.context_cols) == 1 and len(set(data.contexts[rows])) > 1:
-        return data.spec.context_cols[0]
-    return None
+@dataclass
+class EvaluationInputs:
+    """The real side of an evaluation of a split: what every prediction of it is scored against.
+
+    Attributes
+    ----------
+    split
+        The split.
+    real
+        The real test cells plus the test contexts' visible control cells (dense log1p).
+    train
+        The real training cells (CSR log1p), for the PCA and the Systema reference.
+    context_col
+        The context column to evaluate by: the split's, else the spec's when the test cells span
+        several contexts, else None.
+    """
+
+    split: Split
+    real: ad.AnnData
+    train: ad.AnnData
+    context_col: str | None
+
+
+def evaluation_inputs(data: PerturbationData, split: Split) -> EvaluationInputs:
+    """Build the real cells a prediction of ``split`` is scored against (shared across models)."""
+    from pertflow.models.base import real_test_anndata
+
+    real = real_test_anndata(data, split)
+    rows = split.rows(data)
+    genes = data.gene_indices(split.genes) if split.genes is not None else None
+    train_cells = data.to_anndata(rows.train, genes, sparse=True)
+    train_cells.var_names = real.var_names
+    return EvaluationInputs(split, real, train_cells, split.context_col or data.single_context_col(rows.test))
 
 
 def evaluate_split(
@@ -108,26 +134,22 @@ def evaluate_split(
     config: Any = None,
     backed: bool = False,
     spec: Any = None,
+    inputs: EvaluationInputs | None = None,
     **spec_keys: Any,
 ):
     """Score a prediction file of a split's test cells (pertflow's or another tool's).
 
     Returns the :class:`~pertflow.eval.evaluator.EvalResult`; with ``out``, writes
     ``results.csv`` (one row per perturbation and context) and ``agg_results.csv`` there.
+    ``inputs`` (from :func:`evaluation_inputs`) skips rebuilding the real side.
     """
     from pertflow.eval.evaluator import EvalConfig, evaluate
-    from pertflow.models.base import real_test_anndata
 
     own = not isinstance(data, PerturbationData)
     dataset = PerturbationData.read(data, backed=backed, spec=spec, **spec_keys) if own else data
     try:
-        split = split if isinstance(split, Split) else Split.load(split)
-        real = real_test_anndata(dataset, split)
-        rows = split.rows(dataset)
-        genes = dataset.gene_indices(split.genes) if split.genes is not None else None
-        train_cells = dataset.to_anndata(rows.train, genes, dense=False)
-        train_cells.var_names = real.var_names
-        context_col = evaluation_context_col(dataset, split)
+        if inputs is None:
+            inputs = evaluation_inputs(dataset, split if isinstance(split, Split) else Split.load(split))
         pert_col, control = dataset.spec.pert_col, dataset.spec.control
     finally:
         if own:
@@ -135,6 +157,6 @@ def evaluate_split(
     if not isinstance(pred, ad.AnnData):
         pred = ad.read_h5ad(pred)
     return evaluate(
-        real, pred, pert_col=pert_col, control=control, context_col=context_col, train=train_cells,
+        inputs.real, pred, pert_col=pert_col, control=control, context_col=inputs.context_col, train=inputs.train,
         outdir=out, de_cache=de_cache, config=config or EvalConfig(),
     )

@@ -18,7 +18,6 @@ An interrupted benchmark continues where it stopped: finished steps are read bac
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from pertflow.data.dataset import SINGLE_CONTEXT
 from pertflow.data.splits import Split
 from pertflow.data.tasks import Task
+from pertflow.eval.metrics import group_means
 from pertflow.errors import InputError
 from pertflow.io import write_text
 
@@ -48,31 +49,13 @@ KEY_METRICS = (
 PLOT_METRICS = ("pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "systema_pearson_delta")
 
 
-@dataclass
-class FoldInputs:
-    """What every model of one fold shares: the split, the real cells, the training cells."""
-
-    split: Split
-    real: ad.AnnData
-    train: ad.AnnData
-    context_col: str | None
-
-
-def fold_inputs(task: Task, data: Any, fold: str | None, splits_dir: Path | None) -> FoldInputs:
-    """The fold's split (the reference file when one exists, else built from the task) and cells."""
-    from pertflow.api import evaluation_context_col
-    from pertflow.models.base import real_test_anndata
-
+def fold_split(task: Task, data: Any, fold: str | None, splits_dir: Path | None) -> Split:
+    """The fold's split: the reference file when one exists, else built from the task."""
     name = task.split_name(fold)
     reference = splits_dir / f"{name}.json" if splits_dir else None
     split = Split.load(reference) if reference and reference.is_file() else task.build(data, fold)
     split.name = split.name or name
-    real = real_test_anndata(data, split)
-    rows = split.rows(data)
-    genes = data.gene_indices(split.genes) if split.genes is not None else None
-    train = data.to_anndata(rows.train, genes, dense=False)
-    train.var_names = real.var_names
-    return FoldInputs(split, real, train, evaluation_context_col(data, split))
+    return split
 
 
 def run_benchmark(
@@ -108,8 +91,8 @@ def run_benchmark(
     folds
         Run only these folds of tasks that have folds (all when None).
     """
-    from pertflow.api import predict, train
-    from pertflow.eval.evaluator import EvalConfig, evaluate
+    from pertflow.api import evaluate_split, evaluation_inputs, predict, train
+    from pertflow.eval.evaluator import EvalConfig
     from pertflow.models.registry import model_class
 
     for name in models:
@@ -122,7 +105,7 @@ def run_benchmark(
             for fold in task.fold_names:
                 if folds is not None and fold is not None and fold not in folds:
                     continue
-                inputs = fold_inputs(task, data, fold, splits_dir)
+                inputs = evaluation_inputs(data, fold_split(task, data, fold, splits_dir))
                 split_name = inputs.split.name
                 de_cache = out / "cache" / "de" / split_name
                 for model in models:
@@ -146,10 +129,9 @@ def run_benchmark(
                     results_path = run_dir / "eval" / "results.csv"
                     if not results_path.is_file():
                         log(f"[{split_name}] evaluating {model}")
-                        evaluate(inputs.real, ad.read_h5ad(pred_path), pert_col=data.spec.pert_col, control=data.spec.control,
-                                 context_col=inputs.context_col, train=inputs.train, outdir=run_dir / "eval",
-                                 de_cache=de_cache, config=eval_config)
-                        _write_deltas(run_dir, inputs, ad.read_h5ad(pred_path), data.spec.pert_col, data.spec.control)
+                        pred = ad.read_h5ad(pred_path)
+                        evaluate_split(data, inputs.split, pred, out=run_dir / "eval", de_cache=de_cache, config=eval_config, inputs=inputs)
+                        _write_deltas(run_dir, inputs, pred, data.spec.pert_col, data.spec.control)
                     table = pd.read_csv(results_path)
                     table.insert(0, "model", model)
                     table.insert(0, "fold", fold if fold is not None else "")
@@ -181,23 +163,19 @@ def _write_timing(run_dir: Path, timing: dict[str, float]) -> None:
     write_text(run_dir / "timing.csv", pd.DataFrame([timing]).to_csv(index=False))
 
 
-def _context_values(adata: ad.AnnData, context_col: str | None) -> np.ndarray:
-    return adata.obs[context_col].astype(str).to_numpy() if context_col else np.full(adata.n_obs, "all", dtype=object)
-
-
 def _mean_shifts(adata: ad.AnnData, context_col: str | None, pert_col: str, control: str) -> dict[tuple[str, str], np.ndarray]:
-    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    """Mean shift vs the context's controls of every (context, perturbation) of a file."""
     perts = adata.obs[pert_col].astype(str).to_numpy()
-    ctxs = _context_values(adata, context_col)
+    ctxs = adata.obs[context_col].astype(str).to_numpy() if context_col else np.full(adata.n_obs, SINGLE_CONTEXT, dtype=object)
     out = {}
     for ctx in pd.unique(ctxs):
-        ctrl = X[(ctxs == ctx) & (perts == control)].mean(0)
-        for pert in pd.unique(perts[(ctxs == ctx) & (perts != control)]):
-            out[(str(ctx), str(pert))] = X[(ctxs == ctx) & (perts == pert)].mean(0) - ctrl
+        in_ctx = np.flatnonzero(ctxs == ctx)
+        means = group_means(adata.X[in_ctx], perts[in_ctx])
+        out.update({(str(ctx), p): m - means[control] for p, m in means.items() if p != control})
     return out
 
 
-def _write_deltas(run_dir: Path, inputs: FoldInputs, pred: ad.AnnData, pert_col: str, control: str) -> None:
+def _write_deltas(run_dir: Path, inputs: Any, pred: ad.AnnData, pert_col: str, control: str) -> None:
     """Mean shift vs control of every held-out perturbation, real and predicted (for the plots)."""
     from pertflow.io import atomic_path
 
@@ -325,7 +303,7 @@ def plot_deltas(results: pd.DataFrame, out: Path, models: list[str], max_panels:
                 ax.set_xlim(-lim, lim)
                 ax.set_ylim(-lim, lim)
                 r = np.corrcoef(real, pred)[0, 1] if min(real.std(), pred.std()) > 1e-6 else float("nan")
-                label = case["perturbation"] + ("" if case["context"] == "all" else f" / {case['context']}")
+                label = case["perturbation"] + ("" if case["context"] == SINGLE_CONTEXT else f" / {case['context']}")
                 ax.set_title(f"{model}\n{label}  r={r:.2f}", fontsize=7)
                 ax.tick_params(labelsize=6)
                 if col == 0:

@@ -40,6 +40,13 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backed", action="store_true", help="keep expression on disk, read rows on demand")
 
 
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", help="a YAML file with 'model' and 'train' sections")
+    g.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config key, e.g. train.max_steps=100")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+
+
 def spec_keys(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("pert_col", "control", "context_cols", "batch_col", "layer", "is_counts", "combo_delim", "min_cells")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
@@ -212,9 +219,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="an .h5ad file")
     p.add_argument("--split", required=True, help="a split JSON (pertflow split, or another tool's)")
     p.add_argument("--out", required=True, help="the run folder to write")
-    p.add_argument("--config", help="a YAML file with 'model' and 'train' sections")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config key, e.g. train.max_steps=100")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    add_config_flags(p)
     add_spec_flags(p)
 
 
@@ -315,9 +320,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="an .h5ad file (any: perturbation columns are not needed)")
     p.add_argument("--out", required=True, help="folder for the public-layout model (args.json, vocab.json, best_model.pt)")
-    p.add_argument("--config", help="a YAML file with 'model' (pretraining) and 'train' sections")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config key, e.g. model.mvc=1")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    add_config_flags(p)
     add_spec_flags(p)
 
 

@@ -34,10 +34,19 @@ def test_log_expression_matches_scanpy_on_whole_matrix(tmp_path, synthetic_adata
     np.testing.assert_allclose(got, expected[rows][:, genes], rtol=1e-5, atol=1e-6)
 
 
-def test_sparse_rows_stay_sparse(synthetic_file):
+def test_sparse_rows_stay_sparse_and_reads_are_chunked(synthetic_file, monkeypatch):
+    import pertflow.data.dataset as dataset
+
     with PerturbationData.read(synthetic_file, backed=True) as data:
-        block = data.log_expression(np.arange(10), dense=False)
+        block = data.log_expression_csr(np.arange(10))
         assert sp.issparse(block) and block.shape == (10, data.adata.n_vars)
+        whole = data.log_expression(np.arange(100), np.array([3, 1]))
+        reads = []
+        original = data.source.read_rows
+        monkeypatch.setattr(data.source, "read_rows", lambda rows: reads.append(len(rows)) or original(rows))
+        monkeypatch.setattr(dataset, "MAX_VALUES_PER_READ", 25 * data.adata.n_vars)
+        np.testing.assert_array_equal(data.log_expression(np.arange(100), np.array([3, 1])), whole)
+        assert reads == [25, 25, 25, 25]  # never more than the read budget of whole rows at once
 
 
 class CountingMatrix:

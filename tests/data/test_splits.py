@@ -157,3 +157,60 @@ def test_task_file_errors(tmp_path):
     (tmp_path / "t.yaml").write_text("name: t\ndataset: x.h5ad\nkind: shuffle\n")
     with pytest.raises(InputError, match="unknown kind 'shuffle'"):
         Task.load(tmp_path / "t.yaml")
+
+
+def gears_reference(perts: list[str], seed: int, train_gene_set_size: float, combo_seen2_train_frac: float):
+    """GEARS' own get_simulation_split, transcribed step by step on GEARS-format names (A+ctrl)."""
+
+    def genes_of(perts):
+        return np.unique([g for p in np.unique(perts) for g in p.split("+") if g != "ctrl"])
+
+    def perts_from_genes(genes, candidates):
+        return [p for p in candidates if any(g in p.split("+") for g in genes)]
+
+    singles = [p for p in perts if "ctrl" in p and p != "ctrl"]
+    combos = [p for p in perts if "ctrl" not in p]
+    genes = genes_of(perts)
+    np.random.seed(seed)
+    train_genes = np.random.choice(genes, int(len(genes) * train_gene_set_size), replace=False)
+    train = perts_from_genes(train_genes, singles)
+    pert_combo = perts_from_genes(train_genes, combos)
+    seen1 = [x for x in pert_combo if len([t for t in x.split("+") if t in train_genes]) == 1]
+    pert_combo = np.setdiff1d(pert_combo, seen1)
+    np.random.seed(seed)
+    combo_train = np.random.choice(pert_combo, int(len(pert_combo) * combo_seen2_train_frac), replace=False)
+    seen2 = np.setdiff1d(pert_combo, combo_train).tolist()
+    train += list(combo_train)
+    ood = np.setdiff1d(genes, train_genes)
+    unseen = perts_from_genes(ood, singles)
+    seen0 = [x for x in perts_from_genes(ood, combos) if len([t for t in x.split("+") if t in train_genes]) == 0]
+    groups = {**{p: "combo_seen1" for p in seen1}, **{p: "combo_seen2" for p in seen2},
+              **{p: "unseen_single" for p in unseen}, **{p: "combo_seen0" for p in seen0}}
+    return train, groups
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_gears_split_equals_gears_on_a_gears_file(shared_data, seed):
+    with PerturbationData.read(shared_data / "norman19_gears_micro.h5ad") as data:
+        split = make_split(data, "gears", seed=seed)
+        labels = [p for p in data.adata.obs["condition"].astype(str).unique() if p != "ctrl"]
+        train, groups = gears_reference(labels, seed, 0.75, 0.75)
+        _, val_groups = gears_reference(train, seed, 0.9, 0.9)
+        canonical = {p: data.perturbations[np.flatnonzero(data.adata.obs["condition"].astype(str) == p)[0]] for p in labels}
+        assert split.subgroups == {canonical[p]: g for p, g in groups.items()}
+        rows = split.rows(data)
+        assert set(data.perturbations[rows.val]) - {"ctrl"} == {canonical[p] for p in val_groups}
+
+
+def test_hvg_selection_never_sees_test_cells(synthetic_adata):
+    adata = synthetic_adata.copy()
+    X = adata.X.toarray()
+    held = ((adata.obs["cell_type"] == "line_A") & (adata.obs["perturbation"] != "control")).to_numpy()
+    X[:, 59] = 1.0
+    X[held, 59] = np.random.default_rng(0).poisson(50, held.sum())  # variable in test cells only
+    adata.X = __import__("scipy.sparse", fromlist=["csr_matrix"]).csr_matrix(X)
+    data = PerturbationData.from_anndata(adata)
+    split = make_split(data, "context", test_context="line_A", n_top_genes=20)
+    assert "G0059" not in split.genes
+    everything = __import__("pertflow.data.preprocess", fromlist=["select_genes"]).select_genes(data, np.arange(data.n_cells), 20)
+    assert "G0059" in everything  # with the test cells it would have been chosen

@@ -65,3 +65,19 @@ def test_field_receives_batch_times():
 def test_unknown_solver():
     with pytest.raises(InputError, match="unknown ODE solver 'rk45'"):
         solve_ode(lambda t, x: x, torch.zeros(1, 1), "rk45")
+
+
+def test_ot_coupling_finds_the_cheapest_pairing():
+    from pertflow.flows import couple, ot_permutation
+
+    x0 = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x1 = torch.tensor([[0.1, 10.0], [0.2, 0.1], [9.9, 0.3]])
+    perm = ot_permutation(x0, x1)
+    assert perm.tolist() == [1, 2, 0]
+    torch.testing.assert_close(couple(x0, x1, "ot"), x1[perm])
+    assert couple(x0, x1, "independent") is x1
+    # no pairing has a lower total cost than the OT one
+    import itertools
+
+    best = min(sum(((x0[i] - x1[p[i]]) ** 2).sum() for i in range(3)) for p in itertools.permutations(range(3)))
+    assert torch.isclose(((x0 - x1[perm]) ** 2).sum(), best)

@@ -101,7 +101,7 @@ def test_interrupted_run_resumes_to_the_same_weights(synthetic_file, tmp_path, m
     assert list(pred.var_names) == split.genes
 
 
-def test_unseen_genetic_and_drug_perturbations(synthetic_adata):
+def test_unseen_genetic_and_drug_perturbations(synthetic_adata, tmp_path):
     data = PerturbationData.from_anndata(synthetic_adata)
     held = data.perturbation_names[0]
     split = make_split(data, "perturbations", test_perturbations=[held], include_combinations=False)
@@ -113,6 +113,22 @@ def test_unseen_genetic_and_drug_perturbations(synthetic_adata):
     assert model.known_components("NOTAGENE") == ["<unk>"]  # never trained, no descriptor
     out = model.generate(fit.expression.get(fit.control_rows("line_A")[:3]), held, "line_A", np.random.default_rng(0))
     assert out.shape == (3, 60)
+
+    from pertflow.data.synthetic import make_synthetic
+
+    drugs = PerturbationData.from_anndata(make_synthetic(n_genes=30, n_singles=3, n_combos=1, cells_per_group=8,
+                                                         controls_per_context=10, n_effect_genes=5, genetic=False))
+    combo_parts = {c for p in drugs.perturbation_names if "+" in p for c in p.split("+")}
+    held = next(p for p in drugs.perturbation_names if "+" not in p and p not in combo_parts)
+    seen = next(p for p in drugs.perturbation_names if "+" not in p and p != held)
+    split = make_split(drugs, "perturbations", test_perturbations=[held])
+    fit = FitData.prepare(drugs, split)
+    assert fit.vocab.other_tokens and not fit.vocab.is_gene_token(seen)
+    model = CFM.from_fit_data(fit, CFMConfig(d_model=16, n_heads=2, n_layers=1, ode_steps=2, genes_per_step=30))
+    model.fit(fit, TrainConfig(max_steps=2, batch_size=4, progress=False), tmp_path)
+    assert model.known_components(seen) == [seen]  # seen in training: its own token
+    assert model.known_components(held) == ["<unk>"]  # held out, no descriptor
+    assert model.generate(fit.expression.get(fit.control_rows("line_A")[:2]), held, "line_A", np.random.default_rng(0)).shape == (2, 30)
 
 
 def test_non_gene_tokens_use_their_own_table():
@@ -153,3 +169,20 @@ def test_chunked_inference_covers_every_gene():
     assert sorted(torch.cat(chunks).tolist()) == list(range(10)) and len(chunks) == 3
     out = module.sample(torch.rand(3, 10), torch.tensor([[3, 0]] * 3), torch.Generator().manual_seed(1))
     assert out.shape == (3, 10) and (out >= 0).all()
+
+
+def test_control_source_starts_the_flow_at_the_control_cells():
+    config = CFMConfig(d_model=16, n_heads=2, n_layers=1, source="control", source_noise=0.0, coupling="ot", ode_steps=2)
+    module = CFMModule(config, torch.arange(2, 12), 14, 12, 0, 1)
+    control = torch.rand(4, 10)
+    torch.testing.assert_close(module.source(control, torch.Generator().manual_seed(0)), control)
+    noisy = CFMModule(CFMConfig(d_model=16, n_heads=2, n_layers=1), torch.arange(2, 12), 14, 12, 0, 1)
+    assert not torch.allclose(noisy.source(control, torch.Generator().manual_seed(0)), control)
+    out = module.loss({"target": torch.rand(4, 10), "control": control, "pert_ids": torch.tensor([[3, 0]] * 4)})
+    assert torch.isfinite(out.loss)
+
+
+def test_predict_settings_reach_the_network(fit_data, tmp_path):
+    model = CFM.from_fit_data(fit_data, TINY)
+    model.replace_config(ode_steps=7, inference_gene_chunk=16)
+    assert model.module.config.ode_steps == 7 and model.module.config.inference_gene_chunk == 16

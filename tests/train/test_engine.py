@@ -69,7 +69,7 @@ def make(run_dir, source=None, **kw):
 
 
 def weights(trainer):
-    return {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    return {k: v.clone() for k, v in trainer.network.state_dict().items()}
 
 
 def test_loss_falls_and_history_is_written(tmp_path):
@@ -123,10 +123,10 @@ def test_existing_run_needs_resume(tmp_path):
 
 def test_nonfinite_steps_are_skipped_and_recorded(tmp_path):
     t = make(tmp_path)
-    t.module.nan_at = {3, 4}
+    t.network.nan_at = {3, 4}
     result = t.fit()
     assert result.skipped_steps == [2, 3]
-    assert all(torch.isfinite(p).all() for p in t.module.parameters())
+    assert all(torch.isfinite(p).all() for p in t.network.parameters())
     rows = (tmp_path / "history.csv").read_text().splitlines()
     skipped_col = rows[0].split(",").index("skipped")
     assert sum(int(r.split(",")[skipped_col]) for r in rows[1:]) == 2
@@ -134,7 +134,7 @@ def test_nonfinite_steps_are_skipped_and_recorded(tmp_path):
 
 def test_nonfinite_stop_policy(tmp_path):
     t = make(tmp_path, nonfinite="stop")
-    t.module.nan_at = {6}
+    t.network.nan_at = {6}
     with pytest.raises(TrainingDiverged, match="non-finite loss or gradient at step 5"):
         t.fit()
 
@@ -143,3 +143,16 @@ def test_cosine_schedule_reaches_min_lr(tmp_path):
     t = make(tmp_path, max_steps=10, warmup_steps=0, min_lr_ratio=0.1, val_every=100, checkpoint_every=100)
     t.fit()
     assert t.scheduler.get_last_lr()[0] == pytest.approx(1e-3)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    broken = make(tmp_path, source=Source(interrupt_at=8))
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit()
+    with pytest.raises(InputError, match=r"other settings \(lr\)"):
+        make(tmp_path, lr=0.5).fit(resume=True)
+    other = make(tmp_path)
+    other.metadata = {"model": "another"}
+    with pytest.raises(InputError, match="the model"):
+        other.fit(resume=True)
+    make(tmp_path, progress=True).fit(resume=True)  # a progress bar is not a setting of the run

@@ -17,6 +17,7 @@ from pertflow.data.spec import SPEC_FIELDS, DataSpec, Detection, check_spec, det
 from pertflow.errors import InputError
 
 SINGLE_CONTEXT = "all"
+MAX_VALUES_PER_READ = 2**26  # values of whole rows read at once (256 MB of float32)
 UNLABELLED_COL = "pertflow_unlabelled"
 CONTEXT_JOIN = "|"
 
@@ -62,7 +63,6 @@ class PerturbationData:
         self._file = file
         self._check_names()
         labels = adata.obs[spec.pert_col].astype(str).to_numpy()
-        self.is_control = labels == spec.control
         self._components: dict[str, tuple[str, ...]] = {}
         canonical_of_label: dict[str, str] = {}
         name_of_set: dict[frozenset[str], str] = {}
@@ -266,9 +266,12 @@ class PerturbationData:
         """Components of a perturbation name (``'A+B'`` -> ``('A', 'B')``; control -> ``()``)."""
         return self._components.get(perturbation) or split_components(perturbation, self.spec)
 
-    @property
-    def context_names(self) -> list[str]:
-        return list(pd.unique(self.contexts))
+    def single_context_col(self, rows: np.ndarray) -> str | None:
+        """The context column that separates ``rows``: the spec's one context column when the
+        rows span several contexts, else None (one context: nothing to separate)."""
+        if len(self.spec.context_cols) == 1 and len(set(self.contexts[rows])) > 1:
+            return self.spec.context_cols[0]
+        return None
 
     def rows_of(self, cell_names: list[str] | np.ndarray | pd.Index, what: str = "cells") -> np.ndarray:
         """Row indices of named cells; unknown names raise an error listing some of them."""
@@ -298,27 +301,39 @@ class PerturbationData:
         return by_name.astype(np.int64)
 
     # ------------------------------------------------------------------ expression
-    def log_expression(
-        self, rows: np.ndarray, genes: np.ndarray | None = None, dense: bool = True
-    ) -> np.ndarray | sp.csr_matrix:
-        """log1p expression of ``rows`` for gene columns ``genes`` (all when None).
+    def _log_blocks(self, rows: np.ndarray, genes: np.ndarray | None):
+        """log1p blocks of ``rows`` on ``genes``, read a bounded number of values at a time.
 
         Counts are normalised on all genes of the file first (normalize_total + log1p), then
-        the genes are chosen. Returns float32, dense unless ``dense=False``.
+        the genes are chosen, so no more than one chunk of whole rows is ever in memory.
         """
-        block = self.source.read_rows(rows)
-        if self.spec.is_counts:
-            block = normalize_log1p(block, self.spec.target_sum)
-        if genes is not None:
-            block = block[:, genes]
-        if dense:
-            block = block.toarray() if sp.issparse(block) else block
-            return np.asarray(block, dtype=np.float32)
-        return sp.csr_matrix(block, dtype=np.float32) if sp.issparse(block) else np.asarray(block, dtype=np.float32)
+        rows = np.asarray(rows, dtype=np.int64)
+        chunk = max(1, MAX_VALUES_PER_READ // max(1, self.adata.n_vars))
+        for start in range(0, len(rows), chunk):
+            block = self.source.read_rows(rows[start : start + chunk])
+            if self.spec.is_counts:
+                block = normalize_log1p(block, self.spec.target_sum)
+            yield block if genes is None else block[:, genes]
 
-    def to_anndata(self, rows: np.ndarray, genes: np.ndarray | None = None, dense: bool = True) -> ad.AnnData:
-        """An in-memory AnnData of ``rows`` with log1p ``X`` and canonical perturbation labels."""
-        X = self.log_expression(rows, genes, dense=dense)
+    def log_expression(self, rows: np.ndarray, genes: np.ndarray | None = None) -> np.ndarray:
+        """Dense (n, g) float32 log1p expression of ``rows`` on gene columns ``genes`` (all when None)."""
+        n_genes = self.adata.n_vars if genes is None else len(genes)
+        out = np.empty((len(rows), n_genes), dtype=np.float32)
+        start = 0
+        for block in self._log_blocks(rows, genes):
+            out[start : start + block.shape[0]] = block.toarray() if sp.issparse(block) else block
+            start += block.shape[0]
+        return out
+
+    def log_expression_csr(self, rows: np.ndarray, genes: np.ndarray | None = None) -> sp.csr_matrix:
+        """The same as :meth:`log_expression`, as a CSR matrix (never dense whole)."""
+        blocks = [sp.csr_matrix(b, dtype=np.float32) for b in self._log_blocks(rows, genes)]
+        n_genes = self.adata.n_vars if genes is None else len(genes)
+        return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, n_genes), dtype=np.float32)
+
+    def to_anndata(self, rows: np.ndarray, genes: np.ndarray | None = None, sparse: bool = False) -> ad.AnnData:
+        """An in-memory AnnData of ``rows`` with log1p ``X`` (CSR with ``sparse``) and canonical labels."""
+        X = self.log_expression_csr(rows, genes) if sparse else self.log_expression(rows, genes)
         obs = self.adata.obs.iloc[rows].copy()
         obs[self.spec.pert_col] = pd.Categorical(self.perturbations[rows].astype(str))
         var = self.adata.var.iloc[genes if genes is not None else slice(None)].copy()

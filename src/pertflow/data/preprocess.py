@@ -58,7 +58,7 @@ def select_genes(
     n_genes = data.adata.n_vars
     if n_top_genes >= n_genes:
         return list(map(str, data.gene_names))
-    X = data.log_expression(np.sort(train_rows), dense=False)
+    X = data.log_expression_csr(np.sort(train_rows))
     tmp = ad.AnnData(X=X)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

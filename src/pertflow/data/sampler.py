@@ -72,6 +72,7 @@ class PairedBatchSampler:
             raise InputError(f"weighting must be 'cells' or 'uniform', got '{weighting}'.")
         rows = np.asarray(rows, dtype=np.int64)
         self.batch_size = batch_size
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.controls: dict[str, np.ndarray] = {}
         self.groups: list[tuple[str, str, np.ndarray]] = []
@@ -112,6 +113,11 @@ class PairedBatchSampler:
     def __iter__(self) -> Iterator[PairedBatch]:
         while True:
             yield self.sample()
+
+    def shard(self, process_index: int) -> None:
+        """Give process ``process_index`` of a multi-process run its own stream (0 keeps the seed's)."""
+        if process_index:
+            self.rng = np.random.default_rng([self.seed, process_index])
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state (JSON-serialisable) so that a resumed run draws the same batches."""

@@ -8,7 +8,6 @@ prediction, evaluation) reads the spec instead of guessing again, and a run save
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,9 +168,6 @@ class DataSpec:
     @classmethod
     def load(cls, path: str | Path) -> DataSpec:
         return cls.from_dict(read_json(path))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(DataSpec))

@@ -22,6 +22,7 @@ Split kinds
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -117,6 +118,11 @@ class Split:
                 f"the split uses perturbation column '{self.pert_col}' but the data spec uses '{data.spec.pert_col}'. "
                 f"Pass --pert-col {self.pert_col} or use a split made for this spec."
             )
+        if self.control is not None and self.control != data.spec.control:
+            raise InputError(
+                f"the split uses control label '{self.control}' but the data spec uses '{data.spec.control}'. "
+                f"Pass --control {self.control} or use a split made for this spec."
+            )
         if not self.test:
             raise InputError(
                 "the split's test set is empty, so there is nothing to predict or evaluate. "
@@ -158,13 +164,6 @@ def _keep_mask(data: PerturbationData, keep: Mapping[str, Sequence[str]] | None)
     if not mask.any():
         raise InputError(f"keep={dict(keep or {})} leaves no cells. Check the column values.")
     return mask
-
-
-def _single_context_col(data: PerturbationData, mask: np.ndarray) -> str | None:
-    cols = data.spec.context_cols
-    if len(cols) == 1 and len(set(data.contexts[mask])) > 1:
-        return cols[0]
-    return None
 
 
 def _finish(
@@ -212,7 +211,7 @@ def _finish(
         dataset=data.path.name if data.path else None,
         pert_col=data.spec.pert_col,
         control=data.spec.control,
-        context_col=info.pop("context_col", _single_context_col(data, kept)),
+        context_col=info.pop("context_col", data.single_context_col(np.flatnonzero(kept))),
         genes=genes,
         combo_delim=data.spec.combo_delim,
         test_controls=list(names[controls]),
@@ -458,9 +457,20 @@ BUILDERS = {
 SPLIT_KINDS = tuple(BUILDERS)
 
 
+COMMON_OPTIONS = ("keep", "n_top_genes", "val_fraction", "val_seed", "name", "task", "fold")
+
+
 def make_split(data: PerturbationData, kind: str, **options: Any) -> Split:
     """Build a split of a named kind (see :data:`SPLIT_KINDS`) with the builder's options."""
     if kind not in BUILDERS:
         raise InputError(f"unknown split kind '{kind}'; choose one of {list(BUILDERS)}.")
+    params = inspect.signature(BUILDERS[kind]).parameters
+    own = [n for n, p in params.items() if n != "data" and p.kind is p.POSITIONAL_OR_KEYWORD]
+    unknown = sorted(set(options) - set(own) - set(COMMON_OPTIONS))
+    if unknown:
+        raise InputError(f"split kind '{kind}' takes no option {unknown}; its options are {own + list(COMMON_OPTIONS)}.")
+    missing = [n for n in own if params[n].default is inspect.Parameter.empty and n not in options]
+    if missing:
+        raise InputError(f"split kind '{kind}' needs {missing} (CLI: {['--' + m.replace('_', '-') for m in missing]}).")
     return BUILDERS[kind](data, **options)
 

@@ -57,6 +57,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pertflow.data.dataset import SINGLE_CONTEXT
 from pertflow.errors import InputError
 from pertflow.eval import metrics as M
 from pertflow.io import atomic_path
@@ -80,7 +81,7 @@ PERTFLOW_METRICS: dict[str, str] = {
 # Largest value cell-eval accepts as log1p data (cell_eval.utils.guess_is_lognorm).
 _LOG1P_MAX = 15.0
 _ID_COLUMNS = ("context", "perturbation", "n_cells_real", "n_cells_pred")
-_NO_CONTEXT = "all"
+_NO_CONTEXT = SINGLE_CONTEXT
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,8 @@ class EvalConfig:
         gene (cell-eval gives 0.0, even to a perfect prediction). Each case is listed in
         ``notes``. ``False`` keeps cell-eval's numbers exactly.
     flat_correlation_is_zero
-        A prediction whose mean shift from control is zero on every gene (the no-change
-        baseline, a model that predicts nothing for an unseen perturbation) has an undefined
+        A prediction whose mean shift from control is zero on every gene (a model that predicts
+        nothing for an unseen perturbation; the no-change baseline when it uses every control) has an undefined
         Pearson delta; count it as 0 (no information about the shape of the response), so that
         averages over perturbations do not silently drop the perturbations a model gave up on.
     seed

@@ -94,11 +94,16 @@ class FitData:
 
     def control_rows(self, context: str) -> np.ndarray:
         """Visible (train and validation) control cells of a context."""
-        visible = np.concatenate([self.rows.train, self.rows.val])
-        mask = self.data.is_control[visible] & (self.data.contexts[visible] == context)
-        if not mask.any():
-            raise InputError(f"context '{context}' has no visible control cells, so nothing can be predicted from them.")
-        return visible[mask]
+        return visible_control_rows(self.data, self.rows, context)
+
+
+def visible_control_rows(data: PerturbationData, rows: SplitRows, context: str) -> np.ndarray:
+    """The control cells of a context that a model may see (train and validation), sorted."""
+    visible = np.concatenate([rows.train, rows.val])
+    found = np.sort(visible[data.is_control[visible] & (data.contexts[visible] == context)])
+    if not len(found):
+        raise InputError(f"context '{context}' has no visible control cells, so nothing can be predicted from them.")
+    return found
 
 
 class PairedTensorBatches:
@@ -137,6 +142,9 @@ class PairedTensorBatches:
             "control": torch.from_numpy(expr.get(b.control_rows)),
             "pert_ids": torch.from_numpy(ids),
         }
+
+    def shard(self, process_index: int) -> None:
+        self.sampler.shard(process_index)
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
@@ -280,6 +288,9 @@ class PerturbationModel:
     def replace_config(self, **changes: Any) -> None:
         """Change inference-time settings (e.g. ODE steps) of a loaded model."""
         self.config = dataclasses.replace(self.config, **changes)
+        module = getattr(self, "module", None)
+        if module is not None and hasattr(module, "config"):
+            module.config = self.config  # the network reads its inference settings from here
 
 
 class TokenPerturbationModel(PerturbationModel):
@@ -396,33 +407,38 @@ def predict_split(
             f"the model was trained with perturbation column '{model.spec.pert_col}', the data spec uses "
             f"'{data.spec.pert_col}'. Pass --pert-col {model.spec.pert_col}."
         )
-    fit = FitData.prepare(data, split)
-    if list(fit.genes) != list(model.genes):
-        missing = [g for g in model.genes if g not in set(fit.genes)]
+    genes = list(split.genes) if split.genes is not None else list(map(str, data.gene_names))
+    if genes != list(model.genes):
+        missing = [g for g in model.genes if g not in set(genes)]
         raise InputError(
-            f"the split's genes differ from the model's ({len(fit.genes)} vs {len(model.genes)}; e.g. missing "
+            f"the split's genes differ from the model's ({len(genes)} vs {len(model.genes)}; e.g. missing "
             f"{missing[:5]}). Predict with the split the model was trained on, or retrain."
         )
+    rows = split.rows(data)
+    test = rows.test
+    keys = pd.MultiIndex.from_arrays([data.perturbations[test], data.contexts[test]])
+    test_groups = {k: test[v] for k, v in pd.Series(np.arange(len(test))).groupby(keys).indices.items()}
+    contexts = sorted({c for _, c in test_groups})
+    pools = {ctx: visible_control_rows(data, rows, ctx) for ctx in contexts}
+    # Only the test contexts' visible controls are read: a model never sees test cells.
+    controls = ExpressionCache(data, np.concatenate(list(pools.values())), data.gene_indices(genes))
     rng = np.random.default_rng(seed)
-    test_groups = fit.groups(fit.rows.test)
     blocks, obs_rows = [], []
     context_cols = list(data.spec.context_cols)
     items = sorted(test_groups.items(), key=lambda kv: (kv[0][1], kv[0][0]))
-    for (pert, ctx), rows in tqdm(items, desc="predicting", unit="group", disable=None if progress else True):
-        pool = fit.control_rows(ctx)
-        chosen = rng.choice(pool, size=len(rows), replace=len(pool) < len(rows))
-        pred = model.generate(fit.expression.get(chosen), pert, ctx, rng)
-        if pred.shape != (len(rows), len(model.genes)) or not np.isfinite(pred).all():
+    for (pert, ctx), group in tqdm(items, desc="predicting", unit="group", disable=None if progress else True):
+        pool = pools[ctx]
+        chosen = rng.choice(pool, size=len(group), replace=len(pool) < len(group))
+        pred = model.generate(controls.get(chosen), pert, ctx, rng)
+        if pred.shape != (len(group), len(model.genes)) or not np.isfinite(pred).all():
             raise RuntimeError(f"model '{model.name}' returned a bad prediction for {pert} in {ctx}: shape {pred.shape}")
         blocks.append(np.clip(pred, 0, None).astype(np.float32))
-        first = data.adata.obs.iloc[rows[0]]
-        for i in range(len(rows)):
-            obs_rows.append({data.spec.pert_col: pert, **{c: str(first[c]) for c in context_cols}, "source": "predicted"})
-    for ctx in sorted({c for _, c in test_groups}):
-        pool = fit.control_rows(ctx)
-        blocks.append(fit.expression.get(pool))
-        for r in pool:
-            obs_rows.append({data.spec.pert_col: data.spec.control, **{c: str(data.adata.obs.iloc[r][c]) for c in context_cols}, "source": "control"})
+        first = data.adata.obs.iloc[group[0]]
+        obs_rows += [{data.spec.pert_col: pert, **{c: str(first[c]) for c in context_cols}, "source": "predicted"}] * len(group)
+    for ctx in contexts:
+        blocks.append(controls.get(pools[ctx]))
+        ctx_obs = data.adata.obs.iloc[pools[ctx]]
+        obs_rows += [{data.spec.pert_col: data.spec.control, **{c: str(v[c]) for c in context_cols}, "source": "control"} for _, v in ctx_obs.iterrows()]
     obs = pd.DataFrame(obs_rows)
     obs.index = [f"pred_{i}" for i in range(len(obs))]
     for col in obs.columns:
@@ -434,13 +450,10 @@ def predict_split(
 
 def real_test_anndata(data: PerturbationData, split: Split) -> ad.AnnData:
     """The real counterpart of :func:`predict_split`: test cells plus the test contexts' visible controls."""
-    fit_rows = split.rows(data)
+    rows = split.rows(data)
     genes = data.gene_indices(split.genes) if split.genes is not None else None
-    visible = np.concatenate([fit_rows.train, fit_rows.val])
-    test_contexts = set(data.contexts[fit_rows.test])
-    controls = visible[data.is_control[visible] & np.isin(data.contexts[visible], list(test_contexts))]
-    rows = np.concatenate([fit_rows.test, np.sort(controls)])
-    real = data.to_anndata(rows, genes)
+    controls = [visible_control_rows(data, rows, ctx) for ctx in sorted(set(data.contexts[rows.test]))]
+    real = data.to_anndata(np.concatenate([rows.test, *controls]), genes)
     if split.genes is not None:
         real.var_names = list(split.genes)
     return real

@@ -12,10 +12,11 @@ against the controls of the same context.
 * ``additive``: a combination is the sum of its singles' responses; a single is its own
   response (0 when never seen).
 * ``linear``: ridge regression of the response on perturbation features (Ahlmann-Eltze et al.
-  2025): ``delta = b + G W p`` with ``G`` the genes' top principal-component loadings of the
-  training cells, ``p`` the perturbation's features (the loadings of its target gene when it is
-  measured, a one-hot of non-gene perturbation tokens, summed over a combination's components)
-  and ``W = (G'G + lambda I)^-1 G' Y P (P'P + lambda I)^-1``.
+  2025): ``delta = b + G W p`` with ``b`` the mean training response, ``G`` the genes' top
+  principal components of the (centred) training responses (genes as observations, scores),
+  ``p`` the perturbation's features (its target gene's row of ``G`` when that gene is measured,
+  a one-hot of non-gene perturbation tokens; summed over a combination's components) and
+  ``W = (G'G + lambda I)^-1 G' Y P (P'P + lambda I)^-1``.
 * ``context-shift``: a held-out context's controls plus the perturbation's response averaged
   over the contexts where it was measured (its own response when it was measured in the test
   context; 0 when never seen).
@@ -46,7 +47,7 @@ class LinearConfig:
     Attributes
     ----------
     n_components
-        K, principal components of the training cells used as gene embeddings.
+        K, principal components of the training responses used as gene embeddings.
     ridge
         lambda of the ridge penalty.
     """
@@ -164,21 +165,22 @@ class Linear(DeltaModel):
 
     def fit(self, fit_data: FitData, train_config: TrainConfig | None = None, run_dir: Path | None = None, resume: bool = False) -> None:
         super().fit(fit_data)
-        expr = fit_data.expression.get(fit_data.rows.train).astype(np.float64)
-        k = min(self.config.n_components, min(expr.shape) - 1)
-        centred = expr - expr.mean(0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        G = vt[:k].T  # (genes, K): principal-component loadings
+        Y = self.responses.T.astype(np.float64)  # (genes, training groups)
+        self.offset = Y.mean(1).astype(np.float32) if Y.size else np.zeros(len(self.genes), dtype=np.float32)
+        centred = Y - self.offset[:, None] if Y.size else np.zeros((len(self.genes), 0))
+        # G: gene embeddings, the top principal components of the training pseudobulk (genes as
+        # observations), as scores (singular values kept), as in Ahlmann-Eltze et al.
+        k = max(0, min(self.config.n_components, centred.shape[1] - 1, centred.shape[0]))
+        u, s, _ = np.linalg.svd(centred, full_matrices=False) if k else (np.zeros((len(self.genes), 0)), np.zeros(0), None)
+        G = u[:, :k] * s[:k]
         self.gene_embedding = G.astype(np.float32)
         self.feature_tokens = sorted({c for p, _ in self.keys for c in self.components(p) if c not in self._gene_pos})
-        Y = self.responses.T.astype(np.float64)  # (genes, groups)
-        self.offset = Y.mean(1).astype(np.float32) if Y.size else np.zeros(len(self.genes), dtype=np.float32)
         if not self.keys:
             self.weights = np.zeros((k, k + len(self.feature_tokens)), dtype=np.float32)
             return
         P = np.stack([self.features(p) for p, _ in self.keys])  # (groups, features)
         lam = self.config.ridge
-        left = np.linalg.solve(G.T @ G + lam * np.eye(G.shape[1]), G.T @ (Y - self.offset[:, None]))
+        left = np.linalg.solve(G.T @ G + lam * np.eye(k), G.T @ centred)
         self.weights = (left @ P @ np.linalg.inv(P.T @ P + lam * np.eye(P.shape[1]))).astype(np.float32)
         self.fit_report.update({"n_components": k, "features": int(P.shape[1])})
 

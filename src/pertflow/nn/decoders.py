@@ -21,8 +21,9 @@ class ExprPrediction:
     pred
         ``(B, L)`` predicted value per token.
     zero_probs
-        ``(B, L)`` probability that the value is exactly zero, or ``None`` when the decoder was built
-        without ``explicit_zero_prob``.
+        ``(B, L)`` sigmoid of the zero head, or ``None`` without ``explicit_zero_prob``. Despite
+        scGPT's name it is used, and trained, as the probability that the value is **non-zero**
+        (scGPT multiplies predictions by a Bernoulli draw of it); the name is kept for checkpoints.
     """
 
     pred: Tensor
@@ -52,7 +53,8 @@ class ExprDecoder(nn.Module):
         Hidden width; defaults to ``d_in`` (scGPT uses ``d_model``, which differs from ``d_in`` only
         when features are concatenated, so pass it explicitly there).
     explicit_zero_prob
-        Add a second MLP (``zero_logit``) giving the probability that each value is zero.
+        Add a second MLP (``zero_logit``) whose sigmoid is the probability that a value is non-zero
+        (scGPT's ``zero_probs``; see :class:`ExprPrediction`).
 
     Notes
     -----

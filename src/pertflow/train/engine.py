@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,21 @@ class BatchSource(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class _LossModule(torch.nn.Module):
+    """``forward(batch) = network.loss(batch)``: what accelerate wraps, so that under DDP the
+    gradients of every process are averaged (a call to ``network.loss`` would go around DDP)."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, batch: Batch) -> Any:
+        return self.network.loss(batch)
+
+
+RESUME_MAY_CHANGE = ("progress",)
 
 
 class TrainingDiverged(RuntimeError):
@@ -109,9 +125,14 @@ class Trainer:
         if config.device == "cuda" and not torch.cuda.is_available():
             raise InputError("train.device is 'cuda' but no GPU is visible. Use train.device=auto or cpu.")
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
-        self.module = module
+        self.network = module
         self.optimizer = make_optimizer(module.parameters(), config)
-        self.module, self.optimizer = self.accelerator.prepare(self.module, self.optimizer)
+        self.module, self.optimizer = self.accelerator.prepare(_LossModule(module), self.optimizer)
+        if self.accelerator.num_processes > 1:
+            # Every process must draw its own batches; process 0 keeps the run's own stream.
+            if not hasattr(train_batches, "shard"):
+                raise InputError("multi-process training needs a batch source with shard(process_index).")
+            train_batches.shard(self.accelerator.process_index)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.step = 0
         self.best_val: float | None = None
@@ -128,25 +149,24 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        return self.accelerator.unwrap_model(self.module).state_dict()
+        return self.network.state_dict()
 
-    def _loss(self, batch: Batch):
+    def _loss(self, batch: Batch, train: bool = True):
         with self.accelerator.autocast():
-            return self.accelerator.unwrap_model(self.module).loss(batch)
+            return self.module(batch) if train else self.network.loss(batch)
 
     def validate(self) -> float | None:
         """Mean loss over the fixed validation batches, with fixed noise; training RNG untouched."""
         if not self.val_batches:
             return None
-        module = self.accelerator.unwrap_model(self.module)
-        module.eval()
+        self.network.eval()
         total = 0.0
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(VAL_SEED)
             for batch in self.val_batches:
-                total += float(self._loss(self._to_device(batch)).loss)
-        module.train()
+                total += float(self._loss(self._to_device(batch), train=False).loss)
+        self.network.train()
         return total / len(self.val_batches)
 
     # ------------------------------------------------------------------ checkpoints
@@ -162,12 +182,17 @@ class Trainer:
             "train_config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
             "metadata": self.metadata,
         }
+        if self.accelerator.scaler is not None:
+            state["grad_scaler"] = self.accelerator.scaler.state_dict()
         self.checkpoints.save(self.step, self._weights(), self.optimizer.state_dict(), state, self.config.keep_checkpoints)
         self._write_history()
 
     def _resume(self) -> None:
         model_state, optimizer_state, rng, state = self.checkpoints.load_latest()
-        self.accelerator.unwrap_model(self.module).load_state_dict(model_state)
+        self._check_same_run(state)
+        self.network.load_state_dict(model_state)
+        if self.accelerator.scaler is not None and "grad_scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.optimizer.load_state_dict(optimizer_state)
         scheduler_state = dict(state["scheduler"])
         scheduler_state["lr_lambdas"] = [None]
@@ -178,6 +203,19 @@ class Trainer:
         self.best_val, self.best_step = state["best_val_loss"], state["best_step"]
         self.skipped = list(state["skipped_steps"])
         self._history_rows = [r for r in self._read_history() if int(r["step"]) <= self.step]
+
+    def _check_same_run(self, state: dict[str, Any]) -> None:
+        """A resumed run must be the run that was interrupted: same training settings, same model."""
+        now = {k: getattr(self.config, k) for k in self.config.__dataclass_fields__}
+        before = state.get("train_config", {})
+        changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and k in before and before[k] != now[k])
+        if json.loads(json.dumps(self.metadata)) != state.get("metadata", {}):
+            changed.append("the model (its config, genes, vocabulary or data spec)")
+        if changed:
+            raise InputError(
+                f"cannot resume {self.run_dir}: it was started with other settings ({', '.join(map(str, changed))}). "
+                "Resume with the original config, or train into a new --out."
+            )
 
     def _read_history(self) -> list[dict[str, Any]]:
         path = self.run_dir / "history.csv"
@@ -229,7 +267,12 @@ class Trainer:
                         grad_norm = float(self.accelerator.clip_grad_norm_(self.module.parameters(), cfg.grad_clip))
                     else:
                         grad_norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.module.parameters() if p.grad is not None)))
-                    bad = not math.isfinite(grad_norm)
+                    if self.accelerator.scaler is not None:
+                        # fp16: the grad scaler owns overflowing steps (it skips them and lowers its scale).
+                        self.optimizer.step()
+                        bad = self.accelerator.optimizer_step_was_skipped
+                    else:
+                        bad = not math.isfinite(grad_norm)
                 if bad:
                     # The finite-value guard: record the step, drop its gradients, keep the weights.
                     self.optimizer.zero_grad(set_to_none=True)
@@ -244,7 +287,8 @@ class Trainer:
                         )
                 else:
                     consecutive_bad = 0
-                    self.optimizer.step()
+                    if self.accelerator.scaler is None:
+                        self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
                 bar.update(1)

@@ -27,6 +27,16 @@ class CFMConfig:
         Share of training batches whose perturbation is replaced by ``<unk>``, so that a
         perturbation never seen in training (and without a descriptor) gets the typical
         response instead of an untrained embedding.
+    source
+        Where the flow starts (t = 0): ``noise``, a standard normal (the SPEC), or ``control``, the
+        control cell plus ``source_noise`` times a standard normal: the flow then transports the
+        control distribution onto the perturbed one, a much shorter path that a small budget
+        learns well.
+    source_noise
+        Scale of the noise added to a control source.
+    coupling
+        How the B targets of a batch are paired with the B sources: ``independent`` (as drawn) or
+        ``ot`` (minibatch optimal transport on squared distances, which straightens the paths).
     ode_method, ode_steps
         Inference solver (``rk4``, ``euler``, ``midpoint``, ``dopri5``) and its fixed steps.
     inference_gene_chunk
@@ -47,6 +57,9 @@ class CFMConfig:
     gamma: float = 0.5
     max_components: int = 2
     unknown_perturbation_p: float = 0.1
+    source: Literal["noise", "control"] = "noise"
+    source_noise: float = 0.1
+    coupling: Literal["independent", "ot"] = "independent"
     ode_method: Literal["rk4", "euler", "midpoint", "dopri5"] = "rk4"
     ode_steps: int = 20
     inference_gene_chunk: int | None = None

@@ -10,7 +10,8 @@ Shapes: B cells, G genes in the step, d width, K perturbation components.
 
 Training draws a random subset of genes per step and minimises the velocity MSE plus
 ``gamma * MMD(x_t + (1 - t) v, target)``; sampling integrates from noise over all genes (or
-gene chunks) conditioned on control cells, and clamps expression at 0.
+gene chunks) conditioned on control cells, and clamps expression at 0. Optionally
+(``source="control"``) the flow starts from the control cells themselves and transports them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from pertflow.flows import CondOTPath, solve_ode
+from pertflow.flows import CondOTPath, couple, solve_ode
 from pertflow.models.cfm.config import CFMConfig
 from pertflow.nn import ContinuousValueEncoder, ExprDecoder, GeneEncoder
 from pertflow.nn.attention import DiffPerceiverBlock
@@ -135,9 +136,10 @@ class CFMModule(nn.Module):
         gene_idx = torch.randperm(n_genes, device=target.device)[:g] if g < n_genes else None
         if gene_idx is not None:
             target, control = target[:, gene_idx], control[:, gene_idx]
-        noise = torch.randn_like(target)
+        x0 = self.source(control, None)
+        target = couple(x0, target, self.config.coupling)
         t = torch.rand(target.shape[0], device=target.device)
-        path = self.path.sample(t, noise, target)
+        path = self.path.sample(t, x0, target)
         v = self.velocity(t, path.x_t, control, pert_ids, gene_idx)
         mse = ((v.float() - path.dx_t.float()) ** 2).mean()
         loss = mse
@@ -149,6 +151,16 @@ class CFMModule(nn.Module):
             metrics["mmd"] = float(mmd.detach())
         return LossOutput(loss=loss, metrics=metrics)
 
+    def source(self, control: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The flow's starting points (t = 0) for a batch of control cells (see ``CFMConfig.source``)."""
+        if generator is None:
+            noise = torch.randn_like(control)
+        else:
+            noise = torch.randn(control.shape, generator=generator).to(control.device, control.dtype)
+        if self.config.source == "noise":
+            return noise
+        return control + self.config.source_noise * noise
+
     def gene_chunks(self, generator: torch.Generator | None) -> list[Tensor | None]:
         """All genes (``[None]``), or a random partition into chunks of about ``inference_gene_chunk``."""
         chunk = self.config.inference_gene_chunk
@@ -159,7 +171,7 @@ class CFMModule(nn.Module):
 
     @torch.no_grad()
     def sample(self, control: Tensor, pert_ids: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Generate perturbed cells from noise, one per control cell.
+        """Generate perturbed cells from the source (noise by default), one per control cell.
 
         Parameters
         ----------
@@ -175,11 +187,11 @@ class CFMModule(nn.Module):
         Tensor
             (B, G_full) expression, clamped at 0.
         """
-        noise = torch.randn(control.shape, generator=generator).to(control.device, control.dtype)
+        start = self.source(control, generator)
         out = torch.empty_like(control)
         for idx in self.gene_chunks(generator):
             sub_control = control if idx is None else control[:, idx]
-            x0 = noise if idx is None else noise[:, idx]
+            x0 = start if idx is None else start[:, idx]
 
             def field(t: Tensor, x: Tensor, sub_control: Tensor = sub_control, idx: Tensor | None = idx) -> Tensor:
                 return self.velocity(t, x, sub_control, pert_ids, idx)

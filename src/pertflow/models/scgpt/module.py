@@ -546,6 +546,27 @@ def _sample_or_mean(prediction: ExprPrediction, do_sample: bool) -> tuple[Tensor
     return prediction.pred, prediction.zero_probs
 
 
+def _apply_cell_heads(
+    model: nn.Module, out: ScGPTOutput, cell_input: Tensor, gene_embs: Tensor, *, CLS: bool, MVC: bool, ECS: bool,  # noqa: N803
+    do_sample: bool,
+) -> None:
+    """The heads that read the cell embedding (CLS, MVC, ECS), shared by the model and the generator.
+
+    ``cell_input`` is the cell embedding, with the batch embedding concatenated where the model
+    uses batch labels (what the MVC decoder reads); CLS and ECS read ``out.cell_emb``.
+    """
+    if CLS:
+        if not hasattr(model, "cls_decoder"):
+            raise ValueError("CLS=True needs a model built with n_cls > 1")
+        out.cls_output = model.cls_decoder(out.cell_emb)
+    if MVC:
+        if not hasattr(model, "mvc_decoder"):
+            raise ValueError("MVC=True needs a model built with do_mvc=True")
+        out.mvc_output, out.mvc_zero_probs = _sample_or_mean(model.mvc_decoder(cell_input, gene_embs), do_sample)
+    if ECS:
+        out.loss_ecs = elastic_cell_similarity_loss(out.cell_emb, model.config.ecs_threshold)
+
+
 def pool_cell_embedding(
     layer_output: Tensor,
     style: str,
@@ -607,7 +628,7 @@ class TransformerModel(nn.Module):
     ``grad_reverse_discriminator`` (``do_dab``).
     """
 
-    def __init__(self, config: ScGPTConfig) -> None:
+    def __init__(self, config: ScGPTConfig, loss_weights: ScGPTLossWeights | None = None) -> None:
         super().__init__()
         self.config = config
         d = config.d_model
@@ -626,8 +647,8 @@ class TransformerModel(nn.Module):
         self.transformer_encoder = ScGPTTransformerEncoder(config)
         self._build_heads()
         self._init_weights()
-        # Objective weights used by :meth:`loss`; a training setting, so not part of the config.
-        self.loss_weights = ScGPTLossWeights()
+        # Objective weights used by :meth:`loss`: a training setting, given once at construction.
+        self.loss_weights = loss_weights or ScGPTLossWeights()
 
     # ---------------------------------------------------------------- construction helpers
     def _build_value_encoder(self) -> None:
@@ -779,22 +800,13 @@ class TransformerModel(nn.Module):
 
         cell_emb = self.cell_embedding(transformer_output, mask, values)
         out = ScGPTOutput(mlm_output=mlm_output, mlm_zero_probs=mlm_zero, cell_emb=cell_emb)
-        if CLS:
-            if not hasattr(self, "cls_decoder"):
-                raise ValueError("CLS=True needs a model built with n_cls > 1")
-            out.cls_output = self.cls_decoder(cell_emb)
         if CCE:
             second = self._encode(gene_ids, values, mask, batch_labels)[0]
             out.loss_cce = contrastive_cell_loss(
                 cell_emb, self.cell_embedding(second, mask, values), c.cce_temperature
             )
-        if MVC:
-            if not hasattr(self, "mvc_decoder"):
-                raise ValueError("MVC=True needs a model built with do_mvc=True")
-            cell_in = cell_emb if batch_emb is None else torch.cat([cell_emb, batch_emb], dim=1)
-            out.mvc_output, out.mvc_zero_probs = _sample_or_mean(self.mvc_decoder(cell_in, gene_embs), do_sample)
-        if ECS:
-            out.loss_ecs = elastic_cell_similarity_loss(cell_emb, c.ecs_threshold)
+        cell_in = cell_emb if batch_emb is None else torch.cat([cell_emb, batch_emb], dim=1)
+        _apply_cell_heads(self, out, cell_in, gene_embs, CLS=CLS, MVC=MVC, ECS=ECS, do_sample=do_sample)
         if c.do_dab:
             out.dab_output = self.grad_reverse_discriminator(cell_emb)
         return out
@@ -948,16 +960,7 @@ class TransformerGenerator(nn.Module):
         mlm_output, mlm_zero = _sample_or_mean(prediction, do_sample)
         cell_emb = pool_cell_embedding(transformer_output, c.cell_emb_style, mask, values)
         out = ScGPTOutput(mlm_output=mlm_output, mlm_zero_probs=mlm_zero, cell_emb=cell_emb)
-        if CLS:
-            if not hasattr(self, "cls_decoder"):
-                raise ValueError("CLS=True needs a model built with n_cls > 1")
-            out.cls_output = self.cls_decoder(cell_emb)
-        if MVC:
-            if not hasattr(self, "mvc_decoder"):
-                raise ValueError("MVC=True needs a model built with do_mvc=True")
-            out.mvc_output, out.mvc_zero_probs = _sample_or_mean(self.mvc_decoder(cell_emb, gene_embs), do_sample)
-        if ECS:
-            out.loss_ecs = elastic_cell_similarity_loss(cell_emb, c.ecs_threshold)
+        _apply_cell_heads(self, out, cell_emb, gene_embs, CLS=CLS, MVC=MVC, ECS=ECS, do_sample=do_sample)
         return out
 
     def loss(self, batch: dict[str, Tensor]) -> LossOutput:
@@ -1046,10 +1049,10 @@ class MultiOmicTransformerModel(TransformerModel):
         Architecture with ``use_mod=True`` and ``ntokens_mod``.
     """
 
-    def __init__(self, config: ScGPTConfig) -> None:
+    def __init__(self, config: ScGPTConfig, loss_weights: ScGPTLossWeights | None = None) -> None:
         if not config.use_mod:
             raise ValueError("MultiOmicTransformerModel needs use_mod=True")
-        super().__init__(config)
+        super().__init__(config, loss_weights)
         self.mod_encoder = BatchLabelEncoder(config.ntokens_mod, config.d_model, padding_idx=config.mod_pad_id)
 
     def _build_heads(self) -> None:

@@ -86,6 +86,7 @@ class MaskedCellBatches:
         self.cache, self.rows, self.gene_tokens = cache, rows, gene_tokens
         self.config, self.scgpt, self.batch_size = config, scgpt, batch_size
         self.batch_labels = batch_labels
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -118,6 +119,11 @@ class MaskedCellBatches:
         if self.batch_labels is not None:
             batch["batch_labels"] = torch.from_numpy(self.batch_labels[rows])
         return batch
+
+    def shard(self, process_index: int) -> None:
+        """Give process ``process_index`` of a multi-process run its own stream (0 keeps the seed's)."""
+        if process_index:
+            self.rng = np.random.default_rng([self.seed, process_index])
 
     def state_dict(self) -> dict[str, Any]:
         return {"bit_generator": self.rng.bit_generator.state}
@@ -162,8 +168,8 @@ def pretrain(data: PerturbationData, out: str | Path, config: PretrainConfig, tr
     cache = ExpressionCache(data, all_rows, np.arange(data.adata.n_vars))
     gene_tokens = np.array([vocab[s] for s in symbols], dtype=np.int64)
     torch.manual_seed(train_config.seed)
-    model = TransformerModel(scgpt)
-    model.loss_weights = ScGPTLossWeights(mlm=1.0, zero=1.0, cls=0.0, mvc=config.mvc, cce=config.cce, ecs=config.ecs, dab=config.dab)
+    weights = ScGPTLossWeights(mlm=1.0, zero=1.0, cls=0.0, mvc=config.mvc, cce=config.cce, ecs=config.ecs, dab=config.dab)
+    model = TransformerModel(scgpt, loss_weights=weights)
     batches = MaskedCellBatches(cache, train_rows, gene_tokens, config, scgpt, train_config.batch_size, train_config.seed, labels)
     val = None
     if len(val_rows):
