@@ -52,18 +52,18 @@ def spec_keys(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
-def open_data(path: str, args: argparse.Namespace, progress: bool = True, spec: Any = None, unlabelled_ok: bool = False):
-    """Open a data file with the spec flags (``spec``: a default spec, e.g. a trained model's).
+def open_data(path: str, args: argparse.Namespace, unlabelled_ok: bool = False):
+    """Open a data file with the spec flags.
 
     ``unlabelled_ok``: a file without perturbation labels is read with every cell as a control.
     """
     from pertflow.data.dataset import PerturbationData
 
     keys = spec_keys(args)
-    if unlabelled_ok and "pert_col" not in keys and args.spec is None and spec is None:
+    if unlabelled_ok and "pert_col" not in keys and args.spec is None:
         if not PerturbationData.has_perturbation_labels(path):
             return PerturbationData.read_unlabelled(path, backed=args.backed, **keys)
-    return PerturbationData.read(path, backed=args.backed, spec=args.spec or spec, progress=progress, **keys)
+    return PerturbationData.read(path, backed=args.backed, spec=args.spec, progress=True, **keys)
 
 
 # ---------------------------------------------------------------------------- inspect
@@ -327,7 +327,6 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
 @command("pretrain", "pretrain a small scGPT-compatible foundation model (MLM) on an .h5ad file", _pretrain_arguments)
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pertflow.configs import build, load_sections
-    from pertflow.data.dataset import PerturbationData
     from pertflow.models.scgpt.pretrain import PretrainConfig, pretrain
     from pertflow.train import TrainConfig
 
