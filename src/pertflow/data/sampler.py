@@ -35,7 +35,31 @@ class PairedBatch:
     control_rows: np.ndarray
 
 
-class PairedBatchSampler:
+class SeededStream:
+    """A seeded random stream whose state a checkpoint saves and a multi-process run shards.
+
+    Subclasses draw from ``self.rng``; a resumed run restores the generator's state and so
+    draws the same batches as an unbroken one.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+
+    def shard(self, process_index: int) -> None:
+        """Give process ``process_index`` of a multi-process run its own stream (0 keeps the seed's)."""
+        if process_index:
+            self.rng = np.random.default_rng([self.seed, process_index])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state (JSON-serialisable)."""
+        return {"bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["bit_generator"]
+
+
+class PairedBatchSampler(SeededStream):
     """Seeded sampler of :class:`PairedBatch` es.
 
     Parameters
@@ -71,9 +95,8 @@ class PairedBatchSampler:
         if weighting not in ("cells", "uniform"):
             raise InputError(f"weighting must be 'cells' or 'uniform', got '{weighting}'.")
         rows = np.asarray(rows, dtype=np.int64)
+        super().__init__(seed)
         self.batch_size = batch_size
-        self.seed = seed
-        self.rng = np.random.default_rng(seed)
         self.controls: dict[str, np.ndarray] = {}
         self.groups: list[tuple[str, str, np.ndarray]] = []
         ctrl_rows = rows[is_control[rows]]
@@ -113,19 +136,6 @@ class PairedBatchSampler:
     def __iter__(self) -> Iterator[PairedBatch]:
         while True:
             yield self.sample()
-
-    def shard(self, process_index: int) -> None:
-        """Give process ``process_index`` of a multi-process run its own stream (0 keeps the seed's)."""
-        if process_index:
-            self.rng = np.random.default_rng([self.seed, process_index])
-
-    def state_dict(self) -> dict[str, Any]:
-        """The generator's state (JSON-serialisable) so that a resumed run draws the same batches."""
-        return {"bit_generator": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["bit_generator"]
-
 
 def _unique(values: np.ndarray) -> list[str]:
     """Distinct values in order of first appearance."""

@@ -315,8 +315,11 @@ class TokenPerturbationModel(PerturbationModel):
         module = self.module.to(device).eval()
         ids = self.perturbation_ids(perturbation, 1)
         out = []
-        for start in range(0, len(controls), self.config.predict_batch_size):
-            block = torch.from_numpy(controls[start : start + self.config.predict_batch_size]).to(device)
+        # near-equal blocks of at most predict_batch_size cells (no small trailing block: a model
+        # may use statistics of the control block, e.g. cfm's ``center``)
+        n_blocks = -(-len(controls) // self.config.predict_batch_size)
+        for rows in np.array_split(np.arange(len(controls)), n_blocks) if n_blocks else []:
+            block = torch.from_numpy(controls[rows]).to(device)
             generator = torch.Generator().manual_seed(int(rng.integers(2**31 - 1)))
             out.append(module.sample(block, ids.expand(len(block), -1).to(device), generator).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.genes)), dtype=np.float32)

@@ -34,6 +34,13 @@ class CFMConfig:
         learns well.
     source_noise
         Scale of the noise added to a control source.
+    center
+        Work in coordinates centred on the control cells' mean per gene: the flow's inputs and
+        outputs have the batch's control mean subtracted, and it is added back to the generated
+        cells. The network then sees how far a cell is from its own context's controls rather than
+        absolute expression, which differs from context to context (a held-out cell line or
+        patient starts from a baseline the network never saw); the model is exactly equivariant
+        to a per-gene shift of all its inputs.
     coupling
         How the B targets of a batch are paired with the B sources: ``independent`` (as drawn) or
         ``ot`` (minibatch optimal transport on squared distances, which straightens the paths).
@@ -59,6 +66,7 @@ class CFMConfig:
     unknown_perturbation_p: float = 0.1
     source: Literal["noise", "control"] = "noise"
     source_noise: float = 0.1
+    center: bool = False
     coupling: Literal["independent", "ot"] = "independent"
     ode_method: Literal["rk4", "euler", "midpoint", "dopri5"] = "rk4"
     ode_steps: int = 20

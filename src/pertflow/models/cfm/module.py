@@ -11,7 +11,8 @@ Shapes: B cells, G genes in the step, d width, K perturbation components.
 Training draws a random subset of genes per step and minimises the velocity MSE plus
 ``gamma * MMD(x_t + (1 - t) v, target)``; sampling integrates from noise over all genes (or
 gene chunks) conditioned on control cells, and clamps expression at 0. Optionally
-(``source="control"``) the flow starts from the control cells themselves and transports them.
+(``source="control"``) the flow starts from the control cells themselves and transports them,
+and (``center=True``) works in coordinates centred on the control cells' mean.
 """
 
 from __future__ import annotations
@@ -136,6 +137,9 @@ class CFMModule(nn.Module):
         gene_idx = torch.randperm(n_genes, device=target.device)[:g] if g < n_genes else None
         if gene_idx is not None:
             target, control = target[:, gene_idx], control[:, gene_idx]
+        if self.config.center:
+            offset = control.mean(dim=0, keepdim=True)
+            target, control = target - offset, control - offset
         x0 = self.source(control, None)
         target = couple(x0, target, self.config.coupling)
         t = torch.rand(target.shape[0], device=target.device)
@@ -187,6 +191,8 @@ class CFMModule(nn.Module):
         Tensor
             (B, G_full) expression, clamped at 0.
         """
+        offset = control.mean(dim=0, keepdim=True) if self.config.center else torch.zeros_like(control[:1])
+        control = control - offset
         start = self.source(control, generator)
         out = torch.empty_like(control)
         for idx in self.gene_chunks(generator):
@@ -201,4 +207,4 @@ class CFMModule(nn.Module):
                 out = x1
             else:
                 out[:, idx] = x1
-        return out.clamp(min=0)
+        return (out + offset).clamp(min=0)

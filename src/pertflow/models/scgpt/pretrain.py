@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from pertflow.configs import to_dict
 from pertflow.data.dataset import PerturbationData
+from pertflow.data.sampler import SeededStream
 from pertflow.errors import InputError
 from pertflow.io import write_json
 from pertflow.models.base import ExpressionCache
@@ -78,7 +79,7 @@ class PretrainConfig:
     cell_emb_style: Literal["cls", "avg-pool", "w-pool"] = "cls"
 
 
-class MaskedCellBatches:
+class MaskedCellBatches(SeededStream):
     """Seeded batches of masked cells for MLM; the state saved with checkpoints is the generator's."""
 
     def __init__(self, cache: ExpressionCache, rows: np.ndarray, gene_tokens: np.ndarray, config: PretrainConfig,
@@ -86,8 +87,7 @@ class MaskedCellBatches:
         self.cache, self.rows, self.gene_tokens = cache, rows, gene_tokens
         self.config, self.scgpt, self.batch_size = config, scgpt, batch_size
         self.batch_labels = batch_labels
-        self.seed = seed
-        self.rng = np.random.default_rng(seed)
+        super().__init__(seed)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         cfg, sc = self.config, self.scgpt
@@ -119,17 +119,6 @@ class MaskedCellBatches:
         if self.batch_labels is not None:
             batch["batch_labels"] = torch.from_numpy(self.batch_labels[rows])
         return batch
-
-    def shard(self, process_index: int) -> None:
-        """Give process ``process_index`` of a multi-process run its own stream (0 keeps the seed's)."""
-        if process_index:
-            self.rng = np.random.default_rng([self.seed, process_index])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"bit_generator": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["bit_generator"]
 
 
 def pretrain(data: PerturbationData, out: str | Path, config: PretrainConfig, train_config: TrainConfig,
