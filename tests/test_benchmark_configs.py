@@ -1,0 +1,25 @@
+"""The committed CPU benchmark configurations build into their model's and the engine's configs."""
+
+from pathlib import Path
+
+import pytest
+
+from pertflow.configs import build, load_sections
+from pertflow.models.registry import model_class
+from pertflow.train import TrainConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs").glob("*-cpu.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_benchmark_config_builds(path):
+    sections = load_sections(path)
+    assert set(sections) <= {"model", "train"}, f"{path.name}: unknown sections {sorted(set(sections) - {'model', 'train'})}"
+    model = model_class(path.name.removesuffix("-cpu.yaml"))
+    config = build(model.config_class, sections.get("model", {}), "model")
+    train = build(TrainConfig, sections.get("train", {}), "train")
+    assert train.max_steps > 0 and config is not None
+
+
+def test_there_are_benchmark_configs():
+    assert {p.name for p in CONFIGS} >= {"cfm-cpu.yaml", "scgpt-generator-cpu.yaml"}
