@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
@@ -28,9 +28,13 @@ import pandas as pd
 from pertflow.data.dataset import SINGLE_CONTEXT
 from pertflow.data.splits import Split
 from pertflow.data.tasks import Task
+from pertflow.eval.evaluator import context_labels
 from pertflow.eval.metrics import group_means
 from pertflow.errors import InputError
 from pertflow.io import write_text
+
+if TYPE_CHECKING:
+    from pertflow.api import EvaluationInputs
 
 KEY_METRICS = (
     "pearson_delta",
@@ -166,7 +170,7 @@ def _write_timing(run_dir: Path, timing: dict[str, float]) -> None:
 def _mean_shifts(adata: ad.AnnData, context_col: str | None, pert_col: str, control: str) -> dict[tuple[str, str], np.ndarray]:
     """Mean shift vs the context's controls of every (context, perturbation) of a file."""
     perts = adata.obs[pert_col].astype(str).to_numpy()
-    ctxs = adata.obs[context_col].astype(str).to_numpy() if context_col else np.full(adata.n_obs, SINGLE_CONTEXT, dtype=object)
+    ctxs = context_labels(adata, context_col)
     out = {}
     for ctx in pd.unique(ctxs):
         in_ctx = np.flatnonzero(ctxs == ctx)
@@ -175,7 +179,7 @@ def _mean_shifts(adata: ad.AnnData, context_col: str | None, pert_col: str, cont
     return out
 
 
-def _write_deltas(run_dir: Path, inputs: Any, pred: ad.AnnData, pert_col: str, control: str) -> None:
+def _write_deltas(run_dir: Path, inputs: EvaluationInputs, pred: ad.AnnData, pert_col: str, control: str) -> None:
     """Mean shift vs control of every held-out perturbation, real and predicted (for the plots)."""
     from pertflow.io import atomic_path
 

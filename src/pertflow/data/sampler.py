@@ -137,6 +137,7 @@ class PairedBatchSampler(SeededStream):
         while True:
             yield self.sample()
 
+
 def _unique(values: np.ndarray) -> list[str]:
     """Distinct values in order of first appearance."""
     seen: dict[str, None] = {}

@@ -81,7 +81,6 @@ PERTFLOW_METRICS: dict[str, str] = {
 # Largest value cell-eval accepts as log1p data (cell_eval.utils.guess_is_lognorm).
 _LOG1P_MAX = 15.0
 _ID_COLUMNS = ("context", "perturbation", "n_cells_real", "n_cells_pred")
-_NO_CONTEXT = SINGLE_CONTEXT
 
 
 @dataclass(frozen=True)
@@ -260,8 +259,8 @@ def evaluate(
     genes = _check_genes(real, pred)
     real_pert = real.obs[pert_col].astype(str).to_numpy()
     pred_pert = pred.obs[pert_col].astype(str).to_numpy()
-    real_ctx = _context_labels(real, context_col)
-    pred_ctx = _context_labels(pred, context_col)
+    real_ctx = context_labels(real, context_col)
+    pred_ctx = context_labels(pred, context_col)
     contexts = _contexts_to_evaluate(real_pert, real_ctx, pred_pert, pred_ctx, control)
 
     notes: list[str] = []
@@ -446,9 +445,10 @@ def _check_genes(real: ad.AnnData, pred: ad.AnnData) -> pd.Index:
     )
 
 
-def _context_labels(adata: ad.AnnData, context_col: str | None) -> np.ndarray:
+def context_labels(adata: ad.AnnData, context_col: str | None) -> np.ndarray:
+    """Each cell's context (as str): ``obs[context_col]``, or :data:`SINGLE_CONTEXT` without one."""
     if context_col is None:
-        return np.full(adata.n_obs, _NO_CONTEXT, dtype=object)
+        return np.full(adata.n_obs, SINGLE_CONTEXT, dtype=object)
     return adata.obs[context_col].astype(str).to_numpy()
 
 
@@ -537,7 +537,7 @@ def _evaluate_context(
     cfg: EvalConfig,
     notes: list[str],
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    where = "" if context == _NO_CONTEXT else f" in context '{context}'"
+    where = "" if context == SINGLE_CONTEXT else f" in context '{context}'"
     logger.info("evaluating%s", where or " (no context column)")
     r_idx, p_idx = np.flatnonzero(real_mask), np.flatnonzero(pred_mask)
     r_lab, p_lab = real_pert[r_idx], pred_pert[p_idx]
@@ -880,7 +880,7 @@ def _systema_reference(
     if not is_pert.any():
         notes.append("train has no perturbed cells: Systema metrics are NaN")
         return None
-    if train.context is None or context == _NO_CONTEXT:
+    if train.context is None or context == SINGLE_CONTEXT:
         return M.perturbation_centroid(train.x[np.flatnonzero(is_pert)], train.pert[is_pert], control)
     here = is_pert & (train.context == context)
     if here.any():
