@@ -8,10 +8,12 @@ from pertflow.configs import build, load_sections
 from pertflow.models.registry import model_class
 from pertflow.train import TrainConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs").glob("*-cpu.yaml"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# The configurations, and the ablation configurations kept beside their results.
+CONFIGS = sorted((BENCHMARKS / "configs").glob("*-cpu.yaml")) + sorted((BENCHMARKS / "results").glob("*/*/*-cpu.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(BENCHMARKS)))
 def test_benchmark_config_builds(path):
     sections = load_sections(path)
     assert set(sections) <= {"model", "train"}, f"{path.name}: unknown sections {sorted(set(sections) - {'model', 'train'})}"

@@ -34,6 +34,14 @@ class CFMConfig:
         learns well.
     source_noise
         Scale of the noise added to a control source.
+    reference_cell
+        With a control source, which control cell the network is conditioned on: ``own``, the
+        cell the flow starts from (what the committed CPU results used), or ``other``, another
+        control cell of the batch. With ``own`` the network can read the start point off the
+        condition and learn ``v = (x_t - x_0) / t``, which carries each cell toward the mean of
+        its possible targets; ``source_noise`` is then what keeps the cells spread (on gbm A172
+        without noise: a third of the real variance left). ``other`` leaves only the context to
+        the condition, so the flow must transport the whole distribution.
     center
         Work in coordinates centred on the control cells' mean per gene: the flow's inputs and
         outputs have the batch's control mean subtracted, and it is added back to the generated
@@ -66,6 +74,7 @@ class CFMConfig:
     unknown_perturbation_p: float = 0.1
     source: Literal["noise", "control"] = "noise"
     source_noise: float = 0.1
+    reference_cell: Literal["own", "other"] = "own"
     center: bool = False
     coupling: Literal["independent", "ot"] = "independent"
     ode_method: Literal["rk4", "euler", "midpoint", "dopri5"] = "rk4"

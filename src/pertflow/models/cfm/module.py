@@ -144,7 +144,7 @@ class CFMModule(nn.Module):
         target = couple(x0, target, self.config.coupling)
         t = torch.rand(target.shape[0], device=target.device)
         path = self.path.sample(t, x0, target)
-        v = self.velocity(t, path.x_t, control, pert_ids, gene_idx)
+        v = self.velocity(t, path.x_t, self.reference_cells(control), pert_ids, gene_idx)
         mse = ((v.float() - path.dx_t.float()) ** 2).mean()
         loss = mse
         metrics = {"mse": float(mse.detach())}
@@ -154,6 +154,14 @@ class CFMModule(nn.Module):
             loss = loss + self.config.gamma * mmd
             metrics["mmd"] = float(mmd.detach())
         return LossOutput(loss=loss, metrics=metrics)
+
+    def reference_cells(self, control: Tensor) -> Tensor:
+        """The control cells the network is conditioned on, one per row of ``control``: the cells
+        themselves, or with ``source="control"`` and ``reference_cell="other"`` another control
+        cell of the batch (the batch rolled by one; see ``CFMConfig.reference_cell``)."""
+        if self.config.source == "control" and self.config.reference_cell == "other" and control.shape[0] > 1:
+            return control.roll(1, dims=0)
+        return control
 
     def source(self, control: Tensor, generator: torch.Generator | None) -> Tensor:
         """The flow's starting points (t = 0) for a batch of control cells (see ``CFMConfig.source``)."""
@@ -194,9 +202,10 @@ class CFMModule(nn.Module):
         offset = control.mean(dim=0, keepdim=True) if self.config.center else torch.zeros_like(control[:1])
         control = control - offset
         start = self.source(control, generator)
+        reference = self.reference_cells(control)
         out = torch.empty_like(control)
         for idx in self.gene_chunks(generator):
-            sub_control = control if idx is None else control[:, idx]
+            sub_control = reference if idx is None else reference[:, idx]
             x0 = start if idx is None else start[:, idx]
 
             def field(t: Tensor, x: Tensor, sub_control: Tensor = sub_control, idx: Tensor | None = idx) -> Tensor:
