@@ -28,10 +28,11 @@ def main() -> None:
     args = parser.parse_args()
     split = json.load(open(args.split))
     data = ad.read_h5ad(args.data)
+    test = data[data.obs_names.isin(split["test"])]
     pert_col, control = split["pert_col"], split["control"]
     for path in args.predictions:
         pred = ad.read_h5ad(path)
-        real = data[data.obs_names.isin(split["test"]), pred.var_names]
+        real = test[:, pred.var_names]
         perturbations = sorted(set(pred.obs[pert_col]) - {control})
         ratios = [
             dense(pred[pred.obs[pert_col] == p]).var(0).sum() / dense(real[real.obs[pert_col] == p]).var(0).sum()

@@ -137,9 +137,8 @@ class CFMModule(nn.Module):
         gene_idx = torch.randperm(n_genes, device=target.device)[:g] if g < n_genes else None
         if gene_idx is not None:
             target, control = target[:, gene_idx], control[:, gene_idx]
-        if self.config.center:
-            offset = control.mean(dim=0, keepdim=True)
-            target, control = target - offset, control - offset
+        offset = self.control_offset(control)
+        target, control = target - offset, control - offset
         x0 = self.source(control, None)
         target = couple(x0, target, self.config.coupling)
         t = torch.rand(target.shape[0], device=target.device)
@@ -154,6 +153,13 @@ class CFMModule(nn.Module):
             loss = loss + self.config.gamma * mmd
             metrics["mmd"] = float(mmd.detach())
         return LossOutput(loss=loss, metrics=metrics)
+
+    def control_offset(self, control: Tensor) -> Tensor:
+        """(1, G) what the flow's coordinates are relative to: the control batch's mean per gene
+        with ``center``, else 0 (see ``CFMConfig.center``)."""
+        if self.config.center:
+            return control.mean(dim=0, keepdim=True)
+        return torch.zeros_like(control[:1])
 
     def reference_cells(self, control: Tensor) -> Tensor:
         """The control cells the network is conditioned on, one per row of ``control``: the cells
@@ -199,7 +205,7 @@ class CFMModule(nn.Module):
         Tensor
             (B, G_full) expression, clamped at 0.
         """
-        offset = control.mean(dim=0, keepdim=True) if self.config.center else torch.zeros_like(control[:1])
+        offset = self.control_offset(control)
         control = control - offset
         start = self.source(control, generator)
         reference = self.reference_cells(control)
