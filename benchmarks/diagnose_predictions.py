@@ -4,8 +4,8 @@ For each prediction file, averaged over the held-out perturbations of the split:
 
 * ``variance_ratio``: summed per-gene variance of the predicted cells over that of the real
   test cells (1 = as spread as the real cells; < 1 collapsed, > 1 too noisy);
-* in a 50-component PCA of the split's training cells (as the evaluator's E-distance), the
-  shift of each perturbation's mean from the test context's control mean, split into the part
+* in the evaluator's PCA of the split's training cells, the shift of each perturbation's mean
+  from the mean of the test context's visible control cells, split into the part
   common to all held-out perturbations and the rest: ``common_error`` is the distance between
   the predicted and real common shifts, ``specific_error`` the mean distance between the
   predicted and real perturbation-specific parts (no change scores the size of the real shifts);
@@ -22,13 +22,15 @@ Prints one tab-separated row per file.
 from __future__ import annotations
 
 import argparse
-import json
 
 import anndata as ad
 import numpy as np
-import scanpy as sc
 import scipy.sparse as sp
 
+from pertflow.api import evaluation_inputs
+from pertflow.data.dataset import PerturbationData
+from pertflow.data.splits import Split
+from pertflow.eval.evaluator import EvalConfig, context_labels
 from pertflow.eval.metrics import edistance, fit_pca
 
 
@@ -42,26 +44,18 @@ def main() -> None:
     parser.add_argument("--split", required=True, help="the split JSON (its test cells are the real ones)")
     parser.add_argument("predictions", nargs="+", help="prediction .h5ad files (pertflow predict)")
     args = parser.parse_args()
-    split = json.load(open(args.split))
-    data = ad.read_h5ad(args.data)
-    transform = split.get("x_transform") or "as_is_log1p"
-    if transform == "normalize_total_1e4_log1p":  # counts in X: as the evaluator reads them
-        sc.pp.normalize_total(data, target_sum=1e4)
-        sc.pp.log1p(data)
-    elif transform != "as_is_log1p":
-        raise SystemExit(f"unknown x_transform {transform!r} in {args.split}")
-    pert_col, control = split["pert_col"], split["control"]
-    test = data[data.obs_names.isin(split["test"])]
-    controls = test[test.obs[pert_col] == control]
-    if split.get("context_col") and split.get("test_context"):
-        in_context = data.obs[split["context_col"]] == split["test_context"]
-        controls = data[in_context & (data.obs[pert_col] == control)]
-    pca = fit_pca(dense(data[data.obs_names.isin(split["train"])]), 50)
-    control_mean = pca.transform(dense(controls)).mean(0)
+    with PerturbationData.read(args.data) as data:  # the real side exactly as the evaluator reads it
+        inputs = evaluation_inputs(data, Split.load(args.split))
+        pert_col, control = data.spec.pert_col, data.spec.control
+    real = inputs.real
+    if len(set(context_labels(real, inputs.context_col))) > 1:
+        raise SystemExit(f"{args.split} tests several contexts; this script reads one at a time")
+    cfg = EvalConfig()
+    pca = fit_pca(inputs.train.X, cfg.n_pcs, max_cells=cfg.max_pca_cells, seed=cfg.seed)
+    control_mean = pca.transform(dense(real[real.obs[pert_col] == control])).mean(0)
     print("prediction\tvariance_ratio\tcommon_error\tspecific_error\tedistance\tedistance_recentred")
     for path in args.predictions:
-        pred = ad.read_h5ad(path)[:, data.var_names]  # the genes in the PCA's order
-        real = test
+        pred = ad.read_h5ad(path)[:, real.var_names]  # the genes in the PCA's order
         perturbations = sorted(set(pred.obs[pert_col]) - {control})
         real_sets = [dense(real[real.obs[pert_col] == p]) for p in perturbations]
         pred_sets = [dense(pred[pred.obs[pert_col] == p]) for p in perturbations]
