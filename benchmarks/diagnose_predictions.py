@@ -27,10 +27,8 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from pertflow.api import evaluation_inputs
-from pertflow.data.dataset import PerturbationData
-from pertflow.data.splits import Split
-from pertflow.eval.evaluator import EvalConfig, context_labels
+from pertflow.api import EvalConfig, evaluation_inputs
+from pertflow.eval.evaluator import context_labels
 from pertflow.eval.metrics import edistance, fit_pca
 
 
@@ -44,9 +42,8 @@ def main() -> None:
     parser.add_argument("--split", required=True, help="the split JSON (its test cells are the real ones)")
     parser.add_argument("predictions", nargs="+", help="prediction .h5ad files (pertflow predict)")
     args = parser.parse_args()
-    with PerturbationData.read(args.data) as data:  # the real side exactly as the evaluator reads it
-        inputs = evaluation_inputs(data, Split.load(args.split))
-        pert_col, control = data.spec.pert_col, data.spec.control
+    inputs = evaluation_inputs(args.data, args.split)  # the real side exactly as the evaluator reads it
+    pert_col, control = inputs.pert_col, inputs.control
     real = inputs.real
     if len(set(context_labels(real, inputs.context_col))) > 1:
         raise SystemExit(f"{args.split} tests several contexts; this script reads one at a time")

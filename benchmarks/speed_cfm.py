@@ -23,7 +23,6 @@ import json
 import platform
 import time
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,13 +31,16 @@ import yaml
 from pertflow.configs import build
 from pertflow.models.cfm.config import CFMConfig
 from pertflow.models.cfm.module import CFMModule
+from pertflow.models.config import PredictConfig
+from pertflow.models.flow import flow_parts
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_module(config: CFMConfig, n_genes: int, device: torch.device) -> CFMModule:
     torch.manual_seed(0)
-    return CFMModule(config, torch.arange(2, n_genes + 2), n_tokens=n_genes + 2, first_other_token=n_genes + 2, pad_id=0, unk_id=1).to(device)
+    return CFMModule(config, flow_parts(config), torch.arange(2, n_genes + 2), n_tokens=n_genes + 2, first_other_token=n_genes + 2,
+                     pad_id=0, unk_id=1).to(device)
 
 
 def batch(b: int, n_genes: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -75,24 +77,22 @@ def time_training(module: CFMModule, b: int, n_genes: int, device: torch.device,
     return {"steps": steps, "seconds": elapsed, "steps_per_s": steps / elapsed}
 
 
-def time_sampling(module: CFMModule, cells: int, n_genes: int, device: torch.device, bf16: bool,
+def time_sampling(module: CFMModule, settings: PredictConfig, cells: int, n_genes: int, device: torch.device, bf16: bool,
                   ode_steps: int | None = None) -> dict:
     data = batch(cells, n_genes, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     module.eval()
-    full_steps = module.config.ode_steps
-    if ode_steps is not None:
-        module.config = replace(module.config, ode_steps=ode_steps)
+    measured = settings if ode_steps is None else PredictConfig(**{**settings.__dict__, "ode_steps": ode_steps})
     with amp:
-        module.sample(data["control"][:2], data["pert_ids"][:2], torch.Generator().manual_seed(0))  # warm-up
+        module.sample(data["control"][:2], data["pert_ids"][:2], measured, torch.Generator().manual_seed(0))  # warm-up
         sync(device)
         start = time.perf_counter()
-        module.sample(data["control"], data["pert_ids"], torch.Generator().manual_seed(0))
+        module.sample(data["control"], data["pert_ids"], measured, torch.Generator().manual_seed(0))
         sync(device)
     elapsed = time.perf_counter() - start
-    out = {"cells": cells, "seconds": elapsed, "ode_steps_measured": module.config.ode_steps, "cells_per_s": cells / elapsed}
-    if module.config.ode_steps != full_steps:
-        out["cells_per_s_at_configured_steps"] = cells / elapsed * module.config.ode_steps / full_steps
+    out = {"cells": cells, "seconds": elapsed, "ode_steps_measured": measured.ode_steps, "cells_per_s": cells / elapsed}
+    if measured.ode_steps != settings.ode_steps:
+        out["cells_per_s_at_configured_steps"] = cells / elapsed * measured.ode_steps / settings.ode_steps
     return out
 
 
@@ -107,12 +107,13 @@ def main() -> None:
     p.add_argument("--default-ode-steps", type=int, default=None, help="RK4 steps timed at the SPEC default size (default: all 20)")
     args = p.parse_args()
     device = torch.device(args.device)
-    cpu_model = yaml.safe_load((REPO / "benchmarks/configs/cfm-cpu.yaml").read_text())["model"]
-    cpu_batch = yaml.safe_load((REPO / "benchmarks/configs/cfm-cpu.yaml").read_text())["train"]["batch_size"]
+    cpu = yaml.safe_load((REPO / "benchmarks/configs/cfm-cpu.yaml").read_text())
+    cpu_model, cpu_predict = build(CFMConfig, cpu["model"]), build(PredictConfig, cpu["predict"])
+    cpu_batch = cpu["train"]["batch_size"]
     cases = [
-        ("spec-default", CFMConfig(), 48, 5000, args.sample_cells_default, args.default_ode_steps),
-        ("cpu-benchmark-500-genes", build(CFMConfig, cpu_model), cpu_batch, 500, args.sample_cells_cpu, None),
-        ("cpu-benchmark-2000-genes", build(CFMConfig, cpu_model), cpu_batch, 2000, args.sample_cells_cpu, None),
+        ("spec-default", CFMConfig(), PredictConfig(), 48, 5000, args.sample_cells_default, args.default_ode_steps),
+        ("cpu-benchmark-500-genes", cpu_model, cpu_predict, cpu_batch, 500, args.sample_cells_cpu, None),
+        ("cpu-benchmark-2000-genes", cpu_model, cpu_predict, cpu_batch, 2000, args.sample_cells_cpu, None),
     ]
     results = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -122,7 +123,7 @@ def main() -> None:
         "bf16": args.bf16,
         "cases": {},
     }
-    for name, config, b, n_genes, cells, ode_steps in cases:
+    for name, config, settings, b, n_genes, cells, ode_steps in cases:
         module = make_module(config, n_genes, device)
         entry = {
             "batch_size": b,
@@ -130,14 +131,14 @@ def main() -> None:
             "genes_per_step": min(config.genes_per_step, n_genes),
             "d_model": config.d_model,
             "n_layers": config.n_layers,
-            "ode": f"{config.ode_method} x {config.ode_steps}",
-            "inference_gene_chunk": config.inference_gene_chunk,
+            "ode": f"{settings.ode_method} x {settings.ode_steps}",
+            "inference_gene_chunk": settings.gene_chunk,
             "parameters": sum(p.numel() for p in module.parameters()),
         }
         print(f"{name}: training ...", flush=True)
         entry["training"] = time_training(module, b, n_genes, device, args.bf16, args.train_seconds)
         print(f"{name}: sampling {cells} cells ...", flush=True)
-        entry["sampling"] = time_sampling(module, cells, n_genes, device, args.bf16, ode_steps)
+        entry["sampling"] = time_sampling(module, settings, cells, n_genes, device, args.bf16, ode_steps)
         results["cases"][name] = entry
         print(json.dumps(entry, indent=1), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from pertflow.api import evaluate_split, evaluation_inputs, predict, train
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import make_split
 from pertflow.eval.evaluator import EvalConfig
-from pertflow.models.base import real_test_anndata
+from pertflow.data.view import SplitView
 
 FAST = EvalConfig(skip_cell_eval_metrics=("clustering_agreement",))
 
@@ -21,7 +21,7 @@ def data_split(synthetic_file):
 
 def test_real_side_holds_test_cells_and_visible_controls(data_split):
     data, split = data_split
-    real = real_test_anndata(data, split)
+    real = SplitView(data, split).real_test_anndata()
     is_ctrl = real.obs["perturbation"].astype(str) == "control"
     assert int((~is_ctrl).sum()) == len(split.test)
     assert set(real.obs_names[is_ctrl]) == set(split.test_controls)
@@ -35,7 +35,7 @@ def test_a_perfect_prediction_beats_a_baseline_through_the_files(data_split, tmp
     train("additive", data, split, tmp_path / "additive")
     pred = predict(tmp_path / "additive", data, split, tmp_path / "pred.h5ad", seed=0)
     assert ad.read_h5ad(tmp_path / "pred.h5ad").shape == pred.shape
-    real = real_test_anndata(data, split)
+    real = SplitView(data, split).real_test_anndata()
     perfect = real.copy()
     perfect.obs_names = [f"p{i}" for i in range(perfect.n_obs)]
     scored = evaluate_split(data, split, tmp_path / "pred.h5ad", out=tmp_path / "eval", config=FAST)

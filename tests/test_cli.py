@@ -62,7 +62,7 @@ def test_split_of_a_task(shared_data, tmp_path):
 def test_demo_end_to_end_with_a_tiny_flow_model(tmp_path):
     from pertflow.demo import DEMO_CFM, run_demo
 
-    tiny = {"model": {**DEMO_CFM["model"], "d_model": 16, "n_layers": 1, "ode_steps": 2},
+    tiny = {"model": {**DEMO_CFM["model"], "d_model": 16, "n_layers": 1}, "predict": {**DEMO_CFM["predict"], "ode_steps": 2},
             "train": {**DEMO_CFM["train"], "max_steps": 4, "val_every": 2, "checkpoint_every": 2}}
     report = run_demo(tmp_path / "demo", models=("no-change", "additive", "cfm"), cfm_config=tiny).read_text()
     assert "# pertflow demo" in report and "| cfm |" in report and "| additive |" in report

@@ -3,3 +3,4 @@
 from pertflow.errors import InputError
 
 __version__ = "0.1.0"
+__all__ = ["InputError", "__version__"]

@@ -1,42 +1,149 @@
-"""The workflow verbs over files, as the CLI and the benchmark runner use them.
+"""The public API: the workflow verbs, over files or objects. The CLI calls only this module.
 
 ``train`` fits a registered model on a split and writes a run folder; ``predict`` writes a
-cell-eval-ready prediction of a split's test cells. Both take paths, so they are what another
-tool scripts against; the classes underneath (:class:`~pertflow.data.dataset.PerturbationData`,
-:class:`~pertflow.data.splits.Split`, the models) are the Python API.
+cell-eval-ready prediction of a split's test cells; ``evaluate_split`` scores any prediction;
+``benchmark``, ``pretrain`` and ``demo`` run the bigger jobs. Each takes paths (what another tool
+scripts against) or the objects underneath: a :class:`~pertflow.data.dataset.PerturbationData`,
+a :class:`~pertflow.data.splits.Split`, or a :class:`~pertflow.data.view.SplitView` built once
+and shared by all three verbs.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import anndata as ad
 
-from pertflow.configs import build, load_sections
+from pertflow.configs import build, load_sections, to_dict
 from pertflow.data.dataset import PerturbationData
-from pertflow.data.splits import Split
+from pertflow.data.splits import SPLIT_KINDS, Split, make_split
+from pertflow.data.view import SplitView
 from pertflow.errors import InputError
+from pertflow.eval.config import EvalConfig
 from pertflow.io import write_h5ad
-from pertflow.models.base import FitData, PerturbationModel, predict_split
-from pertflow.models.registry import model_class
+from pertflow.models.base import PerturbationModel
+from pertflow.models.config import PredictConfig
+from pertflow.models.predict import predict_split
+from pertflow.models.registry import BASELINES, model_class, model_names
 from pertflow.train.config import TrainConfig
 
+__all__ = [
+    "BASELINES",
+    "SPLIT_KINDS",
+    "EvalConfig",
+    "EvaluationInputs",
+    "benchmark",
+    "demo",
+    "evaluate_split",
+    "evaluation_inputs",
+    "inspect",
+    "model_names",
+    "open_data",
+    "predict",
+    "pretrain",
+    "split",
+    "split_view",
+    "train",
+]
 
+DataArg = str | Path | PerturbationData | SplitView
+SplitArg = str | Path | Split | None
+
+
+# ---------------------------------------------------------------------------- data
+def open_data(path: str | Path, *, backed: bool = False, spec: Any = None, unlabelled_ok: bool = False,
+              progress: bool = False, **spec_keys: Any) -> PerturbationData:
+    """Open an ``.h5ad`` file with its data spec (detected, given, or overridden by ``spec_keys``).
+
+    ``unlabelled_ok``: a file without perturbation labels is read with every cell as a control
+    (for pretraining).
+    """
+    if unlabelled_ok and "pert_col" not in spec_keys and spec is None and not PerturbationData.has_perturbation_labels(path):
+        return PerturbationData.read_unlabelled(path, backed=backed, **spec_keys)
+    return PerturbationData.read(path, backed=backed, spec=spec, progress=progress, **spec_keys)
+
+
+@contextlib.contextmanager
+def _dataset(data: str | Path | PerturbationData, **read_args: Any) -> Iterator[PerturbationData]:
+    """The dataset itself, or the file opened (and closed at the end)."""
+    if isinstance(data, PerturbationData):
+        yield data
+        return
+    dataset = open_data(data, **read_args)
+    try:
+        yield dataset
+    finally:
+        dataset.close()
+
+
+def split_view(data: PerturbationData, split: str | Path | Split) -> SplitView:
+    """The dataset seen through a split, checked once (see :class:`~pertflow.data.view.SplitView`)."""
+    return SplitView(data, split if isinstance(split, Split) else Split.load(split))
+
+
+@contextlib.contextmanager
+def _view(data: DataArg, split: SplitArg, **read_args: Any) -> Iterator[SplitView]:
+    if isinstance(data, SplitView):
+        if split is not None and split is not data.split:
+            raise InputError("give a split view, or a dataset and a split, not a view and another split.")
+        yield data
+        return
+    if split is None:
+        raise InputError("a split is needed: give the split file (--split) the model was trained or is evaluated on.")
+    with _dataset(data, **read_args) as dataset:
+        yield split_view(dataset, split)
+
+
+def inspect(path: str | Path, save_spec: str | Path | None = None, **read_args: Any) -> dict[str, Any]:
+    """What pertflow detects in a file: spec, evidence and counts (``pertflow inspect``)."""
+    with _dataset(path, unlabelled_ok=False, **read_args) as data:
+        if save_spec:
+            data.spec.save(save_spec)
+        return data.summary()
+
+
+def split(out: str | Path | None = None, *, task: str | None = None, fold: str | None = None,
+          tasks_dir: str | Path = "benchmarks/tasks", data_dir: str | Path | None = None,
+          data: str | Path | PerturbationData | None = None, kind: str | None = None,
+          options: dict[str, Any] | None = None, **read_args: Any) -> Split:
+    """A split: a benchmark task's fold, or any split kind of a data file; written to ``out`` if given."""
+    from pertflow.data.tasks import resolve_task
+
+    if task:
+        if data is not None or kind:
+            raise InputError("give either --task (with --fold, --data-dir) or --data with --kind, not both.")
+        chosen = resolve_task(task, tasks_dir)
+        with chosen.open_data(data_dir, backed=read_args.get("backed", False)) as dataset:
+            result = chosen.build(dataset, fold)
+    else:
+        if data is None or not kind:
+            raise InputError("give --data FILE and --kind KIND (or --task NAME).")
+        with _dataset(data, **read_args) as dataset:
+            result = make_split(dataset, kind, **(options or {}))
+    if out is not None:
+        result.save(out)
+    return result
+
+
+# ---------------------------------------------------------------------------- train / predict
 def train(
     model: str,
-    data: str | Path | PerturbationData,
-    split: str | Path | Split,
+    data: DataArg,
+    split: SplitArg,
     out: str | Path,
     config: str | Path | None = None,
     sets: list[str] | None = None,
     resume: bool = False,
-    backed: bool = False,
-    spec: Any = None,
-    **spec_keys: Any,
+    **read_args: Any,
 ) -> PerturbationModel:
-    """Train ``model`` on the training cells of ``split`` and save it into the run folder ``out``."""
+    """Train ``model`` on the training cells of ``split`` and save it into the run folder ``out``.
+
+    ``config`` is a YAML file with ``model``, ``train`` and ``predict`` sections; ``sets``
+    override single keys (``["train.max_steps=100"]``).
+    """
     out = Path(out)
     if (out / "model.json").is_file() and not resume:
         raise InputError(f"{out} already holds a trained model. Choose a new --out, or delete that folder first.")
@@ -44,52 +151,47 @@ def train(
     sections = load_sections(config, sets)
     model_config = build(cls.config_class, sections["model"], "model")
     train_config = build(TrainConfig, sections["train"], "train")
-    own = not isinstance(data, PerturbationData)
-    dataset = PerturbationData.read(data, backed=backed, spec=spec, **spec_keys) if own else data
-    try:
-        split = split if isinstance(split, Split) else Split.load(split)
-        fit_data = FitData.prepare(dataset, split)
-        instance = cls.from_fit_data(fit_data, model_config)
-        instance.fit(fit_data, train_config, out, resume=resume)
+    predict_config = build(PredictConfig, {**to_dict(cls.default_predict_config), **sections["predict"]}, "predict")
+    with _view(data, split, **read_args) as view:
+        instance = cls.from_view(view, model_config, predict_config)
+        instance.fit(view, train_config, out, resume=resume)
         instance.save(out)
-    finally:
-        if own:
-            dataset.close()
     return instance
 
 
 def predict(
     run: str | Path | PerturbationModel,
-    data: str | Path | PerturbationData,
-    split: str | Path | Split,
+    data: DataArg,
+    split: SplitArg,
     out: str | Path | None = None,
     seed: int = 0,
     sets: list[str] | None = None,
-    backed: bool = False,
-    spec: Any = None,
-    **spec_keys: Any,
+    **read_args: Any,
 ) -> ad.AnnData:
-    """Predict the test cells of ``split`` with a trained model; write them to ``out`` if given."""
+    """Predict the test cells of ``split`` with a trained model; write them to ``out`` if given.
+
+    ``sets`` change prediction settings only (``["predict.ode_steps=4"]``): the ``model`` section
+    is fixed by the trained weights.
+    """
     model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
     changes = load_sections(None, sets)
-    if changes["train"]:
-        raise InputError("prediction takes only model.* settings (e.g. model.ode_steps=10).")
-    if changes["model"]:
-        build(type(model.config), {**model.config.__dict__, **changes["model"]}, "model")
-        model.replace_config(**changes["model"])
-    own = not isinstance(data, PerturbationData)
-    dataset = PerturbationData.read(data, backed=backed, spec=spec or model.spec, **spec_keys) if own else data
-    try:
-        split = split if isinstance(split, Split) else Split.load(split)
-        pred = predict_split(model, dataset, split, seed=seed)
-    finally:
-        if own:
-            dataset.close()
+    if changes["model"] or changes["train"]:
+        raise InputError(
+            "prediction takes only predict.* settings (e.g. predict.ode_steps=10); model.* and train.* are fixed "
+            "by the trained weights."
+        )
+    settings = build(PredictConfig, {**to_dict(model.predict_config), **changes["predict"]}, "predict")
+    read_args.setdefault("spec", model.spec)
+    if read_args["spec"] is None:
+        read_args["spec"] = model.spec
+    with _view(data, split, **read_args) as view:
+        pred = predict_split(model, view, seed=seed, settings=settings)
     if out is not None:
         write_h5ad(out, pred)
     return pred
 
 
+# ---------------------------------------------------------------------------- evaluate
 @dataclass
 class EvaluationInputs:
     """The real side of an evaluation of a split: what every prediction of it is scored against.
@@ -103,39 +205,37 @@ class EvaluationInputs:
     train
         The real training cells (CSR log1p), for the PCA and the Systema reference.
     context_col
-        The context column to evaluate by: the split's, else the spec's when the test cells span
-        several contexts, else None.
+        The context column to evaluate by (see :attr:`SplitView.context_col`).
+    pert_col, control
+        The data spec's perturbation column and control label.
     """
 
     split: Split
     real: ad.AnnData
     train: ad.AnnData
     context_col: str | None
+    pert_col: str
+    control: str
 
 
-def evaluation_inputs(data: PerturbationData, split: Split) -> EvaluationInputs:
-    """Build the real cells a prediction of ``split`` is scored against (shared across models)."""
-    from pertflow.models.base import real_test_anndata
-
-    real = real_test_anndata(data, split)
-    rows = split.rows(data)
-    genes = data.gene_indices(split.genes) if split.genes is not None else None
-    train_cells = data.to_anndata(rows.train, genes, sparse=True)
-    train_cells.var_names = real.var_names
-    return EvaluationInputs(split, real, train_cells, split.context_col or data.single_context_col(rows.test))
+def evaluation_inputs(data: DataArg, split: SplitArg = None, **read_args: Any) -> EvaluationInputs:
+    """Build the real cells a prediction of a split is scored against (shared across models)."""
+    with _view(data, split, **read_args) as view:
+        return EvaluationInputs(
+            view.split, view.real_test_anndata(), view.train_anndata(), view.context_col,
+            view.data.spec.pert_col, view.data.spec.control,
+        )
 
 
 def evaluate_split(
-    data: str | Path | PerturbationData,
-    split: str | Path | Split,
+    data: DataArg | None,
+    split: SplitArg,
     pred: str | Path | ad.AnnData,
     out: str | Path | None = None,
     de_cache: str | Path | None = None,
-    config: Any = None,
-    backed: bool = False,
-    spec: Any = None,
+    config: EvalConfig | None = None,
     inputs: EvaluationInputs | None = None,
-    **spec_keys: Any,
+    **read_args: Any,
 ):
     """Score a prediction file of a split's test cells (pertflow's or another tool's).
 
@@ -143,20 +243,61 @@ def evaluate_split(
     ``results.csv`` (one row per perturbation and context) and ``agg_results.csv`` there.
     ``inputs`` (from :func:`evaluation_inputs`) skips rebuilding the real side.
     """
-    from pertflow.eval.evaluator import EvalConfig, evaluate
+    from pertflow.eval.evaluator import evaluate
 
-    own = not isinstance(data, PerturbationData)
-    dataset = PerturbationData.read(data, backed=backed, spec=spec, **spec_keys) if own else data
-    try:
-        if inputs is None:
-            inputs = evaluation_inputs(dataset, split if isinstance(split, Split) else Split.load(split))
-        pert_col, control = dataset.spec.pert_col, dataset.spec.control
-    finally:
-        if own:
-            dataset.close()
+    if inputs is None:
+        inputs = evaluation_inputs(data, split, **read_args)
     if not isinstance(pred, ad.AnnData):
-        pred = ad.read_h5ad(pred)
+        from pertflow.eval.checks import read_anndata
+
+        pred = read_anndata(pred, "pred")
     return evaluate(
-        inputs.real, pred, pert_col=pert_col, control=control, context_col=inputs.context_col, train=inputs.train,
-        outdir=out, de_cache=de_cache, config=config or EvalConfig(),
+        inputs.real, pred, pert_col=inputs.pert_col, control=inputs.control, context_col=inputs.context_col,
+        train=inputs.train, outdir=out, de_cache=de_cache, config=config or EvalConfig(),
     )
+
+
+# ---------------------------------------------------------------------------- bigger jobs
+def benchmark(models: list[str], tasks: str | list[str], out: str | Path, *, folds: list[str] | None = None,
+              tasks_dir: str | Path = "benchmarks/tasks", data_dir: str | Path | None = None,
+              splits_dir: str | Path | None = None, configs_dir: str | Path | None = "benchmarks/configs",
+              config_suffix: str = "-cpu.yaml", threads: int = 1) -> Path:
+    """Run models x tasks x folds (``tasks="all"`` for every task); returns the path of ``summary.md``."""
+    from pertflow.benchmark import run_benchmark
+    from pertflow.data.tasks import find_tasks, resolve_data_dir
+
+    data_dir = resolve_data_dir(data_dir)
+    found = find_tasks(tasks_dir)
+    names = sorted(found) if tasks == "all" else list(tasks)
+    unknown = [t for t in names if t not in found]
+    if unknown:
+        raise InputError(f"unknown tasks {unknown}; tasks in {tasks_dir}: {sorted(found)}.")
+    if splits_dir is None and (data_dir / "splits").is_dir():
+        splits_dir = data_dir / "splits"
+    out = Path(out)
+    run_benchmark(models, [found[t] for t in names], data_dir, out, splits_dir=Path(splits_dir) if splits_dir else None,
+                  folds=folds, configs_dir=Path(configs_dir) if configs_dir else None, config_suffix=config_suffix,
+                  threads=threads)
+    return out / "summary.md"
+
+
+def pretrain(data: str | Path, out: str | Path, config: str | Path | None = None, sets: list[str] | None = None,
+             resume: bool = False, **read_args: Any):
+    """Pretrain a small scGPT-compatible model (MLM) on any ``.h5ad`` file; write a public scGPT folder."""
+    from pertflow.models.scgpt.pretrain import PretrainConfig
+    from pertflow.models.scgpt.pretrain import pretrain as run_pretrain
+
+    sections = load_sections(config, sets)
+    if sections["predict"]:
+        raise InputError("pretraining takes model.* and train.* settings, not predict.*.")
+    model_config = build(PretrainConfig, sections["model"], "model")
+    train_config = build(TrainConfig, sections["train"], "train")
+    with _dataset(data, unlabelled_ok=True, **read_args) as dataset:
+        return run_pretrain(dataset, out, model_config, train_config, resume=resume)
+
+
+def demo(out: str | Path = "pertflow-demo", seed: int = 0) -> Path:
+    """The main job on built-in synthetic data; returns the path of the report."""
+    from pertflow.demo import run_demo
+
+    return run_demo(Path(out), seed=seed)

@@ -25,11 +25,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from pertflow.data.dataset import SINGLE_CONTEXT
 from pertflow.data.splits import Split
 from pertflow.data.tasks import Task
 from pertflow.eval.evaluator import context_labels
 from pertflow.eval.metrics import group_means
+from pertflow.eval.plots import plot_deltas, plot_metrics
 from pertflow.errors import InputError
 from pertflow.io import write_text
 
@@ -50,7 +50,6 @@ KEY_METRICS = (
     "overlap_at_N",
     "de_direction_match",
 )
-PLOT_METRICS = ("pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "systema_pearson_delta")
 
 
 def fold_split(task: Task, data: Any, fold: str | None, splits_dir: Path | None) -> Split:
@@ -95,8 +94,8 @@ def run_benchmark(
     folds
         Run only these folds of tasks that have folds (all when None).
     """
-    from pertflow.api import evaluate_split, evaluation_inputs, predict, train
-    from pertflow.eval.evaluator import EvalConfig
+    from pertflow.api import evaluate_split, evaluation_inputs, predict, split_view, train
+    from pertflow.eval.config import EvalConfig
     from pertflow.models.registry import model_class
 
     for name in models:
@@ -109,8 +108,9 @@ def run_benchmark(
             for fold in task.fold_names:
                 if folds is not None and fold is not None and fold not in folds:
                     continue
-                inputs = evaluation_inputs(data, fold_split(task, data, fold, splits_dir))
-                split_name = inputs.split.name
+                view = split_view(data, fold_split(task, data, fold, splits_dir))
+                inputs = evaluation_inputs(view)
+                split_name = view.split.name
                 de_cache = out / "cache" / "de" / split_name
                 for model in models:
                     run_dir = out / "runs" / split_name / model
@@ -120,22 +120,22 @@ def run_benchmark(
                         log(f"[{split_name}] training {model}")
                         start = time.perf_counter()
                         resume = (run_dir / "checkpoints" / "latest.json").is_file()
-                        train(model, data, inputs.split, run_dir, config=config if config and config.is_file() else None,
+                        train(model, view, None, run_dir, config=config if config and config.is_file() else None,
                               sets=["train.progress=false"] if _is_network(model) else None, resume=resume)
                         timing["train_seconds"] = time.perf_counter() - start
                     pred_path = run_dir / "pred.h5ad"
                     if not pred_path.is_file():
                         log(f"[{split_name}] predicting {model}")
                         start = time.perf_counter()
-                        predict(run_dir, data, inputs.split, pred_path)
+                        predict(run_dir, view, None, pred_path)
                         timing["predict_seconds"] = time.perf_counter() - start
                     _write_timing(run_dir, timing)
                     results_path = run_dir / "eval" / "results.csv"
                     if not results_path.is_file():
                         log(f"[{split_name}] evaluating {model}")
                         pred = ad.read_h5ad(pred_path)
-                        evaluate_split(data, inputs.split, pred, out=run_dir / "eval", de_cache=de_cache, config=eval_config, inputs=inputs)
-                        _write_deltas(run_dir, inputs, pred, data.spec.pert_col, data.spec.control)
+                        evaluate_split(None, None, pred, out=run_dir / "eval", de_cache=de_cache, config=eval_config, inputs=inputs)
+                        _write_deltas(run_dir, inputs, pred)
                     table = pd.read_csv(results_path)
                     table.insert(0, "model", model)
                     table.insert(0, "fold", fold if fold is not None else "")
@@ -179,12 +179,12 @@ def _mean_shifts(adata: ad.AnnData, context_col: str | None, pert_col: str, cont
     return out
 
 
-def _write_deltas(run_dir: Path, inputs: EvaluationInputs, pred: ad.AnnData, pert_col: str, control: str) -> None:
+def _write_deltas(run_dir: Path, inputs: EvaluationInputs, pred: ad.AnnData) -> None:
     """Mean shift vs control of every held-out perturbation, real and predicted (for the plots)."""
     from pertflow.io import atomic_path
 
-    real = _mean_shifts(inputs.real, inputs.context_col, pert_col, control)
-    predicted = _mean_shifts(pred, inputs.context_col, pert_col, control)
+    real = _mean_shifts(inputs.real, inputs.context_col, inputs.pert_col, inputs.control)
+    predicted = _mean_shifts(pred, inputs.context_col, inputs.pert_col, inputs.control)
     keys = [k for k in real if k in predicted]
     with atomic_path(run_dir / "deltas.npz") as tmp:
         np.savez(
@@ -246,75 +246,3 @@ def write_report(results: pd.DataFrame, out: Path, models: list[str]) -> None:
     write_text(out / "summary.md", "Mean over perturbations within a fold, then over folds; best per column in bold.\n\n" + markdown_table(summary))
     plot_metrics(summary, out / "plots")
     plot_deltas(results, out, models)
-
-
-def plot_metrics(summary: pd.DataFrame, plots: Path) -> None:
-    """Bars of the key metrics per model, one figure per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pertflow.eval.evaluator import metric_direction
-
-    plots.mkdir(parents=True, exist_ok=True)
-    for task, block in summary.groupby(level="task", sort=False):
-        block = block.droplevel("task")
-        cols = [m for m in PLOT_METRICS if m in block.columns and block[m].notna().any()]
-        fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols), 3.4), squeeze=False)
-        colors = plt.cm.tab10(np.arange(len(block)) % 10)
-        for ax, m in zip(axes[0], cols):
-            ax.bar(range(len(block)), block[m].to_numpy(), color=colors)
-            ax.set_xticks(range(len(block)), block.index, rotation=45, ha="right", fontsize=8)
-            arrow = {"higher": "↑", "lower": "↓"}.get(metric_direction(m), "")
-            ax.set_title(f"{m} {arrow}", fontsize=9)
-            ax.axhline(0, color="black", lw=0.5)
-        fig.suptitle(task)
-        fig.tight_layout()
-        fig.savefig(plots / f"{task}_metrics.png", dpi=110)
-        plt.close(fig)
-
-
-def plot_deltas(results: pd.DataFrame, out: Path, models: list[str], max_panels: int = 12) -> None:
-    """Predicted vs real mean shift per gene, for each held-out perturbation (rows) and model (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots = out / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    for task, block in results.groupby("task", sort=False):
-        cases = block[["fold", "context", "perturbation"]].drop_duplicates().head(max_panels)
-        fig, axes = plt.subplots(len(cases), len(models), figsize=(2.4 * len(models), 2.3 * len(cases)), squeeze=False)
-        for col, model in enumerate(models):
-            for row, (_, case) in enumerate(cases.iterrows()):
-                ax = axes[row, col]
-                split_name = task if case["fold"] in ("", None) or pd.isna(case["fold"]) else f"{task}__{case['fold']}"
-                path = out / "runs" / split_name / model / "deltas.npz"
-                if not path.is_file():
-                    ax.axis("off")
-                    continue
-                with np.load(path) as d:
-                    hit = np.flatnonzero((d["perturbation"] == case["perturbation"]) & (d["context"] == str(case["context"])))
-                    if not len(hit):
-                        ax.axis("off")
-                        continue
-                    real, pred = d["real"][hit[0]], d["pred"][hit[0]]
-                ax.scatter(real, pred, s=3, alpha=0.5)
-                lim = max(np.abs(real).max(), np.abs(pred).max(), 1e-3) * 1.05
-                ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.5)
-                ax.set_xlim(-lim, lim)
-                ax.set_ylim(-lim, lim)
-                r = np.corrcoef(real, pred)[0, 1] if min(real.std(), pred.std()) > 1e-6 else float("nan")
-                label = case["perturbation"] + ("" if case["context"] == SINGLE_CONTEXT else f" / {case['context']}")
-                ax.set_title(f"{model}\n{label}  r={r:.2f}", fontsize=7)
-                ax.tick_params(labelsize=6)
-                if col == 0:
-                    ax.set_ylabel("predicted shift", fontsize=7)
-                if row == len(cases) - 1:
-                    ax.set_xlabel("real shift", fontsize=7)
-        fig.suptitle(f"{task}: predicted vs real mean shift vs control, per gene", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(plots / f"{task}_deltas.png", dpi=100)
-        plt.close(fig)

@@ -1,4 +1,5 @@
-"""``pertflow <verb>``: the command line. It only calls the public API."""
+"""``pertflow <verb>``: the command line. It only calls the public API (:mod:`pertflow.api`);
+a test checks that it imports nothing else of pertflow."""
 
 from __future__ import annotations
 
@@ -52,18 +53,9 @@ def spec_keys(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
-def open_data(path: str, args: argparse.Namespace, unlabelled_ok: bool = False):
-    """Open a data file with the spec flags.
-
-    ``unlabelled_ok``: a file without perturbation labels is read with every cell as a control.
-    """
-    from pertflow.data.dataset import PerturbationData
-
-    keys = spec_keys(args)
-    if unlabelled_ok and "pert_col" not in keys and args.spec is None:
-        if not PerturbationData.has_perturbation_labels(path):
-            return PerturbationData.read_unlabelled(path, backed=args.backed, **keys)
-    return PerturbationData.read(path, backed=args.backed, spec=args.spec, progress=True, **keys)
+def read_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The spec flags as the API's read arguments (``backed``, ``spec``, spec keys)."""
+    return {"backed": args.backed, "spec": args.spec, **spec_keys(args)}
 
 
 # ---------------------------------------------------------------------------- inspect
@@ -99,10 +91,9 @@ def format_summary(s: dict[str, Any], top: int = 40) -> str:
 
 @command("inspect", "describe a file: the detected spec, controls, perturbations, contexts", _inspect_arguments)
 def cmd_inspect(args: argparse.Namespace) -> int:
-    with open_data(args.file, args) as data:
-        summary = data.summary()
-        if args.save_spec:
-            data.spec.save(args.save_spec)
+    from pertflow import api
+
+    summary = api.inspect(args.file, save_spec=args.save_spec, progress=True, **read_args(args))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
@@ -119,7 +110,7 @@ COMMON_SPLIT_FLAGS = ("keep", "n_top_genes", "val_fraction", "val_seed")
 
 
 def _split_arguments(p: argparse.ArgumentParser) -> None:
-    from pertflow.data.splits import SPLIT_KINDS
+    from pertflow.api import SPLIT_KINDS
 
     p.add_argument("--out", required=True, help="the split JSON to write")
     src = p.add_argument_group("what to split: a task file, or a data file and a kind")
@@ -176,33 +167,13 @@ def _parse_keep(items: list[str]) -> dict[str, list[str]]:
     return keep
 
 
-def resolve_task(task: str, tasks_dir: str):
-    from pertflow.data.tasks import Task, find_tasks
-
-    if Path(task).suffix in (".yaml", ".yml") or Path(task).is_file():
-        return Task.load(task)
-    tasks = find_tasks(tasks_dir)
-    if task not in tasks:
-        raise InputError(f"no task '{task}' in {tasks_dir}; tasks: {sorted(tasks)}.")
-    return tasks[task]
-
-
 @command("split", "write a train/val/test split file (a task's fold, or any split kind)", _split_arguments)
 def cmd_split(args: argparse.Namespace) -> int:
-    from pertflow.data.splits import make_split
+    from pertflow import api
 
-    if args.task:
-        if args.data or args.kind:
-            raise InputError("give either --task (with --fold, --data-dir) or --data with --kind, not both.")
-        task = resolve_task(args.task, args.tasks_dir)
-        with task.open_data(args.data_dir, backed=args.backed) as data:
-            split = task.build(data, args.fold)
-    else:
-        if not (args.data and args.kind):
-            raise InputError("give --data FILE and --kind KIND (or --task NAME).")
-        with open_data(args.data, args) as data:
-            split = make_split(data, args.kind, **_split_options(args))
-    split.save(args.out)
+    options = _split_options(args) if args.kind else None
+    split = api.split(args.out, task=args.task, fold=args.fold, tasks_dir=args.tasks_dir, data_dir=args.data_dir,
+                      data=args.data, kind=args.kind, options=options, **read_args(args))
     ctx = f", test context {split.test_context}" if split.test_context else ""
     print(
         f"wrote {args.out}: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test cells; "
@@ -213,9 +184,9 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- train / predict
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from pertflow.models.registry import MODELS
+    from pertflow.api import model_names
 
-    p.add_argument("--model", required=True, choices=sorted(MODELS), help="which model to train")
+    p.add_argument("--model", required=True, choices=model_names(), help="which model to train")
     p.add_argument("--data", required=True, help="an .h5ad file")
     p.add_argument("--split", required=True, help="a split JSON (pertflow split, or another tool's)")
     p.add_argument("--out", required=True, help="the run folder to write")
@@ -228,7 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pertflow.api import train
 
     model = train(args.model, args.data, args.split, args.out, config=args.config, sets=args.set, resume=args.resume,
-                  backed=args.backed, spec=args.spec, **spec_keys(args))
+                  **read_args(args))
     report = ", ".join(f"{k} {v}" for k, v in model.fit_report.items() if not isinstance(v, list))
     print(f"trained {model.name} into {args.out}" + (f": {report}" if report else ""))
     return 0
@@ -240,7 +211,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", required=True, help="the split whose test cells to predict")
     p.add_argument("--out", required=True, help="the prediction .h5ad to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the control draw and the noise")
-    p.add_argument("--set", action="append", metavar="model.KEY=VALUE", help="change an inference setting, e.g. model.ode_steps=10")
+    p.add_argument("--set", action="append", metavar="predict.KEY=VALUE", help="change a prediction setting, e.g. predict.ode_steps=10")
     add_spec_flags(p)
 
 
@@ -248,8 +219,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pertflow.api import predict
 
-    pred = predict(args.run, args.data, args.split, args.out, seed=args.seed, sets=args.set,
-                   backed=args.backed, spec=args.spec, **spec_keys(args))
+    pred = predict(args.run, args.data, args.split, args.out, seed=args.seed, sets=args.set, **read_args(args))
     n_pred = int((pred.obs["source"] == "predicted").sum())
     print(f"wrote {args.out}: {n_pred} predicted cells and {pred.n_obs - n_pred} control cells x {pred.n_vars} genes")
     return 0
@@ -267,11 +237,10 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("evaluate", "score a prediction file against the real test cells (cell-eval + pertflow metrics)", _evaluate_arguments)
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pertflow.api import evaluate_split
-    from pertflow.eval.evaluator import EvalConfig
+    from pertflow.api import EvalConfig, evaluate_split
 
     result = evaluate_split(args.data, args.split, args.pred, out=args.out, de_cache=args.de_cache,
-                            config=EvalConfig(num_threads=args.threads), backed=args.backed, spec=args.spec, **spec_keys(args))
+                            config=EvalConfig(num_threads=args.threads), **read_args(args))
     keys = [k for k in ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "overlap_at_N") if k in result.aggregate.index]
     print(result.aggregate.loc[keys, ["mean", "median", "n"]].to_string(float_format=lambda v: f"{v:.4f}"))
     for note in result.notes:
@@ -281,7 +250,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _benchmark_arguments(p: argparse.ArgumentParser) -> None:
-    from pertflow.models.registry import BASELINES
+    from pertflow.api import BASELINES
 
     p.add_argument("--models", default=",".join(BASELINES), help=f"comma-separated models (default: the baselines {','.join(BASELINES)})")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
@@ -297,23 +266,16 @@ def _benchmark_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("benchmark", "run models on the benchmark tasks: results table, summary, plots", _benchmark_arguments)
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from pertflow.benchmark import run_benchmark
-    from pertflow.data.tasks import find_tasks, resolve_data_dir
+    from pertflow.api import benchmark
 
-    data_dir = resolve_data_dir(args.data_dir)
-    tasks = find_tasks(args.tasks_dir)
-    names = sorted(tasks) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in names if t not in tasks]
-    if unknown:
-        raise InputError(f"unknown tasks {unknown}; tasks in {args.tasks_dir}: {sorted(tasks)}.")
-    splits_dir = Path(args.splits_dir) if args.splits_dir else (data_dir / "splits" if (data_dir / "splits").is_dir() else None)
-    models = [m for m in args.models.split(",") if m]
-    out = Path(args.out)
+    tasks = "all" if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
     folds = [f for f in args.folds.split(",") if f] if args.folds else None
-    run_benchmark(models, [tasks[t] for t in names], data_dir, out, splits_dir=splits_dir, folds=folds,
-                  configs_dir=Path(args.configs_dir), config_suffix=args.config_suffix, threads=args.threads)
-    print((out / "summary.md").read_text())
-    print(f"wrote {out / 'results.csv'}, {out / 'summary.md'} and plots in {out / 'plots'}")
+    summary = benchmark([m for m in args.models.split(",") if m], tasks, args.out, folds=folds, tasks_dir=args.tasks_dir,
+                        data_dir=args.data_dir, splits_dir=args.splits_dir, configs_dir=args.configs_dir,
+                        config_suffix=args.config_suffix, threads=args.threads)
+    print(summary.read_text())
+    out = Path(args.out)
+    print(f"wrote {out / 'results.csv'}, {summary} and plots in {out / 'plots'}")
     return 0
 
 
@@ -326,15 +288,9 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("pretrain", "pretrain a small scGPT-compatible foundation model (MLM) on an .h5ad file", _pretrain_arguments)
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from pertflow.configs import build, load_sections
-    from pertflow.models.scgpt.pretrain import PretrainConfig, pretrain
-    from pertflow.train import TrainConfig
+    from pertflow.api import pretrain
 
-    sections = load_sections(args.config, args.set)
-    config = build(PretrainConfig, sections["model"], "model")
-    train_config = build(TrainConfig, sections["train"], "train")
-    with open_data(args.data, args, unlabelled_ok=True) as data:
-        pretrain(data, args.out, config, train_config, resume=args.resume)
+    pretrain(args.data, args.out, config=args.config, sets=args.set, resume=args.resume, **read_args(args))
     print(f"pretrained into {args.out} (load it with pertflow.models.scgpt.load_pretrained)")
     return 0
 
@@ -347,9 +303,9 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("demo", "the main job on built-in synthetic data: make it, split it, and report", _demo_arguments)
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pertflow.demo import run_demo
+    from pertflow.api import demo
 
-    report = run_demo(Path(args.out), seed=args.seed)
+    report = demo(args.out, seed=args.seed)
     print(report.read_text())
     return 0
 

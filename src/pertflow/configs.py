@@ -1,10 +1,12 @@
 """One config channel: frozen dataclasses, filled from YAML files and ``--set key=value`` flags.
 
-A run's configuration has two sections, ``model`` (the model family's frozen dataclass) and
-``train`` (:class:`pertflow.train.TrainConfig`). A YAML file holds both::
+A run's configuration has three sections: ``model`` (the model family's frozen dataclass: the
+architecture and the loss), ``train`` (:class:`pertflow.train.TrainConfig`) and ``predict``
+(:class:`pertflow.models.config.PredictConfig`: how cells are generated). A YAML file holds them::
 
     model: {d_model: 64, n_layers: 2}
     train: {max_steps: 2000, lr: 3.0e-4}
+    predict: {ode_steps: 4}
 
 and ``--set model.d_model=32 --set train.max_steps=10`` overrides single keys. Unknown keys
 fail with the list of valid ones; values are checked against the field types.
@@ -23,7 +25,7 @@ import yaml
 from pertflow.errors import InputError
 
 T = TypeVar("T")
-SECTIONS = ("model", "train")
+SECTIONS = ("model", "train", "predict")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -129,7 +131,7 @@ def _looks_numeric(text: str) -> bool:
 
 
 def load_sections(path: str | Path | None, sets: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Merge a YAML config file and ``--set`` overrides into ``{"model": {...}, "train": {...}}``."""
+    """Merge a YAML config file and ``--set`` overrides into ``{"model": {...}, "train": {...}, "predict": {...}}``."""
     merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     if path is not None:
         path = Path(path)

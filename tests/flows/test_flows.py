@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -68,14 +67,14 @@ def test_unknown_solver():
 
 
 def test_ot_coupling_finds_the_cheapest_pairing():
-    from pertflow.flows import couple, ot_permutation
+    from pertflow.flows import independent_coupling, ot_coupling, ot_permutation
 
     x0 = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     x1 = torch.tensor([[0.1, 10.0], [0.2, 0.1], [9.9, 0.3]])
     perm = ot_permutation(x0, x1)
     assert perm.tolist() == [1, 2, 0]
-    torch.testing.assert_close(couple(x0, x1, "ot"), x1[perm])
-    assert couple(x0, x1, "independent") is x1
+    torch.testing.assert_close(ot_coupling(x0, x1), x1[perm])
+    assert independent_coupling(x0, x1) is x1
     # no pairing has a lower total cost than the OT one
     import itertools
 

@@ -6,7 +6,9 @@ import pytest
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import make_split
 from pertflow.data.synthetic import make_synthetic
-from pertflow.models.base import FitData, PerturbationModel, predict_split
+from pertflow.data.view import SplitView
+from pertflow.models.base import PerturbationModel
+from pertflow.models.predict import predict_split
 from pertflow.models.baselines import Additive, ContextShift, Linear, LinearConfig, NoChange, TrainingMean
 from pertflow.models.registry import BASELINES, model_class
 
@@ -14,7 +16,7 @@ from pertflow.models.registry import BASELINES, model_class
 @pytest.fixture(scope="module")
 def combo(synthetic_adata):
     data = PerturbationData.from_anndata(synthetic_adata)
-    fit = FitData.prepare(data, make_split(data, "combinations", seen=[2]))
+    fit = SplitView(data, make_split(data, "combinations", seen=[2]))
     return data, fit
 
 
@@ -25,7 +27,7 @@ def observed_response(fit, pert, ctx):
 
 def test_responses_are_means_against_the_same_contexts_controls(combo):
     data, fit = combo
-    model = NoChange.from_fit_data(fit)
+    model = NoChange.from_view(fit)
     model.fit(fit)
     pert = next(p for p in data.perturbation_names if "+" not in p)
     np.testing.assert_allclose(model.response(pert, "line_B"), observed_response(fit, pert, "line_B"), rtol=1e-5, atol=1e-6)
@@ -34,7 +36,7 @@ def test_responses_are_means_against_the_same_contexts_controls(combo):
 
 def test_additive_sums_the_singles_and_mean_averages_the_training_perturbations(combo):
     data, fit = combo
-    additive, mean = Additive.from_fit_data(fit), TrainingMean.from_fit_data(fit)
+    additive, mean = Additive.from_view(fit), TrainingMean.from_view(fit)
     additive.fit(fit)
     mean.fit(fit)
     held = fit.split.test_perturbations[0]
@@ -47,8 +49,8 @@ def test_additive_sums_the_singles_and_mean_averages_the_training_perturbations(
 
 def test_context_shift_averages_the_other_contexts(synthetic_adata):
     data = PerturbationData.from_anndata(synthetic_adata)
-    fit = FitData.prepare(data, make_split(data, "context", test_context="line_C"))
-    model = ContextShift.from_fit_data(fit)
+    fit = SplitView(data, make_split(data, "context", test_context="line_C"))
+    model = ContextShift.from_view(fit)
     model.fit(fit)
     pert = data.perturbation_names[0]
     expected = (observed_response(fit, pert, "line_A") + observed_response(fit, pert, "line_B")) / 2
@@ -60,7 +62,7 @@ def test_linear_fits_its_training_responses_and_falls_back_to_the_mean():
     adata = make_synthetic(n_genes=80, n_singles=30, n_combos=0, cells_per_group=30, controls_per_context=60,
                            n_effect_genes=10, n_contexts=1, seed=3)
     data = PerturbationData.from_anndata(adata)
-    fit = FitData.prepare(data, make_split(data, "random", test_fraction=0.2))
+    fit = SplitView(data, make_split(data, "random", test_fraction=0.2))
     model = Linear(LinearConfig(n_components=20, ridge=0.01), fit.genes, fit.vocab, data.spec)
     model.fit(fit)
     fitted = [np.corrcoef(model.predicted_delta(p, c), model.responses[i])[0, 1] for i, (p, c) in enumerate(model.keys)]
@@ -75,13 +77,13 @@ def test_linear_fits_its_training_responses_and_falls_back_to_the_mean():
 @pytest.mark.parametrize("name", BASELINES)
 def test_every_baseline_predicts_cells_and_round_trips(combo, tmp_path, name):
     data, fit = combo
-    model = model_class(name).from_fit_data(fit)
+    model = model_class(name).from_view(fit)
     model.fit(fit)
-    pred = predict_split(model, data, fit.split, seed=2)
+    pred = predict_split(model, fit, seed=2)
     assert (pred.X >= 0).all() and pred.n_obs == len(fit.split.test) + len(fit.split.test_controls)
     model.save(tmp_path)
     again = PerturbationModel.load(tmp_path)
-    np.testing.assert_array_equal(predict_split(again, data, fit.split, seed=2).X, pred.X)
+    np.testing.assert_array_equal(predict_split(again, fit, seed=2).X, pred.X)
     predicted = pred[pred.obs["source"] == "predicted"]
     assert predicted.X.std(axis=0).max() > 0  # cells, not a repeated mean
 

@@ -8,59 +8,69 @@ import torch
 from pertflow.api import predict, train
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import make_split
-from pertflow.models.base import FitData, PerturbationModel
+from pertflow.data.batches import PairedBatches
+from pertflow.data.view import SplitView
+from pertflow.errors import InputError
+from pertflow.models.base import PerturbationModel
+from pertflow.models.config import PredictConfig
 from pertflow.models.cfm.config import CFMConfig
 from pertflow.models.cfm.model import CFM
 from pertflow.models.cfm.module import CFMModule
+from pertflow.models.flow import flow_parts
 from pertflow.nn.attention import DifferentialAttention
 from pertflow.train import TrainConfig
 
-TINY = CFMConfig(d_model=32, n_heads=4, n_layers=2, genes_per_step=60, ode_steps=4, dropout=0.0)
+TINY = CFMConfig(d_model=32, n_heads=4, n_layers=2, genes_per_step=60, dropout=0.0)
+FOUR_STEPS = PredictConfig(ode_steps=4)
+
+
+def make_module(config: CFMConfig, gene_tokens, n_tokens, first_other, pad, unk) -> CFMModule:
+    return CFMModule(config, flow_parts(config), gene_tokens, n_tokens, first_other, pad, unk)
 
 
 @pytest.fixture(scope="module")
-def fit_data(synthetic_adata):
+def view(synthetic_adata):
     data = PerturbationData.from_anndata(synthetic_adata)
-    return FitData.prepare(data, make_split(data, "random", test_fraction=0.25))
+    return SplitView(data, make_split(data, "random", test_fraction=0.25))
 
 
-def mean_error(model, fit_data, perturbations, context="line_A"):
+def mean_error(model, view, perturbations, context="line_A"):
     """Mean squared error between generated and real mean profiles of test perturbations."""
-    data = fit_data.data
-    test = fit_data.rows.test
+    data = view.data
+    test = view.rows.test
     rng = np.random.default_rng(0)
     errors = []
     for pert in perturbations:
         rows = test[(data.perturbations[test] == pert) & (data.contexts[test] == context)]
         real = data.log_expression(rows)
-        controls = fit_data.expression.get(fit_data.control_rows(context)[: len(rows)])
+        controls = view.expression.get(view.control_rows(context)[: len(rows)])
         errors.append(((model.generate(controls, pert, context, rng).mean(0) - real.mean(0)) ** 2).mean())
     return float(np.mean(errors))
 
 
-def test_tiny_model_learns(fit_data, tmp_path):
-    perts = fit_data.data.perturbation_names[:4]
-    untrained = CFM.from_fit_data(fit_data, TINY)
+def test_tiny_model_learns(view, tmp_path):
+    perts = view.data.perturbation_names[:4]
+    untrained = CFM.from_view(view, TINY, FOUR_STEPS)
     torch.manual_seed(0)
     untrained.module = untrained.build_module()
-    model = CFM.from_fit_data(fit_data, TINY)
+    model = CFM.from_view(view, TINY, FOUR_STEPS)
     config = TrainConfig(max_steps=150, batch_size=32, lr=2e-3, val_every=50, checkpoint_every=150, log_every=5, progress=False)
-    model.fit(fit_data, config, tmp_path)
+    model.fit(view, config, tmp_path)
     history = pd.read_csv(tmp_path / "history.csv")
     assert history["loss"].tail(6).mean() < 0.6 * history["loss"].head(3).mean()
     assert history["val_loss"].dropna().iloc[-1] < history["val_loss"].dropna().iloc[0]
-    before, after = mean_error(untrained, fit_data, perts), mean_error(model, fit_data, perts)
+    before, after = mean_error(untrained, view, perts), mean_error(model, view, perts)
     assert after < 0.4 * before, (before, after)
 
 
-def test_save_load_reproduces_predictions(fit_data, tmp_path):
-    model = CFM.from_fit_data(fit_data, TINY)
-    model.fit(fit_data, TrainConfig(max_steps=3, batch_size=8, progress=False), tmp_path)
+def test_save_load_reproduces_predictions(view, tmp_path):
+    model = CFM.from_view(view, TINY, FOUR_STEPS)
+    model.fit(view, TrainConfig(max_steps=3, batch_size=8, progress=False), tmp_path)
     model.save(tmp_path)
     again = PerturbationModel.load(tmp_path)
     assert isinstance(again, CFM)
-    controls = fit_data.expression.get(fit_data.control_rows("line_B")[:10])
-    pert = fit_data.data.perturbation_names[0]
+    controls = view.expression.get(view.control_rows("line_B")[:10])
+    pert = view.data.perturbation_names[0]
     a = model.generate(controls, pert, "line_B", np.random.default_rng(5))
     b = again.generate(controls, pert, "line_B", np.random.default_rng(5))
     np.testing.assert_array_equal(a, b)
@@ -68,16 +78,14 @@ def test_save_load_reproduces_predictions(fit_data, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(synthetic_file, tmp_path, monkeypatch):
-    from pertflow.models.base import PairedTensorBatches
-
     data = PerturbationData.read(synthetic_file)
     split = make_split(data, "combinations", seen=[2])
-    sets = ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.genes_per_step=20", "model.ode_steps=2",
+    sets = ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.genes_per_step=20", "predict.ode_steps=2",
             "train.batch_size=8", "train.max_steps=9", "train.checkpoint_every=3", "train.val_every=3", "train.val_batches=2",
             "train.progress=false"]
     train("cfm", data, split, tmp_path / "unbroken", sets=sets)
 
-    original = PairedTensorBatches.next_batch
+    original = PairedBatches.next_batch
     calls = {"n": 0}
 
     def interrupted(self):
@@ -86,10 +94,10 @@ def test_interrupted_run_resumes_to_the_same_weights(synthetic_file, tmp_path, m
             raise KeyboardInterrupt
         return original(self)
 
-    monkeypatch.setattr(PairedTensorBatches, "next_batch", interrupted)
+    monkeypatch.setattr(PairedBatches, "next_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train("cfm", data, split, tmp_path / "broken", sets=sets)
-    monkeypatch.setattr(PairedTensorBatches, "next_batch", original)
+    monkeypatch.setattr(PairedBatches, "next_batch", original)
     assert not (tmp_path / "broken" / "model.json").exists()
     train("cfm", data, split, tmp_path / "broken", sets=sets, resume=True)
     a = PerturbationModel.load(tmp_path / "unbroken").state_tensors()
@@ -105,9 +113,9 @@ def test_unseen_genetic_and_drug_perturbations(synthetic_adata, tmp_path):
     data = PerturbationData.from_anndata(synthetic_adata)
     held = data.perturbation_names[0]
     split = make_split(data, "perturbations", test_perturbations=[held], include_combinations=False)
-    fit = FitData.prepare(data, split)
+    fit = SplitView(data, split)
     assert held in fit.vocab and fit.vocab.is_gene_token(held)  # the target gene's own token
-    model = CFM.from_fit_data(fit, CFMConfig(d_model=16, n_heads=2, n_layers=1, ode_steps=2))
+    model = CFM.from_view(fit, CFMConfig(d_model=16, n_heads=2, n_layers=1), PredictConfig(ode_steps=2))
     model.trained_components = ["G0001"]
     assert model.known_components(held) == [held]  # a measured gene: its token is learnt from expression
     assert model.known_components("NOTAGENE") == ["<unk>"]  # never trained, no descriptor
@@ -122,9 +130,9 @@ def test_unseen_genetic_and_drug_perturbations(synthetic_adata, tmp_path):
     held = next(p for p in drugs.perturbation_names if "+" not in p and p not in combo_parts)
     seen = next(p for p in drugs.perturbation_names if "+" not in p and p != held)
     split = make_split(drugs, "perturbations", test_perturbations=[held])
-    fit = FitData.prepare(drugs, split)
+    fit = SplitView(drugs, split)
     assert fit.vocab.other_tokens and not fit.vocab.is_gene_token(seen)
-    model = CFM.from_fit_data(fit, CFMConfig(d_model=16, n_heads=2, n_layers=1, ode_steps=2, genes_per_step=30))
+    model = CFM.from_view(fit, CFMConfig(d_model=16, n_heads=2, n_layers=1, genes_per_step=30), PredictConfig(ode_steps=2))
     model.fit(fit, TrainConfig(max_steps=2, batch_size=4, progress=False), tmp_path)
     assert model.known_components(seen) == [seen]  # seen in training: its own token
     assert model.known_components(held) == ["<unk>"]  # held out, no descriptor
@@ -133,7 +141,7 @@ def test_unseen_genetic_and_drug_perturbations(synthetic_adata, tmp_path):
 
 def test_non_gene_tokens_use_their_own_table():
     gene_tokens = torch.arange(2, 12)
-    module = CFMModule(CFMConfig(d_model=16, n_heads=2, n_layers=1), gene_tokens, n_tokens=14, first_other_token=12, pad_id=0, unk_id=1)
+    module = make_module(CFMConfig(d_model=16, n_heads=2, n_layers=1), gene_tokens, 14, 12, 0, 1)
     drug = torch.tensor([[12, 0]])
     gene = torch.tensor([[3, 0]])
     # zero-initialised drug table: an unseen drug adds nothing; a gene goes through the gene encoder
@@ -164,28 +172,40 @@ def test_differential_attention_matches_explicit_softmax():
 
 def test_chunked_inference_covers_every_gene():
     torch.manual_seed(0)
-    module = CFMModule(CFMConfig(d_model=16, n_heads=2, n_layers=1, inference_gene_chunk=4, ode_steps=2), torch.arange(2, 12), 14, 12, 0, 1)
-    chunks = module.gene_chunks(torch.Generator().manual_seed(0))
+    module = make_module(CFMConfig(d_model=16, n_heads=2, n_layers=1), torch.arange(2, 12), 14, 12, 0, 1)
+    chunks = module.gene_chunks(4, torch.Generator().manual_seed(0))
     assert sorted(torch.cat(chunks).tolist()) == list(range(10)) and len(chunks) == 3
-    out = module.sample(torch.rand(3, 10), torch.tensor([[3, 0]] * 3), torch.Generator().manual_seed(1))
+    out = module.sample(torch.rand(3, 10), torch.tensor([[3, 0]] * 3), PredictConfig(gene_chunk=4, ode_steps=2), torch.Generator().manual_seed(1))
     assert out.shape == (3, 10) and (out >= 0).all()
 
 
 def test_control_source_starts_the_flow_at_the_control_cells():
-    config = CFMConfig(d_model=16, n_heads=2, n_layers=1, source="control", source_noise=0.0, coupling="ot", ode_steps=2)
-    module = CFMModule(config, torch.arange(2, 12), 14, 12, 0, 1)
+    config = CFMConfig(d_model=16, n_heads=2, n_layers=1, source="control", source_noise=0.0, coupling="ot")
+    module = make_module(config, torch.arange(2, 12), 14, 12, 0, 1)
     control = torch.rand(4, 10)
-    torch.testing.assert_close(module.source(control, torch.Generator().manual_seed(0)), control)
-    noisy = CFMModule(CFMConfig(d_model=16, n_heads=2, n_layers=1), torch.arange(2, 12), 14, 12, 0, 1)
-    assert not torch.allclose(noisy.source(control, torch.Generator().manual_seed(0)), control)
+    torch.testing.assert_close(module.parts.source(control, torch.Generator().manual_seed(0)), control)
+    noisy = make_module(CFMConfig(d_model=16, n_heads=2, n_layers=1), torch.arange(2, 12), 14, 12, 0, 1)
+    assert not torch.allclose(noisy.parts.source(control, torch.Generator().manual_seed(0)), control)
     out = module.loss({"target": torch.rand(4, 10), "control": control, "pert_ids": torch.tensor([[3, 0]] * 4)})
     assert torch.isfinite(out.loss)
 
 
-def test_predict_settings_reach_the_network(fit_data, tmp_path):
-    model = CFM.from_fit_data(fit_data, TINY)
-    model.replace_config(ode_steps=7, inference_gene_chunk=16)
-    assert model.module.config.ode_steps == 7 and model.module.config.inference_gene_chunk == 16
+def test_predict_settings_reach_the_network_and_the_architecture_stays(synthetic_file, tmp_path):
+    data = PerturbationData.read(synthetic_file)
+    split = make_split(data, "combinations", seen=[2])
+    sets = ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "train.batch_size=8", "train.max_steps=3",
+            "train.progress=false", "predict.ode_steps=3"]
+    model = train("cfm", data, split, tmp_path / "run", sets=sets)
+    assert PerturbationModel.load(tmp_path / "run").predict_config.ode_steps == 3  # saved with the run
+    one = predict(tmp_path / "run", data, split, seed=1, sets=["predict.ode_steps=1"])
+    seven = predict(tmp_path / "run", data, split, seed=1, sets=["predict.ode_steps=7", "predict.gene_chunk=16"])
+    assert not np.allclose(one.X, seven.X)
+    assert model.config.d_model == 16
+    with pytest.raises(InputError, match="fixed by the trained weights"):
+        predict(tmp_path / "run", data, split, sets=["model.d_model=64"])
+
+
+THREE_STEPS = PredictConfig(ode_steps=3)
 
 
 def _randomised(module: CFMModule) -> CFMModule:
@@ -203,11 +223,11 @@ def test_centred_flow_is_equivariant_to_a_per_gene_shift():
     shift = torch.linspace(0.5, 3.0, 10)
     ids = torch.tensor([[3, 0]] * 6)
     for source in ("control", "noise"):
-        config = CFMConfig(d_model=16, n_heads=2, n_layers=1, dropout=0.0, source=source, center=True, ode_steps=3)
-        module = _randomised(CFMModule(config, torch.arange(2, 12), 14, 12, 0, 1))
-        out = module.sample(control, ids, torch.Generator().manual_seed(1))
+        config = CFMConfig(d_model=16, n_heads=2, n_layers=1, dropout=0.0, source=source, center=True)
+        module = _randomised(make_module(config, torch.arange(2, 12), 14, 12, 0, 1))
+        out = module.sample(control, ids, THREE_STEPS, torch.Generator().manual_seed(1))
         assert not torch.allclose(out, control, atol=1e-2)  # the field moves the cells
-        shifted = module.sample(control + shift, ids, torch.Generator().manual_seed(1))
+        shifted = module.sample(control + shift, ids, THREE_STEPS, torch.Generator().manual_seed(1))
         kept = out > 0  # cells the clamp at 0 left alone (the shifted ones stay above it too)
         assert kept.float().mean() > 0.5
         torch.testing.assert_close(shifted[kept], (out + shift)[kept], rtol=1e-4, atol=1e-4)
@@ -216,11 +236,11 @@ def test_centred_flow_is_equivariant_to_a_per_gene_shift():
             torch.manual_seed(2)
             losses.append(module.loss({"target": target + s, "control": control + s, "pert_ids": ids}).loss)
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
-    plain = CFMConfig(d_model=16, n_heads=2, n_layers=1, dropout=0.0, source="control", ode_steps=3)
-    module = _randomised(CFMModule(plain, torch.arange(2, 12), 14, 12, 0, 1))
+    plain = CFMConfig(d_model=16, n_heads=2, n_layers=1, dropout=0.0, source="control")
+    module = _randomised(make_module(plain, torch.arange(2, 12), 14, 12, 0, 1))
     low = control - 1.0  # near 0, where the value encoder is most sensitive
-    out = module.sample(low, ids, torch.Generator().manual_seed(1))
-    shifted = module.sample(low + shift, ids, torch.Generator().manual_seed(1))
+    out = module.sample(low, ids, THREE_STEPS, torch.Generator().manual_seed(1))
+    shifted = module.sample(low + shift, ids, THREE_STEPS, torch.Generator().manual_seed(1))
     assert (shifted - out - shift)[out > 0].abs().max() > 1e-3  # ten times the centred tolerance
 
 
@@ -230,8 +250,8 @@ def _flow_from_the_controls(reference_cell: str) -> tuple[float, float]:
     torch.manual_seed(0)
     n_genes, batch = 8, 64
     config = CFMConfig(d_model=32, n_heads=4, n_layers=1, dropout=0.0, genes_per_step=n_genes, gamma=0.0,
-                       source="control", source_noise=0.0, reference_cell=reference_cell, ode_steps=8)
-    module = CFMModule(config, torch.arange(2, 2 + n_genes), n_genes + 4, n_genes + 2, 0, 1)
+                       source="control", source_noise=0.0, reference_cell=reference_cell)
+    module = make_module(config, torch.arange(2, 2 + n_genes), n_genes + 4, n_genes + 2, 0, 1)
     optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
     ids = torch.tensor([[n_genes + 2, 0]])  # one non-gene perturbation token
     mu = torch.linspace(4.0, 6.0, n_genes)  # far from the clamp at 0
@@ -244,7 +264,7 @@ def _flow_from_the_controls(reference_cell: str) -> tuple[float, float]:
         optimizer.step()
     module.eval()
     control = mu + torch.randn(256, n_genes)
-    out = module.sample(control, ids.expand(256, -1), torch.Generator().manual_seed(0))
+    out = module.sample(control, ids.expand(256, -1), PredictConfig(ode_steps=8), torch.Generator().manual_seed(0))
     return float(out.var(0).mean() / control.var(0).mean()), float((out.mean(0) - mu).abs().max())
 
 

@@ -29,7 +29,7 @@ from pertflow.models.scgpt import (
     random_mask_value,
     scgpt_loss,
 )
-from pertflow.models.scgpt.checkpoint import (
+from pertflow.models.scgpt.state_layout import (
     from_public_state_dict,
     infer_architecture,
     scgpt_human_reference_shapes,
@@ -46,11 +46,7 @@ from pertflow.models.scgpt.losses import (
     perturbation_loss,
     zero_prob_nll,
 )
-from pertflow.models.scgpt.module import (
-    DomainSpecificBatchNorm1d,
-    ScGPTEncoderLayer,
-    grad_reverse,
-)
+from pertflow.models.scgpt.layers import DomainSpecificBatchNorm1d, ScGPTEncoderLayer, grad_reverse
 
 N_GENES = 36
 PAD, CLS, EOC = N_GENES, N_GENES + 1, N_GENES + 2

@@ -8,29 +8,32 @@ import torch
 from pertflow.cli import main
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import make_split
-from pertflow.models.base import FitData, PerturbationModel
+from pertflow.data.view import SplitView
+from pertflow.models.base import PerturbationModel
+from pertflow.models.config import PredictConfig
 from pertflow.models.scgpt import FrozenScGPTExtractor, load_pretrained
 from pertflow.models.scgpt.generator import GeneratorConfig, GeneratorModule, ScGPTGenerator
 from pertflow.train import TrainConfig
 
-TINY = GeneratorConfig(d_model=32, nhead=4, d_hid=64, nlayers=2, dropout=0.0, genes_per_step=40, predict_gene_chunk=25)
+TINY = GeneratorConfig(d_model=32, nhead=4, d_hid=64, nlayers=2, dropout=0.0, genes_per_step=40)
+CHUNKED = PredictConfig(batch_size=64, gene_chunk=25)
 
 
 @pytest.fixture(scope="module")
-def fit_data(synthetic_adata):
+def view(synthetic_adata):
     data = PerturbationData.from_anndata(synthetic_adata)
-    return FitData.prepare(data, make_split(data, "random", test_fraction=0.25))
+    return SplitView(data, make_split(data, "random", test_fraction=0.25))
 
 
-def test_generator_learns_and_round_trips(fit_data, tmp_path):
-    model = ScGPTGenerator.from_fit_data(fit_data, TINY)
-    model.fit(fit_data, TrainConfig(max_steps=150, batch_size=32, lr=2e-3, val_every=50, checkpoint_every=150, log_every=5, progress=False), tmp_path)
+def test_generator_learns_and_round_trips(view, tmp_path):
+    model = ScGPTGenerator.from_view(view, TINY, CHUNKED)
+    model.fit(view, TrainConfig(max_steps=150, batch_size=32, lr=2e-3, val_every=50, checkpoint_every=150, log_every=5, progress=False), tmp_path)
     history = pd.read_csv(tmp_path / "history.csv")
     assert history["loss"].tail(5).mean() < 0.7 * history["loss"].head(2).mean()
-    data, test = fit_data.data, fit_data.rows.test
-    pert = fit_data.data.perturbation_names[0]
+    data, test = view.data, view.rows.test
+    pert = view.data.perturbation_names[0]
     rows = test[(data.perturbations[test] == pert) & (data.contexts[test] == "line_A")]
-    controls = fit_data.expression.get(fit_data.control_rows("line_A")[: len(rows)])
+    controls = view.expression.get(view.control_rows("line_A")[: len(rows)])
     pred = model.generate(controls, pert, "line_A", np.random.default_rng(0))
     real_delta = data.log_expression(rows).mean(0) - controls.mean(0)
     assert np.corrcoef(pred.mean(0) - controls.mean(0), real_delta)[0, 1] > 0.5

@@ -111,3 +111,13 @@ def find_tasks(tasks_dir: str | Path) -> dict[str, Task]:
         raise InputError(f"task folder {tasks_dir} does not exist; the repository keeps tasks in benchmarks/tasks/.")
     tasks = [Task.load(p) for p in sorted(tasks_dir.glob("*.yaml"))]
     return {t.name: t for t in tasks}
+
+
+def resolve_task(task: str | Path, tasks_dir: str | Path) -> Task:
+    """A task given as a YAML file, or by name in ``tasks_dir``."""
+    if Path(task).suffix in (".yaml", ".yml") or Path(task).is_file():
+        return Task.load(task)
+    tasks = find_tasks(tasks_dir)
+    if task not in tasks:
+        raise InputError(f"no task '{task}' in {tasks_dir}; tasks: {sorted(tasks)}.")
+    return tasks[task]

@@ -1,15 +1,22 @@
-"""Couplings: how a batch's sources (t = 0) are paired with its targets (t = 1). No weights."""
+"""Couplings: how a batch's sources (t = 0) are paired with its targets (t = 1). No weights.
+
+A coupling is a callable ``coupling(x_0, x_1) -> x_1`` that returns the targets reordered to pair
+with the rows of ``x_0`` (CellFlow's ``match_fn``, torchcfm's OT plan samplers). A model is given
+one; :data:`COUPLINGS` maps the names a config may use to them.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from scipy.optimize import linear_sum_assignment
 
-COUPLINGS = ("independent", "ot")
+Coupling = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def ot_permutation(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    """The permutation of ``x1`` that pairs it with ``x0`` at least total squared distance.
+def ot_permutation(x_0: torch.Tensor, x_1: torch.Tensor) -> torch.Tensor:
+    """The permutation of ``x_1`` that pairs it with ``x_0`` at least total squared distance.
 
     Minibatch optimal transport with uniform weights is an assignment problem (Tong et al. 2023,
     "Improving and generalizing flow-based generative models with minibatch optimal transport");
@@ -17,25 +24,29 @@ def ot_permutation(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
     Parameters
     ----------
-    x0, x1
+    x_0, x_1
         (B, D) sources and targets.
 
     Returns
     -------
     torch.Tensor
-        (B,) long: ``x1[perm]`` is the target paired with each row of ``x0``.
+        (B,) long: ``x_1[perm]`` is the target paired with each row of ``x_0``.
     """
-    if x0.shape != x1.shape:
-        raise ValueError(f"sources {tuple(x0.shape)} and targets {tuple(x1.shape)} must have the same shape")
-    cost = torch.cdist(x0.detach().float(), x1.detach().float()).pow(2).cpu().numpy()
+    if x_0.shape != x_1.shape:
+        raise ValueError(f"sources {tuple(x_0.shape)} and targets {tuple(x_1.shape)} must have the same shape")
+    cost = torch.cdist(x_0.detach().float().flatten(1), x_1.detach().float().flatten(1)).pow(2).cpu().numpy()
     _, cols = linear_sum_assignment(cost)
-    return torch.as_tensor(cols, dtype=torch.long, device=x1.device)
+    return torch.as_tensor(cols, dtype=torch.long, device=x_1.device)
 
 
-def couple(x0: torch.Tensor, x1: torch.Tensor, coupling: str) -> torch.Tensor:
-    """``x1`` reordered to pair with ``x0`` under ``coupling`` (``independent``: unchanged)."""
-    if coupling == "independent":
-        return x1
-    if coupling == "ot":
-        return x1[ot_permutation(x0, x1)]
-    raise ValueError(f"unknown coupling '{coupling}'; choose one of {list(COUPLINGS)}")
+def independent_coupling(x_0: torch.Tensor, x_1: torch.Tensor) -> torch.Tensor:
+    """The pairs as drawn: ``x_1`` unchanged."""
+    return x_1
+
+
+def ot_coupling(x_0: torch.Tensor, x_1: torch.Tensor) -> torch.Tensor:
+    """Minibatch optimal transport: ``x_1`` reordered by :func:`ot_permutation` (straighter paths)."""
+    return x_1[ot_permutation(x_0, x_1)]
+
+
+COUPLINGS: dict[str, Coupling] = {"independent": independent_coupling, "ot": ot_coupling}

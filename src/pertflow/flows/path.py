@@ -1,9 +1,10 @@
 """The conditional optimal-transport (CondOT) affine probability path.
 
-Convention used by every flow model of pertflow: t = 0 is noise, t = 1 is data::
+Convention used by every flow model of pertflow: t = 0 is the source (noise, or control cells),
+t = 1 is data::
 
-    x_t  = (1 - t) * noise + t * target
-    dx_t = target - noise            (the velocity that moves x_t along the straight line)
+    x_t  = (1 - t) * x_0 + t * x_1
+    dx_t = x_1 - x_0                 (the velocity that moves x_t along the straight line)
 """
 
 from __future__ import annotations
@@ -32,26 +33,29 @@ class PathSample:
     dx_t: torch.Tensor
 
 
-class CondOTPath:
-    """``x_t = (1 - t) x_0 + t x_1`` with ``x_0`` noise and ``x_1`` data."""
+def _broadcast_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
-    def sample(self, t: torch.Tensor, noise: torch.Tensor, target: torch.Tensor) -> PathSample:
-        """Interpolate between ``noise`` (t=0) and ``target`` (t=1).
+
+class CondOTPath:
+    """``x_t = (1 - t) x_0 + t x_1`` with ``x_0`` the source and ``x_1`` data."""
+
+    def sample(self, t: torch.Tensor, x_0: torch.Tensor, x_1: torch.Tensor) -> PathSample:
+        """Interpolate between the source ``x_0`` (t = 0) and the data ``x_1`` (t = 1).
 
         Parameters
         ----------
         t
             (B,) times; broadcast over the trailing dimensions of the data.
-        noise, target
+        x_0, x_1
             (B, ...) tensors of the same shape.
         """
-        if noise.shape != target.shape:
-            raise ValueError(f"noise {tuple(noise.shape)} and target {tuple(target.shape)} must have the same shape")
-        t_b = t.reshape(-1, *([1] * (target.ndim - 1))).to(target.dtype)
-        return PathSample(t=t, x_t=(1 - t_b) * noise + t_b * target, dx_t=target - noise)
+        if x_0.shape != x_1.shape:
+            raise ValueError(f"x_0 {tuple(x_0.shape)} and x_1 {tuple(x_1.shape)} must have the same shape")
+        t_b = _broadcast_time(t, x_1)
+        return PathSample(t=t, x_t=(1 - t_b) * x_0 + t_b * x_1, dx_t=x_1 - x_0)
 
     @staticmethod
     def target_estimate(x_t: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One-step estimate of the data point: ``x1_hat = x_t + (1 - t) * v``, exact on the path."""
-        t_b = t.reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
-        return x_t + (1 - t_b) * velocity
+        return x_t + (1 - _broadcast_time(t, x_t)) * velocity

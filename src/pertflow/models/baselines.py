@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pertflow.models.base import FitData, PerturbationModel
+from pertflow.data.view import SplitView
+from pertflow.models.base import PerturbationModel
+from pertflow.models.config import PredictConfig
 from pertflow.train.config import TrainConfig
 
 
@@ -66,10 +68,10 @@ class DeltaModel(PerturbationModel):
         self.keys: list[tuple[str, str]] = []  # (perturbation, context) of each training response
         self.responses = np.zeros((0, len(self.genes)), dtype=np.float32)
 
-    def fit(self, fit_data: FitData, train_config: TrainConfig | None = None, run_dir: Path | None = None, resume: bool = False) -> None:
-        groups = fit_data.groups(fit_data.rows.train)
+    def fit(self, view: SplitView, train_config: TrainConfig | None = None, run_dir: Path | None = None, resume: bool = False) -> None:
+        groups = view.groups(view.rows.train)
         control_mean = {
-            ctx: fit_data.expression.get(rows).mean(0) for (pert, ctx), rows in groups.items() if pert == self.spec.control
+            ctx: view.expression.get(rows).mean(0) for (pert, ctx), rows in groups.items() if pert == self.spec.control
         }
         keys, responses = [], []
         for (pert, ctx), rows in sorted(groups.items()):
@@ -78,7 +80,7 @@ class DeltaModel(PerturbationModel):
             if ctx not in control_mean:
                 continue  # the sampler-level check names this; a baseline just cannot use the group
             keys.append((pert, ctx))
-            responses.append(fit_data.expression.get(rows).mean(0) - control_mean[ctx])
+            responses.append(view.expression.get(rows).mean(0) - control_mean[ctx])
         self.keys = keys
         self.responses = np.array(responses, dtype=np.float32).reshape(len(keys), len(self.genes))
         self.fit_report = {"training_responses": len(keys)}
@@ -95,7 +97,14 @@ class DeltaModel(PerturbationModel):
     def predicted_delta(self, perturbation: str, context: str) -> np.ndarray:
         raise NotImplementedError
 
-    def generate(self, controls: np.ndarray, perturbation: str, context: str, rng: np.random.Generator) -> np.ndarray:
+    def generate(
+        self,
+        controls: np.ndarray,
+        perturbation: str,
+        context: str,
+        rng: np.random.Generator,
+        settings: PredictConfig | None = None,
+    ) -> np.ndarray:
         return np.clip(controls + self.predicted_delta(perturbation, context)[None, :], 0, None)
 
     # ------------------------------------------------------------------ persistence
@@ -163,8 +172,8 @@ class Linear(DeltaModel):
         self.offset = np.zeros(len(self.genes), dtype=np.float32)  # b
         self.feature_tokens: list[str] = []  # non-gene tokens with a one-hot feature
 
-    def fit(self, fit_data: FitData, train_config: TrainConfig | None = None, run_dir: Path | None = None, resume: bool = False) -> None:
-        super().fit(fit_data)
+    def fit(self, view: SplitView, train_config: TrainConfig | None = None, run_dir: Path | None = None, resume: bool = False) -> None:
+        super().fit(view)
         Y = self.responses.T.astype(np.float64)  # (genes, training groups)
         self.offset = Y.mean(1).astype(np.float32) if Y.size else np.zeros(len(self.genes), dtype=np.float32)
         centred = Y - self.offset[:, None] if Y.size else np.zeros((len(self.genes), 0))

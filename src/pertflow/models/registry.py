@@ -1,4 +1,9 @@
-"""Model names -> classes. Adding a model is adding a line here, not editing a switch."""
+"""Model names -> classes.
+
+A model class declares its name once, as its ``name`` attribute; defining the class registers
+it. Adding a model is adding its module to :data:`MODEL_MODULES` (imported on first use, so that
+a command that needs one model does not import every family).
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,39 @@ import importlib
 
 from pertflow.errors import InputError
 
-MODELS = {
-    "no-change": "pertflow.models.baselines:NoChange",
-    "mean": "pertflow.models.baselines:TrainingMean",
-    "additive": "pertflow.models.baselines:Additive",
-    "linear": "pertflow.models.baselines:Linear",
-    "context-shift": "pertflow.models.baselines:ContextShift",
-    "cfm": "pertflow.models.cfm.model:CFM",
-    "scgpt-generator": "pertflow.models.scgpt.generator:ScGPTGenerator",
-}
+MODEL_MODULES = (
+    "pertflow.models.baselines",
+    "pertflow.models.cfm.model",
+    "pertflow.models.scgpt.generator",
+)
 BASELINES = ("no-change", "mean", "additive", "linear", "context-shift")
+
+_REGISTERED: dict[str, type] = {}
+
+
+def register(cls: type) -> None:
+    """Record a model class under its ``name`` (called when a model class is defined)."""
+    other = _REGISTERED.get(cls.name)
+    if other is not None and other.__qualname__ != cls.__qualname__:
+        raise TypeError(f"two model classes are named '{cls.name}': {other.__qualname__} and {cls.__qualname__}")
+    _REGISTERED[cls.name] = cls
+
+
+def _import_all() -> None:
+    for module in MODEL_MODULES:
+        importlib.import_module(module)
+
+
+def model_names() -> list[str]:
+    """Every registered model name, sorted."""
+    _import_all()
+    return sorted(_REGISTERED)
 
 
 def model_class(name: str) -> type:
-    """The class registered under ``name`` (imported on first use)."""
-    if name not in MODELS:
-        raise InputError(f"unknown model '{name}'; models: {sorted(MODELS)}.")
-    module, _, attr = MODELS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    """The class registered under ``name``."""
+    if name not in _REGISTERED:
+        _import_all()
+    if name not in _REGISTERED:
+        raise InputError(f"unknown model '{name}'; models: {sorted(_REGISTERED)}.")
+    return _REGISTERED[name]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from pertflow.models.base import TokenPerturbationModel
 from pertflow.models.cfm.config import CFMConfig
 from pertflow.models.cfm.module import CFMModule
+from pertflow.models.flow import flow_parts
+from pertflow.models.network import NetworkModel
 
 
-class CFM(TokenPerturbationModel):
+class CFM(NetworkModel):
     """Gene-space conditional flow matching (scDFM backbone); see :mod:`pertflow.models.cfm.module`."""
 
     name = "cfm"
@@ -20,6 +21,7 @@ class CFM(TokenPerturbationModel):
         descriptors = vocab.descriptor_matrix()
         return CFMModule(
             self.config,
+            flow_parts(self.config),
             torch.from_numpy(vocab.gene_ids(vocab.expression_genes)),
             n_tokens=len(vocab),
             first_other_token=vocab.first_other_id,

@@ -9,10 +9,9 @@ Shapes: B cells, G genes in the step, d width, K perturbation components.
 * ``ExprDecoder(cat[x, perturbation])`` -> velocity per gene                 (B, G)
 
 Training draws a random subset of genes per step and minimises the velocity MSE plus
-``gamma * MMD(x_t + (1 - t) v, target)``; sampling integrates from noise over all genes (or
-gene chunks) conditioned on control cells, and clamps expression at 0. Optionally
-(``source="control"``) the flow starts from the control cells themselves and transports them,
-and (``center=True``) works in coordinates centred on the control cells' mean.
+``gamma * MMD(x_t + (1 - t) v, target)``; sampling integrates from the source over all genes
+(or gene chunks) conditioned on control cells, and clamps expression at 0. The coupling, the
+time sampler and the source are parts the network is given (:class:`~pertflow.models.flow.FlowParts`).
 """
 
 from __future__ import annotations
@@ -22,29 +21,17 @@ import math
 import torch
 from torch import Tensor, nn
 
-from pertflow.flows import CondOTPath, couple, solve_ode
+from pertflow.data.keys import BATCH_KEYS
+from pertflow.flows import CondOTPath, ODESolver
 from pertflow.models.cfm.config import CFMConfig
-from pertflow.nn import ContinuousValueEncoder, ExprDecoder, GeneEncoder
-from pertflow.nn.attention import DiffPerceiverBlock
-from pertflow.nn.conditioning import GeneAdaLN, TimestepEmbedder
+from pertflow.models.config import PredictConfig
+from pertflow.models.flow import FlowParts
+from pertflow.nn import ExprDecoder, GeneEncoder
+from pertflow.nn.backbone import ExpressionTokens, GeneFlowBackbone
+from pertflow.nn.conditioning import TimestepEmbedder
 from pertflow.nn.loss import LossOutput
 from pertflow.nn.perturbation import PerturbationEncoder, unknown_perturbation_dropout
 from pertflow.ops.kernels import mmd2_rbf
-
-
-class BackboneLayer(nn.Module):
-    """GeneAdaLN -> concat perturbation -> adapter -> DiffPerceiverBlock."""
-
-    def __init__(self, d_model: int, n_heads: int, depth: int, mlp_ratio: float, differential: bool):
-        super().__init__()
-        self.gene_adaln = GeneAdaLN(d_model)
-        self.adapter = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.LeakyReLU(), nn.Linear(d_model, d_model), nn.LeakyReLU())
-        self.block = DiffPerceiverBlock(d_model, n_heads, depth, mlp_ratio, differential)
-
-    def forward(self, x: Tensor, gene_emb: Tensor, control_tokens: Tensor, pert_tokens: Tensor, c: Tensor) -> Tensor:
-        x = self.gene_adaln(gene_emb, x)
-        x = self.adapter(torch.cat([x, pert_tokens], dim=-1))
-        return self.block(x, control_tokens, c)
 
 
 class CFMModule(nn.Module):
@@ -54,6 +41,8 @@ class CFMModule(nn.Module):
     ----------
     config
         Architecture and loss settings.
+    parts
+        Coupling, time sampler and source of the flow.
     gene_tokens
         (G_full,) vocabulary ids of the model's genes, in column order.
     n_tokens, first_other_token, pad_id, unk_id
@@ -65,6 +54,7 @@ class CFMModule(nn.Module):
     def __init__(
         self,
         config: CFMConfig,
+        parts: FlowParts,
         gene_tokens: Tensor,
         n_tokens: int,
         first_other_token: int,
@@ -74,18 +64,15 @@ class CFMModule(nn.Module):
     ):
         super().__init__()
         self.config = config
+        self.parts = parts
         self.pad_id, self.unk_id = pad_id, unk_id
         d = config.d_model
         self.register_buffer("gene_tokens", gene_tokens.long())
         self.gene_encoder = GeneEncoder(n_tokens, d, padding_idx=pad_id)
-        self.state_encoder = ContinuousValueEncoder(d, config.dropout)
-        self.control_encoder = ContinuousValueEncoder(d, config.dropout)
-        self.fusion = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, d), nn.LayerNorm(d))
+        self.tokens = ExpressionTokens(d, config.dropout)
         self.perturbation_encoder = PerturbationEncoder(n_tokens, first_other_token, pad_id, d, descriptors)
         self.time_embedder = TimestepEmbedder(d)
-        self.layers = nn.ModuleList(
-            BackboneLayer(d, config.n_heads, i, config.mlp_ratio, config.differential_attention) for i in range(config.n_layers)
-        )
+        self.backbone = GeneFlowBackbone(d, config.n_heads, config.n_layers, config.mlp_ratio, config.differential_attention)
         self.decoder = ExprDecoder(2 * d, d)
         self.path = CondOTPath()
 
@@ -114,13 +101,10 @@ class CFMModule(nn.Module):
         """
         tokens = self.gene_tokens if gene_idx is None else self.gene_tokens[gene_idx]
         gene_emb = self.gene_encoder(tokens).unsqueeze(0)  # (1, G, d), broadcast over cells
-        control_tokens = self.control_encoder(control)
-        x = self.fusion(torch.cat([self.state_encoder(x_t), control_tokens], dim=-1)) + gene_emb
+        x, control_tokens = self.tokens(x_t, control, gene_emb)
         pert = self.perturbation_encoder(pert_ids, self.gene_encoder)
         c = self.time_embedder(t) + pert
-        pert_tokens = pert.unsqueeze(1).expand(-1, x.shape[1], -1)
-        for layer in self.layers:
-            x = layer(x, gene_emb, control_tokens, pert_tokens, c)
+        x, pert_tokens = self.backbone(x, gene_emb, control_tokens, pert, c)
         return self.decoder(torch.cat([x, pert_tokens], dim=-1)).pred
 
     def loss(self, batch: dict[str, Tensor]) -> LossOutput:
@@ -129,7 +113,7 @@ class CFMModule(nn.Module):
         ``batch``: ``target`` (B, G_full) perturbed cells, ``control`` (B, G_full) control cells of
         the same context, ``pert_ids`` (B, K).
         """
-        target, control, pert_ids = batch["target"], batch["control"], batch["pert_ids"]
+        target, control, pert_ids = batch[BATCH_KEYS.TARGET], batch[BATCH_KEYS.CONTROL], batch[BATCH_KEYS.PERT_IDS]
         if self.training:
             pert_ids = unknown_perturbation_dropout(pert_ids, self.pad_id, self.unk_id, self.config.unknown_perturbation_p)
         n_genes = target.shape[1]
@@ -139,24 +123,24 @@ class CFMModule(nn.Module):
             target, control = target[:, gene_idx], control[:, gene_idx]
         offset = self.control_offset(control)
         target, control = target - offset, control - offset
-        x0 = self.source(control, None)
-        target = couple(x0, target, self.config.coupling)
-        t = torch.rand(target.shape[0], device=target.device)
-        path = self.path.sample(t, x0, target)
+        x_0 = self.parts.source(control)
+        x_1 = self.parts.coupling(x_0, target)
+        t = self.parts.time_sampler(x_1.shape[0], x_1.device)
+        path = self.path.sample(t, x_0, x_1)
         v = self.velocity(t, path.x_t, self.reference_cells(control), pert_ids, gene_idx)
         mse = ((v.float() - path.dx_t.float()) ** 2).mean()
         loss = mse
         metrics = {"mse": float(mse.detach())}
-        if self.config.gamma > 0 and target.shape[0] >= 2:
+        if self.config.gamma > 0 and x_1.shape[0] >= 2:
             x1_hat = self.path.target_estimate(path.x_t, v, t)
-            mmd = mmd2_rbf(x1_hat.float(), target.float())
+            mmd = mmd2_rbf(x1_hat.float(), x_1.float())
             loss = loss + self.config.gamma * mmd
             metrics["mmd"] = float(mmd.detach())
         return LossOutput(loss=loss, metrics=metrics)
 
     def control_offset(self, control: Tensor) -> Tensor:
         """(1, G) what the flow's coordinates are relative to: the control batch's mean per gene
-        with ``center``, else 0 (see ``CFMConfig.center``)."""
+        with ``center``, else 0 (see ``GeneFlowConfig.center``)."""
         if self.config.center:
             return control.mean(dim=0, keepdim=True)
         return torch.zeros_like(control[:1])
@@ -164,32 +148,21 @@ class CFMModule(nn.Module):
     def reference_cells(self, control: Tensor) -> Tensor:
         """The control cells the network is conditioned on, one per row of ``control``: the cells
         themselves, or with ``source="control"`` and ``reference_cell="other"`` another control
-        cell of the batch (the batch rolled by one; see ``CFMConfig.reference_cell``)."""
+        cell of the batch (the batch rolled by one; see ``GeneFlowConfig.reference_cell``)."""
         if self.config.source == "control" and self.config.reference_cell == "other" and control.shape[0] > 1:
             return control.roll(1, dims=0)
         return control
 
-    def source(self, control: Tensor, generator: torch.Generator | None) -> Tensor:
-        """The flow's starting points (t = 0) for a batch of control cells (see ``CFMConfig.source``)."""
-        if generator is None:
-            noise = torch.randn_like(control)
-        else:
-            noise = torch.randn(control.shape, generator=generator).to(control.device, control.dtype)
-        if self.config.source == "noise":
-            return noise
-        return control + self.config.source_noise * noise
-
-    def gene_chunks(self, generator: torch.Generator | None) -> list[Tensor | None]:
-        """All genes (``[None]``), or a random partition into chunks of about ``inference_gene_chunk``."""
-        chunk = self.config.inference_gene_chunk
+    def gene_chunks(self, chunk: int | None, generator: torch.Generator | None) -> list[Tensor | None]:
+        """All genes (``[None]``), or a random partition into chunks of about ``chunk`` genes."""
         if chunk is None or chunk >= self.n_genes:
             return [None]
         perm = torch.randperm(self.n_genes, generator=generator).to(self.gene_tokens.device)
         return list(perm.chunk(math.ceil(self.n_genes / chunk)))
 
     @torch.no_grad()
-    def sample(self, control: Tensor, pert_ids: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Generate perturbed cells from the source (noise by default), one per control cell.
+    def sample(self, control: Tensor, pert_ids: Tensor, settings: PredictConfig, generator: torch.Generator | None = None) -> Tensor:
+        """Generate perturbed cells from the source, one per control cell.
 
         Parameters
         ----------
@@ -197,6 +170,8 @@ class CFMModule(nn.Module):
             (B, G_full) control cells.
         pert_ids
             (B, K) perturbation token ids.
+        settings
+            The solver, its steps and the gene chunks.
         generator
             Seeds the noise and the gene chunks.
 
@@ -207,19 +182,19 @@ class CFMModule(nn.Module):
         """
         offset = self.control_offset(control)
         control = control - offset
-        start = self.source(control, generator)
+        start = self.parts.source(control, generator)
         reference = self.reference_cells(control)
         out = torch.empty_like(control)
-        for idx in self.gene_chunks(generator):
+        for idx in self.gene_chunks(settings.gene_chunk, generator):
             sub_control = reference if idx is None else reference[:, idx]
-            x0 = start if idx is None else start[:, idx]
+            x_0 = start if idx is None else start[:, idx]
 
             def field(t: Tensor, x: Tensor, sub_control: Tensor = sub_control, idx: Tensor | None = idx) -> Tensor:
                 return self.velocity(t, x, sub_control, pert_ids, idx)
 
-            x1 = solve_ode(field, x0, self.config.ode_method, self.config.ode_steps)
+            x_1 = ODESolver(field).sample(x_0, settings.ode_method, settings.ode_steps)
             if idx is None:
-                out = x1
+                out = x_1
             else:
-                out[:, idx] = x1
+                out[:, idx] = x_1
         return (out + offset).clamp(min=0)

@@ -12,18 +12,11 @@ from pertflow.models.scgpt.checkpoint import (
     load_pretrained,
 )
 from pertflow.models.scgpt.config import ScGPTConfig
-from pertflow.models.scgpt.extractor import (
-    FeatureCache,
-    FrozenScGPTExtractor,
-    GeneFeatures,
-)
+from pertflow.models.scgpt.extractor import FrozenScGPTExtractor
+from pertflow.models.scgpt.feature_cache import FeatureCache, GeneFeatures
 from pertflow.models.scgpt.losses import ScGPTLossWeights, random_mask_value, scgpt_loss
-from pertflow.models.scgpt.module import (
-    MultiOmicTransformerModel,
-    ScGPTOutput,
-    TransformerGenerator,
-    TransformerModel,
-)
+from pertflow.models.scgpt.generation_model import TransformerGenerator
+from pertflow.models.scgpt.transformer import MultiOmicTransformerModel, ScGPTOutput, TransformerModel
 
 __all__ = [
     "FeatureCache",

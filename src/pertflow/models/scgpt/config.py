@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pertflow.errors import InputError
+from pertflow.models.scgpt.tokens import CLS, PAD, SPECIAL_TOKENS
 
 INPUT_EMB_STYLES = ("continuous", "category", "scaling")
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
@@ -23,7 +24,6 @@ MVC_DECODER_STYLES = ("inner product", "inner product, detach", "concat query", 
 DSBN_CHOICES = (False, True, "dsbn", "do_affine", "batchnorm")
 GENERATOR_DECODERS = ("affine", "expr")
 
-SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 
 # args.json key -> ScGPTConfig field. Several spellings exist because scGPT's pretraining script,
 # its fine-tuning tutorials and its hyper-parameter dicts each name the same setting differently.
@@ -104,7 +104,9 @@ class ScGPTConfig:
     Attributes
     ----------
     ntoken
-        Gene vocabulary size, including the special tokens (whole-human model: 60697).
+        Gene vocabulary size, including the special tokens (whole-human model: 60697). 0 in a
+        config written before the vocabulary is known (a ``model`` section of a run); the
+        network is built from :meth:`architecture` with the vocabulary's size.
     pad_token_id
         Id of ``<pad>`` in the vocabulary; the gene embedding's ``padding_idx``.
     cls_token_id
@@ -167,7 +169,7 @@ class ScGPTConfig:
         MultiOmicTransformerModel: modality-type embedding (``mod_encoder``) of ``ntokens_mod`` types.
     """
 
-    ntoken: int
+    ntoken: int = 0
     pad_token_id: int = 0
     cls_token_id: int | None = None
     d_model: int = 512
@@ -177,7 +179,7 @@ class ScGPTConfig:
     nlayers_cls: int = 3
     n_cls: int = 1
     dropout: float = 0.2
-    pad_token: str = "<pad>"
+    pad_token: str = PAD
     pad_value: float = -2.0
     mask_value: float = -1.0
     do_mvc: bool = False
@@ -215,14 +217,16 @@ class ScGPTConfig:
 
     def _problems(self) -> list[str]:
         p: list[str] = []
-        for name in ("ntoken", "d_model", "nhead", "d_hid", "nlayers", "max_seq_len"):
+        for name in ("d_model", "nhead", "d_hid", "nlayers", "max_seq_len"):
             if int(getattr(self, name)) <= 0:
                 p.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.ntoken < 0:
+            p.append(f"ntoken must be positive (or 0 until the vocabulary is known), got {self.ntoken}")
         if self.nhead > 0 and self.d_model % self.nhead:
             p.append(f"d_model ({self.d_model}) must be divisible by nhead ({self.nhead})")
-        if not 0 <= self.pad_token_id < self.ntoken:
+        if self.ntoken and not 0 <= self.pad_token_id < self.ntoken:
             p.append(f"pad_token_id {self.pad_token_id} outside the vocabulary [0, {self.ntoken})")
-        if self.cls_token_id is not None and not 0 <= self.cls_token_id < self.ntoken:
+        if self.ntoken and self.cls_token_id is not None and not 0 <= self.cls_token_id < self.ntoken:
             p.append(f"cls_token_id {self.cls_token_id} outside the vocabulary [0, {self.ntoken})")
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout must be in [0, 1), got {self.dropout}")
@@ -277,6 +281,20 @@ class ScGPTConfig:
         return self.d_model // self.nhead
 
     # ------------------------------------------------------------------ construction
+    def architecture(self, **overrides: Any) -> ScGPTConfig:
+        """This config's scGPT fields as a plain :class:`ScGPTConfig`, with ``overrides``.
+
+        A run's ``model`` section (the generator's, the pretraining's) is an ScGPTConfig plus
+        training settings of its own; the network is built from this, with the vocabulary's
+        size and token ids filled in.
+        """
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ScGPTConfig)}
+        values.update(overrides)
+        config = ScGPTConfig(**values)
+        if config.ntoken < 1:
+            raise InputError("the scGPT network needs ntoken > 0: build it with the vocabulary's size.")
+        return config
+
     def replace(self, **overrides: Any) -> ScGPTConfig:
         """Return a copy with some fields changed; an unknown field fails and lists the valid ones."""
         check_fields(overrides)
@@ -322,7 +340,7 @@ class ScGPTConfig:
             check_fields(values)
         else:
             values = fields_from_scgpt_args(args)
-        pad_token = str(overrides.get("pad_token", values.get("pad_token", "<pad>")))
+        pad_token = str(overrides.get("pad_token", values.get("pad_token", PAD)))
         if pad_token not in vocab:
             raise InputError(
                 f"The vocabulary has no padding token {pad_token!r}. Add it to vocab.json or set "
@@ -330,8 +348,8 @@ class ScGPTConfig:
             )
         values.setdefault("ntoken", max(vocab.values()) + 1)
         values["pad_token_id"] = int(vocab[pad_token])
-        if "<cls>" in vocab:
-            values.setdefault("cls_token_id", int(vocab["<cls>"]))
+        if CLS in vocab:
+            values.setdefault("cls_token_id", int(vocab[CLS]))
         values.update(overrides)
         extra = {k: v for k, v in args.items() if k not in _ARGS_KEY_TO_FIELD and k != "pertflow_config"}
         return cls(**values, extra=extra)

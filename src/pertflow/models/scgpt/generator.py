@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from pertflow.models.base import TokenPerturbationModel
+from pertflow.data.keys import BATCH_KEYS
+from pertflow.models.config import PredictConfig
+from pertflow.models.network import NetworkModel
 from pertflow.models.scgpt.config import ScGPTConfig
+from pertflow.models.scgpt.generation_model import TransformerGenerator
 from pertflow.models.scgpt.losses import perturbation_loss
-from pertflow.models.scgpt.module import TransformerGenerator
 from pertflow.nn.loss import LossOutput
 from pertflow.nn.perturbation import unknown_perturbation_dropout
 
@@ -33,25 +34,19 @@ PERTURBED, NOT_PERTURBED, FLAG_PAD = 1, 0, 2
 
 
 @dataclass(frozen=True)
-class GeneratorConfig:
-    """The ``model`` section of a ``scgpt-generator`` run.
+class GeneratorConfig(ScGPTConfig):
+    """The ``model`` section of a ``scgpt-generator`` run: an :class:`ScGPTConfig` (scGPT's names;
+    the defaults here are a small CPU size, the vocabulary fields are filled in from the data)
+    plus what training needs.
 
     Attributes
     ----------
-    d_model, nhead, d_hid, nlayers, dropout
-        Transformer size (scGPT's names).
-    decoder
-        ``affine`` (``A * x + b``) or ``expr`` (scGPT's plain ExprDecoder).
     genes_per_step
         Random genes per training step (all genes when the data has fewer).
-    predict_gene_chunk
-        Genes per forward pass at prediction (None: all at once).
     max_components
         Most components of a combination.
     unknown_perturbation_p
         Share of training batches read as ``<unk>``.
-    predict_batch_size
-        Cells per forward pass at prediction.
     """
 
     d_model: int = 64
@@ -59,12 +54,9 @@ class GeneratorConfig:
     d_hid: int = 128
     nlayers: int = 2
     dropout: float = 0.1
-    decoder: Literal["affine", "expr"] = "affine"
     genes_per_step: int = 512
-    predict_gene_chunk: int | None = None
     max_components: int = 2
     unknown_perturbation_p: float = 0.1
-    predict_batch_size: int = 64
 
 
 class GeneratorModule(nn.Module):
@@ -85,20 +77,7 @@ class GeneratorModule(nn.Module):
         self.config = config
         self.pad_id, self.unk_id = pad_id, unk_id
         self.register_buffer("gene_tokens", gene_tokens.long())
-        self.generator = TransformerGenerator(
-            ScGPTConfig(
-                ntoken=n_tokens,
-                pad_token_id=pad_id,
-                d_model=config.d_model,
-                nhead=config.nhead,
-                d_hid=config.d_hid,
-                nlayers=config.nlayers,
-                dropout=config.dropout,
-                generator_decoder=config.decoder,
-                n_pert_flags=3,
-                pert_pad_id=FLAG_PAD,
-            )
-        )
+        self.network = TransformerGenerator(config.architecture(ntoken=n_tokens, pad_token_id=pad_id, n_pert_flags=3, pert_pad_id=FLAG_PAD))
 
     def perturbed_columns(self, pert_ids: Tensor) -> Tensor:
         """Columns (expression genes) that are components of any perturbation of the batch."""
@@ -126,11 +105,11 @@ class GeneratorModule(nn.Module):
     def predict_columns(self, control: Tensor, columns: Tensor, pert_ids: Tensor) -> Tensor:
         """(B, g) predicted expression of the genes ``columns`` (control given on those genes)."""
         ids, values, flags, padding = self.inputs(control, columns, pert_ids)
-        return self.generator(ids, values, flags, padding).mlm_output[:, : len(columns)]
+        return self.network(ids, values, flags, padding).mlm_output[:, : len(columns)]
 
     def loss(self, batch: dict[str, Tensor]) -> LossOutput:
         """MSE of the predicted perturbed cell on a random gene subset (perturbed genes included)."""
-        target, control, pert_ids = batch["target"], batch["control"], batch["pert_ids"]
+        target, control, pert_ids = batch[BATCH_KEYS.TARGET], batch[BATCH_KEYS.CONTROL], batch[BATCH_KEYS.PERT_IDS]
         if self.training:
             pert_ids = unknown_perturbation_dropout(pert_ids, self.pad_id, self.unk_id, self.config.unknown_perturbation_p)
         n_genes = target.shape[1]
@@ -143,10 +122,11 @@ class GeneratorModule(nn.Module):
         return LossOutput(loss=mse, metrics={"mse": float(mse.detach())})
 
     @torch.no_grad()
-    def sample(self, control: Tensor, pert_ids: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """(B, G) predicted expression of all genes, clamped at 0; genes in chunks if configured."""
+    def sample(self, control: Tensor, pert_ids: Tensor, settings: PredictConfig, generator: torch.Generator | None = None) -> Tensor:
+        """(B, G) predicted expression of all genes, clamped at 0; genes in chunks of about
+        ``settings.gene_chunk`` (the perturbed genes in every chunk) when it is set."""
         n_genes = control.shape[1]
-        chunk = self.config.predict_gene_chunk
+        chunk = settings.gene_chunk
         if chunk is None or chunk >= n_genes:
             chunks = [torch.arange(n_genes, device=control.device)]
         else:
@@ -159,11 +139,12 @@ class GeneratorModule(nn.Module):
         return out.clamp(min=0)
 
 
-class ScGPTGenerator(TokenPerturbationModel):
+class ScGPTGenerator(NetworkModel):
     """scGPT's perturbation model; see the module docstring."""
 
     name = "scgpt-generator"
     config_class = GeneratorConfig
+    default_predict_config = PredictConfig(batch_size=64)
 
     def build_module(self) -> GeneratorModule:
         vocab = self.vocab

@@ -28,7 +28,7 @@ from torch import Tensor
 from pertflow.nn.loss import LossOutput
 
 if TYPE_CHECKING:  # module.py imports this file, so the output type is imported for annotations only
-    from pertflow.models.scgpt.module import ScGPTOutput
+    from pertflow.models.scgpt.transformer import ScGPTOutput
 
 
 def _zero_with_grad(reference: Tensor) -> Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -25,35 +24,29 @@ from pertflow.data.dataset import PerturbationData
 from pertflow.data.sampler import SeededStream
 from pertflow.errors import InputError
 from pertflow.io import write_json
-from pertflow.models.base import ExpressionCache
+from pertflow.data.view import ExpressionCache
 from pertflow.models.scgpt.checkpoint import export_pretrained
 from pertflow.models.scgpt.config import ScGPTConfig
+from pertflow.models.scgpt.tokens import CLS, PAD, SPECIAL_TOKENS
 from pertflow.models.scgpt.extractor import bin_expression
 from pertflow.models.scgpt.losses import ScGPTLossWeights, random_mask_value
-from pertflow.models.scgpt.module import TransformerModel
+from pertflow.models.scgpt.transformer import TransformerModel
 from pertflow.train import Trainer, TrainConfig
 
-SPECIAL = ("<pad>", "<cls>", "<eoc>")
-
-
 @dataclass(frozen=True)
-class PretrainConfig:
-    """The ``model`` section of ``pertflow pretrain``.
+class PretrainConfig(ScGPTConfig):
+    """The ``model`` section of ``pertflow pretrain``: an :class:`ScGPTConfig` (scGPT's names; the
+    defaults here are a small CPU size; the vocabulary fields, ``do_mvc``, ``do_dab`` and
+    ``num_batch_labels`` are set from the data and the weights below) plus what pretraining needs.
 
     Attributes
     ----------
-    d_model, nhead, d_hid, nlayers, dropout, pre_norm
-        Transformer size (scGPT's names).
     n_bins
         Per-cell value bins (51 in the released models); None feeds log1p values.
-    max_seq_len
-        Sequence length, ``<cls>`` included.
     include_zero_genes
         Sample a cell's genes among all genes, not only its non-zero ones.
     mask_ratio
         Share of a cell's values to mask and predict.
-    explicit_zero_prob
-        Also predict the probability that a value is zero.
     mvc, ecs, cce, dab
         Weights of the extra objectives (0 off). DAB needs a batch column in the data spec.
     val_fraction
@@ -65,18 +58,15 @@ class PretrainConfig:
     d_hid: int = 128
     nlayers: int = 2
     dropout: float = 0.1
-    pre_norm: bool = False
-    n_bins: int | None = 51
     max_seq_len: int = 256
+    n_bins: int | None = 51
     include_zero_genes: bool = False
     mask_ratio: float = 0.4
-    explicit_zero_prob: bool = False
     mvc: float = 0.0
     ecs: float = 0.0
     cce: float = 0.0
     dab: float = 0.0
     val_fraction: float = 0.05
-    cell_emb_style: Literal["cls", "avg-pool", "w-pool"] = "cls"
 
 
 class MaskedCellBatches(SeededStream):
@@ -131,9 +121,9 @@ def pretrain(data: PerturbationData, out: str | Path, config: PretrainConfig, tr
     if (out / "args.json").is_file() and not resume:
         raise InputError(f"{out} already holds a pretrained model. Choose a new --out, or resume with --resume.")
     symbols = [str(s) for s in data.gene_symbols]
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL, *symbols])}
-    if len(vocab) != len(SPECIAL) + len(symbols):
-        raise InputError("gene symbols collide with scGPT's special tokens (<pad>, <cls>, <eoc>); rename those genes.")
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *symbols])}
+    if len(vocab) != len(SPECIAL_TOKENS) + len(symbols):
+        raise InputError(f"gene symbols collide with scGPT's special tokens {SPECIAL_TOKENS}; rename those genes.")
     batch_col = data.spec.batch_col
     if config.dab and batch_col is None:
         raise InputError("the DAB objective needs a batch column: set batch_col in the data spec (--batch-col) or dab=0.")
@@ -142,12 +132,9 @@ def pretrain(data: PerturbationData, out: str | Path, config: PretrainConfig, tr
     if config.dab:
         codes = np.unique(data.adata.obs[batch_col].astype(str).to_numpy(), return_inverse=True)[1]
         labels, n_batches = codes.astype(np.int64), int(codes.max()) + 1
-    scgpt = ScGPTConfig(
-        ntoken=len(vocab), pad_token_id=vocab["<pad>"], cls_token_id=vocab["<cls>"], d_model=config.d_model,
-        nhead=config.nhead, d_hid=config.d_hid, nlayers=config.nlayers, dropout=config.dropout,
-        pre_norm=config.pre_norm, explicit_zero_prob=config.explicit_zero_prob, do_mvc=config.mvc > 0,
-        do_dab=config.dab > 0, num_batch_labels=n_batches, max_seq_len=config.max_seq_len,
-        cell_emb_style=config.cell_emb_style, use_fast_transformer=True,
+    scgpt = config.architecture(
+        ntoken=len(vocab), pad_token_id=vocab[PAD], cls_token_id=vocab[CLS], do_mvc=config.mvc > 0,
+        do_dab=config.dab > 0, num_batch_labels=n_batches,
     )
     rng = np.random.default_rng(train_config.seed)
     all_rows = np.arange(data.n_cells)

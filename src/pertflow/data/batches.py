@@ -1,0 +1,95 @@
+"""Paired training batches as tensors: B perturbed cells and B controls of one context.
+
+:class:`PairedBatches` turns the row indices of :class:`~pertflow.data.sampler.PairedBatchSampler`
+into the tensors a network trains on, under the keys of :data:`pertflow.data.keys.BATCH_KEYS`.
+A model that needs more than expression asks for it by name, without a loader of its own:
+
+* ``target_arrays`` / ``control_arrays``: per-cell arrays (anything with ``get(rows)``, such as a
+  cached latent or counts) read for the batch's target or control rows;
+* ``group_arrays``: functions of the batch's (perturbation, context), such as a baseline's
+  predicted shift, repeated over the batch's rows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from pertflow.data.keys import BATCH_KEYS
+from pertflow.data.sampler import PairedBatchSampler
+
+if TYPE_CHECKING:
+    from pertflow.data.view import SplitView
+
+
+class RowArray(Protocol):
+    """Anything that returns a per-cell array for rows of the dataset."""
+
+    def get(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+GroupArray = Callable[[str, str], np.ndarray]
+
+
+class PairedBatches:
+    """Seeded training batches over ``rows`` of a split view (see the module docstring).
+
+    ``next_batch()`` returns ``target`` (B, G) and ``control`` (B, G) float32 expression,
+    ``pert_ids`` (B, K) tokens, and the arrays asked for; its state (the sampler's generator)
+    is what a checkpoint saves, so a resumed run draws the same batches.
+    """
+
+    def __init__(
+        self,
+        view: SplitView,
+        rows: np.ndarray,
+        batch_size: int,
+        seed: int,
+        max_components: int,
+        weighting: str = "cells",
+        include_controls: bool = False,
+        target_arrays: dict[str, RowArray] | None = None,
+        control_arrays: dict[str, RowArray] | None = None,
+        group_arrays: dict[str, GroupArray] | None = None,
+    ):
+        self.view = view
+        self.max_components = max_components
+        self.target_arrays = dict(target_arrays or {})
+        self.control_arrays = dict(control_arrays or {})
+        self.group_arrays = dict(group_arrays or {})
+        taken = set(BATCH_KEYS) & (set(self.target_arrays) | set(self.control_arrays) | set(self.group_arrays))
+        if taken:
+            raise ValueError(f"extra batch arrays may not reuse the keys {sorted(taken)}")
+        self.sampler = PairedBatchSampler.from_data(
+            view.data, rows, batch_size, seed, weighting=weighting, include_controls=include_controls
+        )
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        b = self.sampler.sample()
+        view = self.view
+        comps = view.data.components(b.perturbation)
+        ids = view.vocab.encode([comps] * len(b.target_rows), self.max_components)
+        batch = {
+            BATCH_KEYS.TARGET: torch.from_numpy(view.expression.get(b.target_rows)),
+            BATCH_KEYS.CONTROL: torch.from_numpy(view.expression.get(b.control_rows)),
+            BATCH_KEYS.PERT_IDS: torch.from_numpy(ids),
+        }
+        for name, source in self.target_arrays.items():
+            batch[name] = torch.from_numpy(np.ascontiguousarray(source.get(b.target_rows)))
+        for name, source in self.control_arrays.items():
+            batch[name] = torch.from_numpy(np.ascontiguousarray(source.get(b.control_rows)))
+        for name, fn in self.group_arrays.items():
+            value = np.asarray(fn(b.perturbation, b.context), dtype=np.float32)
+            batch[name] = torch.from_numpy(np.repeat(value[None], len(b.target_rows), axis=0))
+        return batch
+
+    def shard(self, process_index: int) -> None:
+        self.sampler.shard(process_index)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)

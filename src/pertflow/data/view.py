@@ -1,0 +1,163 @@
+"""A dataset seen through a split: what a model may use to fit, to predict and to be scored.
+
+A :class:`SplitView` is built once from a :class:`~pertflow.data.dataset.PerturbationData` and
+a :class:`~pertflow.data.splits.Split` and handed to ``fit``, ``predict`` and ``evaluate``: the
+split is checked against the data once, the gene list is worked out once, and the expression
+of the cells a model may see (training and validation cells, never test cells) is read once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from pertflow.data.dataset import PerturbationData
+from pertflow.data.splits import Split, SplitRows
+from pertflow.data.vocab import build_vocabulary, load_descriptors
+from pertflow.errors import InputError
+
+DEFAULT_CACHE_BYTES = 4 * 2**30
+
+
+class ExpressionCache:
+    """Dense log1p expression of some rows of a dataset, on some genes.
+
+    Rows are materialised once when they fit in ``max_bytes``; otherwise each request reads its
+    rows from the file (backed data stays on disk). Asking for a row outside the cached set is
+    an error: that is how test cells stay out of a model's reach.
+    """
+
+    def __init__(self, data: PerturbationData, rows: np.ndarray, gene_idx: np.ndarray, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.data = data
+        self.gene_idx = gene_idx
+        rows = np.unique(rows)
+        self.position = pd.Series(np.arange(len(rows)), index=rows)
+        self.matrix: np.ndarray | None = None
+        if len(rows) * len(gene_idx) * 4 <= max_bytes:
+            self.matrix = data.log_expression(rows, gene_idx)
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        """(n, G) float32 expression of ``rows`` (rows of the dataset)."""
+        rows = np.asarray(rows)
+        missing = ~np.isin(rows, self.position.index)
+        if missing.any():
+            raise RuntimeError(f"rows {rows[missing][:5]} are not visible to the model (test cells are never cached)")
+        if self.matrix is None:
+            return self.data.log_expression(rows, self.gene_idx)
+        return self.matrix[self.position.loc[rows].to_numpy()]
+
+
+class SplitView:
+    """A dataset seen through a split (see the module docstring).
+
+    Attributes
+    ----------
+    data
+        The dataset.
+    split
+        The split.
+    rows
+        Row indices of the training, validation and test cells (checked against the data).
+    genes
+        The split's genes, in order (all genes of the data when the split names none).
+    gene_idx
+        Their column indices in the data.
+    vocab
+        The token vocabulary of the genes and the data's perturbations.
+    expression
+        Cached expression of the visible (training and validation) cells on :attr:`genes`.
+    """
+
+    def __init__(self, data: PerturbationData, split: Split, max_cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.data = data
+        self.split = split
+        self.rows: SplitRows = split.rows(data)
+        self.genes: list[str] = list(split.genes) if split.genes is not None else list(map(str, data.gene_names))
+        self.gene_idx = data.gene_indices(self.genes)
+        if len(self.genes) == 0:
+            raise InputError("the split selects no genes, so there is nothing to model. Rebuild the split with genes.")
+        symbols = [str(s) for s in data.gene_symbols[self.gene_idx]]
+        descriptors = load_descriptors(data.spec.descriptors_key, data.adata.uns) if data.spec.descriptors_key else None
+        self.vocab = build_vocabulary(symbols, (data.components(p) for p in data.perturbation_names), data.spec.genetic, descriptors)
+        self.visible = np.concatenate([self.rows.train, self.rows.val])
+        self.expression = ExpressionCache(data, self.visible, self.gene_idx, max_cache_bytes)
+
+    def __repr__(self) -> str:
+        return (
+            f"SplitView({self.split.name or 'split'}: {len(self.rows.train)} train, {len(self.rows.val)} val, "
+            f"{len(self.rows.test)} test cells; {len(self.genes)} genes)"
+        )
+
+    # ------------------------------------------------------------------ groups
+    def groups(self, rows: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+        """Rows by (perturbation, context), controls included under the control label."""
+        keys = pd.MultiIndex.from_arrays([self.data.perturbations[rows], self.data.contexts[rows]])
+        return {k: rows[v] for k, v in pd.Series(np.arange(len(rows))).groupby(keys).indices.items()}
+
+    def control_rows(self, context: str) -> np.ndarray:
+        """The control cells of a context that a model may see (train and validation), sorted."""
+        visible = self.visible
+        found = np.sort(visible[self.data.is_control[visible] & (self.data.contexts[visible] == context)])
+        if not len(found):
+            raise InputError(f"context '{context}' has no visible control cells, so nothing can be predicted from them.")
+        return found
+
+    def test_groups(self) -> dict[tuple[str, str], np.ndarray]:
+        """Test rows by (perturbation, context)."""
+        return self.groups(self.rows.test)
+
+    @property
+    def test_contexts(self) -> list[str]:
+        return sorted(set(self.data.contexts[self.rows.test]))
+
+    @property
+    def context_col(self) -> str | None:
+        """The context column to evaluate by: the split's, else the spec's when the test cells
+        span several contexts, else None."""
+        return self.split.context_col or self.data.single_context_col(self.rows.test)
+
+    @property
+    def training_perturbations(self) -> list[str]:
+        """Perturbations with training cells (control excluded), sorted."""
+        return sorted(set(self.data.perturbations[self.rows.train]) - {self.data.spec.control})
+
+    # ------------------------------------------------------------------ batches
+    def paired_batches(self, rows: np.ndarray, batch_size: int, seed: int, max_components: int, **options: Any):
+        """Paired training batches over ``rows`` (see :class:`pertflow.data.batches.PairedBatches`)."""
+        from pertflow.data.batches import PairedBatches
+
+        return PairedBatches(self, rows, batch_size, seed, max_components, **options)
+
+    def validation_batches(self, n_batches: int, batch_size: int, seed: int, max_components: int, **options: Any) -> list[dict] | None:
+        """A fixed list of batches of the split's validation cells (never test cells), or None.
+
+        Validation targets are the validation cells; their controls are drawn from all visible
+        controls of the same context (validation controls alone may be too few).
+        """
+        data = self.data
+        val_targets = self.rows.val[~data.is_control[self.rows.val]]
+        if len(val_targets) == 0:
+            return None
+        controls = self.visible[data.is_control[self.visible]]
+        if not set(data.contexts[val_targets]) <= set(data.contexts[controls]):
+            return None
+        source = self.paired_batches(np.concatenate([val_targets, controls]), batch_size, seed, max_components, **options)
+        return [source.next_batch() for _ in range(n_batches)]
+
+    # ------------------------------------------------------------------ AnnData views
+    def real_test_anndata(self) -> ad.AnnData:
+        """The real cells a prediction is scored against: test cells plus the test contexts'
+        visible controls, dense log1p on :attr:`genes`."""
+        controls = [self.control_rows(ctx) for ctx in self.test_contexts]
+        real = self.data.to_anndata(np.concatenate([self.rows.test, *controls]), self.gene_idx)
+        real.var_names = self.genes
+        return real
+
+    def train_anndata(self) -> ad.AnnData:
+        """The real training cells (CSR log1p on :attr:`genes`), for the evaluator's PCA and Systema reference."""
+        train = self.data.to_anndata(self.rows.train, self.gene_idx, sparse=True)
+        train.var_names = self.genes
+        return train

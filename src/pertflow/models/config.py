@@ -1,0 +1,43 @@
+"""Settings of prediction, kept apart from a model's architecture and training settings.
+
+A run's configuration has three sections: ``model`` (the family's frozen dataclass: what the
+weights are), ``train`` (:class:`pertflow.train.TrainConfig`: how they were learnt) and
+``predict`` (:class:`PredictConfig`: how cells are generated from them). Only the last can change
+after training: ``pertflow predict --set predict.ode_steps=4``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How a trained model generates cells (the ``predict`` section of a run config).
+
+    Attributes
+    ----------
+    batch_size
+        Cells generated per call of the network.
+    gene_chunk
+        None: a per-gene network reads all genes at once. A number: genes are split at random
+        into chunks of about this size, each generated on its own, as in training (linear
+        instead of quadratic cost in the number of genes; used on CPU).
+    ode_method, ode_steps
+        The flow models' ODE solver (``rk4``, ``euler``, ``midpoint``, ``dopri5``) and its fixed
+        steps (RK4: 4 network calls a step). Ignored by models without a flow.
+    """
+
+    batch_size: int = 128
+    gene_chunk: int | None = None
+    ode_method: Literal["rk4", "euler", "midpoint", "dopri5"] = "rk4"
+    ode_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.gene_chunk is not None and self.gene_chunk < 1:
+            raise ValueError(f"gene_chunk must be at least 1 (or null for all genes), got {self.gene_chunk}")
+        if self.ode_steps < 1:
+            raise ValueError(f"ode_steps must be at least 1, got {self.ode_steps}")

@@ -1,0 +1,132 @@
+"""A perturbation model backed by a network that reads perturbations as vocabulary tokens.
+
+The network (an ``nn.Module`` that knows only tensors) has ``loss(batch) -> LossOutput`` for the
+training engine and ``sample(control, pert_ids, settings, generator) -> cells`` for prediction.
+:class:`NetworkModel` does everything around it: training batches from the split view, the one
+training engine, the unknown-perturbation token, generation in blocks, persistence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pertflow.data.view import SplitView
+from pertflow.data.vocab import UNK
+from pertflow.models.base import PerturbationModel
+from pertflow.models.config import PredictConfig
+from pertflow.train.config import TrainConfig
+
+
+def inference_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class NetworkModel(PerturbationModel):
+    """A network that reads perturbations as vocabulary tokens.
+
+    It remembers the components it trained on, so that at inference a component it never learnt
+    (not trained, not an expression gene, no descriptor) is read as ``<unk>``. Subclasses
+    implement :meth:`build_module`; a model that needs more than expression in its batches
+    overrides :meth:`batch_arrays`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.trained_components: list[str] = []
+        self.module = self.build_module()
+
+    def build_module(self) -> torch.nn.Module:
+        """The network: ``loss(batch) -> LossOutput`` and
+        ``sample(control (B, G), pert_ids (B, K), settings, generator) -> (B, G)``."""
+        raise NotImplementedError
+
+    def batch_arrays(self, view: SplitView) -> dict[str, Any]:
+        """Extra arrays of the training batches (``target_arrays``, ``control_arrays``,
+        ``group_arrays`` of :class:`~pertflow.data.batches.PairedBatches`); none by default."""
+        return {}
+
+    @property
+    def max_components(self) -> int:
+        return self.config.max_components
+
+    # ------------------------------------------------------------------ training
+    def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False) -> None:
+        """Train the network on paired batches with the shared engine; keep the best weights."""
+        from pertflow.train.engine import Trainer
+
+        torch.manual_seed(train_config.seed)
+        self.module = self.build_module()
+        self.trained_components = sorted({c for p in view.training_perturbations for c in view.data.components(p)})
+        arrays = self.batch_arrays(view)
+        batches = view.paired_batches(
+            view.rows.train, train_config.batch_size, train_config.seed, self.max_components,
+            weighting=train_config.weighting, include_controls=train_config.include_controls, **arrays,
+        )
+        val = view.validation_batches(train_config.val_batches, train_config.batch_size, train_config.seed + 1, self.max_components, **arrays)
+        trainer = Trainer(self.module, train_config, run_dir, batches, val, metadata={**self.describe(), **self.extra_state()})
+        result = trainer.fit(resume=resume)
+        self.module.load_state_dict(trainer.final_weights())
+        self.module.to("cpu")
+        self.fit_report = {
+            "steps": result.steps,
+            "best_step": result.best_step,
+            "best_val_loss": result.best_val_loss,
+            "skipped_steps": result.skipped_steps,
+            "parameters": sum(p.numel() for p in self.module.parameters()),
+        }
+
+    # ------------------------------------------------------------------ prediction
+    def generate(
+        self,
+        controls: np.ndarray,
+        perturbation: str,
+        context: str,
+        rng: np.random.Generator,
+        settings: PredictConfig | None = None,
+    ) -> np.ndarray:
+        settings = settings or self.predict_config
+        device = inference_device()
+        module = self.module.to(device).eval()
+        ids = self.perturbation_ids(perturbation, 1)
+        out = []
+        # near-equal blocks of at most batch_size cells (no small trailing block: a model may use
+        # statistics of the control block, e.g. cfm's ``center``)
+        n_blocks = -(-len(controls) // settings.batch_size)
+        for rows in np.array_split(np.arange(len(controls)), n_blocks) if n_blocks else []:
+            block = torch.from_numpy(controls[rows]).to(device)
+            generator = torch.Generator().manual_seed(int(rng.integers(2**31 - 1)))
+            cells = module.sample(block, ids.expand(len(block), -1).to(device), settings, generator)
+            out.append(cells.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.genes)), dtype=np.float32)
+
+    def known_components(self, perturbation: str) -> list[str]:
+        """Components as the model can read them: one it has not learnt becomes ``<unk>``.
+
+        A component is learnt when a training perturbation contained it, when it is an
+        expression gene (its token is trained through expression), or when it has a descriptor.
+        """
+        described = set() if self.vocab.descriptors is None else set(self.vocab.descriptors.index)
+        known = set(self.trained_components) | set(self.vocab.expression_genes) | described
+        return [c if c in known else UNK for c in self.components(perturbation)]
+
+    def perturbation_ids(self, perturbation: str, n: int) -> torch.Tensor:
+        """(n, max_components) token ids of a perturbation, unknown components as ``<unk>``."""
+        ids = self.vocab.encode([self.known_components(perturbation)], self.max_components)
+        return torch.from_numpy(ids).expand(n, -1)
+
+    # ------------------------------------------------------------------ persistence
+    def extra_state(self) -> dict[str, Any]:
+        return {"trained_components": self.trained_components}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.trained_components = list(state.get("trained_components", []))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(tensors)

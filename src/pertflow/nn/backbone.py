@@ -1,0 +1,107 @@
+"""The gene-space flow backbone (scDFM's), shared by the flow models that work on per-gene tokens.
+
+Shapes: B cells, G genes, d width.
+
+* :class:`ExpressionTokens`: ``fusion(cat[enc_state(x_t), enc_control(control)]) + gene_emb`` (B, G, d),
+  and the control cell's own tokens, the reference of the attention blocks;
+* :class:`BackboneLayer`: GeneAdaLN -> concat perturbation -> adapter -> DiffPerceiverBlock;
+* :class:`GeneFlowBackbone`: L such layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pertflow.nn.attention import DiffPerceiverBlock
+from pertflow.nn.conditioning import GeneAdaLN
+from pertflow.nn.embeddings import ContinuousValueEncoder
+
+
+class ExpressionTokens(nn.Module):
+    """Per-gene tokens of a state being generated, read beside a control cell.
+
+    Two value encoders, one for the state ``x_t`` and one for the control cell, fused and added
+    to the gene embedding (added once, after the fusion).
+    """
+
+    def __init__(self, d_model: int, dropout: float = 0.0):
+        super().__init__()
+        d = d_model
+        self.state_encoder = ContinuousValueEncoder(d, dropout)
+        self.control_encoder = ContinuousValueEncoder(d, dropout)
+        self.fusion = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, d), nn.LayerNorm(d))
+
+    def forward(self, x_t: Tensor, control: Tensor, gene_emb: Tensor) -> tuple[Tensor, Tensor]:
+        """
+        Parameters
+        ----------
+        x_t, control
+            (B, G) state and control cells on the same genes.
+        gene_emb
+            (1, G, d) or (B, G, d) gene embeddings.
+
+        Returns
+        -------
+        tokens, control_tokens
+            (B, G, d) each.
+        """
+        control_tokens = self.control_encoder(control)
+        tokens = self.fusion(torch.cat([self.state_encoder(x_t), control_tokens], dim=-1)) + gene_emb
+        return tokens, control_tokens
+
+
+class BackboneLayer(nn.Module):
+    """GeneAdaLN -> concat perturbation -> adapter -> DiffPerceiverBlock."""
+
+    def __init__(self, d_model: int, n_heads: int, depth: int, mlp_ratio: float, differential: bool):
+        super().__init__()
+        self.gene_adaln = GeneAdaLN(d_model)
+        self.adapter = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.LeakyReLU(), nn.Linear(d_model, d_model), nn.LeakyReLU())
+        self.block = DiffPerceiverBlock(d_model, n_heads, depth, mlp_ratio, differential)
+
+    def forward(self, x: Tensor, gene_emb: Tensor, control_tokens: Tensor, pert_tokens: Tensor, c: Tensor) -> Tensor:
+        x = self.gene_adaln(gene_emb, x)
+        x = self.adapter(torch.cat([x, pert_tokens], dim=-1))
+        return self.block(x, control_tokens, c)
+
+
+class GeneFlowBackbone(nn.Module):
+    """``n_layers`` :class:`BackboneLayer` s over per-gene tokens.
+
+    Parameters
+    ----------
+    d_model, n_heads, n_layers, mlp_ratio
+        Width, attention heads, layers, MLP width ratio.
+    differential
+        scDFM's differential attention (True) or plain attention (an ablation).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_layers: int, mlp_ratio: float = 4.0, differential: bool = True):
+        super().__init__()
+        self.layers = nn.ModuleList(BackboneLayer(d_model, n_heads, i, mlp_ratio, differential) for i in range(n_layers))
+
+    def forward(self, x: Tensor, gene_emb: Tensor, control_tokens: Tensor, pert: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """
+        Parameters
+        ----------
+        x
+            (B, G, d) tokens.
+        gene_emb
+            (1, G, d) or (B, G, d) gene embeddings.
+        control_tokens
+            (B, G, d) the control cells' tokens.
+        pert
+            (B, d) perturbation embedding, concatenated to every token.
+        c
+            (B, d) condition of the AdaLN blocks.
+
+        Returns
+        -------
+        x, pert_tokens
+            (B, G, d) tokens, and the perturbation tokens (B, G, d) the layers read (for a decoder).
+        """
+        pert_tokens = pert.unsqueeze(1).expand(-1, x.shape[1], -1)
+        for layer in self.layers:
+            x = layer(x, gene_emb, control_tokens, pert_tokens, c)
+        return x, pert_tokens

@@ -1,0 +1,81 @@
+"""The layers of the package import only downward (as scanpy's test_package_structure checks its own).
+
+data knows AnnData and nothing above it; nn, flows and ops know only tensors; train knows no
+model, dataset or metric; eval knows no model; models know no workflow; the CLI calls only the
+public API. Every import counts, also those inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pertflow"
+TOP_LEVEL = ("api", "cli", "benchmark", "demo")
+
+ANNDATA = {"!anndata", "!scanpy"}  # outside packages are written "!name"
+# layer -> what it may not import
+FORBIDDEN = {
+    "data": {"models", "train", "eval", "nn", "flows", "ops", *TOP_LEVEL},
+    "nn": {"data", "models", "train", "eval", *TOP_LEVEL, *ANNDATA},
+    "flows": {"data", "models", "train", "eval", "nn", *TOP_LEVEL, *ANNDATA},
+    "ops": {"data", "models", "train", "eval", "nn", "flows", *TOP_LEVEL, *ANNDATA},
+    "train": {"data", "models", "eval", *TOP_LEVEL},
+    "eval": {"models", "train", *TOP_LEVEL},
+    "models": {"eval", *TOP_LEVEL},
+}
+CLI_MAY_IMPORT = {"api", "errors", "__version__"}
+MAX_LINES = 600
+
+
+def sources() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def layer_of(path: Path) -> str:
+    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+
+
+def imported(path: Path) -> set[str]:
+    """What a file imports: the pertflow part after ``pertflow.`` (first component), or the
+    outside package's top-level name prefixed with ``!``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+            if node.module == "pertflow":
+                names = [f"pertflow.{a.name}" for a in node.names]
+        for name in names:
+            if name == "pertflow" or name.startswith("pertflow."):
+                found.add(name.removeprefix("pertflow").lstrip(".").split(".")[0])
+            else:
+                found.add("!" + name.split(".")[0])
+    return found
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def g():\n    from pertflow.models.base import X\n    import anndata as ad\n")
+    assert imported(f) == {"models", "!anndata"}
+
+
+@pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_layers_import_only_downward(path):
+    layer = layer_of(path)
+    used = imported(path)
+    if layer == "cli":
+        wrong = {u for u in used if not u.startswith("!") and u not in CLI_MAY_IMPORT}
+        assert not wrong, f"the CLI reaches past the API into {sorted(wrong)}"
+        return
+    wrong = used & FORBIDDEN.get(layer, set())
+    assert not wrong, f"{path.relative_to(PACKAGE)} ({layer}) imports {sorted(wrong)}"
+
+
+def test_no_source_file_is_too_long_to_read():
+    long = {str(p.relative_to(PACKAGE)): n for p in sources() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"files over {MAX_LINES} lines: {long}"
