@@ -207,7 +207,10 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown_table(summary: pd.DataFrame, metrics: tuple[str, ...] = KEY_METRICS) -> str:
-    """One table per task, the best model of each column in bold (direction from the metric)."""
+    """One table per task, the best model of each column in bold (direction from the metric).
+
+    Values are compared as shown (3 decimals): models a reader sees tie are bold together, and
+    float noise below the shown precision decides nothing."""
     from pertflow.eval.evaluator import metric_direction
 
     lines = []
@@ -218,11 +221,11 @@ def markdown_table(summary: pd.DataFrame, metrics: tuple[str, ...] = KEY_METRICS
         best: dict[str, set[str]] = {}
         for m in cols:
             direction = metric_direction(m)
-            values = block[m].dropna()
+            values = block[m].dropna().round(3)
             if direction == "none" or values.nunique() < 2:
                 continue  # nothing to mark when every model ties
             top = values.max() if direction == "higher" else values.min()
-            best[m] = set(values.index[np.isclose(values, top, rtol=1e-9, atol=1e-12)])
+            best[m] = set(values.index[values == top])
         for model, row in block.iterrows():
             cells = []
             for m in cols:

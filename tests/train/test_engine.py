@@ -78,7 +78,7 @@ def test_loss_falls_and_history_is_written(tmp_path):
     rows = (tmp_path / "history.csv").read_text().splitlines()
     losses = [float(r.split(",")[1]) for r in rows[1:]]
     assert np.mean(losses[-20:]) < 0.1 * np.mean(losses[:5])
-    assert result.best_step is not None and result.best_val_loss < 1.0
+    assert result.best_step is not None and result.best_criterion < 1.0
     assert "val_loss" in rows[0]
 
 

@@ -59,7 +59,8 @@ class PairedBatches:
         self.target_arrays = dict(target_arrays or {})
         self.control_arrays = dict(control_arrays or {})
         self.group_arrays = dict(group_arrays or {})
-        taken = set(BATCH_KEYS) & (set(self.target_arrays) | set(self.control_arrays) | set(self.group_arrays))
+        always = {BATCH_KEYS.TARGET, BATCH_KEYS.CONTROL, BATCH_KEYS.PERT_IDS}
+        taken = always & (set(self.target_arrays) | set(self.control_arrays) | set(self.group_arrays))
         if taken:
             raise ValueError(f"extra batch arrays may not reuse the keys {sorted(taken)}")
         self.sampler = PairedBatchSampler.from_data(

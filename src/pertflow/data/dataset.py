@@ -308,6 +308,8 @@ class PerturbationData:
         the genes are chosen, so no more than one chunk of whole rows is ever in memory.
         """
         rows = np.asarray(rows, dtype=np.int64)
+        if genes is not None and np.array_equal(genes, np.arange(self.adata.n_vars)):
+            genes = None  # every gene in file order: no copy of the block
         chunk = max(1, MAX_VALUES_PER_READ // max(1, self.adata.n_vars))
         for start in range(0, len(rows), chunk):
             block = self.source.read_rows(rows[start : start + chunk])

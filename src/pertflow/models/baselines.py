@@ -81,9 +81,20 @@ class DeltaModel(PerturbationModel):
                 continue  # the sampler-level check names this; a baseline just cannot use the group
             keys.append((pert, ctx))
             responses.append(view.expression.get(rows).mean(0) - control_mean[ctx])
-        self.keys = keys
-        self.responses = np.array(responses, dtype=np.float32).reshape(len(keys), len(self.genes))
-        self.fit_report = {"training_responses": len(keys)}
+        self.fit_responses(keys, np.array(responses, dtype=np.float32).reshape(len(keys), len(self.genes)))
+
+    def fit_responses(self, keys: list[tuple[str, str]], responses: np.ndarray) -> None:
+        """Fit on training responses: ``keys`` (perturbation, context) and their (n, G) mean shifts."""
+        self.keys = list(keys)
+        self.responses = np.asarray(responses, dtype=np.float32)
+        self.fit_report = {"training_responses": len(self.keys)}
+
+    def without(self, key: tuple[str, str]) -> DeltaModel:
+        """The same baseline fitted without one training response (a leave-one-out copy)."""
+        keep = [i for i, k in enumerate(self.keys) if k != tuple(key)]
+        other = type(self)(self.config, self.genes, self.vocab, self.spec, self.predict_config)
+        other.fit_responses([self.keys[i] for i in keep], self.responses[keep])
+        return other
 
     # ------------------------------------------------------------------ lookups
     def response(self, perturbation: str, context: str) -> np.ndarray | None:
@@ -172,8 +183,8 @@ class Linear(DeltaModel):
         self.offset = np.zeros(len(self.genes), dtype=np.float32)  # b
         self.feature_tokens: list[str] = []  # non-gene tokens with a one-hot feature
 
-    def fit(self, view: SplitView, train_config: TrainConfig | None = None, run_dir: Path | None = None, resume: bool = False) -> None:
-        super().fit(view)
+    def fit_responses(self, keys: list[tuple[str, str]], responses: np.ndarray) -> None:
+        super().fit_responses(keys, responses)
         Y = self.responses.T.astype(np.float64)  # (genes, training groups)
         self.offset = Y.mean(1).astype(np.float32) if Y.size else np.zeros(len(self.genes), dtype=np.float32)
         centred = Y - self.offset[:, None] if Y.size else np.zeros((len(self.genes), 0))

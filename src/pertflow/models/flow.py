@@ -1,5 +1,5 @@
-"""What the gene-space flow models share: the config fields of the backbone and the flow, and
-the flow parts those fields name.
+"""What the gene-space flow networks share: the config fields of the backbone and the flow, and
+the flow parts those fields name (tensors only; the AnnData side is :mod:`pertflow.models.flow_model`).
 
 A new flow model's config subclasses :class:`GeneFlowConfig` (and adds only its own fields);
 its network is given the parts of :func:`flow_parts` instead of reading strings.
@@ -24,6 +24,16 @@ class GeneFlowConfig:
         of the value encoders.
     differential_attention
         scDFM's differential attention (True) or plain attention (False, an ablation).
+    backbone
+        ``dense``: scDFM's backbone (SPEC 2.1), attention among all genes in every layer, O(G^2)
+        per cell. ``latent``: a Perceiver-IO backbone (:mod:`pertflow.nn.latent`): ``n_latents``
+        vectors read the genes once (differentially against the control cell), ``n_layers`` AdaLN
+        blocks run on them, and every gene reads them back; linear in G.
+    n_latents
+        M, the latent vectors of the ``latent`` backbone.
+    d_token
+        Width of the gene tokens; None: ``d_model`` for ``dense``, ``d_model // 4`` for ``latent``
+        (the latents carry the cell, a gene token only a gene's identity and two values).
     genes_per_step
         G: random genes per training step (all genes when the data has fewer).
     gamma
@@ -59,6 +69,11 @@ class GeneFlowConfig:
         ``independent`` (as drawn) or ``ot`` (minibatch optimal transport, straighter paths).
     time_sampler
         Where on the path training samples are taken (:data:`pertflow.flows.TIME_SAMPLERS`).
+    prior
+        The baseline the flow is anchored on (:mod:`pertflow.models.prior`): the flow starts from
+        the control cells shifted by its predicted response (with ``source: control``), so the
+        network learns only the residual; ``none`` starts from the controls themselves; ``auto``
+        picks the baseline that scores best on the split's validation perturbations.
     """
 
     d_model: int = 128
@@ -67,6 +82,9 @@ class GeneFlowConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.1
     differential_attention: bool = True
+    backbone: Literal["dense", "latent"] = "dense"
+    n_latents: int = 32
+    d_token: int | None = None
     genes_per_step: int = 1000
     gamma: float = 0.5
     max_components: int = 2
@@ -77,12 +95,26 @@ class GeneFlowConfig:
     center: bool = False
     coupling: Literal["independent", "ot"] = "independent"
     time_sampler: Literal["uniform", "logit-normal"] = "uniform"
+    prior: Literal["none", "mean", "additive", "linear", "context-shift", "auto"] = "none"
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.genes_per_step < 2:
             raise ValueError("genes_per_step must be at least 2")
+        if self.prior != "none" and self.source != "control":
+            raise ValueError(f"prior '{self.prior}' shifts where the flow starts: it needs source 'control', not '{self.source}'")
+        if self.backbone == "dense" and self.d_token not in (None, self.d_model):
+            raise ValueError("the dense backbone's gene tokens are d_model wide: leave d_token unset")
+        if self.token_width % self.n_heads and self.backbone == "dense":
+            raise ValueError(f"d_token ({self.token_width}) must be divisible by n_heads ({self.n_heads})")
+
+    @property
+    def token_width(self) -> int:
+        """The width of the gene tokens (see ``d_token``)."""
+        if self.d_token is not None:
+            return self.d_token
+        return self.d_model if self.backbone == "dense" else max(8, self.d_model // 4)
 
 
 @dataclass(frozen=True)

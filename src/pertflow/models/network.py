@@ -54,8 +54,9 @@ class NetworkModel(PerturbationModel):
         return self.config.max_components
 
     # ------------------------------------------------------------------ training
-    def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False) -> None:
-        """Train the network on paired batches with the shared engine; keep the best weights."""
+    def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False, selector: Any = None) -> None:
+        """Train the network on paired batches with the shared engine; keep the best weights
+        (by the validation loss, or by ``selector``'s score: see :class:`~pertflow.train.Trainer`)."""
         from pertflow.train.engine import Trainer
 
         torch.manual_seed(train_config.seed)
@@ -67,14 +68,15 @@ class NetworkModel(PerturbationModel):
             weighting=train_config.weighting, include_controls=train_config.include_controls, **arrays,
         )
         val = view.validation_batches(train_config.val_batches, train_config.batch_size, train_config.seed + 1, self.max_components, **arrays)
-        trainer = Trainer(self.module, train_config, run_dir, batches, val, metadata={**self.describe(), **self.extra_state()})
+        trainer = Trainer(self.module, train_config, run_dir, batches, val, metadata={**self.describe(), **self.extra_state()},
+                          selector=selector)
         result = trainer.fit(resume=resume)
         self.module.load_state_dict(trainer.final_weights())
         self.module.to("cpu")
         self.fit_report = {
             "steps": result.steps,
             "best_step": result.best_step,
-            "best_val_loss": result.best_val_loss,
+            "best_criterion": result.best_criterion,
             "skipped_steps": result.skipped_steps,
             "parameters": sum(p.numel() for p in self.module.parameters()),
         }
@@ -88,19 +90,38 @@ class NetworkModel(PerturbationModel):
         rng: np.random.Generator,
         settings: PredictConfig | None = None,
     ) -> np.ndarray:
-        settings = settings or self.predict_config
-        device = inference_device()
-        module = self.module.to(device).eval()
+        module = self.module.to(inference_device())
+        return self.sample_cells(module, controls, perturbation, rng, settings or self.predict_config)
+
+    def sample_cells(
+        self,
+        module: torch.nn.Module,
+        controls: np.ndarray,
+        perturbation: str,
+        rng: np.random.Generator,
+        settings: PredictConfig,
+        **cell_inputs: np.ndarray,
+    ) -> np.ndarray:
+        """Cells from ``module.sample`` (on the module's device), one per control cell, in blocks.
+
+        ``cell_inputs``: more (n, G) arrays, one row per control cell, passed to the network's
+        ``sample`` under their names, block by block.
+        """
+        device = next(module.parameters()).device
+        was_training = module.training
+        module.eval()
         ids = self.perturbation_ids(perturbation, 1)
         out = []
         # near-equal blocks of at most batch_size cells (no small trailing block: a model may use
         # statistics of the control block, e.g. cfm's ``center``)
         n_blocks = -(-len(controls) // settings.batch_size)
         for rows in np.array_split(np.arange(len(controls)), n_blocks) if n_blocks else []:
-            block = torch.from_numpy(controls[rows]).to(device)
+            block = torch.from_numpy(np.ascontiguousarray(controls[rows])).to(device)
+            extra = {k: torch.from_numpy(np.ascontiguousarray(v[rows])).to(device) for k, v in cell_inputs.items()}
             generator = torch.Generator().manual_seed(int(rng.integers(2**31 - 1)))
-            cells = module.sample(block, ids.expand(len(block), -1).to(device), settings, generator)
+            cells = module.sample(block, ids.expand(len(block), -1).to(device), settings, generator, **extra)
             out.append(cells.float().cpu().numpy())
+        module.train(was_training)
         return np.concatenate(out) if out else np.zeros((0, len(self.genes)), dtype=np.float32)
 
     def known_components(self, perturbation: str) -> list[str]:

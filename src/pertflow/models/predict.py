@@ -23,7 +23,9 @@ def predict_split(
 
     For every (perturbation, context) of the test cells, as many control cells of that context
     as there are real test cells are drawn (without replacement when there are enough) from the
-    visible controls, and the model generates one cell from each. The file holds the predicted
+    visible controls, and the model generates one cell from each. The control cells drawn depend
+    only on the split and ``seed``, not on the model (a model draws its noise from a generator of
+    its own), so every model of a benchmark starts from the same cells. The file holds the predicted
     cells and, under the control label, the real control cells of every test context; ``X`` is
     non-negative log1p expression on the split's genes, in their order. Test cells are never
     read: only their labels and counts.
@@ -44,14 +46,15 @@ def predict_split(
         )
     test_groups = view.test_groups()
     pools = {ctx: view.control_rows(ctx) for ctx in view.test_contexts}
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # the control cells drawn
+    model_rng = np.random.default_rng([seed, 1])  # the model's noise
     blocks, obs_rows = [], []
     context_cols = list(data.spec.context_cols)
     items = sorted(test_groups.items(), key=lambda kv: (kv[0][1], kv[0][0]))
     for (pert, ctx), group in tqdm(items, desc="predicting", unit="group", disable=None if progress else True):
         pool = pools[ctx]
         chosen = rng.choice(pool, size=len(group), replace=len(pool) < len(group))
-        pred = model.generate(view.expression.get(chosen), pert, ctx, rng, settings)
+        pred = model.generate(view.expression.get(chosen), pert, ctx, model_rng, settings)
         if pred.shape != (len(group), len(model.genes)) or not np.isfinite(pred).all():
             raise RuntimeError(f"model '{model.name}' returned a bad prediction for {pert} in {ctx}: shape {pred.shape}")
         blocks.append(np.clip(pred, 0, None).astype(np.float32))

@@ -30,6 +30,33 @@ def lambda_init(depth: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * depth)
 
 
+class DifferenceOfMaps(nn.Module):
+    """The differential step: ``RMSNorm(first - lambda * second) * (1 - lambda_init)`` per head,
+    with the learnt ``lambda = exp(q1.k1) - exp(q2.k2) + lambda_init`` of the Differential
+    Transformer (re-parametrised so that it starts near ``lambda_init``)."""
+
+    def __init__(self, head_dim: int, depth: int) -> None:
+        super().__init__()
+        self.lambda_init = lambda_init(depth)
+        self.lambda_q1 = nn.Parameter(torch.randn(head_dim) * 0.1)
+        self.lambda_k1 = nn.Parameter(torch.randn(head_dim) * 0.1)
+        self.lambda_q2 = nn.Parameter(torch.randn(head_dim) * 0.1)
+        self.lambda_k2 = nn.Parameter(torch.randn(head_dim) * 0.1)
+        self.head_norm = nn.RMSNorm(head_dim, eps=1e-5)
+
+    def lam(self) -> Tensor:
+        """The current lambda."""
+        return (
+            torch.exp((self.lambda_q1 * self.lambda_k1).sum())
+            - torch.exp((self.lambda_q2 * self.lambda_k2).sum())
+            + self.lambda_init
+        )
+
+    def forward(self, first: Tensor, second: Tensor) -> Tensor:
+        """(B, H, L, head_dim) outputs of the two maps (same values) -> their normalised difference."""
+        return self.head_norm(first - self.lam().to(first.dtype) * second) * (1 - self.lambda_init)
+
+
 class DifferentialAttention(nn.Module):
     """Multi-head differential attention (see the module docstring).
 
@@ -57,24 +84,11 @@ class DifferentialAttention(nn.Module):
         if differential:
             self.q2 = nn.Linear(d_model, d_model, bias=False)
             self.k2 = nn.Linear(d_model, d_model, bias=False)
-            self.lambda_init = lambda_init(depth)
-            self.lambda_q1 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
-            self.lambda_k1 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
-            self.lambda_q2 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
-            self.lambda_k2 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
-            self.head_norm = nn.RMSNorm(self.head_dim, eps=1e-5)
+            self.difference = DifferenceOfMaps(self.head_dim, depth)
 
     def _heads(self, x: Tensor) -> Tensor:
         B, L, _ = x.shape
         return x.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-
-    def lam(self) -> Tensor:
-        """The current lambda: exp(q1.k1) - exp(q2.k2) + lambda_init."""
-        return (
-            torch.exp((self.lambda_q1 * self.lambda_k1).sum())
-            - torch.exp((self.lambda_q2 * self.lambda_k2).sum())
-            + self.lambda_init
-        )
 
     def forward(self, x: Tensor, reference: Tensor | None = None) -> Tensor:
         """Attend over the tokens of ``x``.
@@ -100,7 +114,7 @@ class DifferentialAttention(nn.Module):
             if ref.shape != x.shape:
                 raise ValueError(f"the reference tokens {tuple(ref.shape)} must match the tokens {tuple(x.shape)}")
             second = F.scaled_dot_product_attention(self._heads(self.q2(ref)), self._heads(self.k2(ref)), v)
-            out = self.head_norm(out - self.lam().to(out.dtype) * second) * (1 - self.lambda_init)
+            out = self.difference(out, second)
         return self.out(out.transpose(1, 2).reshape(B, L, d))
 
 

@@ -32,23 +32,28 @@ class ExpressionTokens(nn.Module):
         self.control_encoder = ContinuousValueEncoder(d, dropout)
         self.fusion = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, d), nn.LayerNorm(d))
 
-    def forward(self, x_t: Tensor, control: Tensor, gene_emb: Tensor) -> tuple[Tensor, Tensor]:
+    def control(self, control: Tensor) -> Tensor:
+        """(B, G) control cells -> (B, G, d) their tokens (independent of the state: an ODE solver
+        computes them once per sample)."""
+        return self.control_encoder(control)
+
+    def forward(self, x_t: Tensor, control_tokens: Tensor, gene_emb: Tensor) -> Tensor:
         """
         Parameters
         ----------
-        x_t, control
-            (B, G) state and control cells on the same genes.
+        x_t
+            (B, G) state on the genes.
+        control_tokens
+            (B, G, d) from :meth:`control`.
         gene_emb
             (1, G, d) or (B, G, d) gene embeddings.
 
         Returns
         -------
-        tokens, control_tokens
-            (B, G, d) each.
+        Tensor
+            (B, G, d) tokens.
         """
-        control_tokens = self.control_encoder(control)
-        tokens = self.fusion(torch.cat([self.state_encoder(x_t), control_tokens], dim=-1)) + gene_emb
-        return tokens, control_tokens
+        return self.fusion(torch.cat([self.state_encoder(x_t), control_tokens], dim=-1)) + gene_emb
 
 
 class BackboneLayer(nn.Module):

@@ -7,6 +7,8 @@ from torch import Tensor, nn
 
 from pertflow.nn.embeddings import GeneEncoder
 
+MAX_ARITY = 8  # components of a combination the arity embedding tells apart (more share the last)
+
 
 def unknown_perturbation_dropout(pert_ids: Tensor, pad_id: int, unk_id: int, p: float) -> Tensor:
     """With probability ``p``, the whole batch's perturbation becomes ``<unk>``.
@@ -26,7 +28,12 @@ def unknown_perturbation_dropout(pert_ids: Tensor, pad_id: int, unk_id: int, p: 
 
 
 class PerturbationEncoder(nn.Module):
-    """Perturbation token ids (B, K) -> (B, d), the mean over a combination's components.
+    """Perturbation token ids (B, K) -> (B, d), the sum over a combination's components.
+
+    A combination is the composition of its singles: ``emb(A+B) = emb(A) + emb(B)``, not their
+    mean (a new point between them, which a network cannot tell from a third single), plus a
+    learnt vector for its number of components (zero at first), so that a network can tell a
+    combination, whose prior already holds its singles' effects, from a single.
 
     Gene tokens are embedded by the model's :class:`GeneEncoder` (passed at call time, so its
     weights are shared, not copied); non-gene tokens (drugs, cytokines) by a table of their own,
@@ -42,6 +49,8 @@ class PerturbationEncoder(nn.Module):
         n_other = n_tokens - first_other_token
         self.other = nn.Embedding(max(n_other, 1), d_model)
         nn.init.zeros_(self.other.weight)
+        self.arity = nn.Embedding(MAX_ARITY + 1, d_model)
+        nn.init.zeros_(self.arity.weight)
         if descriptors is not None:
             self.register_buffer("descriptors", descriptors.float())
             self.descriptor_proj = nn.Linear(descriptors.shape[1], d_model)
@@ -56,4 +65,5 @@ class PerturbationEncoder(nn.Module):
         if self.descriptors is not None:
             emb = emb + self.descriptor_proj(self.descriptors[ids])
         mask = (ids != self.pad_id).unsqueeze(-1).to(emb.dtype)
-        return (emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        arity = mask.sum(1).squeeze(-1).long().clamp(max=MAX_ARITY)
+        return (emb * mask).sum(1) + self.arity(arity)

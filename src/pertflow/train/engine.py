@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -66,7 +66,7 @@ class TrainResult:
 
     steps: int
     best_step: int | None
-    best_val_loss: float | None
+    best_criterion: float | None  # the validation loss, or minus the selector's score, at best_step
     skipped_steps: list[int] = field(default_factory=list)
     history: Path | None = None
 
@@ -104,6 +104,11 @@ class Trainer:
         Fixed validation batches (never test cells); None disables validation.
     metadata
         JSON-ready run description stored in every checkpoint (model config, data spec, ...).
+    selector
+        Optional model selection on validation metrics: called with the network at every
+        validation, returns named metrics with a ``"val_score"`` (higher is better) that chooses
+        the best step instead of the validation loss. It must not touch the training RNG state
+        (the trainer forks it around the call).
     """
 
     def __init__(
@@ -114,8 +119,10 @@ class Trainer:
         train_batches: BatchSource,
         val_batches: list[Batch] | None = None,
         metadata: dict[str, Any] | None = None,
+        selector: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     ):
         self.config = config
+        self.selector = selector
         self.run_dir = Path(run_dir)
         self.train_batches = train_batches
         self.val_batches = val_batches or []
@@ -169,6 +176,18 @@ class Trainer:
         self.network.train()
         return total / len(self.val_batches)
 
+    def select(self) -> dict[str, float]:
+        """The selector's validation metrics (empty without one); training RNG untouched."""
+        if self.selector is None:
+            return {}
+        self.network.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(VAL_SEED)
+            out = dict(self.selector(self.network))
+        self.network.train()
+        return out
+
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> None:
         if not self.accelerator.is_main_process:
@@ -176,7 +195,7 @@ class Trainer:
         state = {
             "sampler": self.train_batches.state_dict(),
             "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
-            "best_val_loss": self.best_val,
+            "best_criterion": self.best_val,
             "best_step": self.best_step,
             "skipped_steps": self.skipped,
             "train_config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
@@ -200,7 +219,7 @@ class Trainer:
         self.train_batches.load_state_dict(state["sampler"])
         restore_rng(rng)
         self.step = int(state["step"])
-        self.best_val, self.best_step = state["best_val_loss"], state["best_step"]
+        self.best_val, self.best_step = state["best_criterion"], state["best_step"]
         self.skipped = list(state["skipped_steps"])
         self._history_rows = [r for r in self._read_history() if int(r["step"]) <= self.step]
 
@@ -292,18 +311,22 @@ class Trainer:
                 self.scheduler.step()
                 self.step += 1
                 bar.update(1)
-                val = None
+                val, selected = None, {}
                 if self.step % cfg.val_every == 0 or self.step == cfg.max_steps:
                     val = self.validate()
-                    if val is not None and (self.best_val is None or val < self.best_val):
-                        self.best_val, self.best_step = val, self.step
+                    selected = self.select()
+                    # lower is better: the validation loss, or minus the selector's score
+                    criterion = -selected["val_score"] if selected else val
+                    if criterion is not None and (self.best_val is None or criterion < self.best_val):
+                        self.best_val, self.best_step = criterion, self.step
                         if self.accelerator.is_main_process:
-                            self.checkpoints.save_best(self._weights(), {"step": self.step, "val_loss": val})
+                            self.checkpoints.save_best(self._weights(), {"step": self.step, "val_loss": val, **selected})
                 if self.step % cfg.log_every == 0 or val is not None or bad:
                     row = {"step": self.step, "loss": float(out.loss.detach()), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped": int(bad)}
                     row.update(out.metrics)
                     if val is not None:
                         row["val_loss"] = val
+                    row.update(selected)
                     self._history_rows.append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", **({"val": f"{val:.4f}"} if val is not None else {}))
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
@@ -313,7 +336,7 @@ class Trainer:
         return TrainResult(
             steps=self.step,
             best_step=self.best_step,
-            best_val_loss=self.best_val,
+            best_criterion=self.best_val,
             skipped_steps=list(self.skipped),
             history=self.run_dir / "history.csv",
         )

@@ -7,10 +7,10 @@ import torch
 from pertflow.models.cfm.config import CFMConfig
 from pertflow.models.cfm.module import CFMModule
 from pertflow.models.flow import flow_parts
-from pertflow.models.network import NetworkModel
+from pertflow.models.flow_model import GeneFlowModel
 
 
-class CFM(NetworkModel):
+class CFM(GeneFlowModel):
     """Gene-space conditional flow matching (scDFM backbone); see :mod:`pertflow.models.cfm.module`."""
 
     name = "cfm"

@@ -1,0 +1,123 @@
+"""What the flow models share on the AnnData side: the prior they start from, and model selection
+on validation metrics.
+
+A :class:`GeneFlowModel` fits its prior (:mod:`pertflow.models.prior`) before training and feeds
+each batch the prior's leave-one-out shift; every validation it generates the split's validation
+perturbations and scores them (:mod:`pertflow.models.validation`), keeping the best checkpoint by
+that score. After training it compares the flow with its own prior on validation and predicts
+the way that scored best (``prediction_mode``):
+
+* ``flow``: the flow's cells;
+* ``prior-mean``: the flow's cells moved onto the prior's mean (the prior's shift, the flow's
+  spread);
+* ``prior``: the prior's own cells (the flow added nothing on validation).
+
+So a run is never worse on validation than its baseline, and says which way it predicts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pertflow.data.keys import BATCH_KEYS
+from pertflow.data.view import SplitView
+from pertflow.models.config import PredictConfig
+from pertflow.models.network import NetworkModel, inference_device
+from pertflow.models.prior import Prior
+from pertflow.models.validation import ValidationScore, ValidationSet
+from pertflow.train.config import TrainConfig
+
+PREDICTION_MODES = ("flow", "prior-mean", "prior")
+VALIDATION_SEED = 0
+
+
+class GeneFlowModel(NetworkModel):
+    """A flow network anchored on a baseline (see the module docstring).
+
+    The network's ``loss`` reads ``batch[BATCH_KEYS.PRIOR_DELTA]`` and its ``sample`` takes
+    ``shift=`` (n, G), the prior's shift of each control cell.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.prior: Prior | None = None
+        self.prediction_mode = "flow"
+
+    def batch_arrays(self, view: SplitView) -> dict[str, Any]:
+        return {"group_arrays": {BATCH_KEYS.PRIOR_DELTA: self.prior.training_delta}}
+
+    # ------------------------------------------------------------------ training
+    def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False, selector: Any = None) -> None:
+        validation = ValidationSet(view, seed=VALIDATION_SEED)
+        self.prior = Prior.fit(self.config.prior, view, validation)
+        self.prediction_mode = "flow"
+        if len(validation):
+            selector = lambda module: self.validation_score(module, validation).as_dict()  # noqa: E731
+        super().fit(view, train_config, run_dir, resume, selector=selector)
+        report = {"prior": self.prior.name, "prior_scores": self.prior.scores}
+        if len(validation):
+            scores = {mode: self.validation_score(self.module, validation, mode) for mode in PREDICTION_MODES}
+            self.prediction_mode = max(PREDICTION_MODES, key=lambda m: (scores[m].score, -PREDICTION_MODES.index(m)))
+            report["validation"] = {m: s.as_dict("") for m, s in scores.items()}
+            if self.prediction_mode != "flow":
+                print(f"note: on the validation perturbations the flow scored {scores['flow'].score:.3f} and its prior "
+                      f"({self.prior.name}) {scores['prior'].score:.3f}; predicting as '{self.prediction_mode}'.", flush=True)
+        report["prediction_mode"] = self.prediction_mode
+        self.fit_report.update(report)
+
+    def validation_score(self, module: torch.nn.Module, validation: ValidationSet, mode: str = "flow") -> ValidationScore:
+        """Score ``module``'s cells of the validation perturbations (leave-one-out prior shifts)."""
+        rng = np.random.default_rng(VALIDATION_SEED)
+        with torch.no_grad():
+            return validation.score(
+                lambda p, c, controls: self.cells(module, controls, p, self.prior.training_delta(p, c), rng, self.predict_config, mode)
+            )
+
+    # ------------------------------------------------------------------ prediction
+    def generate(
+        self,
+        controls: np.ndarray,
+        perturbation: str,
+        context: str,
+        rng: np.random.Generator,
+        settings: PredictConfig | None = None,
+    ) -> np.ndarray:
+        module = self.module.to(inference_device())
+        shift = self.prior.delta(perturbation, context) if self.prior is not None else np.zeros(len(self.genes), np.float32)
+        return self.cells(module, controls, perturbation, shift, rng, settings or self.predict_config, self.prediction_mode)
+
+    def cells(self, module: torch.nn.Module, controls: np.ndarray, perturbation: str, shift: np.ndarray,
+              rng: np.random.Generator, settings: PredictConfig, mode: str) -> np.ndarray:
+        """Cells of a perturbation from control cells and the prior's (G,) shift, in one of
+        :data:`PREDICTION_MODES`."""
+        anchor = np.clip(controls + shift[None, :], 0, None)
+        if mode == "prior":
+            return anchor
+        shifts = np.broadcast_to(shift[None, :], controls.shape).astype(np.float32)
+        cells = self.sample_cells(module, controls, perturbation, rng, settings, shift=shifts)
+        if mode == "prior-mean":
+            cells = np.clip(cells - cells.mean(0) + anchor.mean(0), 0, None)
+        return cells
+
+    # ------------------------------------------------------------------ persistence
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().state_tensors(), **self.prior.state_tensors()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._prior_tensors = {k: v for k, v in tensors.items() if k.startswith("prior.")}
+        super().load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("prior.")})
+
+    def extra_state(self) -> dict[str, Any]:
+        state = {**super().extra_state(), "prediction_mode": self.prediction_mode}
+        if self.prior is not None:
+            state["prior"] = self.prior.extra_state()
+        return state
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        self.prediction_mode = state["prediction_mode"]
+        self.prior = Prior.from_state(state["prior"], self._prior_tensors, self)

@@ -1,0 +1,111 @@
+"""A flow's prior: the baseline whose predicted shift the flow starts from.
+
+A flow anchored on a baseline starts from the context's control cells shifted by the baseline's
+predicted response and learns only the residual transport and the change in spread; with zero
+velocity it predicts the baseline exactly. The prior is fitted on training cells only and saved
+with the run.
+
+In training, the shift of a training perturbation (in its context) is the baseline's prediction
+*without* that perturbation's own response (leave one out): otherwise the baseline would see
+the answer, and the flow would learn to trust a prior that at test time, for a perturbation it
+never measured, is only an estimate. ``auto`` picks the baseline that scores best on the split's
+validation perturbations, each also predicted leave-one-out (:mod:`pertflow.models.validation`);
+test cells are never read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pertflow.data.view import SplitView
+from pertflow.models.baselines import DeltaModel
+from pertflow.models.registry import model_class
+from pertflow.models.validation import ValidationSet
+
+#: Prior names and the baseline each one is (``none``: the controls themselves, no change).
+PRIOR_BASELINES = {"none": "no-change", "mean": "mean", "additive": "additive", "linear": "linear", "context-shift": "context-shift"}
+PRIORS = (*PRIOR_BASELINES, "auto")
+
+
+class Prior:
+    """A fitted baseline as a flow's starting shift.
+
+    Attributes
+    ----------
+    name
+        The baseline chosen (``none``, ``mean``, ``additive``, ``linear``, ``context-shift``).
+    baseline
+        The baseline, fitted on all training responses (what prediction uses).
+    scores
+        With ``auto``: each candidate's validation score (see :class:`ValidationSet`).
+    """
+
+    def __init__(self, name: str, baseline: DeltaModel, scores: dict[str, dict[str, float]] | None = None):
+        self.name = name
+        self.baseline = baseline
+        self.scores = scores or {}
+        self._left_out: dict[tuple[str, str], np.ndarray] = {}
+
+    @classmethod
+    def fit(cls, choice: str, view: SplitView, validation: ValidationSet | None = None) -> Prior:
+        """Fit the prior named ``choice`` on the training cells of ``view`` (``auto``: choose on
+        ``validation``; without validation groups, ``mean``)."""
+        if choice != "auto":
+            return cls(choice, cls._baseline(choice, view))
+        candidates = {name: cls(name, cls._baseline(name, view)) for name in PRIOR_BASELINES}
+        if validation is None or not len(validation):
+            return candidates["mean"]
+        scores = {name: prior.score(validation) for name, prior in candidates.items()}
+        # ties (one perturbation: mean = additive = linear = context-shift) go to the first, the simplest
+        best = max(candidates, key=lambda name: (round(scores[name].score, 9), -list(candidates).index(name)))
+        chosen = candidates[best]
+        chosen.scores = {name: s.as_dict("") for name, s in scores.items()}
+        return chosen
+
+    @staticmethod
+    def _baseline(name: str, view: SplitView) -> DeltaModel:
+        baseline = model_class(PRIOR_BASELINES[name]).from_view(view)
+        baseline.fit(view)
+        return baseline
+
+    # ------------------------------------------------------------------ shifts
+    def delta(self, perturbation: str, context: str) -> np.ndarray:
+        """(G,) the baseline's predicted shift, from all training responses (for prediction)."""
+        return self.baseline.predicted_delta(perturbation, context).astype(np.float32)
+
+    def training_delta(self, perturbation: str, context: str) -> np.ndarray:
+        """(G,) the shift of a training (or validation) perturbation, leaving its own response out."""
+        key = (perturbation, context)
+        if key not in self._left_out:
+            if perturbation == self.baseline.spec.control:
+                shift = np.zeros(len(self.baseline.genes), dtype=np.float32)
+            elif key in self.baseline.keys:
+                shift = self.baseline.without(key).predicted_delta(perturbation, context)
+            else:
+                shift = self.delta(perturbation, context)
+            self._left_out[key] = np.asarray(shift, dtype=np.float32)
+        return self._left_out[key]
+
+    def score(self, validation: ValidationSet):
+        """The validation score of the prior's own cells (controls + leave-one-out shift)."""
+        return validation.score(lambda p, c, controls: controls + self.training_delta(p, c))
+
+    # ------------------------------------------------------------------ persistence
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"prior.{k}": v for k, v in self.baseline.state_tensors().items()}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"name": self.name, "baseline": self.baseline.extra_state(), "scores": self.scores}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], tensors: dict[str, torch.Tensor], model: Any) -> Prior:
+        """The prior saved with a run (``model``: the flow model, for genes, vocabulary and spec)."""
+        baseline = model_class(PRIOR_BASELINES[state["name"]])(
+            model_class(PRIOR_BASELINES[state["name"]]).config_class(), model.genes, model.vocab, model.spec
+        )
+        baseline.load_state_tensors({k.removeprefix("prior."): v for k, v in tensors.items() if k.startswith("prior.")})
+        baseline.load_extra_state(state["baseline"])
+        return cls(state["name"], baseline, state.get("scores"))

@@ -1,0 +1,120 @@
+"""Scoring predictions of the split's validation perturbations, for choices made while fitting.
+
+The evaluator's two headline metrics (test cells are never read): the Pearson delta on the real
+top-20 DE genes (against the context's control mean) and the E-distance in a PCA of the training
+cells. A group is a (perturbation, context) with validation cells; its real side is all the
+visible cells of that group (validation and training cells, up to ``max_cells``), because the
+reference splits hold 6-10 validation cells per group, on which both metrics are mostly noise
+(the E-distance of two such samples of one population varies more than the models it should rank).
+So for a model that trained on the group, the score measures its fit to the measured
+perturbations; for a prior predicted leave-one-out, which never read the group's cells, it
+measures how it generalises. One number ranks candidates (a baseline for a flow's prior, a
+training checkpoint, the flow against its own prior)::
+
+    score = mean top-20 DE Pearson delta - mean E-distance / mean E-distance of no change
+
+Both parts are better when higher; the E-distance is read relative to predicting no change, so
+the score has no unit and no change scores exactly -1 (its Pearson delta counts as 0, as the
+evaluator counts a prediction without a shift).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from pertflow.data.view import SplitView
+from pertflow.eval import metrics as M
+
+# (perturbation, context, control cells (n, G)) -> predicted cells (n, G)
+Predictor = Callable[[str, str, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ValidationGroup:
+    perturbation: str
+    context: str
+    real: np.ndarray  # (n, G) the group's visible cells (validation and training)
+    controls: np.ndarray  # (n, G) visible control cells of the context, drawn once, one per real cell
+    control_mean: np.ndarray  # (G,) mean of all visible controls of the context
+    de_genes: np.ndarray  # top DE genes of real vs controls
+    real_pcs: np.ndarray  # (n, k) the real cells in the PCA
+
+
+@dataclass(frozen=True)
+class ValidationScore:
+    """Means over the validation groups, and the one number that ranks (see the module docstring)."""
+
+    pearson_top20_de: float
+    edistance: float
+    score: float
+
+    def as_dict(self, prefix: str = "val_") -> dict[str, float]:
+        return {f"{prefix}pearson_top20_de": self.pearson_top20_de, f"{prefix}edistance": self.edistance, f"{prefix}score": self.score}
+
+
+class ValidationSet:
+    """The validation perturbations of a split view, ready to score predictions of them.
+
+    Parameters
+    ----------
+    view
+        The split view.
+    max_cells
+        Cells per group (a seeded subsample above it).
+    n_pcs, max_pca_cells
+        The PCA of the training cells for the E-distance.
+    top_k
+        DE genes of the Pearson delta.
+    seed
+        Seeds the subsamples and the control cells drawn.
+    """
+
+    def __init__(self, view: SplitView, max_cells: int = 200, n_pcs: int = 50, max_pca_cells: int = 5000,
+                 top_k: int = 20, min_cells: int = 3, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        data = view.data
+        train = view.rows.train
+        pca_rows = np.sort(rng.choice(train, size=min(len(train), max_pca_cells), replace=False))
+        self.pca = M.fit_pca(view.expression.get(pca_rows), n_pcs, max_cells=max_pca_cells, seed=seed)
+        val = view.rows.val[~data.is_control[view.rows.val]]
+        visible = view.groups(view.visible[~data.is_control[view.visible]])
+        self.groups: list[ValidationGroup] = []
+        for pert, ctx in sorted(view.groups(val)):
+            rows = visible[(pert, ctx)]
+            if len(rows) < min_cells:
+                continue
+            try:
+                pool = view.control_rows(ctx)
+            except Exception:
+                continue
+            if len(rows) > max_cells:
+                rows = np.sort(rng.choice(rows, size=max_cells, replace=False))
+            real = view.expression.get(rows)
+            all_controls = view.expression.get(pool)
+            chosen = rng.choice(len(pool), size=len(rows), replace=len(pool) < len(rows))
+            self.groups.append(ValidationGroup(
+                pert, ctx, real, all_controls[chosen], all_controls.mean(0),
+                M.top_de_genes(real, all_controls, top_k), self.pca.transform(real),
+            ))
+        self._no_change = self._edistance(lambda p, c, controls: controls) if self.groups else float("nan")
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def _edistance(self, predict: Predictor) -> float:
+        return float(np.mean([M.edistance(self.pca.transform(predict(g.perturbation, g.context, g.controls)), g.real_pcs)
+                              for g in self.groups]))
+
+    def score(self, predict: Predictor) -> ValidationScore:
+        """Score a predictor of validation cells (see the module docstring)."""
+        pearsons, distances = [], []
+        for g in self.groups:
+            cells = np.clip(predict(g.perturbation, g.context, g.controls), 0, None)
+            r = M.pearson_delta_vs_reference(cells.mean(0), g.real.mean(0), g.control_mean, g.de_genes)
+            pearsons.append(0.0 if np.isnan(r) else r)
+            distances.append(M.edistance(self.pca.transform(cells), g.real_pcs))
+        pearson, distance = float(np.mean(pearsons)), float(np.mean(distances))
+        return ValidationScore(pearson, distance, pearson - distance / max(self._no_change, 1e-12))

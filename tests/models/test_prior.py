@@ -1,0 +1,113 @@
+"""Flows anchored on a baseline: zero velocity is the baseline, auto never reads test cells, and a
+combination whose effects add up needs almost no residual."""
+
+import numpy as np
+import pytest
+import torch
+
+from pertflow.data.dataset import PerturbationData
+from pertflow.data.splits import make_split
+from pertflow.data.synthetic import make_synthetic
+from pertflow.data.view import SplitView
+from pertflow.models.base import PerturbationModel
+from pertflow.models.baselines import Additive
+from pertflow.models.cfm.config import CFMConfig
+from pertflow.models.cfm.model import CFM
+from pertflow.models.config import PredictConfig
+from pertflow.models.predict import predict_split
+from pertflow.models.prior import PRIOR_BASELINES, Prior
+from pertflow.models.validation import ValidationSet
+from pertflow.train import TrainConfig
+
+TINY = dict(d_model=16, n_heads=2, n_layers=1, dropout=0.0, source="control", center=True, genes_per_step=60)
+
+
+@pytest.fixture(scope="module")
+def combo_view(synthetic_adata):
+    data = PerturbationData.from_anndata(synthetic_adata)
+    return SplitView(data, make_split(data, "combinations", seen=[2]))
+
+
+def test_zero_velocity_reproduces_the_prior_exactly(combo_view, tmp_path):
+    model = CFM.from_view(combo_view, CFMConfig(**TINY, prior="additive", source_noise=0.0), PredictConfig(ode_steps=3))
+    model.fit(combo_view, TrainConfig(max_steps=2, batch_size=8, val_every=2, progress=False), tmp_path)
+    model.prediction_mode = "flow"
+    with torch.no_grad():  # the decoder's last layer at zero: the network's velocity is 0 everywhere
+        model.module.decoder.fc[4].weight.zero_()
+        model.module.decoder.fc[4].bias.zero_()
+    baseline = Additive.from_view(combo_view)
+    baseline.fit(combo_view)
+    ours, theirs = predict_split(model, combo_view, seed=3), predict_split(baseline, combo_view, seed=3)
+    np.testing.assert_allclose(ours.X, theirs.X, rtol=0, atol=1e-5)  # the same control cells, the same shift
+    assert model.prior.name == "additive"
+    model.save(tmp_path / "run")  # the prior is saved with the run and used the same way after loading
+    again = PerturbationModel.load(tmp_path / "run")
+    np.testing.assert_allclose(predict_split(again, combo_view, seed=3).X, theirs.X, rtol=0, atol=1e-5)
+
+
+def test_training_shifts_leave_the_perturbations_own_response_out(combo_view):
+    prior = Prior.fit("additive", combo_view)
+    single = next(p for p, _ in prior.baseline.keys if "+" not in p)
+    context = next(c for p, c in prior.baseline.keys if p == single)
+    np.testing.assert_allclose(prior.delta(single, context), prior.baseline.response(single, context))
+    # without its own response a single that only this context measured is unseen: no shift
+    others = [c for p, c in prior.baseline.keys if p == single and c != context]
+    expected = np.mean([prior.baseline.response(single, c) for c in others], axis=0) if others else 0.0
+    np.testing.assert_allclose(prior.training_delta(single, context), expected, atol=1e-6)
+    combo = next((p for p, _ in prior.baseline.keys if "+" in p), None)
+    if combo is not None:  # additive never reads a combination's own response: nothing to leave out
+        ctx = next(c for p, c in prior.baseline.keys if p == combo)
+        np.testing.assert_allclose(prior.training_delta(combo, ctx), prior.delta(combo, ctx), atol=1e-6)
+
+
+def _poisoned(adata, split):
+    bad = adata.copy()
+    test = bad.obs_names.isin(split.test)
+    X = bad.X.toarray() if hasattr(bad.X, "toarray") else np.array(bad.X)
+    X[test] = X[test] * 50 + 100  # nothing a model sees may change
+    bad.X = X
+    return bad
+
+
+def test_auto_chooses_on_validation_and_never_reads_test_cells(synthetic_adata):
+    data = PerturbationData.from_anndata(synthetic_adata)
+    split = make_split(data, "combinations", seen=[2])
+    clean = SplitView(data, split)
+    poisoned_data = PerturbationData.from_anndata(_poisoned(synthetic_adata, split))
+    poisoned = SplitView(poisoned_data, split)
+    a = Prior.fit("auto", clean, ValidationSet(clean))
+    b = Prior.fit("auto", poisoned, ValidationSet(poisoned))
+    assert a.name == b.name and a.scores == b.scores
+    assert set(a.scores) == set(PRIOR_BASELINES)
+    assert a.scores[a.name]["score"] == max(s["score"] for s in a.scores.values())
+    assert a.scores["none"]["score"] < a.scores[a.name]["score"]  # something beats no change here
+
+
+def test_validation_score_ranks_no_change_below_the_truth(combo_view):
+    validation = ValidationSet(combo_view)
+    assert len(validation) > 0
+    truth = {(g.perturbation, g.context): g.real for g in validation.groups}
+    perfect = validation.score(lambda p, c, controls: truth[(p, c)])
+    nothing = validation.score(lambda p, c, controls: controls)
+    assert perfect.pearson_top20_de > 0.99 and perfect.edistance < 1e-9
+    assert nothing.edistance / validation._no_change == pytest.approx(1.0)
+    assert perfect.score > nothing.score
+
+
+def test_an_additive_combination_needs_almost_no_residual(tmp_path):
+    adata = make_synthetic(n_genes=40, n_singles=6, n_combos=6, cells_per_group=40, controls_per_context=80,
+                           n_effect_genes=10, n_contexts=1, interaction_scale=0.0, effect_scale=1.0, seed=4)
+    data = PerturbationData.from_anndata(adata)
+    view = SplitView(data, make_split(data, "combinations", seen=[2], fraction=0.5, seed=1))
+    train_perts = set(view.training_perturbations)
+    assert any("+" in p for p in train_perts)  # some additive combinations to learn from
+    config = CFMConfig(**{**TINY, "d_model": 32, "n_heads": 4, "genes_per_step": 40}, prior="additive", source_noise=0.05)
+    model = CFM.from_view(view, config, PredictConfig(ode_steps=2, ode_method="midpoint"))
+    model.fit(view, TrainConfig(max_steps=300, batch_size=32, lr=2e-3, val_every=100, progress=False), tmp_path)
+    rng = np.random.default_rng(0)
+    for combo, context in view.test_groups():
+        controls = view.expression.get(view.control_rows(context))
+        shift = model.prior.delta(combo, context)
+        cells = model.cells(model.module, controls, combo, shift, rng, model.predict_config, "flow")
+        residual = cells.mean(0) - np.clip(controls + shift, 0, None).mean(0)
+        assert np.linalg.norm(residual) < 0.3 * np.linalg.norm(shift), (combo, np.linalg.norm(residual), np.linalg.norm(shift))
