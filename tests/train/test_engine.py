@@ -99,6 +99,22 @@ def test_resume_equals_unbroken_run(tmp_path):
     assert history == (tmp_path / "a" / "history.csv").read_text()
 
 
+def test_moving_average_is_kept_and_resumes_exactly(tmp_path):
+    """ema_decay: the run keeps the moving average of its weights, and a resumed run has the same one."""
+    unbroken = make(tmp_path / "a", ema_decay=0.9, val_every=100)
+    unbroken.fit()
+    last = weights(unbroken)
+    kept = unbroken.final_weights()
+    assert any(not torch.equal(kept[k], last[k]) for k in last)  # the average, not the last weights
+    broken = make(tmp_path / "b", source=Source(interrupt_at=13), ema_decay=0.9, val_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit()
+    resumed = make(tmp_path / "b", ema_decay=0.9, val_every=100)
+    resumed.fit(resume=True)
+    for name, value in kept.items():
+        torch.testing.assert_close(resumed.final_weights()[name], value, rtol=0, atol=0)
+
+
 def test_checkpoints_are_safetensors_and_json(tmp_path):
     make(tmp_path, keep_checkpoints=2).fit()
     ckpt = tmp_path / "checkpoints"

@@ -10,6 +10,7 @@ loss log ``history.csv``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -26,6 +27,7 @@ from pertflow.errors import InputError
 from pertflow.io import write_text
 from pertflow.train.checkpoint import CheckpointDir, load_tensors, restore_rng
 from pertflow.train.config import TrainConfig
+from pertflow.train.ema import ExponentialMovingAverage
 
 Batch = dict[str, torch.Tensor]
 VAL_SEED = 1234
@@ -141,6 +143,7 @@ class Trainer:
                 raise InputError("multi-process training needs a batch source with shard(process_index).")
             train_batches.shard(self.accelerator.process_index)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
+        self.ema = ExponentialMovingAverage(module, config.ema_decay) if config.ema_decay > 0 else None
         self.step = 0
         self.best_val: float | None = None
         self.best_step: int | None = None
@@ -158,6 +161,14 @@ class Trainer:
     def _weights(self) -> dict[str, torch.Tensor]:
         return self.network.state_dict()
 
+    def _evaluated_weights(self) -> contextlib.AbstractContextManager:
+        """The weights validation and prediction read: the moving average when there is one."""
+        return self.ema.applied(self.network) if self.ema is not None else contextlib.nullcontext()
+
+    def _kept_weights(self) -> dict[str, torch.Tensor]:
+        """What a run keeps (best and final weights): the moving average when there is one."""
+        return self.ema.weights() if self.ema is not None else {k: v.detach().cpu() for k, v in self._weights().items()}
+
     def _loss(self, batch: Batch, train: bool = True):
         with self.accelerator.autocast():
             return self.module(batch) if train else self.network.loss(batch)
@@ -169,7 +180,7 @@ class Trainer:
         self.network.eval()
         total = 0.0
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), self._evaluated_weights():
             torch.manual_seed(VAL_SEED)
             for batch in self.val_batches:
                 total += float(self._loss(self._to_device(batch), train=False).loss)
@@ -182,7 +193,7 @@ class Trainer:
             return {}
         self.network.eval()
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), self._evaluated_weights():
             torch.manual_seed(VAL_SEED)
             out = dict(self.selector(self.network))
         self.network.train()
@@ -203,13 +214,19 @@ class Trainer:
         }
         if self.accelerator.scaler is not None:
             state["grad_scaler"] = self.accelerator.scaler.state_dict()
-        self.checkpoints.save(self.step, self._weights(), self.optimizer.state_dict(), state, self.config.keep_checkpoints)
+        weights = dict(self._weights())
+        if self.ema is not None:
+            state["ema_updates"] = self.ema.updates
+            weights.update({f"ema.{k}": v for k, v in self.ema.weights().items()})
+        self.checkpoints.save(self.step, weights, self.optimizer.state_dict(), state, self.config.keep_checkpoints)
         self._write_history()
 
     def _resume(self) -> None:
         model_state, optimizer_state, rng, state = self.checkpoints.load_latest()
         self._check_same_run(state)
-        self.network.load_state_dict(model_state)
+        self.network.load_state_dict({k: v for k, v in model_state.items() if not k.startswith("ema.")})
+        if self.ema is not None:
+            self.ema.load({k.removeprefix("ema."): v for k, v in model_state.items() if k.startswith("ema.")}, state["ema_updates"])
         if self.accelerator.scaler is not None and "grad_scaler" in state:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.optimizer.load_state_dict(optimizer_state)
@@ -308,6 +325,8 @@ class Trainer:
                     consecutive_bad = 0
                     if self.accelerator.scaler is None:
                         self.optimizer.step()
+                    if self.ema is not None:
+                        self.ema.update(self.network)
                 self.scheduler.step()
                 self.step += 1
                 bar.update(1)
@@ -320,7 +339,7 @@ class Trainer:
                     if criterion is not None and (self.best_val is None or criterion < self.best_val):
                         self.best_val, self.best_step = criterion, self.step
                         if self.accelerator.is_main_process:
-                            self.checkpoints.save_best(self._weights(), {"step": self.step, "val_loss": val, **selected})
+                            self.checkpoints.save_best(self._kept_weights(), {"step": self.step, "val_loss": val, **selected})
                 if self.step % cfg.log_every == 0 or val is not None or bad:
                     row = {"step": self.step, "loss": float(out.loss.detach()), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped": int(bad)}
                     row.update(out.metrics)
@@ -345,5 +364,5 @@ class Trainer:
         """The best validation step's weights when validation ran, else the last weights."""
         if self.best_step is not None and self.checkpoints.best_weights.is_file():
             return load_tensors(self.checkpoints.best_weights)
-        return {k: v.detach().cpu() for k, v in self._weights().items()}
+        return self._kept_weights()
 

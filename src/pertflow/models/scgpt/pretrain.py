@@ -112,8 +112,9 @@ class MaskedCellBatches(SeededStream):
 
 
 def pretrain(data: PerturbationData, out: str | Path, config: PretrainConfig, train_config: TrainConfig,
-             resume: bool = False) -> TransformerModel:
-    """Pretrain a ``TransformerModel`` on all cells of ``data``; write a public scGPT folder to ``out``.
+             resume: bool = False, rows: np.ndarray | None = None) -> TransformerModel:
+    """Pretrain a ``TransformerModel`` on the cells of ``data`` (``rows``; all when None); write a
+    public scGPT folder to ``out``.
 
     Returns the model with the best validation weights.
     """
@@ -137,8 +138,8 @@ def pretrain(data: PerturbationData, out: str | Path, config: PretrainConfig, tr
         do_dab=config.dab > 0, num_batch_labels=n_batches,
     )
     rng = np.random.default_rng(train_config.seed)
-    all_rows = np.arange(data.n_cells)
-    n_val = int(round(config.val_fraction * data.n_cells))
+    all_rows = np.arange(data.n_cells) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+    n_val = int(round(config.val_fraction * len(all_rows)))
     val_rows = np.sort(rng.choice(all_rows, size=n_val, replace=False)) if n_val else np.array([], dtype=np.int64)
     train_rows = np.setdiff1d(all_rows, val_rows)
     cache = ExpressionCache(data, all_rows, np.arange(data.adata.n_vars))
