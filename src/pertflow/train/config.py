@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# What a resumed run may set differently: the progress bar, and the length (a longer max_steps
+# extends even a finished run; the cosine schedule is then recomputed for the new length, so the
+# learning rate rises again from where the old schedule had brought it).
+RESUME_MAY_CHANGE = ("progress", "max_steps")
+
 
 @dataclass(frozen=True)
 class TrainConfig:

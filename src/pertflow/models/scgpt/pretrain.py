@@ -25,13 +25,17 @@ from pertflow.data.sampler import SeededStream
 from pertflow.errors import InputError
 from pertflow.io import write_json
 from pertflow.data.view import ExpressionCache
-from pertflow.models.scgpt.checkpoint import export_pretrained
+from pertflow.models.scgpt.checkpoint import ARGS_FILE, TORCH_WEIGHTS_FILE, VOCAB_FILE, export_pretrained
 from pertflow.models.scgpt.config import ScGPTConfig
 from pertflow.models.scgpt.tokens import CLS, PAD, SPECIAL_TOKENS
 from pertflow.models.scgpt.extractor import bin_expression
 from pertflow.models.scgpt.losses import ScGPTLossWeights, random_mask_value
 from pertflow.models.scgpt.transformer import TransformerModel
 from pertflow.train import Trainer, TrainConfig
+
+# What `pretrain` writes into its folder (the public scGPT files, its own record, the run's log and checkpoints).
+PRETRAIN_FILES = (ARGS_FILE, VOCAB_FILE, TORCH_WEIGHTS_FILE, "pretrain.json", "checkpoints", "history.csv")
+
 
 @dataclass(frozen=True)
 class PretrainConfig(ScGPTConfig):
@@ -119,7 +123,7 @@ def pretrain(data: PerturbationData, out: str | Path, config: PretrainConfig, tr
     Returns the model with the best validation weights.
     """
     out = Path(out)
-    if (out / "args.json").is_file() and not resume:
+    if (out / ARGS_FILE).is_file() and not resume:
         raise InputError(f"{out} already holds a pretrained model. Choose a new --out, or resume with --resume.")
     symbols = [str(s) for s in data.gene_symbols]
     vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *symbols])}
