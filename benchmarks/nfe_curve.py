@@ -4,8 +4,8 @@ For each benchmark run folder given (``<out>/runs/<split>/<model>`` of ``pertflo
 predicts the split's test cells again with Euler, midpoint and RK4 at several step counts and
 scores them with the evaluator (top-20 DE Pearson delta, E-distance; cell-eval's DE-based metrics
 are skipped: they do not depend on the solver more than these). Writes ``nfe.csv`` and
-``nfe.png``. The predictions follow the run's prediction mode (a run that predicts with its
-prior's cells does not depend on the solver).
+``nfe.png``. The predictions are the flow's own cells (``predict.mode=flow``), whatever mode the
+run chose on validation: a run that predicts with its prior's cells does not depend on the solver.
 
     python benchmarks/nfe_curve.py --data-dir ../shared/data --out benchmarks/results/nfe \\
         RESULTS/runs/norman-combo-seen2/cfm RESULTS/runs/zhao-patient-transfer__PW030/cfm
@@ -47,7 +47,7 @@ def main() -> None:
             inputs = evaluation_inputs(view)
             for method, steps_list in GRID.items():
                 for steps in steps_list:
-                    pred = predict(run, view, None, sets=[f"predict.ode_method={method}", f"predict.ode_steps={steps}"])
+                    pred = predict(run, view, None, sets=[f"predict.ode_method={method}", f"predict.ode_steps={steps}", "predict.mode=flow"])
                     result = evaluate_split(None, None, pred, inputs=inputs, config=EvalConfig(cell_eval_profile="anndata"))
                     agg = result.aggregate["mean"]
                     rows.append({"split": split_name, "model": model, "method": method, "steps": steps,

@@ -133,3 +133,16 @@ def test_an_additive_combination_needs_almost_no_residual(tmp_path):
         cells = model.cells(model.module, controls, combo, shift, rng, model.predict_config, "flow")
         residual = cells.mean(0) - np.clip(controls + shift, 0, None).mean(0)
         assert np.linalg.norm(residual) < 0.25 * np.linalg.norm(shift), (combo, np.linalg.norm(residual), np.linalg.norm(shift))
+
+
+def test_predict_mode_overrides_the_mode_chosen_on_validation(combo_view, tmp_path):
+    model = CFM.from_view(combo_view, CFMConfig(**TINY, prior="additive", source_noise=0.0), PredictConfig(ode_steps=2))
+    model.fit(combo_view, TrainConfig(max_steps=2, batch_size=8, val_every=2, progress=False), tmp_path)
+    model.prediction_mode = "prior"
+    (combo, context), _ = next(iter(combo_view.test_groups().items()))
+    controls = combo_view.expression.get(combo_view.control_rows(context))
+    prior_cells = np.clip(controls + model.prior.delta(combo, context), 0, None)
+    rng = np.random.default_rng(0)
+    np.testing.assert_allclose(model.generate(controls, combo, context, rng), prior_cells)  # auto: the saved mode
+    flow = model.generate(controls, combo, context, rng, PredictConfig(ode_steps=2, mode="flow"))
+    assert np.abs(flow - prior_cells).max() > 1e-3  # the untrained flow's own cells

@@ -27,12 +27,18 @@ class PredictConfig:
     ode_method, ode_steps
         The flow models' ODE solver (``rk4``, ``euler``, ``midpoint``, ``dopri5``) and its fixed
         steps (RK4: 4 network calls a step). Ignored by models without a flow.
+    mode
+        How a flow anchored on a baseline predicts (:data:`pertflow.models.flow_model.PREDICTION_MODES`):
+        ``auto``, the way that scored best on the validation perturbations at the end of
+        training (saved with the run); or ``flow``, ``prior-mean``, ``prior`` to force one (for
+        example the flow's own cells where its prior scored better). Ignored by other models.
     """
 
     batch_size: int = 128
     gene_chunk: int | None = None
     ode_method: Literal["rk4", "euler", "midpoint", "dopri5"] = "rk4"
     ode_steps: int = 20
+    mode: Literal["auto", "flow", "prior-mean", "prior"] = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -87,8 +87,10 @@ class GeneFlowModel(NetworkModel):
         settings: PredictConfig | None = None,
     ) -> np.ndarray:
         module = self.module.to(inference_device())
+        settings = settings or self.predict_config
         shift = self.prior.delta(perturbation, context) if self.prior is not None else np.zeros(len(self.genes), np.float32)
-        return self.cells(module, controls, perturbation, shift, rng, settings or self.predict_config, self.prediction_mode)
+        mode = self.prediction_mode if settings.mode == "auto" else settings.mode
+        return self.cells(module, controls, perturbation, shift, rng, settings, mode)
 
     def cells(self, module: torch.nn.Module, controls: np.ndarray, perturbation: str, shift: np.ndarray,
               rng: np.random.Generator, settings: PredictConfig, mode: str) -> np.ndarray:
