@@ -1,7 +1,8 @@
 """The public API: the workflow verbs, over files or objects. The CLI calls only this module.
 
 ``train`` fits a registered model on a split and writes a run folder; ``predict`` writes a
-cell-eval-ready prediction of a split's test cells; ``evaluate_split`` scores any prediction;
+cell-eval-ready prediction of a split's test cells; ``adapt`` learns the shift that carries a
+trained model to new data (``predict(..., adapter=)`` uses it); ``evaluate_split`` scores any prediction;
 ``benchmark``, ``pretrain`` and ``demo`` run the bigger jobs. Each takes paths (what another tool
 scripts against) or the objects underneath: a :class:`~pertflow.data.dataset.PerturbationData`,
 a :class:`~pertflow.data.splits.Split`, or a :class:`~pertflow.data.view.SplitView` built once
@@ -17,24 +18,28 @@ from typing import Any, Iterator
 
 import anndata as ad
 
+from pertflow.adapt import Adapter, AdapterConfig, learn_adapter
 from pertflow.configs import build, load_sections, to_dict
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import SPLIT_KINDS, Split, make_split
-from pertflow.data.view import SplitView
+from pertflow.data.view import SplitView, read_gene_list
 from pertflow.errors import InputError
 from pertflow.eval.config import EvalConfig
-from pertflow.io import write_h5ad
+from pertflow.io import atomic_path, write_h5ad
 from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
-from pertflow.models.predict import predict_split
+from pertflow.models.predict import prediction_means, predict_split
 from pertflow.models.registry import BASELINES, model_class, model_names
 from pertflow.train.config import TrainConfig
 
 __all__ = [
     "BASELINES",
+    "Adapter",
+    "AdapterConfig",
     "SPLIT_KINDS",
     "EvalConfig",
     "EvaluationInputs",
+    "adapt",
     "benchmark",
     "demo",
     "evaluate_split",
@@ -79,22 +84,25 @@ def _dataset(data: str | Path | PerturbationData, **read_args: Any) -> Iterator[
         dataset.close()
 
 
-def split_view(data: PerturbationData, split: str | Path | Split) -> SplitView:
-    """The dataset seen through a split, checked once (see :class:`~pertflow.data.view.SplitView`)."""
-    return SplitView(data, split if isinstance(split, Split) else Split.load(split))
+def split_view(data: PerturbationData, split: str | Path | Split, genes: list[str] | None = None) -> SplitView:
+    """The dataset seen through a split, checked once (see :class:`~pertflow.data.view.SplitView`);
+    ``genes``: only these of the split's genes."""
+    return SplitView(data, split if isinstance(split, Split) else Split.load(split), genes=genes)
 
 
 @contextlib.contextmanager
-def _view(data: DataArg, split: SplitArg, **read_args: Any) -> Iterator[SplitView]:
+def _view(data: DataArg, split: SplitArg, genes: list[str] | None = None, **read_args: Any) -> Iterator[SplitView]:
     if isinstance(data, SplitView):
         if split is not None and split is not data.split:
             raise InputError("give a split view, or a dataset and a split, not a view and another split.")
+        if genes is not None and set(genes) != set(data.genes):
+            raise InputError("the split view has other genes than those asked for: build it with them (split_view(data, split, genes)).")
         yield data
         return
     if split is None:
         raise InputError("a split is needed: give the split file (--split) the model was trained or is evaluated on.")
     with _dataset(data, **read_args) as dataset:
-        yield split_view(dataset, split)
+        yield split_view(dataset, split, genes)
 
 
 def inspect(path: str | Path, save_spec: str | Path | None = None, **read_args: Any) -> dict[str, Any]:
@@ -137,13 +145,19 @@ def train(
     config: str | Path | None = None,
     sets: list[str] | None = None,
     resume: bool = False,
+    genes: str | Path | list[str] | None = None,
     **read_args: Any,
 ) -> PerturbationModel:
     """Train ``model`` on the training cells of ``split`` and save it into the run folder ``out``.
 
     ``config`` is a YAML file with ``model``, ``train`` and ``predict`` sections; ``sets``
-    override single keys (``["train.max_steps=100"]``).
+    override single keys (``["train.max_steps=100"]``). ``genes`` (names, or a text file with one
+    per line) trains on those of the split's genes only, in the split's order (e.g. the genes
+    another dataset shares, so that the model can be used there); a name the split lacks is an
+    error.
     """
+    if isinstance(genes, (str, Path)):
+        genes = read_gene_list(genes)
     out = Path(out)
     if (out / "model.json").is_file() and not resume:
         raise InputError(f"{out} already holds a trained model. Choose a new --out, or delete that folder first.")
@@ -152,7 +166,7 @@ def train(
     model_config = build(cls.config_class, sections["model"], "model")
     train_config = build(TrainConfig, sections["train"], "train")
     predict_config = build(PredictConfig, {**to_dict(cls.default_predict_config), **sections["predict"]}, "predict")
-    with _view(data, split, **read_args) as view:
+    with _view(data, split, genes, **read_args) as view:
         instance = cls.from_view(view, model_config, predict_config)
         instance.fit(view, train_config, out, resume=resume)
         instance.save(out)
@@ -166,12 +180,20 @@ def predict(
     out: str | Path | None = None,
     seed: int = 0,
     sets: list[str] | None = None,
+    adapter: str | Path | Adapter | None = None,
+    shift_back: bool = False,
     **read_args: Any,
 ) -> ad.AnnData:
-    """Predict the test cells of ``split`` with a trained model; write them to ``out`` if given.
+    """Predict the test cells of ``split`` with a trained model; write them to ``out`` if given,
+    with ``<out stem>_means.csv``, the mean predicted cell of each perturbation (and context,
+    when the test cells span several).
 
-    ``sets`` change prediction settings only (``["predict.ode_steps=4"]``): the ``model`` section
-    is fixed by the trained weights.
+    Genes are matched by name: the data's genes the model lacks are left out, and genes the
+    model needs but the data lacks are an error naming them. ``sets`` change prediction settings
+    only (``["predict.ode_steps=4"]``): the ``model`` section is fixed by the trained weights.
+    ``adapter`` (a folder of :func:`adapt`) shifts the control cells the model reads (the real
+    control cells in the file stay as they are); ``shift_back`` subtracts the shift again from
+    the predicted cells (see :func:`~pertflow.models.predict.predict_split`).
     """
     model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
     changes = load_sections(None, sets)
@@ -181,14 +203,58 @@ def predict(
             "by the trained weights."
         )
     settings = build(PredictConfig, {**to_dict(model.predict_config), **changes["predict"]}, "predict")
+    if adapter is not None and not isinstance(adapter, Adapter):
+        adapter = Adapter.load(adapter)
+    if adapter is not None:
+        adapter.check_genes(model)
+    elif shift_back:
+        raise InputError("--shift-back undoes an adapter's shift: give the adapter (--adapter DIR).")
     read_args.setdefault("spec", model.spec)
     if read_args["spec"] is None:
         read_args["spec"] = model.spec
-    with _view(data, split, **read_args) as view:
-        pred = predict_split(model, view, seed=seed, settings=settings)
+    with _view(data, split, list(model.genes), **read_args) as view:
+        pred = predict_split(model, view, seed=seed, settings=settings, shift_back=shift_back,
+                             control_shift=None if adapter is None else adapter.shift)
+        context_col = view.context_col
     if out is not None:
+        out = Path(out)
         write_h5ad(out, pred)
+        with atomic_path(out.with_name(f"{out.stem}_means.csv")) as tmp:
+            prediction_means(pred, model.spec.pert_col, context_col if context_col in pred.obs else None).to_csv(tmp)
     return pred
+
+
+def adapt(
+    run: str | Path | PerturbationModel,
+    source_data: str | Path | PerturbationData,
+    data: str | Path | PerturbationData,
+    out: str | Path | None = None,
+    *,
+    source_spec: Any = None,
+    source_contexts: list[str] | None = None,
+    contexts: list[str] | None = None,
+    settings: AdapterConfig | dict[str, Any] | None = None,
+    progress: bool = False,
+    **read_args: Any,
+) -> Adapter:
+    """Learn an MMD domain adapter (SPEC 2.6) that carries a trained model to new data; write the
+    adapter folder to ``out`` if given (``pertflow adapt``).
+
+    Only control cells are read: those of ``source_data`` (S, the data the model was trained on;
+    read with ``source_spec``, else the model's own spec) and of ``data`` (T; its spec detected
+    or given by ``read_args``), of the given contexts (all when None). Both files are opened
+    backed and read in row chunks. ``settings``: :class:`~pertflow.adapt.AdapterConfig` or its
+    fields (steps, lr, seed, ...).
+    """
+    model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
+    config = settings if isinstance(settings, AdapterConfig) else build(AdapterConfig, settings or {}, "adapter")
+    read_args = {**read_args, "backed": True}
+    with _dataset(source_data, backed=True, spec=source_spec or model.spec) as source, _dataset(data, **read_args) as target:
+        adapter = learn_adapter(model, source, target, config, source_contexts, contexts, progress=progress)
+    adapter.info["run"] = None if isinstance(run, PerturbationModel) else str(run)
+    if out is not None:
+        adapter.save(out)
+    return adapter
 
 
 # ---------------------------------------------------------------------------- evaluate

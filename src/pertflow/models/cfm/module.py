@@ -176,6 +176,12 @@ class CFMModule(nn.Module):
         on: the control cells, shifted by the prior's predicted response when there is one."""
         return control if shift is None else control + shift
 
+    def control_embedding(self, control: Tensor) -> Tensor:
+        """(B, G) control cells -> (B, G, d_t) their tokens, as :meth:`context` reads a control
+        batch that no perturbation shifts (relative to :meth:`control_offset`). The value encoder
+        is the same for every gene, so gene g's token depends on the cell's value of g alone."""
+        return self.tokens.control(control - self.control_offset(control))
+
     def control_offset(self, control: Tensor) -> Tensor:
         """(1, G) what the flow's coordinates are relative to: the control batch's mean per gene
         with ``center``, else 0 (see ``GeneFlowConfig.center``)."""
