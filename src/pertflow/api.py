@@ -12,25 +12,28 @@ and shared by all three verbs.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import anndata as ad
 
-from pertflow.adapt import Adapter, AdapterConfig, learn_adapter
+from pertflow.adapt import ADAPTER_FILES, Adapter, AdapterConfig, learn_adapter
 from pertflow.configs import build, load_sections, to_dict
 from pertflow.data.dataset import PerturbationData
+from pertflow.data.spec import DataSpec
 from pertflow.data.splits import SPLIT_KINDS, Split, make_split
 from pertflow.data.view import SplitView, read_gene_list
 from pertflow.errors import InputError
 from pertflow.eval.config import EvalConfig
-from pertflow.io import atomic_path, write_h5ad
+from pertflow.io import atomic_path, check_output, check_writable, read_json, remove_outputs, write_h5ad, write_json
 from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
 from pertflow.models.predict import prediction_means, predict_split
 from pertflow.models.registry import BASELINES, model_class, model_names
-from pertflow.train.config import TrainConfig
+from pertflow.train.checkpoint import CheckpointDir
+from pertflow.train.config import RESUME_MAY_CHANGE, TrainConfig
 
 __all__ = [
     "BASELINES",
@@ -99,14 +102,18 @@ def _view(data: DataArg, split: SplitArg, genes: list[str] | None = None, **read
             raise InputError("the split view has other genes than those asked for: build it with them (split_view(data, split, genes)).")
         yield data
         return
-    if split is None:
-        raise InputError("a split is needed: give the split file (--split) the model was trained or is evaluated on.")
+    split = _split_of(data, split)
     with _dataset(data, **read_args) as dataset:
         yield split_view(dataset, split, genes)
 
 
-def inspect(path: str | Path, save_spec: str | Path | None = None, **read_args: Any) -> dict[str, Any]:
-    """What pertflow detects in a file: spec, evidence and counts (``pertflow inspect``)."""
+def inspect(path: str | Path, save_spec: str | Path | None = None, overwrite: bool = False, **read_args: Any) -> dict[str, Any]:
+    """What pertflow detects in a file: spec, evidence and counts (``pertflow inspect``).
+
+    ``save_spec``: write the spec there (an existing file is refused unless ``overwrite``).
+    """
+    if save_spec:
+        check_output(save_spec, "spec file", overwrite)
     with _dataset(path, unlabelled_ok=False, **read_args) as data:
         if save_spec:
             data.spec.save(save_spec)
@@ -116,10 +123,13 @@ def inspect(path: str | Path, save_spec: str | Path | None = None, **read_args: 
 def split(out: str | Path | None = None, *, task: str | None = None, fold: str | None = None,
           tasks_dir: str | Path = "benchmarks/tasks", data_dir: str | Path | None = None,
           data: str | Path | PerturbationData | None = None, kind: str | None = None,
-          options: dict[str, Any] | None = None, **read_args: Any) -> Split:
-    """A split: a benchmark task's fold, or any split kind of a data file; written to ``out`` if given."""
+          options: dict[str, Any] | None = None, overwrite: bool = False, **read_args: Any) -> Split:
+    """A split: a benchmark task's fold, or any split kind of a data file; written to ``out`` if given
+    (an existing file is refused unless ``overwrite``)."""
     from pertflow.data.tasks import resolve_task
 
+    if out is not None:
+        check_output(out, "split file", overwrite)
     if task:
         if data is not None or kind:
             raise InputError("give either --task (with --fold, --data-dir) or --data with --kind, not both.")
@@ -138,39 +148,189 @@ def split(out: str | Path | None = None, *, task: str | None = None, fold: str |
 
 # ---------------------------------------------------------------------------- train / predict
 def train(
-    model: str,
-    data: DataArg,
+    model: str | None,
+    data: DataArg | None,
     split: SplitArg,
     out: str | Path,
     config: str | Path | None = None,
     sets: list[str] | None = None,
     resume: bool = False,
     genes: str | Path | list[str] | None = None,
+    overwrite: bool = False,
     **read_args: Any,
 ) -> PerturbationModel:
     """Train ``model`` on the training cells of ``split`` and save it into the run folder ``out``.
 
     ``config`` is a YAML file with ``model``, ``train`` and ``predict`` sections; ``sets``
-    override single keys (``["train.max_steps=100"]``). ``genes`` (names, or a text file with one
-    per line) trains on those of the split's genes only, in the split's order (e.g. the genes
-    another dataset shares, so that the model can be used there); a name the split lacks is an
-    error.
+    override single keys (``["train.max_steps=100"]``). The run folder records what the run was
+    started with (``run.json``: the model, the three resolved config sections, the data and
+    split, the genes, the read arguments).
+
+    Parameters
+    ----------
+    genes
+        Train on these of the split's genes only (names, or a text file with one per line), in the
+        split's order: e.g. the genes another dataset shares, so that the model can be used there
+        (:func:`predict` matches genes by name). A name the split lacks is an error.
+    resume
+        Continue the run in ``out`` from its last checkpoint (after an interruption: Ctrl-C
+        writes a checkpoint). ``model``, ``data``, ``split``, ``genes``, ``config`` and the read
+        arguments may be left out: ``run.json`` has them. Given again, they must agree: the same
+        model, the same cells and genes in the split, the same settings but for
+        ``train.max_steps`` (and ``train.progress``); the data may have moved (the training engine
+        checks its genes and spec). ``sets=["train.max_steps=N"]`` extends even a finished run; the
+        cosine learning rate schedule is then recomputed for the new length.
+    overwrite
+        Replace a run folder that already holds a run; without it (and without ``resume``)
+        such a folder is refused.
     """
     if isinstance(genes, (str, Path)):
         genes = read_gene_list(genes)
     out = Path(out)
-    if (out / "model.json").is_file() and not resume:
-        raise InputError(f"{out} already holds a trained model. Choose a new --out, or delete that folder first.")
+    if resume and overwrite:
+        raise InputError("give --resume (continue the run in --out) or --overwrite (start it again), not both.")
+    existing = check_output(out, "run folder", overwrite=overwrite or resume, holds=RUN_FILES,
+                            other_choice="--resume to continue it (or --resume --set train.max_steps=N to train it longer)")
+    saved = None
+    if resume:
+        if not existing:
+            raise InputError(f"nothing to resume in {out}: no run was started there. Train without --resume.")
+        saved = read_json(out / RUN_FILE) if (out / RUN_FILE).is_file() else None
+    model, data, split, sections, read_args = _run_settings(out, resume, saved, model, data, split, config, sets, read_args)
+    split_obj = _split_of(data, split)
+    if saved is not None and split_obj.digest() != saved["split_digest"]:
+        raise InputError(f"the split given is not the one {out} was trained on (other cells or genes). Resume without "
+                         "--split, or train into a new --out.")
     cls = model_class(model)
-    sections = load_sections(config, sets)
     model_config = build(cls.config_class, sections["model"], "model")
     train_config = build(TrainConfig, sections["train"], "train")
     predict_config = build(PredictConfig, {**to_dict(cls.default_predict_config), **sections["predict"]}, "predict")
-    with _view(data, split, genes, **read_args) as view:
+    resolved = {"model": to_dict(model_config), "train": to_dict(train_config), "predict": to_dict(predict_config)}
+    if saved is not None:
+        _check_same_settings(out, saved["config"], resolved)
+        genes = _resumed_genes(out, saved.get("genes"), genes)
+    if resume and (out / "model.json").is_file():
+        _check_extension(out, model, train_config)
+    if overwrite:
+        remove_outputs(existing)
+    write_json(out / RUN_FILE, {
+        "format_version": RUN_FILE_VERSION,
+        "model": model,
+        "config": resolved,
+        "data": _data_path(data),
+        "split": str(Path(split).resolve()) if isinstance(split, (str, Path)) else None,
+        "split_digest": split_obj.digest(),
+        "genes": None if genes is None else [str(g) for g in genes],
+        "read_args": _saved_read_args(data, read_args),
+    })
+    with _view(data, split_obj, genes, **read_args) as view:
         instance = cls.from_view(view, model_config, predict_config)
-        instance.fit(view, train_config, out, resume=resume)
+        instance.fit(view, train_config, out, resume=resume and CheckpointDir(out).exists())
         instance.save(out)
     return instance
+
+
+RUN_FILE = "run.json"
+RUN_FILE_VERSION = 1
+# What `train` writes into a run folder: the folder holds a run when one of them is there.
+RUN_FILES = (RUN_FILE, "model.json", "model.safetensors", "checkpoints", "history.csv")
+
+
+def _run_settings(out: Path, resume: bool, saved: dict[str, Any] | None, model: str | None, data: DataArg | None,
+                  split: SplitArg, config: str | Path | None, sets: list[str] | None, read_args: dict[str, Any]) -> tuple:
+    """The model, data, split, config sections and read arguments of a run: as given, over what a
+    resumed run saved in ``run.json`` (given ones must agree with it)."""
+    given = load_sections(config, sets)
+    if saved is None:
+        missing = [flag for flag, value in (("--model", model), ("--data", data), ("--split", split)) if value is None]
+        if isinstance(data, SplitView) and "--split" in missing:
+            missing.remove("--split")
+        if missing:
+            how = ("; this run folder has no run.json (it was written by an older pertflow), so give them and the "
+                   "original --config/--set again") if resume else " (or --resume to continue the run in --out)"
+            raise InputError(f"give {', '.join(missing)}{how}.")
+        return model, data, split, given, read_args
+    if model is not None and model != saved["model"]:
+        raise InputError(f"{out} is a run of '{saved['model']}', not '{model}'. Resume it without --model, or train "
+                         f"'{model}' into a new --out.")
+    for flag, value, key in (("--data", data, "data"), ("--split", split, "split")):
+        if value is None and saved[key] is None and not (key == "split" and isinstance(data, SplitView)):
+            raise InputError(f"{out}/{RUN_FILE} does not record the {key} file (it was given as an object): give {flag}.")
+    data = saved["data"] if data is None else data
+    split = saved["split"] if split is None and not isinstance(data, SplitView) else split
+    sections = {name: {**saved["config"][name], **given[name]} for name in given}
+    stored = dict(saved["read_args"])
+    if stored.get("spec") is not None:
+        stored["spec"] = DataSpec.from_dict(stored["spec"])
+    return saved["model"], data, split, sections, {**stored, **read_args}
+
+
+def _check_same_settings(out: Path, saved: dict[str, dict[str, Any]], resolved: dict[str, dict[str, Any]]) -> None:
+    """A resumed run keeps its settings, but for those the engine lets change (``train.max_steps``)."""
+    now = json.loads(json.dumps(resolved))
+    changed = [f"{section}.{key}" for section, values in now.items() for key, value in values.items()
+               if saved.get(section, {}).get(key, value) != value and not (section == "train" and key in RESUME_MAY_CHANGE)]
+    if changed:
+        allowed = ", ".join(f"train.{k}" for k in RESUME_MAY_CHANGE)
+        raise InputError(f"cannot resume {out} with other settings ({', '.join(changed)}): only {allowed} may change. "
+                         "Resume with the run's own settings (leave out --config and --set), or train into a new --out.")
+
+
+def _check_extension(out: Path, model: str, train_config: TrainConfig) -> None:
+    """A finished run resumes only to train longer: ``train.max_steps`` beyond its last step."""
+    done = read_json(out / "model.json").get("fit_report", {}).get("steps")
+    if done is None:
+        raise InputError(f"{out} holds a finished '{model}' model, which has no training steps to continue. "
+                         "Pass --overwrite to fit it again, or choose a new --out.")
+    if train_config.max_steps <= done:
+        raise InputError(f"{out} is a finished run of {done} steps. To train it longer, resume with "
+                         f"--set train.max_steps=N with N > {done}; to start again, pass --overwrite instead.")
+
+
+def _split_of(data: DataArg | None, split: SplitArg) -> Split:
+    """The split object: the view's, the one given, or the file read."""
+    if isinstance(data, SplitView):
+        return data.split
+    if split is None:
+        raise InputError("a split is needed: give the split file (--split) the model was trained or is evaluated on.")
+    return split if isinstance(split, Split) else Split.load(split)
+
+
+def _data_path(data: DataArg | None) -> str | None:
+    dataset = data.data if isinstance(data, SplitView) else data
+    path = dataset.path if isinstance(dataset, PerturbationData) else dataset
+    return str(Path(path).resolve()) if path is not None else None
+
+
+def _resumed_genes(out: Path, saved: list[str] | None, given: list[str] | None) -> list[str] | None:
+    """The gene panel of a resumed run: the one it was started with (a panel given again must be it)."""
+    if given is not None and (saved is None or set(given) != set(saved)):
+        trained_on = "all the split's genes" if saved is None else f"a panel of {len(saved)} genes"
+        raise InputError(f"{out} was trained on {trained_on}, not on the genes given: resume without --genes, "
+                         "or train into a new --out.")
+    return saved
+
+
+def _saved_read_args(data: DataArg | None, read_args: dict[str, Any]) -> dict[str, Any]:
+    """The read arguments as ``run.json`` keeps them (JSON-ready: a spec as its dict)."""
+    dataset = data.data if isinstance(data, SplitView) else data
+    if isinstance(dataset, PerturbationData):
+        return {"backed": dataset.source.on_disk, "spec": dataset.spec.to_dict()}
+    out = dict(read_args)
+    spec = out.get("spec")
+    if spec is not None and not isinstance(spec, DataSpec):
+        spec = DataSpec.load(spec)
+    if spec is not None:
+        out["spec"] = spec.to_dict()
+    if "context_cols" in out:
+        out["context_cols"] = list(out["context_cols"])
+    return out
+
+
+def means_path(out: str | Path) -> Path:
+    """Where :func:`predict` writes the mean predictions beside ``out``: ``<out stem>_means.csv``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_means.csv")
 
 
 def predict(
@@ -182,11 +342,13 @@ def predict(
     sets: list[str] | None = None,
     adapter: str | Path | Adapter | None = None,
     shift_back: bool = False,
+    overwrite: bool = False,
     **read_args: Any,
 ) -> ad.AnnData:
     """Predict the test cells of ``split`` with a trained model; write them to ``out`` if given,
     with ``<out stem>_means.csv``, the mean predicted cell of each perturbation (and context,
-    when the test cells span several).
+    when the test cells span several). Existing outputs are refused unless ``overwrite``, before
+    any computing.
 
     Genes are matched by name: the data's genes the model lacks are left out, and genes the
     model needs but the data lacks are an error naming them. ``sets`` change prediction settings
@@ -195,6 +357,9 @@ def predict(
     control cells in the file stay as they are); ``shift_back`` subtracts the shift again from
     the predicted cells (see :func:`~pertflow.models.predict.predict_split`).
     """
+    if out is not None:
+        check_output(out, "prediction", overwrite)
+        check_output(means_path(out), "table of mean predictions", overwrite)
     model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
     changes = load_sections(None, sets)
     if changes["model"] or changes["train"]:
@@ -219,7 +384,7 @@ def predict(
     if out is not None:
         out = Path(out)
         write_h5ad(out, pred)
-        with atomic_path(out.with_name(f"{out.stem}_means.csv")) as tmp:
+        with atomic_path(means_path(out)) as tmp:
             prediction_means(pred, model.spec.pert_col, context_col if context_col in pred.obs else None).to_csv(tmp)
     return pred
 
@@ -235,6 +400,7 @@ def adapt(
     contexts: list[str] | None = None,
     settings: AdapterConfig | dict[str, Any] | None = None,
     progress: bool = False,
+    overwrite: bool = False,
     **read_args: Any,
 ) -> Adapter:
     """Learn an MMD domain adapter (SPEC 2.6) that carries a trained model to new data; write the
@@ -244,8 +410,10 @@ def adapt(
     read with ``source_spec``, else the model's own spec) and of ``data`` (T; its spec detected
     or given by ``read_args``), of the given contexts (all when None). Both files are opened
     backed and read in row chunks. ``settings``: :class:`~pertflow.adapt.AdapterConfig` or its
-    fields (steps, lr, seed, ...).
+    fields (steps, lr, seed, ...). A folder ``out`` that already holds an adapter is refused
+    unless ``overwrite``, before any computing.
     """
+    existing = [] if out is None else check_output(out, "adapter folder", overwrite, holds=ADAPTER_FILES)
     model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
     config = settings if isinstance(settings, AdapterConfig) else build(AdapterConfig, settings or {}, "adapter")
     read_args = {**read_args, "backed": True}
@@ -253,6 +421,7 @@ def adapt(
         adapter = learn_adapter(model, source, target, config, source_contexts, contexts, progress=progress)
     adapter.info["run"] = None if isinstance(run, PerturbationModel) else str(run)
     if out is not None:
+        remove_outputs(existing)
         adapter.save(out)
     return adapter
 
@@ -301,16 +470,20 @@ def evaluate_split(
     de_cache: str | Path | None = None,
     config: EvalConfig | None = None,
     inputs: EvaluationInputs | None = None,
+    overwrite: bool = False,
     **read_args: Any,
 ):
     """Score a prediction file of a split's test cells (pertflow's or another tool's).
 
     Returns the :class:`~pertflow.eval.evaluator.EvalResult`; with ``out``, writes
-    ``results.csv`` (one row per perturbation and context) and ``agg_results.csv`` there.
-    ``inputs`` (from :func:`evaluation_inputs`) skips rebuilding the real side.
+    ``results.csv`` (one row per perturbation and context) and ``agg_results.csv`` there (a
+    folder that holds them is refused unless ``overwrite``). ``inputs`` (from
+    :func:`evaluation_inputs`) skips rebuilding the real side.
     """
     from pertflow.eval.evaluator import evaluate
 
+    if out is not None:
+        check_output(out, "evaluation folder", overwrite, holds=EVALUATION_FILES)
     if inputs is None:
         inputs = evaluation_inputs(data, split, **read_args)
     if not isinstance(pred, ad.AnnData):
@@ -323,12 +496,20 @@ def evaluate_split(
     )
 
 
+EVALUATION_FILES = ("results.csv", "agg_results.csv", "ceiling.csv")
+
+
 # ---------------------------------------------------------------------------- bigger jobs
 def benchmark(models: list[str], tasks: str | list[str], out: str | Path, *, folds: list[str] | None = None,
               tasks_dir: str | Path = "benchmarks/tasks", data_dir: str | Path | None = None,
               splits_dir: str | Path | None = None, configs_dir: str | Path | None = "benchmarks/configs",
               config_suffix: str = "-cpu.yaml", threads: int = 1) -> Path:
-    """Run models x tasks x folds (``tasks="all"`` for every task); returns the path of ``summary.md``."""
+    """Run models x tasks x folds (``tasks="all"`` for every task); returns the path of ``summary.md``.
+
+    An existing ``out`` is not refused: a benchmark continues where it stopped (finished runs,
+    predictions and evaluations under ``out/runs`` are read back, not recomputed).
+    """
+    check_writable(out)
     from pertflow.benchmark import run_benchmark
     from pertflow.data.tasks import find_tasks, resolve_data_dir
 
@@ -348,22 +529,37 @@ def benchmark(models: list[str], tasks: str | list[str], out: str | Path, *, fol
 
 
 def pretrain(data: str | Path, out: str | Path, config: str | Path | None = None, sets: list[str] | None = None,
-             resume: bool = False, **read_args: Any):
-    """Pretrain a small scGPT-compatible model (MLM) on any ``.h5ad`` file; write a public scGPT folder."""
-    from pertflow.models.scgpt.pretrain import PretrainConfig
+             resume: bool = False, overwrite: bool = False, **read_args: Any):
+    """Pretrain a small scGPT-compatible model (MLM) on any ``.h5ad`` file; write a public scGPT folder.
+
+    ``resume`` continues the run in ``out`` from its last checkpoint (give the same data and
+    settings; ``train.max_steps`` may grow); ``overwrite`` replaces what ``out`` holds, which is
+    otherwise refused.
+    """
+    from pertflow.models.scgpt.pretrain import PRETRAIN_FILES, PretrainConfig
     from pertflow.models.scgpt.pretrain import pretrain as run_pretrain
 
+    if resume and overwrite:
+        raise InputError("give --resume (continue the run in --out) or --overwrite (start it again), not both.")
+    existing = check_output(out, "pretraining folder", overwrite or resume, holds=PRETRAIN_FILES,
+                            other_choice="--resume to continue it")
     sections = load_sections(config, sets)
     if sections["predict"]:
         raise InputError("pretraining takes model.* and train.* settings, not predict.*.")
     model_config = build(PretrainConfig, sections["model"], "model")
     train_config = build(TrainConfig, sections["train"], "train")
+    if overwrite:
+        remove_outputs(existing)
     with _dataset(data, unlabelled_ok=True, **read_args) as dataset:
         return run_pretrain(dataset, out, model_config, train_config, resume=resume)
 
 
 def demo(out: str | Path = "pertflow-demo", seed: int = 0) -> Path:
-    """The main job on built-in synthetic data; returns the path of the report."""
+    """The main job on built-in synthetic data; returns the path of the report.
+
+    Like :func:`benchmark`, it continues in an existing ``out`` where it stopped.
+    """
     from pertflow.demo import run_demo
 
+    check_writable(out)
     return run_demo(Path(out), seed=seed)

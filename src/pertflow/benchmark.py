@@ -12,7 +12,9 @@ Everything lands under ``out/``:
 * ``plots/<task>_metrics.png``: key metrics per model; ``plots/<task>_deltas.png``: predicted vs
   real mean shift (vs control) of every held-out perturbation, one panel per model.
 
-An interrupted benchmark continues where it stopped: finished steps are read back from disk.
+An interrupted benchmark continues where it stopped: finished steps are read back from disk, an
+interrupted training run is resumed from its checkpoint. So ``out`` is the one output that is not
+refused when it exists (see :func:`pertflow.io.check_output`).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def run_benchmark(
     folds
         Run only these folds of tasks that have folds (all when None).
     """
-    from pertflow.api import evaluate_split, evaluation_inputs, predict, split_view, train
+    from pertflow.api import RUN_FILES, evaluate_split, evaluation_inputs, predict, split_view, train
     from pertflow.eval.config import EvalConfig
     from pertflow.models.registry import model_class
 
@@ -119,7 +121,7 @@ def run_benchmark(
                     if not (run_dir / "model.json").is_file():
                         log(f"[{split_name}] training {model}")
                         start = time.perf_counter()
-                        resume = (run_dir / "checkpoints" / "latest.json").is_file()
+                        resume = any((run_dir / name).exists() for name in RUN_FILES)  # a run started before
                         train(model, view, None, run_dir, config=config if config and config.is_file() else None,
                               sets=["train.progress=false"] if _is_network(model) else None, resume=resume)
                         timing["train_seconds"] = time.perf_counter() - start
@@ -134,7 +136,8 @@ def run_benchmark(
                     if not results_path.is_file():
                         log(f"[{split_name}] evaluating {model}")
                         pred = ad.read_h5ad(pred_path)
-                        evaluate_split(None, None, pred, out=run_dir / "eval", de_cache=de_cache, config=eval_config, inputs=inputs)
+                        evaluate_split(None, None, pred, out=run_dir / "eval", de_cache=de_cache, config=eval_config, inputs=inputs,
+                                       overwrite=True)  # an evaluation interrupted before results.csv
                         _write_deltas(run_dir, inputs, pred)
                     table = pd.read_csv(results_path)
                     table.insert(0, "model", model)

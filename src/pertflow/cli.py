@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from pertflow.errors import InputError
+import yaml
+
+from pertflow.errors import InputError, TrainingInterrupted
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
 
@@ -45,7 +47,11 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration")
     g.add_argument("--config", help="a YAML file with 'model' and 'train' sections")
     g.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config key, e.g. train.max_steps=100")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists (by default it is refused)")
 
 
 def spec_keys(args: argparse.Namespace) -> dict[str, Any]:
@@ -54,8 +60,9 @@ def spec_keys(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def read_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The spec flags as the API's read arguments (``backed``, ``spec``, spec keys)."""
-    return {"backed": args.backed, "spec": args.spec, **spec_keys(args)}
+    """The spec flags given, as the API's read arguments (``backed``, ``spec``, spec keys)."""
+    given = {"backed": args.backed or None, "spec": args.spec}
+    return {**{k: v for k, v in given.items() if v is not None}, **spec_keys(args)}
 
 
 # ---------------------------------------------------------------------------- inspect
@@ -63,6 +70,7 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="an .h5ad file")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     p.add_argument("--save-spec", help="write the detected data spec to this JSON file")
+    add_overwrite_flag(p)
     add_spec_flags(p)
 
 
@@ -93,7 +101,7 @@ def format_summary(s: dict[str, Any], top: int = 40) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pertflow import api
 
-    summary = api.inspect(args.file, save_spec=args.save_spec, progress=True, **read_args(args))
+    summary = api.inspect(args.file, save_spec=args.save_spec, overwrite=args.overwrite, progress=True, **read_args(args))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
@@ -113,6 +121,7 @@ def _split_arguments(p: argparse.ArgumentParser) -> None:
     from pertflow.api import SPLIT_KINDS
 
     p.add_argument("--out", required=True, help="the split JSON to write")
+    add_overwrite_flag(p)
     src = p.add_argument_group("what to split: a task file, or a data file and a kind")
     src.add_argument("--task", help="a task YAML file, or a task name looked up in --tasks-dir")
     src.add_argument("--fold", help="the task's fold (for context tasks: the held-out context)")
@@ -173,7 +182,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
     options = _split_options(args) if args.kind else None
     split = api.split(args.out, task=args.task, fold=args.fold, tasks_dir=args.tasks_dir, data_dir=args.data_dir,
-                      data=args.data, kind=args.kind, options=options, **read_args(args))
+                      data=args.data, kind=args.kind, options=options, overwrite=args.overwrite, **read_args(args))
     ctx = f", test context {split.test_context}" if split.test_context else ""
     print(
         f"wrote {args.out}: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test cells; "
@@ -186,14 +195,15 @@ def cmd_split(args: argparse.Namespace) -> int:
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     from pertflow.api import model_names
 
-    p.add_argument("--model", required=True, choices=model_names(), help="which model to train")
-    p.add_argument("--data", required=True, help="an .h5ad file")
-    p.add_argument("--split", required=True, help="a split JSON (pertflow split, or another tool's)")
+    p.add_argument("--model", choices=model_names(), help="which model to train (with --resume: the run's)")
+    p.add_argument("--data", help="an .h5ad file (with --resume: the run's)")
+    p.add_argument("--split", help="a split JSON, pertflow split's or another tool's (with --resume: the run's)")
     p.add_argument("--out", required=True, help="the run folder to write")
     p.add_argument("--genes", metavar="FILE",
                    help="train on these of the split's genes only (a text file, one gene per line), e.g. the genes "
                         "another dataset shares, so that the model can predict there")
     add_config_flags(p)
+    add_overwrite_flag(p)
     add_spec_flags(p)
 
 
@@ -202,7 +212,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pertflow.api import train
 
     model = train(args.model, args.data, args.split, args.out, config=args.config, sets=args.set, resume=args.resume,
-                  genes=args.genes, **read_args(args))
+                  genes=args.genes, overwrite=args.overwrite, **read_args(args))
     report = ", ".join(f"{k} {v}" for k, v in model.fit_report.items() if not isinstance(v, list))
     print(f"trained {model.name} into {args.out}" + (f": {report}" if report else ""))
     return 0
@@ -218,6 +228,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", metavar="DIR", help="an adapter folder (pertflow adapt): shift the control cells the model reads")
     p.add_argument("--shift-back", action="store_true",
                    help="with --adapter: subtract the shift from the predicted cells again (back onto the data's own scale)")
+    add_overwrite_flag(p)
     add_spec_flags(p)
 
 
@@ -226,7 +237,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pertflow.api import predict
 
     pred = predict(args.run, args.data, args.split, args.out, seed=args.seed, sets=args.set, adapter=args.adapter,
-                   shift_back=args.shift_back, **read_args(args))
+                   shift_back=args.shift_back, overwrite=args.overwrite, **read_args(args))
     n_pred = int((pred.obs["source"] == "predicted").sum())
     means = Path(args.out).with_name(f"{Path(args.out).stem}_means.csv")
     print(f"wrote {args.out}: {n_pred} predicted cells and {pred.n_obs - n_pred} control cells x {pred.n_vars} genes; "
@@ -256,6 +267,7 @@ def _adapt_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--l2", type=float, help="weight of the penalty on the squared shift of each gene (0.001)")
     g.add_argument("--min-bandwidth", type=float, help="lower bound of the RBF kernel's squared bandwidth (0.001)")
     g.add_argument("--max-cells", type=int, help="control cells read per dataset at most (5000)")
+    add_overwrite_flag(p)
     add_spec_flags(p)
 
 
@@ -266,7 +278,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     settings = {k: getattr(args, k) for k in ADAPT_FLAGS if getattr(args, k) is not None}
     adapter = adapt(args.run, args.source_data, args.data, args.out, source_spec=args.source_spec,
                     source_contexts=args.source_contexts, contexts=args.contexts, settings=settings, progress=True,
-                    **read_args(args))
+                    overwrite=args.overwrite, **read_args(args))
     print(f"wrote {args.out}: shift of {len(adapter.genes)} genes from {adapter.info['target_cells']} target and "
           f"{adapter.info['source_cells']} source control cells; MMD {adapter.mmd_before:.4f} -> {adapter.mmd_after:.4f}")
     return 0
@@ -279,6 +291,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for results.csv and agg_results.csv")
     p.add_argument("--de-cache", help="folder caching the real data's DE tables across models")
     p.add_argument("--threads", type=int, default=1, help="threads for cell-eval's DE tests")
+    add_overwrite_flag(p)
     add_spec_flags(p)
 
 
@@ -287,7 +300,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pertflow.api import EvalConfig, evaluate_split
 
     result = evaluate_split(args.data, args.split, args.pred, out=args.out, de_cache=args.de_cache,
-                            config=EvalConfig(num_threads=args.threads), **read_args(args))
+                            config=EvalConfig(num_threads=args.threads), overwrite=args.overwrite, **read_args(args))
     keys = [k for k in ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "overlap_at_N") if k in result.aggregate.index]
     print(result.aggregate.loc[keys, ["mean", "median", "n"]].to_string(float_format=lambda v: f"{v:.4f}"))
     for note in result.notes:
@@ -307,7 +320,7 @@ def _benchmark_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits-dir", help="folder of reference split files (default: <data-dir>/splits when it exists)")
     p.add_argument("--configs-dir", default="benchmarks/configs", help="folder of <model>-cpu.yaml configs (default benchmarks/configs)")
     p.add_argument("--config-suffix", default="-cpu.yaml", help="config file suffix (default -cpu.yaml)")
-    p.add_argument("--out", required=True, help="output folder; an interrupted benchmark continues there")
+    p.add_argument("--out", required=True, help="output folder; an existing one is continued where it stopped (not refused)")
     p.add_argument("--threads", type=int, default=1, help="threads for cell-eval's DE tests")
 
 
@@ -330,6 +343,7 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="an .h5ad file (any: perturbation columns are not needed)")
     p.add_argument("--out", required=True, help="folder for the public-layout model (args.json, vocab.json, best_model.pt)")
     add_config_flags(p)
+    add_overwrite_flag(p)
     add_spec_flags(p)
 
 
@@ -337,14 +351,15 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pertflow.api import pretrain
 
-    pretrain(args.data, args.out, config=args.config, sets=args.set, resume=args.resume, **read_args(args))
+    pretrain(args.data, args.out, config=args.config, sets=args.set, resume=args.resume, overwrite=args.overwrite,
+             **read_args(args))
     print(f"pretrained into {args.out} (load it with pertflow.models.scgpt.load_pretrained)")
     return 0
 
 
 # ---------------------------------------------------------------------------- demo
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="pertflow-demo", help="output folder (default ./pertflow-demo)")
+    p.add_argument("--out", default="pertflow-demo", help="output folder (default ./pertflow-demo); an existing one is continued")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
 
 
@@ -378,8 +393,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][1](args)
     except InputError as err:
-        print(f"pertflow {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return fail(args.command, str(err))
+    except OSError as err:  # a file-system error: a full disk, a folder that went away, permissions
+        where = f"{err.filename}: " if err.filename else ""
+        return fail(args.command, f"{where}{err.strerror or err}. Check the path, its permissions and the free space.")
+    except yaml.YAMLError as err:  # a YAML file read outside pertflow.io.read_yaml
+        return fail(args.command, f"invalid YAML: {str(err).splitlines()[0]}.")
+    except TrainingInterrupted as stop:
+        print(f"pertflow {args.command}: interrupted at step {stop.step}; checkpoint written to {stop.checkpoints}; "
+              f"continue with: {resume_hint(args)}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        hint = f"; continue with: {resume_hint(args)}" if args.command == "train" else ""
+        print(f"pertflow {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+def fail(command: str, message: str) -> int:
+    """Print one error line for a command; the exit status of bad input."""
+    print(f"pertflow {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    """How to continue an interrupted command."""
+    if args.command == "train":
+        return f"pertflow train --resume --out {args.out}"
+    if args.command == "pretrain":
+        return "the same pertflow pretrain command with --resume"
+    return f"the same pertflow {args.command} command (it continues where it stopped)"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any, Mapping, TypeVar
 import yaml
 
 from pertflow.errors import InputError
+from pertflow.io import read_yaml, yaml_problem
 
 T = TypeVar("T")
 SECTIONS = ("model", "train", "predict")
@@ -115,7 +116,10 @@ def parse_sets(items: list[str] | None) -> dict[str, dict[str, Any]]:
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or section not in SECTIONS or not name:
             raise InputError(f"--set {item}: write SECTION.KEY=VALUE with SECTION one of {list(SECTIONS)}, e.g. train.max_steps=100.")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise InputError(f"--set {item}: the value is not valid YAML ({yaml_problem(err, where=False)}); quote it or fix it.") from err
         if isinstance(value, str) and _looks_numeric(value):
             value = float(value)  # YAML 1.1 reads "1e-3" as a string
         out[section][name] = value
@@ -135,16 +139,17 @@ def load_sections(path: str | Path | None, sets: list[str] | None = None) -> dic
     merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: no such config file.")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path, "config file") or {}
         if not isinstance(data, dict):
             raise InputError(f"{path} must hold a mapping with sections {list(SECTIONS)}.")
         unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
             raise InputError(f"{path}: unknown sections {unknown}; a config has the sections {list(SECTIONS)}.")
         for section in SECTIONS:
-            for k, v in (data.get(section) or {}).items():
+            values = data.get(section) or {}
+            if not isinstance(values, dict):
+                raise InputError(f"{path}: the section '{section}' must be a mapping (key: value lines), got {values!r}.")
+            for k, v in values.items():
                 if isinstance(v, str) and _looks_numeric(v):
                     v = float(v)
                 merged[section][k] = v

@@ -1,11 +1,13 @@
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from pertflow.errors import InputError
+from pertflow.errors import InputError, TrainingInterrupted
 from pertflow.nn.loss import LossOutput
 from pertflow.train import TrainConfig, Trainer, TrainingDiverged
 
@@ -99,6 +101,22 @@ def test_resume_equals_unbroken_run(tmp_path):
     assert history == (tmp_path / "a" / "history.csv").read_text()
 
 
+def test_moving_average_is_kept_and_resumes_exactly(tmp_path):
+    """ema_decay: the run keeps the moving average of its weights, and a resumed run has the same one."""
+    unbroken = make(tmp_path / "a", ema_decay=0.9, val_every=100)
+    unbroken.fit()
+    last = weights(unbroken)
+    kept = unbroken.final_weights()
+    assert any(not torch.equal(kept[k], last[k]) for k in last)  # the average, not the last weights
+    broken = make(tmp_path / "b", source=Source(interrupt_at=13), ema_decay=0.9, val_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit()
+    resumed = make(tmp_path / "b", ema_decay=0.9, val_every=100)
+    resumed.fit(resume=True)
+    for name, value in kept.items():
+        torch.testing.assert_close(resumed.final_weights()[name], value, rtol=0, atol=0)
+
+
 def test_checkpoints_are_safetensors_and_json(tmp_path):
     make(tmp_path, keep_checkpoints=2).fit()
     ckpt = tmp_path / "checkpoints"
@@ -156,3 +174,63 @@ def test_resume_refuses_other_settings(tmp_path):
     with pytest.raises(InputError, match="the model"):
         other.fit(resume=True)
     make(tmp_path, progress=True).fit(resume=True)  # a progress bar is not a setting of the run
+
+
+class Signalling(Source):
+    """A source that sends the process a signal (as Ctrl-C or `kill` would) at given calls."""
+
+    def __init__(self, signals, **kw):
+        super().__init__(**kw)
+        self.signals = signals  # call -> signal numbers
+
+    def next_batch(self):
+        for signum in self.signals.get(self.calls + 1, ()):
+            os.kill(os.getpid(), signum)
+        return super().next_batch()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_the_step_checkpoints_it_and_the_run_resumes_exactly(tmp_path, signum):
+    unbroken = make(tmp_path / "a")
+    unbroken.fit()
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    broken = make(tmp_path / "b", source=Signalling({13: [signum]}))
+    with pytest.raises(TrainingInterrupted) as stop:
+        broken.fit()
+    assert {s: signal.getsignal(s) for s in before} == before  # the previous handlers are back
+    assert stop.value.step == 13 and stop.value.exit_code == 128 + signum  # step 13 finished, not lost
+    assert stop.value.checkpoints == tmp_path / "b" / "checkpoints"
+    assert json.loads((tmp_path / "b" / "checkpoints" / "latest.json").read_text())["step"] == 13
+    resumed = make(tmp_path / "b")
+    assert resumed.fit(resume=True).steps == 20
+    for name, value in weights(unbroken).items():
+        torch.testing.assert_close(weights(resumed)[name], value, rtol=0, atol=0)
+    assert (tmp_path / "b" / "history.csv").read_text() == (tmp_path / "a" / "history.csv").read_text()
+
+
+def test_a_signal_before_the_first_checkpoint_still_leaves_a_resumable_one(tmp_path):
+    unbroken = make(tmp_path / "a")
+    unbroken.fit()
+    with pytest.raises(TrainingInterrupted) as stop:
+        make(tmp_path / "b", source=Signalling({1: [signal.SIGINT]})).fit()
+    assert stop.value.step == 1 and json.loads((tmp_path / "b" / "checkpoints" / "latest.json").read_text())["step"] == 1
+    resumed = make(tmp_path / "b")
+    resumed.fit(resume=True)
+    for name, value in weights(unbroken).items():
+        torch.testing.assert_close(weights(resumed)[name], value, rtol=0, atol=0)
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    with pytest.raises(KeyboardInterrupt) as stop:
+        make(tmp_path, source=Signalling({3: [signal.SIGINT, signal.SIGINT]})).fit()
+    assert type(stop.value) is KeyboardInterrupt  # Python's own handler, restored by the first signal
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_max_steps_may_grow_to_extend_a_finished_run(tmp_path):
+    make(tmp_path, max_steps=10, warmup_steps=0, min_lr_ratio=0.1).fit()
+    longer = make(tmp_path, max_steps=16, warmup_steps=0, min_lr_ratio=0.1)
+    assert longer.fit(resume=True).steps == 16
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 17))
+    assert longer.scheduler.get_last_lr()[0] == pytest.approx(1e-3)  # the schedule ends at the new length

@@ -6,7 +6,7 @@ reads the control cells, learns the shift with the model's control embedding and
 the adapter folder.
 """
 
-from pertflow.adapt.adapter import Adapter, learn_adapter
+from pertflow.adapt.adapter import ADAPTER_FILES, Adapter, learn_adapter
 from pertflow.adapt.shift import AdapterConfig, fit_shift
 
-__all__ = ["Adapter", "AdapterConfig", "fit_shift", "learn_adapter"]
+__all__ = ["ADAPTER_FILES", "Adapter", "AdapterConfig", "fit_shift", "learn_adapter"]

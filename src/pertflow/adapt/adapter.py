@@ -30,6 +30,8 @@ from pertflow.models.base import PerturbationModel
 from pertflow.models.network import inference_device
 
 ADAPTER_FORMAT_VERSION = 1
+#: What an adapter folder holds (a folder holding one of them already holds an adapter).
+ADAPTER_FILES = ("shift.csv", "adapter.json", "mmd.csv", "mmd.png")
 MMD_CONVENTION = (
     "mean over genes of the unbiased multi-bandwidth RBF MMD^2 (pertflow.ops.kernels.mmd2_rbf) between each "
     "gene's control embeddings of the source and of the shifted target, on a fixed sample of eval_cells cells a side"

@@ -13,7 +13,16 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from pertflow.data.loading import DEFAULT_CHUNK, ExpressionSource, H5adFile, normalize_log1p, stored_values
-from pertflow.data.spec import SPEC_FIELDS, DataSpec, Detection, check_spec, detect_spec, split_components
+from pertflow.data.spec import (
+    SPEC_FIELDS,
+    DataSpec,
+    Detection,
+    ValueEvidence,
+    check_spec,
+    check_transform,
+    detect_spec,
+    split_components,
+)
 from pertflow.errors import InputError
 
 SINGLE_CONTEXT = "all"
@@ -117,6 +126,7 @@ class PerturbationData:
         """
         file = H5adFile(path, backed=backed)
         try:
+            _check_not_empty(file.adata, path)
             detection = _resolve_spec(file.adata, spec, spec_keys, file.source, file.layer_names)
             data = cls(
                 file.adata,
@@ -138,6 +148,7 @@ class PerturbationData:
         """Open a file without perturbation labels (for pretraining): every cell reads as a control."""
         file = H5adFile(path, backed=backed)
         try:
+            _check_not_empty(file.adata, path)
             file.adata.obs[UNLABELLED_COL] = "control"
             keys = {k: v for k, v in spec_keys.items() if k not in ("pert_col", "control") and v is not None}
             detection = detect_spec(file.adata, file.source, file.layer_names, pert_col=UNLABELLED_COL, control="control", **keys)
@@ -169,6 +180,7 @@ class PerturbationData:
         **spec_keys: Any,
     ) -> PerturbationData:
         """Wrap an in-memory AnnData (not copied)."""
+        _check_not_empty(adata, "the AnnData")
         detection = _resolve_spec(adata, spec, spec_keys, None, None)
         layer = detection.spec.layer
         source = ExpressionSource(adata.X if layer is None else adata.layers[layer], detection.spec.expression_source)
@@ -204,8 +216,10 @@ class PerturbationData:
         """Check expression values and cell counts; raise :class:`InputError` naming the fix.
 
         Expression is read in row chunks (never densified whole): NaN or Inf values and negative
-        values are errors. There must be control cells, and every perturbation must have at
-        least ``spec.min_cells`` cells in each context where it occurs.
+        values are errors. The values must fit the declared transform (checked on a sample of
+        cells, see :func:`~pertflow.data.spec.check_transform`): raw counts are whole numbers,
+        log-normalised values do not look like counts. There must be control cells, and every
+        perturbation must have at least ``spec.min_cells`` cells in each context where it occurs.
         """
         source = self.source
         chunks = source.iter_chunks(DEFAULT_CHUNK)
@@ -230,6 +244,7 @@ class PerturbationData:
                     f"'{self.adata.obs_names[row]}'). pertflow needs counts or log1p-normalised expression: "
                     "pass a layer with counts (--layer) or undo scaling/centring."
                 )
+        check_transform(self.spec, ValueEvidence.sample(source), self._how_transform_was_set(), self._layer_names())
         if not self.is_control.any():
             raise InputError(
                 f"no control cells: no cell of obs['{self.spec.pert_col}'] is labelled '{self.spec.control}'. "
@@ -243,6 +258,17 @@ class PerturbationData:
                 f"{len(small)} perturbation(s) have fewer than min_cells={self.spec.min_cells} cells ({shown}). "
                 "Drop them from the file or lower min_cells (--min-cells)."
             )
+
+    def _how_transform_was_set(self) -> str:
+        how = self.evidence.get("is_counts", "given")
+        if how == "given":
+            return f"{'--counts' if self.spec.is_counts else '--log'} was given"
+        if how == "from the given spec":
+            return f"the given data spec says is_counts={self.spec.is_counts}"
+        return f"detected: {how}"
+
+    def _layer_names(self) -> list[str]:
+        return list(self._file.layer_names) if self._file is not None else list(self.adata.layers.keys())
 
     # ------------------------------------------------------------------ names
     @property
@@ -378,6 +404,17 @@ class PerturbationData:
 def missing_genes_error(missing: Sequence[str], where: str, fix: str) -> InputError:
     """The error for genes that are needed but absent: how many, the first few, and the fix."""
     return InputError(f"{len(missing)} genes are not {where}, e.g. {list(map(str, missing[:5]))}. {fix}")
+
+
+def _check_not_empty(adata: ad.AnnData, where: str | Path) -> None:
+    """A file without cells or without genes stops here, before detection guesses at it."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        missing = "cells" if adata.n_obs == 0 else "genes"
+        raise InputError(
+            f"{where} holds no {missing} ({adata.n_obs} cells x {adata.n_vars} genes): there is nothing to learn from "
+            f"or predict. Check that the file was written completely (a filter may have removed every {missing[:-1]}), "
+            "or choose another file."
+        )
 
 
 def _first_row_where(block: np.ndarray | sp.spmatrix, flags: np.ndarray) -> int:

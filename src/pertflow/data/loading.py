@@ -75,11 +75,16 @@ def stored_values(block: np.ndarray | sp.spmatrix) -> np.ndarray:
     return block.data if sp.issparse(block) else np.asarray(block).ravel()
 
 
-def sample_values(source: ExpressionSource, n_rows: int = 2000, seed: int = 0) -> np.ndarray:
-    """Non-zero values of up to ``n_rows`` random rows (for telling counts from log values)."""
+def sample_rows(source: ExpressionSource, n_rows: int = 2000, seed: int = 0) -> np.ndarray | sp.csr_matrix:
+    """Up to ``n_rows`` random whole rows, in file order (for telling counts from log values)."""
     n = source.shape[0]
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, n_rows), replace=False))
-    values = stored_values(source.read_rows(rows))
+    return source.read_rows(rows)
+
+
+def nonzero_values(block: np.ndarray | sp.spmatrix) -> np.ndarray:
+    """The finite non-zero values of a block."""
+    values = stored_values(block)
     values = values[np.isfinite(values)]
     return values[values != 0]
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from pertflow.data.loading import ExpressionSource, sample_values
+from pertflow.data.loading import ExpressionSource, nonzero_values, sample_rows
 from pertflow.errors import InputError
 from pertflow.io import read_json, write_json
 
@@ -68,6 +68,9 @@ GENE_SYMBOL_COLUMNS = ("gene_symbol", "gene_symbols", "symbol", "feature_name", 
 PERTURBATION_TYPE_COLUMNS = ("perturbation_type", "perturbation_kind", "pert_type")
 
 SPEC_VERSION = 1
+WHOLE_TOLERANCE = 1e-3  # a count may be stored with float noise: within 1e-3 of an integer is a whole number
+LOG_MAX = 50.0  # no log-normalised value comes near this (log1p(1e4) = 9.2, log2(1e6 + 1) = 19.9)
+SAMPLED_ROWS = 2000
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d+")
 _GENE_LIKE = re.compile(r"^[A-Z][A-Z0-9\-\.]*[A-Z0-9]$|^[A-Z]$")
 
@@ -286,17 +289,112 @@ def _detect_genetic(obs: pd.DataFrame, components: list[str], gene_symbols: set[
     return False, f"only {gene_like:.0%} of perturbation names look like gene symbols"
 
 
+@dataclass(frozen=True)
+class ValueEvidence:
+    """What a random sample of cells says about an expression matrix: raw counts or log-normalised.
+
+    Attributes
+    ----------
+    n_rows
+        Cells sampled.
+    n_values
+        Finite non-zero values among them.
+    max
+        The largest of those values.
+    whole
+        The share of those values that are whole numbers (within :data:`WHOLE_TOLERANCE`).
+    median_row_sum
+        The median over the sampled cells of the sum of their values (a count depth, or a sum
+        of log values).
+    """
+
+    n_rows: int
+    n_values: int
+    max: float
+    whole: float
+    median_row_sum: float
+
+    @classmethod
+    def sample(cls, source: ExpressionSource, n_rows: int = SAMPLED_ROWS) -> ValueEvidence:
+        """The evidence of up to ``n_rows`` random whole rows (read in one block, never the whole matrix)."""
+        block = sample_rows(source, n_rows)
+        values = nonzero_values(block)
+        sums = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+        whole = float(np.mean(np.abs(values - np.round(values)) <= WHOLE_TOLERANCE)) if values.size else 1.0
+        return cls(
+            n_rows=int(block.shape[0]),
+            n_values=int(values.size),
+            max=float(values.max()) if values.size else 0.0,
+            whole=whole,
+            median_row_sum=float(np.nanmedian(sums)) if sums.size else 0.0,
+        )
+
+    @property
+    def looks_like_counts(self) -> bool:
+        """Every value a whole number, and some above 1."""
+        return self.n_values > 0 and self.whole == 1.0 and self.max > 1
+
+    def __str__(self) -> str:
+        return (
+            f"in {self.n_rows} sampled cells the largest value is {self.max:.4g}, {self.whole:.1%} of the non-zero "
+            f"values are whole numbers, and the median sum of a cell's values is {self.median_row_sum:.4g}"
+        )
+
+
 def _detect_counts(uns: Any, source: ExpressionSource, layer: str | None) -> tuple[bool, str]:
-    """Counts when the sampled values are all whole numbers; log-normalised otherwise."""
+    """Counts when the sampled values are all whole numbers (some above 1); log-normalised otherwise."""
     if "log1p" in uns and layer is None:
         return False, "uns['log1p'] is set"
-    values = sample_values(source)
-    if values.size == 0:
+    found = ValueEvidence.sample(source)
+    if found.n_values == 0:
         return False, "no non-zero values sampled"
-    whole = bool(np.all(np.abs(values - np.round(values)) < 1e-6))
-    if whole and values.max() > 1:
-        return True, f"sampled values are whole numbers up to {values.max():g}"
-    return False, f"sampled values are fractional (max {values.max():.3g})"
+    if found.looks_like_counts:
+        return True, f"sampled values are whole numbers up to {found.max:g}"
+    return False, f"sampled values are fractional (max {found.max:.3g})"
+
+
+def check_transform(spec: DataSpec, found: ValueEvidence, how: str, layer_names: list[str]) -> None:
+    """Check that the values fit the transform the spec declares; raise :class:`InputError` with the evidence.
+
+    Raw counts (``is_counts``) must be whole numbers: every sampled non-zero value within
+    :data:`WHOLE_TOLERANCE` of an integer. Log-normalised values must not look like raw counts
+    (all whole numbers, some above 1) nor exceed :data:`LOG_MAX`.
+
+    Parameters
+    ----------
+    spec
+        The data spec in use.
+    found
+        The evidence of a sample of the spec's expression source.
+    how
+        How ``is_counts`` was set (the spec's evidence for it), for the message.
+    layer_names
+        The file's layers, to suggest another source.
+    """
+    if found.n_values == 0:
+        return
+    source = spec.expression_source
+    layers = f"; layers in the file: {layer_names}" if layer_names else ""
+    if spec.is_counts and found.whole < 1.0:
+        raise InputError(
+            f"{source} is read as raw counts ({how}) but does not hold whole numbers: {found}. Normalising and "
+            "log-transforming it would distort it. If it is already log-normalised, pass --log (is_counts=False); "
+            f"otherwise choose the layer with raw counts (--layer{layers}). Counts may differ from an integer by at "
+            f"most {WHOLE_TOLERANCE:g}: round corrected counts first."
+        )
+    if not spec.is_counts and found.looks_like_counts:
+        raise InputError(
+            f"{source} is read as log-normalised ({how}) but looks like raw counts: {found}. Pass --counts "
+            "(is_counts=True) so that pertflow applies normalize_total + log1p, or choose a log-normalised layer "
+            f"(--layer{layers})."
+        )
+    if not spec.is_counts and found.max > LOG_MAX:
+        raise InputError(
+            f"{source} is read as log-normalised ({how}) but holds values far above what log-normalised "
+            f"expression reaches (at most about {LOG_MAX:g}): {found}. Pass raw counts with --counts "
+            f"(is_counts=True), log-normalise the values first (normalize_total + log1p), or choose a log-normalised "
+            f"layer (--layer{layers})."
+        )
 
 
 def _detect_gene_symbol_col(var: pd.DataFrame, var_names: pd.Index) -> tuple[str | None, str]:

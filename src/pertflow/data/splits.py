@@ -22,7 +22,9 @@ Split kinds
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -95,6 +97,11 @@ class Split:
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
 
+    def digest(self) -> str:
+        """A fingerprint of the split's cells and genes (a resumed run must train on the same)."""
+        payload = json.dumps([self.train, self.val, self.test, self.genes])
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
     @classmethod
     def load(cls, path: str | Path) -> Split:
         data = read_json(path)
@@ -111,7 +118,7 @@ class Split:
         InputError
             Cells the file lacks, an empty test set, test cells also in train or val, control
             cells in the test set, a perturbation column or control label that differs from the
-            data's, or genes the file lacks.
+            data's, a listed test perturbation without test cells, or genes the file lacks.
         """
         if self.pert_col is not None and self.pert_col != data.spec.pert_col:
             raise InputError(
@@ -143,6 +150,14 @@ class Split:
             raise InputError(
                 f"{int(data.is_control[rows.test].sum())} control cells are in the test set; controls belong in "
                 "train/val (models predict from them). Fix the split."
+            )
+        present = {frozenset(data.components(p)) for p in set(data.perturbations[rows.test])}
+        empty = [p for p in self.test_perturbations if frozenset(data.components(p)) not in present]
+        if empty:
+            raise InputError(
+                f"{len(empty)} test perturbations of the split have no test cells in this data (e.g. {empty[:5]}), so "
+                "they cannot be predicted or scored. Rebuild the split on this file (pertflow split), or remove them "
+                "from the split's test_perturbations."
             )
         if self.genes is not None:
             data.gene_indices(self.genes)

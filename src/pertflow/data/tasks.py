@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import SPLIT_KINDS, Split, make_split
 from pertflow.errors import InputError
+from pertflow.io import read_yaml
 
 DATA_DIR_ENV = "PERTFLOW_DATA_DIR"
 TASK_KEYS = ("name", "question", "dataset", "kind", "folds", "spec", "options")
@@ -47,7 +46,9 @@ class Task:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: no such task file. Task files live in benchmarks/tasks/.")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path, "task file") or {}
+        if not isinstance(data, dict):
+            raise InputError(f"{path} must hold a mapping with the keys {list(TASK_KEYS)}.")
         unknown = sorted(set(data) - set(TASK_KEYS))
         if unknown:
             raise InputError(f"{path}: unknown task keys {unknown}; valid keys are {list(TASK_KEYS)}.")

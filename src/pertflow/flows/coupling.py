@@ -1,8 +1,9 @@
 """Couplings: how a batch's sources (t = 0) are paired with its targets (t = 1). No weights.
 
-A coupling is a callable ``coupling(x_0, x_1) -> x_1`` that returns the targets reordered to pair
-with the rows of ``x_0`` (CellFlow's ``match_fn``, torchcfm's OT plan samplers). A model is given
-one; :data:`COUPLINGS` maps the names a config may use to them.
+A coupling is a callable ``coupling(x_0, x_1) -> perm`` that returns, for each row of ``x_0``, the
+row of ``x_1`` it is paired with (CellFlow's ``match_fn``, torchcfm's OT plan samplers): a model
+indexes its targets, and whatever else belongs to them (a second stream), with it. A model is
+given one; :data:`COUPLINGS` maps the names a config may use to them.
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ def ot_permutation(x_0: torch.Tensor, x_1: torch.Tensor) -> torch.Tensor:
 
 
 def independent_coupling(x_0: torch.Tensor, x_1: torch.Tensor) -> torch.Tensor:
-    """The pairs as drawn: ``x_1`` unchanged."""
-    return x_1
+    """The pairs as drawn: row i with row i."""
+    return torch.arange(x_1.shape[0], device=x_1.device)
 
 
 def ot_coupling(x_0: torch.Tensor, x_1: torch.Tensor) -> torch.Tensor:
-    """Minibatch optimal transport: ``x_1`` reordered by :func:`ot_permutation` (straighter paths)."""
-    return x_1[ot_permutation(x_0, x_1)]
+    """Minibatch optimal transport: :func:`ot_permutation` (straighter paths)."""
+    return ot_permutation(x_0, x_1)
 
 
 COUPLINGS: dict[str, Coupling] = {"independent": independent_coupling, "ot": ot_coupling}

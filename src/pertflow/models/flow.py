@@ -1,16 +1,31 @@
-"""What the gene-space flow networks share: the config fields of the backbone and the flow, and
-the flow parts those fields name (tensors only; the AnnData side is :mod:`pertflow.models.flow_model`).
+"""What the gene-space flow networks share (tensors only; the AnnData side is
+:mod:`pertflow.models.flow_model`): the config fields of the backbone and the flow, the flow parts
+those fields name, and :class:`GeneFlowNetwork`, the network front and back that every such flow
+is built on (per-gene tokens, perturbation and time conditioning, the backbone, the expression
+head) with where a flow starts (the anchor), its coordinates and its gene subsets.
 
-A new flow model's config subclasses :class:`GeneFlowConfig` (and adds only its own fields);
-its network is given the parts of :func:`flow_parts` instead of reading strings.
+A new flow model's config subclasses :class:`GeneFlowConfig` (and adds only its own fields); its
+network subclasses :class:`GeneFlowNetwork` and is given the parts of :func:`flow_parts` instead
+of reading strings.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
-from pertflow.flows import COUPLINGS, TIME_SAMPLERS, AnchoredSource, Coupling, GaussianSource, TimeSampler
+import torch
+from torch import Tensor, nn
+
+from pertflow.data.keys import BATCH_KEYS
+from pertflow.flows import COUPLINGS, TIME_SAMPLERS, AnchoredSource, CondOTPath, Coupling, GaussianSource, ODESolver, TimeSampler
+from pertflow.models.config import PredictConfig
+from pertflow.nn import ExprDecoder, GeneEncoder
+from pertflow.nn.backbone import ExpressionTokens, GeneFlowBackbone
+from pertflow.nn.conditioning import TimestepEmbedder
+from pertflow.nn.latent import LatentFlowBackbone
+from pertflow.nn.perturbation import PerturbationEncoder, unknown_perturbation_dropout
 
 
 @dataclass(frozen=True)
@@ -131,3 +146,237 @@ def flow_parts(config: GeneFlowConfig) -> FlowParts:
     """The parts named by a config."""
     source = GaussianSource() if config.source == "noise" else AnchoredSource(config.source_noise)
     return FlowParts(COUPLINGS[config.coupling], TIME_SAMPLERS[config.time_sampler], source)
+
+
+@dataclass
+class FieldContext:
+    """What the velocity field reads besides ``(t, x_t)``: fixed for a whole ODE solve, so computed
+    once (gene embeddings, the control cells' tokens and keys, the perturbation embedding)."""
+
+    gene_idx: Tensor | None
+    gene_emb: Tensor
+    control_tokens: Tensor
+    control_keys: Tensor | None
+    pert: Tensor
+
+
+@dataclass
+class FlowBatch:
+    """A training batch on the step's genes, in the flow's coordinates (see :meth:`GeneFlowNetwork.prepare`).
+
+    Attributes
+    ----------
+    target
+        (B, G) perturbed cells minus ``offset``.
+    anchor
+        (B, G) where the flow starts before the source's noise: control cells plus the prior's
+        shift, minus ``offset``.
+    pert_ids
+        (B, K) perturbation tokens (with the unknown-perturbation dropout of training).
+    gene_idx
+        (G,) the step's genes among the model's (None: all).
+    offset
+        (1, G) what the coordinates are relative to.
+    """
+
+    target: Tensor
+    anchor: Tensor
+    pert_ids: Tensor
+    gene_idx: Tensor | None
+    offset: Tensor
+
+
+class GeneFlowNetwork(nn.Module):
+    """The shared front and back of the gene-space flow networks (SPEC 2.1).
+
+    Shapes: B cells, G genes in the step, d width, d_t token width, K perturbation components.
+
+    * tokens: ``fusion(cat[enc_state(x_t), enc_control(reference)]) + gene_emb``  (B, G, d_t)
+    * condition: ``c = time_embedding(t) + perturbation_embedding``              (B, d)
+    * the backbone (``GeneFlowConfig.backbone``): scDFM's dense layers or the Perceiver-IO latents
+    * ``ExprDecoder(cat[x, perturbation])`` -> velocity per gene                   (B, G)
+
+    A subclass adds what its flow needs (a loss, a sampler, more streams) on top of
+    :meth:`context`, :meth:`encode` and :meth:`expression_velocity`.
+
+    Parameters
+    ----------
+    config
+        Architecture and loss settings.
+    parts
+        Coupling, time sampler and source of the flow.
+    gene_tokens
+        (G_full,) vocabulary ids of the model's genes, in column order.
+    n_tokens, first_other_token, pad_id, unk_id
+        Vocabulary size, first non-gene token, padding token, unknown-perturbation token.
+    descriptors
+        Optional (n_tokens, D) descriptor vectors of perturbation tokens.
+    """
+
+    def __init__(
+        self,
+        config: GeneFlowConfig,
+        parts: FlowParts,
+        gene_tokens: Tensor,
+        n_tokens: int,
+        first_other_token: int,
+        pad_id: int,
+        unk_id: int,
+        descriptors: Tensor | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.parts = parts
+        self.pad_id, self.unk_id = pad_id, unk_id
+        d, d_t = config.d_model, config.token_width
+        self.register_buffer("gene_tokens", gene_tokens.long())
+        self.gene_encoder = GeneEncoder(n_tokens, d_t, padding_idx=pad_id)
+        self.tokens = ExpressionTokens(d_t, config.dropout)
+        self.perturbation_encoder = PerturbationEncoder(n_tokens, first_other_token, pad_id, d_t, descriptors)
+        self.time_embedder = TimestepEmbedder(d)
+        if config.backbone == "dense":
+            self.condition = nn.Identity()
+            self.backbone = GeneFlowBackbone(d, config.n_heads, config.n_layers, config.mlp_ratio, config.differential_attention)
+        else:
+            self.condition = nn.Linear(d_t, d)  # the perturbation, at the latents' width
+            self.backbone = LatentFlowBackbone(d, d_t, config.n_heads, config.n_layers, config.n_latents, config.mlp_ratio,
+                                               config.differential_attention)
+        self.decoder = ExprDecoder(2 * d_t, d_t)
+        self.path = CondOTPath()
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.gene_tokens.shape[0])
+
+    # ------------------------------------------------------------------ the network
+    def context(self, reference: Tensor, pert_ids: Tensor, gene_idx: Tensor | None = None) -> FieldContext:
+        """What the field reads besides the state, for reference cells ``(B, G)`` on the genes
+        ``gene_idx`` (all genes when None) and perturbation tokens ``(B, K)``."""
+        tokens = self.gene_tokens if gene_idx is None else self.gene_tokens[gene_idx]
+        gene_emb = self.gene_encoder(tokens).unsqueeze(0)  # (1, G, d_t), broadcast over cells
+        control_tokens = self.tokens.control(reference)
+        control_keys = self.backbone.control_keys(control_tokens) if isinstance(self.backbone, LatentFlowBackbone) else None
+        pert = self.perturbation_encoder(pert_ids, self.gene_encoder)
+        return FieldContext(gene_idx, gene_emb, control_tokens, control_keys, pert)
+
+    def encode(self, t: Tensor, x_t: Tensor, ctx: FieldContext, extra_tokens: Tensor | None = None,
+               extra_condition: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The backbone's tokens of a state.
+
+        Parameters
+        ----------
+        t
+            (B,) times of the expression flow.
+        x_t
+            (B, G) state on the genes of ``ctx``.
+        ctx
+            From :meth:`context`.
+        extra_tokens, extra_condition
+            (B, G, d_t) added to the tokens and (B, d) added to the condition (a second stream).
+
+        Returns
+        -------
+        x, pert_tokens, c
+            (B, G, d_t) tokens, (B, G, d_t) perturbation tokens, (B, d) the condition.
+        """
+        x = self.tokens(x_t, ctx.control_tokens, ctx.gene_emb)
+        if extra_tokens is not None:
+            x = x + extra_tokens
+        c = self.time_embedder(t) + self.condition(ctx.pert)
+        if extra_condition is not None:
+            c = c + extra_condition
+        if isinstance(self.backbone, LatentFlowBackbone):
+            x, pert_tokens = self.backbone(x, ctx.control_keys, ctx.pert, c)
+        else:
+            x, pert_tokens = self.backbone(x, ctx.gene_emb, ctx.control_tokens, ctx.pert, c)
+        return x, pert_tokens, c
+
+    def expression_velocity(self, x: Tensor, pert_tokens: Tensor) -> Tensor:
+        """(B, G) velocity of the expression from the backbone's tokens."""
+        return self.decoder(torch.cat([x, pert_tokens], dim=-1)).pred
+
+    # ------------------------------------------------------------------ where the flow starts
+    def prepare(self, batch: dict[str, Tensor]) -> FlowBatch:
+        """A training batch on a random subset of ``genes_per_step`` genes, in the flow's coordinates.
+
+        ``batch``: ``target`` (B, G_full) perturbed cells, ``control`` (B, G_full) control cells of
+        the same context, ``pert_ids`` (B, K), and optionally ``prior_delta`` (B, G_full), the
+        prior's shift (the flow then starts from ``control + prior_delta``).
+        """
+        target, control, pert_ids = batch[BATCH_KEYS.TARGET], batch[BATCH_KEYS.CONTROL], batch[BATCH_KEYS.PERT_IDS]
+        shift = batch.get(BATCH_KEYS.PRIOR_DELTA)
+        if self.training:
+            pert_ids = unknown_perturbation_dropout(pert_ids, self.pad_id, self.unk_id, self.config.unknown_perturbation_p)
+        n_genes = target.shape[1]
+        g = min(self.config.genes_per_step, n_genes)
+        gene_idx = torch.randperm(n_genes, device=target.device)[:g] if g < n_genes else None
+        if gene_idx is not None:
+            target, control = target[:, gene_idx], control[:, gene_idx]
+            shift = None if shift is None else shift[:, gene_idx]
+        offset = self.control_offset(control)
+        return FlowBatch(target - offset, self.anchor(control, shift) - offset, pert_ids, gene_idx, offset)
+
+    @staticmethod
+    def anchor(control: Tensor, shift: Tensor | None) -> Tensor:
+        """Where the flow starts before the source's noise, and what the network is conditioned
+        on: the control cells, shifted by the prior's predicted response when there is one."""
+        return control if shift is None else control + shift
+
+    def control_offset(self, control: Tensor) -> Tensor:
+        """(1, G) what the flow's coordinates are relative to: the control batch's mean per gene
+        with ``center``, else 0 (see ``GeneFlowConfig.center``)."""
+        if self.config.center:
+            return control.mean(dim=0, keepdim=True)
+        return torch.zeros_like(control[:1])
+
+    def control_embedding(self, control: Tensor) -> Tensor:
+        """(B, G) control cells -> (B, G, d_t) their tokens, as :meth:`context` reads a control
+        batch that no perturbation shifts (relative to :meth:`control_offset`). The value encoder
+        is the same for every gene, so gene g's token depends on the cell's value of g alone."""
+        return self.tokens.control(control - self.control_offset(control))
+
+    def reference_cells(self, anchor: Tensor) -> Tensor:
+        """The cells the network is conditioned on, one per row of ``anchor`` (control cells,
+        shifted by the prior when there is one): the cells themselves, or with
+        ``source="control"`` and ``reference_cell="other"`` another cell of the batch (the batch
+        rolled by one; see ``GeneFlowConfig.reference_cell``)."""
+        if self.config.source == "control" and self.config.reference_cell == "other" and anchor.shape[0] > 1:
+            return anchor.roll(1, dims=0)
+        return anchor
+
+    def gene_chunks(self, chunk: int | None, generator: torch.Generator | None) -> list[Tensor | None]:
+        """All genes (``[None]``), or a random partition into chunks of about ``chunk`` genes."""
+        if chunk is None or chunk >= self.n_genes:
+            return [None]
+        perm = torch.randperm(self.n_genes, generator=generator).to(self.gene_tokens.device)
+        return list(perm.chunk(math.ceil(self.n_genes / chunk)))
+
+    def sample_by_chunks(
+        self,
+        control: Tensor,
+        pert_ids: Tensor,
+        settings: PredictConfig,
+        generator: torch.Generator | None,
+        shift: Tensor | None,
+        generate: Callable[[Tensor, Tensor, FieldContext, PredictConfig], Tensor],
+    ) -> Tensor:
+        """Cells from the source, gene chunk by gene chunk: ``generate(x_0, reference, ctx,
+        settings)`` integrates one chunk (in the flow's coordinates) and returns its end point."""
+        offset = self.control_offset(control)
+        anchor = self.anchor(control, shift) - offset
+        start = self.parts.source(anchor, generator)
+        reference = self.reference_cells(anchor)
+        out = torch.empty_like(anchor)
+        for idx in self.gene_chunks(settings.gene_chunk, generator):
+            sub_reference = reference if idx is None else reference[:, idx]
+            ctx = self.context(sub_reference, pert_ids, idx)
+            x_1 = generate(start if idx is None else start[:, idx], sub_reference, ctx, settings)
+            if idx is None:
+                out = x_1
+            else:
+                out[:, idx] = x_1
+        return (out + offset).clamp(min=0)
+
+    def integrate(self, field: Callable[[Tensor, Tensor], Tensor], x_0: Tensor, settings: PredictConfig) -> Tensor:
+        """``x(1)`` of ``dx/dt = field(t, x)`` from ``x(0) = x_0`` with the settings' solver."""
+        return ODESolver(field).sample(x_0, settings.ode_method, settings.ode_steps)

@@ -8,7 +8,14 @@ with the run.
 In training, the shift of a training perturbation (in its context) is the baseline's prediction
 *without* that perturbation's own response (leave one out): otherwise the baseline would see
 the answer, and the flow would learn to trust a prior that at test time, for a perturbation it
-never measured, is only an estimate. ``auto`` picks the baseline that scores best on the split's
+never measured, is only an estimate. The one exception is a single under the ``additive`` prior:
+the additive baseline builds a combination from its *measured* singles, so a measured single is
+that prior's input, not something it predicts; its shift is its own response, the same as when
+it is a component of a test combination. The flow then learns a near-zero residual for singles
+and, since a combination's condition is the sum of its singles' (see
+:class:`~pertflow.nn.perturbation.PerturbationEncoder`), only the interaction for combinations.
+(Left out, a single's residual would carry its whole effect, and a combination's would count its
+components twice: once in the prior, once in the summed condition.) ``auto`` picks the baseline that scores best on the split's
 validation perturbations, each also predicted leave-one-out (:mod:`pertflow.models.validation`);
 test cells are never read.
 """
@@ -82,7 +89,7 @@ class Prior:
         if key not in self._left_out:
             if perturbation == self.baseline.spec.control:
                 shift = np.zeros(len(self.baseline.genes), dtype=np.float32)
-            elif key in self.baseline.keys:
+            elif key in self.baseline.keys and not (self.name == "additive" and len(self.baseline.components(perturbation)) == 1):
                 shift = self.baseline.without(key).predicted_delta(perturbation, context)
             else:
                 shift = self.delta(perturbation, context)

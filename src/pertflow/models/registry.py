@@ -14,6 +14,7 @@ from pertflow.errors import InputError
 MODEL_MODULES = (
     "pertflow.models.baselines",
     "pertflow.models.cfm.model",
+    "pertflow.models.ccfm.model",
     "pertflow.models.scgpt.generator",
 )
 BASELINES = ("no-change", "mean", "additive", "linear", "context-shift")

@@ -37,7 +37,7 @@ class ValidationGroup:
     perturbation: str
     context: str
     real: np.ndarray  # (n, G) the group's visible cells (validation and training)
-    controls: np.ndarray  # (n, G) visible control cells of the context, drawn once, one per real cell
+    controls: np.ndarray  # (m, G) visible control cells of the context, drawn once: one per cell to generate
     control_mean: np.ndarray  # (G,) mean of all visible controls of the context
     de_genes: np.ndarray  # top DE genes of real vs controls
     real_pcs: np.ndarray  # (n, k) the real cells in the PCA
@@ -63,7 +63,11 @@ class ValidationSet:
     view
         The split view.
     max_cells
-        Cells per group (a seeded subsample above it).
+        Real cells per group (a seeded subsample above it).
+    n_generated
+        Cells a model generates per group (control cells drawn once, seeded): what a score costs.
+    max_groups
+        Groups scored at most (a seeded choice among them above it).
     n_pcs, max_pca_cells
         The PCA of the training cells for the E-distance.
     top_k
@@ -72,8 +76,8 @@ class ValidationSet:
         Seeds the subsamples and the control cells drawn.
     """
 
-    def __init__(self, view: SplitView, max_cells: int = 200, n_pcs: int = 50, max_pca_cells: int = 5000,
-                 top_k: int = 20, min_cells: int = 3, seed: int = 0):
+    def __init__(self, view: SplitView, max_cells: int = 200, n_generated: int = 32, max_groups: int = 16,
+                 n_pcs: int = 50, max_pca_cells: int = 5000, top_k: int = 20, min_cells: int = 3, seed: int = 0):
         rng = np.random.default_rng(seed)
         data = view.data
         train = view.rows.train
@@ -82,7 +86,10 @@ class ValidationSet:
         val = view.rows.val[~data.is_control[view.rows.val]]
         visible = view.groups(view.visible[~data.is_control[view.visible]])
         self.groups: list[ValidationGroup] = []
-        for pert, ctx in sorted(view.groups(val)):
+        keys = sorted(view.groups(val))
+        if len(keys) > max_groups:
+            keys = [keys[i] for i in np.sort(rng.choice(len(keys), size=max_groups, replace=False))]
+        for pert, ctx in keys:
             rows = visible[(pert, ctx)]
             if len(rows) < min_cells:
                 continue
@@ -94,7 +101,8 @@ class ValidationSet:
                 rows = np.sort(rng.choice(rows, size=max_cells, replace=False))
             real = view.expression.get(rows)
             all_controls = view.expression.get(pool)
-            chosen = rng.choice(len(pool), size=len(rows), replace=len(pool) < len(rows))
+            n = min(n_generated, len(rows))
+            chosen = rng.choice(len(pool), size=n, replace=len(pool) < n)
             self.groups.append(ValidationGroup(
                 pert, ctx, real, all_controls[chosen], all_controls.mean(0),
                 M.top_de_genes(real, all_controls, top_k), self.pca.transform(real),

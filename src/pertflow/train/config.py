@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# What a resumed run may set differently: the progress bar, and the length (a longer max_steps
+# extends even a finished run; the cosine schedule is then recomputed for the new length, so the
+# learning rate rises again from where the old schedule had brought it).
+RESUME_MAY_CHANGE = ("progress", "max_steps")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -32,6 +37,10 @@ class TrainConfig:
         Resumable checkpoints; the newest ``keep_checkpoints`` are kept.
     log_every
         Steps between rows of ``history.csv``.
+    ema_decay
+        0: the run keeps its last (or best) weights. Otherwise an exponential moving average of
+        the weights with this decay (e.g. 0.999) is what validation reads and what the run keeps
+        (see :mod:`pertflow.train.ema`).
     seed
         Seeds weights, batches and noise.
     weighting, include_controls
@@ -60,6 +69,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     log_every: int = 10
+    ema_decay: float = 0.0
     seed: int = 0
     weighting: Literal["cells", "uniform"] = "cells"
     include_controls: bool = False
@@ -73,3 +83,5 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")

@@ -6,26 +6,37 @@ of validation batches. The trainer owns everything else: Adam/AdamW with a cosin
 gradient clipping, the finite-value guard, validation and best-step selection, resumable
 checkpoints, device placement and mixed precision through ``accelerate``, a progress bar and the
 loss log ``history.csv``.
+
+SIGINT (Ctrl-C) and SIGTERM during :meth:`Trainer.fit` do not kill the run: the step in progress
+is finished, a checkpoint of it is written, and :class:`~pertflow.errors.TrainingInterrupted`
+is raised (a second signal acts at once, as without pertflow). The run then resumes exactly where
+it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from pertflow.errors import InputError
+from pertflow.errors import InputError, TrainingInterrupted
 from pertflow.io import write_text
 from pertflow.train.checkpoint import CheckpointDir, load_tensors, restore_rng
-from pertflow.train.config import TrainConfig
+from pertflow.train.config import RESUME_MAY_CHANGE, TrainConfig
+from pertflow.train.ema import ExponentialMovingAverage
 
 Batch = dict[str, torch.Tensor]
 VAL_SEED = 1234
@@ -53,7 +64,7 @@ class _LossModule(torch.nn.Module):
         return self.network.loss(batch)
 
 
-RESUME_MAY_CHANGE = ("progress",)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,6 +80,40 @@ class TrainResult:
     best_criterion: float | None  # the validation loss, or minus the selector's score, at best_step
     skipped_steps: list[int] = field(default_factory=list)
     history: Path | None = None
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """While inside: SIGINT and SIGTERM are recorded in the yielded list instead of acting.
+
+    The first signal restores the previous handlers, so that a second one acts at once. The
+    previous handlers are restored on leaving. Outside the main thread (where Python cannot
+    install handlers) nothing is installed and the list stays empty.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def record(signum: int, frame: Any) -> None:
+        received.append(signum)
+        restore()
+        # os.write, not print: the handler may run while tqdm is inside a write to sys.stderr
+        note = f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint (send it again to stop at once)\n"
+        with contextlib.suppress(OSError):
+            os.write(sys.stderr.fileno(), note.encode())
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, record)
+    try:
+        yield received
+    finally:
+        restore()
 
 
 def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
@@ -141,11 +186,13 @@ class Trainer:
                 raise InputError("multi-process training needs a batch source with shard(process_index).")
             train_batches.shard(self.accelerator.process_index)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
+        self.ema = ExponentialMovingAverage(module, config.ema_decay) if config.ema_decay > 0 else None
         self.step = 0
         self.best_val: float | None = None
         self.best_step: int | None = None
         self.skipped: list[int] = []
         self._history_rows: list[dict[str, Any]] = []
+        self._saved_step: int | None = None  # the step of the latest checkpoint written or loaded
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -158,6 +205,14 @@ class Trainer:
     def _weights(self) -> dict[str, torch.Tensor]:
         return self.network.state_dict()
 
+    def _evaluated_weights(self) -> contextlib.AbstractContextManager:
+        """The weights validation and prediction read: the moving average when there is one."""
+        return self.ema.applied(self.network) if self.ema is not None else contextlib.nullcontext()
+
+    def _kept_weights(self) -> dict[str, torch.Tensor]:
+        """What a run keeps (best and final weights): the moving average when there is one."""
+        return self.ema.weights() if self.ema is not None else {k: v.detach().cpu() for k, v in self._weights().items()}
+
     def _loss(self, batch: Batch, train: bool = True):
         with self.accelerator.autocast():
             return self.module(batch) if train else self.network.loss(batch)
@@ -169,7 +224,7 @@ class Trainer:
         self.network.eval()
         total = 0.0
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), self._evaluated_weights():
             torch.manual_seed(VAL_SEED)
             for batch in self.val_batches:
                 total += float(self._loss(self._to_device(batch), train=False).loss)
@@ -182,7 +237,7 @@ class Trainer:
             return {}
         self.network.eval()
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), self._evaluated_weights():
             torch.manual_seed(VAL_SEED)
             out = dict(self.selector(self.network))
         self.network.train()
@@ -203,13 +258,27 @@ class Trainer:
         }
         if self.accelerator.scaler is not None:
             state["grad_scaler"] = self.accelerator.scaler.state_dict()
-        self.checkpoints.save(self.step, self._weights(), self.optimizer.state_dict(), state, self.config.keep_checkpoints)
+        weights = dict(self._weights())
+        if self.ema is not None:
+            state["ema_updates"] = self.ema.updates
+            weights.update({f"ema.{k}": v for k, v in self.ema.weights().items()})
+        self.checkpoints.save(self.step, weights, self.optimizer.state_dict(), state, self.config.keep_checkpoints)
+        self._saved_step = self.step
         self._write_history()
+
+    def _stop(self, signum: int) -> None:
+        """Checkpoint the step reached (unless just written) and raise :class:`TrainingInterrupted`."""
+        if self._saved_step != self.step:
+            self._save()
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(self.step, self.checkpoints.root, name, 128 + int(signum))
 
     def _resume(self) -> None:
         model_state, optimizer_state, rng, state = self.checkpoints.load_latest()
         self._check_same_run(state)
-        self.network.load_state_dict(model_state)
+        self.network.load_state_dict({k: v for k, v in model_state.items() if not k.startswith("ema.")})
+        if self.ema is not None:
+            self.ema.load({k.removeprefix("ema."): v for k, v in model_state.items() if k.startswith("ema.")}, state["ema_updates"])
         if self.accelerator.scaler is not None and "grad_scaler" in state:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.optimizer.load_state_dict(optimizer_state)
@@ -218,7 +287,7 @@ class Trainer:
         self.scheduler.load_state_dict(scheduler_state)
         self.train_batches.load_state_dict(state["sampler"])
         restore_rng(rng)
-        self.step = int(state["step"])
+        self.step = self._saved_step = int(state["step"])
         self.best_val, self.best_step = state["best_criterion"], state["best_step"]
         self.skipped = list(state["skipped_steps"])
         self._history_rows = [r for r in self._read_history() if int(r["step"]) <= self.step]
@@ -257,7 +326,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> TrainResult:
-        """Train to ``max_steps`` (continuing from the latest checkpoint with ``resume``)."""
+        """Train to ``max_steps`` (continuing from the latest checkpoint with ``resume``).
+
+        Raises
+        ------
+        TrainingInterrupted
+            On SIGINT or SIGTERM, after finishing the step in progress and checkpointing it (a
+            step-0 checkpoint when no step was done), so that ``resume`` continues exactly there.
+        """
         cfg = self.config
         if self.checkpoints.exists():
             if not resume:
@@ -273,8 +349,12 @@ class Trainer:
         self.module.train()
         consecutive_bad = 0
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step", disable=None if cfg.progress else True)
-        try:
-            while self.step < cfg.max_steps:
+        with stop_requests() as stop, contextlib.closing(bar):
+            while True:
+                if stop:
+                    self._stop(stop[0])
+                if self.step >= cfg.max_steps:
+                    break
                 batch = self._to_device(self.train_batches.next_batch())
                 out = self._loss(batch)
                 bad = not torch.isfinite(out.loss).item()
@@ -308,6 +388,8 @@ class Trainer:
                     consecutive_bad = 0
                     if self.accelerator.scaler is None:
                         self.optimizer.step()
+                    if self.ema is not None:
+                        self.ema.update(self.network)
                 self.scheduler.step()
                 self.step += 1
                 bar.update(1)
@@ -320,7 +402,7 @@ class Trainer:
                     if criterion is not None and (self.best_val is None or criterion < self.best_val):
                         self.best_val, self.best_step = criterion, self.step
                         if self.accelerator.is_main_process:
-                            self.checkpoints.save_best(self._weights(), {"step": self.step, "val_loss": val, **selected})
+                            self.checkpoints.save_best(self._kept_weights(), {"step": self.step, "val_loss": val, **selected})
                 if self.step % cfg.log_every == 0 or val is not None or bad:
                     row = {"step": self.step, "loss": float(out.loss.detach()), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped": int(bad)}
                     row.update(out.metrics)
@@ -331,8 +413,6 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", **({"val": f"{val:.4f}"} if val is not None else {}))
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     self._save()
-        finally:
-            bar.close()
         return TrainResult(
             steps=self.step,
             best_step=self.best_step,
@@ -345,5 +425,5 @@ class Trainer:
         """The best validation step's weights when validation ran, else the last weights."""
         if self.best_step is not None and self.checkpoints.best_weights.is_file():
             return load_tensors(self.checkpoints.best_weights)
-        return {k: v.detach().cpu() for k, v in self._weights().items()}
+        return self._kept_weights()
 

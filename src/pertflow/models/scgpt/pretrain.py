@@ -25,13 +25,17 @@ from pertflow.data.sampler import SeededStream
 from pertflow.errors import InputError
 from pertflow.io import write_json
 from pertflow.data.view import ExpressionCache
-from pertflow.models.scgpt.checkpoint import export_pretrained
+from pertflow.models.scgpt.checkpoint import ARGS_FILE, TORCH_WEIGHTS_FILE, VOCAB_FILE, export_pretrained
 from pertflow.models.scgpt.config import ScGPTConfig
 from pertflow.models.scgpt.tokens import CLS, PAD, SPECIAL_TOKENS
 from pertflow.models.scgpt.extractor import bin_expression
 from pertflow.models.scgpt.losses import ScGPTLossWeights, random_mask_value
 from pertflow.models.scgpt.transformer import TransformerModel
 from pertflow.train import Trainer, TrainConfig
+
+# What `pretrain` writes into its folder (the public scGPT files, its own record, the run's log and checkpoints).
+PRETRAIN_FILES = (ARGS_FILE, VOCAB_FILE, TORCH_WEIGHTS_FILE, "pretrain.json", "checkpoints", "history.csv")
+
 
 @dataclass(frozen=True)
 class PretrainConfig(ScGPTConfig):
@@ -112,13 +116,14 @@ class MaskedCellBatches(SeededStream):
 
 
 def pretrain(data: PerturbationData, out: str | Path, config: PretrainConfig, train_config: TrainConfig,
-             resume: bool = False) -> TransformerModel:
-    """Pretrain a ``TransformerModel`` on all cells of ``data``; write a public scGPT folder to ``out``.
+             resume: bool = False, rows: np.ndarray | None = None) -> TransformerModel:
+    """Pretrain a ``TransformerModel`` on the cells of ``data`` (``rows``; all when None); write a
+    public scGPT folder to ``out``.
 
     Returns the model with the best validation weights.
     """
     out = Path(out)
-    if (out / "args.json").is_file() and not resume:
+    if (out / ARGS_FILE).is_file() and not resume:
         raise InputError(f"{out} already holds a pretrained model. Choose a new --out, or resume with --resume.")
     symbols = [str(s) for s in data.gene_symbols]
     vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *symbols])}
@@ -137,8 +142,8 @@ def pretrain(data: PerturbationData, out: str | Path, config: PretrainConfig, tr
         do_dab=config.dab > 0, num_batch_labels=n_batches,
     )
     rng = np.random.default_rng(train_config.seed)
-    all_rows = np.arange(data.n_cells)
-    n_val = int(round(config.val_fraction * data.n_cells))
+    all_rows = np.arange(data.n_cells) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+    n_val = int(round(config.val_fraction * len(all_rows)))
     val_rows = np.sort(rng.choice(all_rows, size=n_val, replace=False)) if n_val else np.array([], dtype=np.int64)
     train_rows = np.setdiff1d(all_rows, val_rows)
     cache = ExpressionCache(data, all_rows, np.arange(data.adata.n_vars))

@@ -1,0 +1,1 @@
+"""CCFM: cascaded conditioned flow matching (SPEC 2.2)."""

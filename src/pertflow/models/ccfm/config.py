@@ -1,0 +1,65 @@
+"""Configuration of CCFM, the cascaded conditioned flow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pertflow.models.flow import GeneFlowConfig
+
+
+@dataclass(frozen=True)
+class CCFMConfig(GeneFlowConfig):
+    """The ``model`` section of a ``ccfm`` run: every gene-space flow model's fields
+    (:class:`~pertflow.models.flow.GeneFlowConfig`) and the cascade's (SPEC 2.2).
+
+    Attributes
+    ----------
+    foundation
+        A scGPT model folder in the public layout (``args.json``, ``vocab.json``,
+        ``best_model.pt``) whose frozen per-gene features are the latent stream's target. None:
+        a small scGPT is pretrained on the split's training cells first (``pertflow pretrain``'s
+        code), into the run folder, where a resumed or repeated run finds it.
+    foundation_d_model, foundation_layers, foundation_steps, foundation_batch_size
+        Size and budget of that pretrained scGPT. Its width is the latent's feature width D: the
+        latent is G x D per cell, so D is also what the feature cache costs
+        (cells x genes x D x 2 bytes, float16, on disk and memory-mapped).
+    n_bins
+        Value bins of the foundation's input (51 for the released models and for pertflow's
+        pretraining); None feeds log1p values.
+    bottleneck_dim
+        Width of the ``LatentEmbedder``'s bottleneck (D -> bottleneck -> token width).
+    dh_depth
+        AdaLN self-attention blocks of the ``LatentDecoder``.
+    choose_latent_p
+        Share of training samples that train the latent stream (t_expr = 0); the others train the
+        expression stream with the true latent (t_latent = 1).
+    latent_weight
+        Weight of the latent stream's velocity loss.
+    warmup_batches, target_std
+        The latent's normalisation: per-dimension running mean and variance over the first
+        ``warmup_batches`` batches of cached training features, then frozen; times ``target_std``.
+    latent_dim
+        D, the foundation's feature width: read off the foundation when fitting (leave it unset)
+        and saved with the run, so that a trained model loads without its foundation.
+    """
+
+    foundation: str | None = None
+    foundation_d_model: int = 32
+    foundation_layers: int = 2
+    foundation_steps: int = 300
+    foundation_batch_size: int = 16
+    n_bins: int | None = 51
+    bottleneck_dim: int = 128
+    dh_depth: int = 2
+    choose_latent_p: float = 0.4
+    latent_weight: float = 1.0
+    warmup_batches: int = 200
+    target_std: float = 1.0
+    latent_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.choose_latent_p < 1.0:
+            raise ValueError(f"choose_latent_p must be in (0, 1): both streams train, got {self.choose_latent_p}")
+        if self.dh_depth < 1:
+            raise ValueError(f"dh_depth must be at least 1, got {self.dh_depth}")
