@@ -38,7 +38,8 @@ from pertflow import api
 from pertflow.data import make_split
 from pertflow.data.splits import Split
 from pertflow.data.tasks import resolve_data_dir
-from pertflow.io import write_json, write_text
+from pertflow.io import atomic_path, write_json, write_text
+from pertflow.train.checkpoint import CheckpointDir
 
 DATASET = "norman19_mcfaline23_devel.h5ad"
 TASK = "gbm-cellline-transfer"
@@ -90,9 +91,10 @@ def train_on_k562(data, runs: Path, sets: list[str]) -> dict[str, Path]:
         if not (run / "model.json").is_file():
             log(f"training {name} on K562 ({view})")
             start = time.perf_counter()
-            resume = (run / "checkpoints" / "latest.json").is_file()
+            resume = CheckpointDir(run).exists()
             network = model != "no-change"
-            api.train(model, view, None, run, config=config, resume=resume,
+            # a folder without a model and without a checkpoint holds a run stopped before its first step
+            api.train(model, view, None, run, config=config, resume=resume, overwrite=run.exists() and not resume,
                       sets=[*overrides, "train.progress=false"] if network else None)
             write_json(run / "timing.json", {"train_seconds": time.perf_counter() - start})
         found[name] = run
@@ -109,7 +111,7 @@ def run_fold(data, fold: str, split_file: Path, runs: dict[str, Path], out: Path
     if not (adapter_dir / "adapter.json").is_file():
         log(f"[{fold}] adapting cfm-uncentred from {SOURCE_CONTEXT} controls to {fold} controls")
         api.adapt(runs["cfm-uncentred"], data, data, adapter_dir, source_contexts=[SOURCE_CONTEXT], contexts=[fold],
-                  settings=adapter_settings)
+                  settings=adapter_settings, overwrite=True)  # no adapter.json: an unfinished folder
     adapter = api.Adapter.load(adapter_dir)
     tables = []
     for variant, (run, options) in VARIANTS.items():
@@ -117,11 +119,11 @@ def run_fold(data, fold: str, split_file: Path, runs: dict[str, Path], out: Path
         if not pred_path.is_file():
             log(f"[{fold}] predicting {variant}")
             api.predict(runs[run], view, None, pred_path, adapter=adapter if options.get("adapter") else None,
-                        shift_back=options.get("shift_back", False))
+                        shift_back=options.get("shift_back", False), overwrite=True)  # no pred.h5ad: unfinished
         results_path = folder / variant / "eval" / "results.csv"
         if not results_path.is_file():
             log(f"[{fold}] evaluating {variant}")
-            api.evaluate_split(None, None, ad.read_h5ad(pred_path), out=folder / variant / "eval",
+            api.evaluate_split(None, None, ad.read_h5ad(pred_path), out=folder / variant / "eval", overwrite=True,
                                de_cache=out / "cache" / "de" / fold, config=api.EvalConfig(num_threads=threads), inputs=inputs)
         table = pd.read_csv(results_path)
         table.insert(0, "variant", variant)
@@ -189,8 +191,10 @@ def main() -> None:
     results = pd.concat(tables, ignore_index=True)
     adapters = pd.DataFrame(adapters)
     summary = summarize(results)
-    results.to_csv(out / "results.csv", index=False)
-    summary.join(adapters.set_index("fold"), on="fold").to_csv(out / "summary.csv", float_format="%.4f")
+    with atomic_path(out / "results.csv") as tmp:
+        results.to_csv(tmp, index=False)
+    with atomic_path(out / "summary.csv") as tmp:
+        summary.join(adapters.set_index("fold"), on="fold").to_csv(tmp, float_format="%.4f")
     command = "python benchmarks/adapter_gbm.py " + " ".join(
         [f"--folds {args.folds}"] + [f"--set {s}" for s in args.set] + [f"--adapt-set {s}" for s in args.adapt_set or []])
     write_text(out / "summary.md", markdown(summary, adapters, command))

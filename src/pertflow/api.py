@@ -48,6 +48,7 @@ __all__ = [
     "evaluate_split",
     "evaluation_inputs",
     "inspect",
+    "means_path",
     "model_names",
     "open_data",
     "predict",
@@ -391,7 +392,7 @@ def predict(
 
 def adapt(
     run: str | Path | PerturbationModel,
-    source_data: str | Path | PerturbationData,
+    source_data: str | Path | PerturbationData | list[str | Path | PerturbationData],
     data: str | Path | PerturbationData,
     out: str | Path | None = None,
     *,
@@ -406,8 +407,9 @@ def adapt(
     """Learn an MMD domain adapter (SPEC 2.6) that carries a trained model to new data; write the
     adapter folder to ``out`` if given (``pertflow adapt``).
 
-    Only control cells are read: those of ``source_data`` (S, the data the model was trained on;
-    read with ``source_spec``, else the model's own spec) and of ``data`` (T; its spec detected
+    Only control cells are read: those of ``source_data`` (S, the data the model was trained on,
+    one file or an explicit list of files whose controls are pooled; read with ``source_spec``,
+    else the model's own spec) and of ``data`` (T; its spec detected
     or given by ``read_args``), of the given contexts (all when None). Both files are opened
     backed and read in row chunks. ``settings``: :class:`~pertflow.adapt.AdapterConfig` or its
     fields (steps, lr, seed, ...). A folder ``out`` that already holds an adapter is refused
@@ -417,7 +419,10 @@ def adapt(
     model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
     config = settings if isinstance(settings, AdapterConfig) else build(AdapterConfig, settings or {}, "adapter")
     read_args = {**read_args, "backed": True}
-    with _dataset(source_data, backed=True, spec=source_spec or model.spec) as source, _dataset(data, **read_args) as target:
+    sources = list(source_data) if isinstance(source_data, (list, tuple)) else [source_data]
+    with contextlib.ExitStack() as stack:
+        source = [stack.enter_context(_dataset(s, backed=True, spec=source_spec or model.spec)) for s in sources]
+        target = stack.enter_context(_dataset(data, **read_args))
         adapter = learn_adapter(model, source, target, config, source_contexts, contexts, progress=progress)
     adapter.info["run"] = None if isinstance(run, PerturbationModel) else str(run)
     if out is not None:

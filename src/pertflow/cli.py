@@ -234,23 +234,38 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("predict", "predict a split's test cells with a trained model (cell-eval-ready .h5ad)", _predict_arguments)
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pertflow.api import predict
+    from pertflow.api import means_path, predict
 
     pred = predict(args.run, args.data, args.split, args.out, seed=args.seed, sets=args.set, adapter=args.adapter,
                    shift_back=args.shift_back, overwrite=args.overwrite, **read_args(args))
     n_pred = int((pred.obs["source"] == "predicted").sum())
-    means = Path(args.out).with_name(f"{Path(args.out).stem}_means.csv")
+    means = means_path(args.out)
     print(f"wrote {args.out}: {n_pred} predicted cells and {pred.n_obs - n_pred} control cells x {pred.n_vars} genes; "
           f"mean per perturbation in {means}")
     return 0
 
 
-ADAPT_FLAGS = ("steps", "lr", "seed", "batch_size", "genes_per_step", "l2", "min_bandwidth", "max_cells")
+#: The adapter's settings as flags: field of AdapterConfig -> (type, help); the defaults are the dataclass's.
+ADAPT_FLAGS = {
+    "steps": (int, "Adam steps"),
+    "lr": (float, "learning rate"),
+    "seed": (int, "seed of the cells and genes drawn: the same seed repeats a run exactly"),
+    "batch_size": (int, "control cells of each dataset per step"),
+    "genes_per_step": (int, "genes whose MMD is taken per step"),
+    "l2": (float, "weight of the penalty on the squared shift of each gene"),
+    "min_bandwidth": (float, "lower bound of the RBF kernel's squared bandwidth"),
+    "max_cells": (int, "control cells read per dataset at most"),
+    "eval_cells": (int, "control cells per dataset on which the reported MMD is taken"),
+    "eval_every": (int, "steps between two records of the reported MMD"),
+}
 
 
 def _adapt_arguments(p: argparse.ArgumentParser) -> None:
+    from pertflow.api import AdapterConfig
+
     p.add_argument("--run", required=True, help="a run folder written by pertflow train (the model to carry over)")
-    p.add_argument("--source-data", required=True, help="the .h5ad the model was trained on (only its control cells are read)")
+    p.add_argument("--source-data", required=True, nargs="+", metavar="S.h5ad",
+                   help="the .h5ad file(s) the model was trained on, listed one by one (only their control cells are read)")
     p.add_argument("--source-spec", help="a data spec JSON for --source-data (default: the spec the model was trained with)")
     p.add_argument("--source-context", action="append", dest="source_contexts", metavar="CONTEXT",
                    help="read only the source's control cells of this context (repeatable; default all)")
@@ -258,15 +273,10 @@ def _adapt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", action="append", dest="contexts", metavar="CONTEXT",
                    help="read only the new data's control cells of this context (repeatable; default all)")
     p.add_argument("--out", required=True, help="the adapter folder to write (shift.csv, adapter.json, mmd.csv, mmd.png)")
-    g = p.add_argument_group("adapter settings (defaults: pertflow.adapt.AdapterConfig)")
-    g.add_argument("--steps", type=int, help="Adam steps (300)")
-    g.add_argument("--lr", type=float, help="learning rate (0.05)")
-    g.add_argument("--seed", type=int, help="seed of the cells and genes drawn (0): the same seed repeats a run exactly")
-    g.add_argument("--batch-size", type=int, help="control cells of each dataset per step (128)")
-    g.add_argument("--genes-per-step", type=int, help="genes whose MMD is taken per step (64)")
-    g.add_argument("--l2", type=float, help="weight of the penalty on the squared shift of each gene (0.001)")
-    g.add_argument("--min-bandwidth", type=float, help="lower bound of the RBF kernel's squared bandwidth (0.001)")
-    g.add_argument("--max-cells", type=int, help="control cells read per dataset at most (5000)")
+    g = p.add_argument_group("adapter settings")
+    defaults = AdapterConfig()
+    for name, (kind, text) in ADAPT_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{text} (default {getattr(defaults, name)})")
     add_overwrite_flag(p)
     add_spec_flags(p)
 

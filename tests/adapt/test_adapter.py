@@ -30,7 +30,7 @@ from pertflow.models.cfm.model import CFM
 from pertflow.models.prior import Prior
 
 N_PANEL, N_SHIFTED = 120, 40
-FAST = ["--steps", "150", "--batch-size", "64", "--genes-per-step", "40", "--seed", "3"]
+FAST = ["--steps", "150", "--batch-size", "64", "--genes-per-step", "40", "--seed", "3", "--eval-every", "50"]
 
 
 def random_flow_model(view: SplitView, run_dir, center: bool = False) -> CFM:
@@ -97,6 +97,10 @@ def test_adapt_recovers_a_known_shift_and_the_mmd_falls(kang_halves, tmp_path, c
     assert list(history.columns) == ["step", "mmd"] and history["step"].iloc[-1] == 150
     assert (tmp_path / "adapter" / "mmd.png").stat().st_size > 0
     assert not list((tmp_path / "adapter").glob("*.p*kl*"))
+    capsys.readouterr()
+    assert adapt_cli(kang_halves, tmp_path / "adapter", "--steps", "1") == 2  # refused before any computing
+    assert "--overwrite" in capsys.readouterr().err
+    assert len(pd.read_csv(tmp_path / "adapter" / "mmd.csv")) == len(history)
 
 
 def test_a_seed_repeats_a_run_exactly(kang_halves, tmp_path):
@@ -106,6 +110,23 @@ def test_a_seed_repeats_a_run_exactly(kang_halves, tmp_path):
     np.testing.assert_array_equal(runs[0].shift, runs[1].shift)
     assert runs[0].history == runs[1].history
     assert not np.array_equal(runs[0].shift, runs[2].shift)
+
+
+def test_an_explicit_list_of_source_files_pools_their_controls(kang_halves, tmp_path):
+    f = kang_halves["folder"]
+    source = ad.read_h5ad(f / "source.h5ad")
+    cut = source.n_obs // 3
+    source[:cut].write_h5ad(tmp_path / "a.h5ad")
+    source[cut:].write_h5ad(tmp_path / "b.h5ad")
+    settings = {"steps": 4, "seed": 1, "eval_every": 2, "eval_cells": 32, "batch_size": 32}
+    whole = api.adapt(f / "run", f / "source.h5ad", f / "target.h5ad", settings=settings)
+    parts = api.adapt(f / "run", [tmp_path / "a.h5ad", tmp_path / "b.h5ad"], f / "target.h5ad", settings=settings)
+    assert parts.info["source_cells"] == whole.info["source_cells"] == source.n_obs
+    assert parts.info["source_data"] == [str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad")]
+    np.testing.assert_array_equal(parts.shift, whole.shift)  # the same cells in the same order: the same run
+    capped = api.adapt(f / "run", [tmp_path / "a.h5ad", tmp_path / "b.h5ad"], f / "target.h5ad",
+                       settings={**settings, "max_cells": 100})
+    assert capped.info["source_cells"] == 100
 
 
 def test_a_sparse_target_is_read_in_row_chunks_of_its_controls(kang_halves, monkeypatch):

@@ -6,8 +6,8 @@ An adapter folder holds (no pickles; every file written atomically):
 
 * ``shift.csv``: columns ``gene,shift``, the shift added to the target's log1p expression (then
   clipped at 0) before the model reads it, one row per model gene in the model's order;
-* ``adapter.json``: the settings (seed included), the run, the data files and contexts read, the
-  number of control cells of each side, the genes, the MMD before and after;
+* ``adapter.json``: the settings (seed included), the run, the data files (the source's as a list)
+  and contexts read, the number of control cells of each side, the genes, the MMD before and after;
 * ``mmd.csv`` (``step,mmd``) and ``mmd.png``: the MMD over the steps.
 """
 
@@ -127,9 +127,9 @@ class Adapter:
         )
 
 
-def control_rows(data: PerturbationData, contexts: Sequence[str] | None, max_cells: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted rows of the control cells of ``contexts`` (all contexts when None), at most
-    ``max_cells`` of them (a random subsample drawn with ``rng``)."""
+def control_rows(data: PerturbationData, contexts: Sequence[str] | None) -> np.ndarray:
+    """Sorted rows of the control cells of ``contexts`` (all contexts when None); a file without
+    any is an error naming it."""
     mask = data.is_control.copy()
     if contexts:
         unknown = sorted(set(contexts) - set(data.contexts))
@@ -137,32 +137,43 @@ def control_rows(data: PerturbationData, contexts: Sequence[str] | None, max_cel
             raise InputError(f"contexts {unknown} are not in {data.path or 'the data'}; its contexts: {sorted(set(data.contexts))[:20]}.")
         mask &= np.isin(data.contexts, list(contexts))
     rows = np.flatnonzero(mask)
-    if len(rows) < 2:
+    if len(rows) == 0:
         where = f" of contexts {list(contexts)}" if contexts else ""
         raise InputError(
-            f"{data.path or 'the data'} has {len(rows)} control cells{where} (label '{data.spec.control}' in "
-            f"obs['{data.spec.pert_col}']); the adapter needs at least 2. Check --control / --pert-col or the contexts."
+            f"{data.path or 'the data'} has no control cells{where} (label '{data.spec.control}' in "
+            f"obs['{data.spec.pert_col}']). Check --control / --pert-col or the contexts, or leave the file out."
         )
-    if len(rows) > max_cells:
-        rows = np.sort(rng.choice(rows, size=max_cells, replace=False))
     return rows
 
 
-def read_controls(data: PerturbationData, genes: list[str], contexts: Sequence[str] | None, max_cells: int,
-                  rng: np.random.Generator) -> np.ndarray:
-    """(n, G) log1p expression of (at most ``max_cells``) control cells on ``genes``, matched by
-    name; the data's other genes are dropped and missing ones are an error naming them.
+def read_controls(datasets: Sequence[PerturbationData], genes: list[str], contexts: Sequence[str] | None,
+                  max_cells: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, G) log1p expression of the control cells of one side (one or more files), on ``genes``.
 
-    Rows are read in bounded chunks (:meth:`PerturbationData.log_expression`): a sparse matrix is
-    never made dense beyond the control rows read, on the genes asked for.
+    Genes are matched by name in each file: its other genes are dropped and missing ones are an
+    error naming them. Beyond ``max_cells`` control cells in all, a random subsample (drawn with
+    ``rng`` over the files' controls together) is read. Rows are read in bounded chunks
+    (:meth:`PerturbationData.log_expression`): a sparse matrix is never made dense beyond the
+    control rows read, on the genes asked for.
     """
-    gene_idx = data.gene_indices(genes, fix=GENE_PANEL_FIX)
-    return data.log_expression(control_rows(data, contexts, max_cells, rng), gene_idx)
+    columns = [data.gene_indices(genes, fix=GENE_PANEL_FIX) for data in datasets]  # every file, before reading
+    rows = [control_rows(data, contexts) for data in datasets]
+    bounds = np.cumsum([0] + [len(r) for r in rows])
+    if bounds[-1] < 2:
+        raise InputError(f"{bounds[-1]} control cell in {[str(d.path or 'the data') for d in datasets]}; the adapter needs "
+                         "at least 2 a side. Give more control cells (other files or contexts).")
+    chosen = np.sort(rng.choice(bounds[-1], size=max_cells, replace=False)) if bounds[-1] > max_cells else np.arange(bounds[-1])
+    parts = []
+    for data, own, cols, lo, hi in zip(datasets, rows, columns, bounds[:-1], bounds[1:]):
+        picked = own[chosen[(chosen >= lo) & (chosen < hi)] - lo]
+        if len(picked):
+            parts.append(data.log_expression(picked, cols))
+    return np.concatenate(parts)
 
 
 def learn_adapter(
     model: PerturbationModel,
-    source: PerturbationData,
+    source: PerturbationData | Sequence[PerturbationData],
     target: PerturbationData,
     config: AdapterConfig,
     source_contexts: Sequence[str] | None = None,
@@ -176,7 +187,8 @@ def learn_adapter(
     model
         A trained model with a control embedding (:meth:`PerturbationModel.control_embedding`).
     source, target
-        The data the model was trained on (S) and the new data (T).
+        The data the model was trained on (S: one dataset, or an explicit list of them, whose
+        control cells are pooled) and the new data (T).
     config
         The adapter's settings.
     source_contexts, target_contexts
@@ -185,10 +197,13 @@ def learn_adapter(
         Show a progress bar.
     """
     model.control_embedding(torch.zeros(2, len(model.genes)))  # a model without one stops here, before any reading
+    sources = [source] if isinstance(source, PerturbationData) else list(source)
+    if not sources:
+        raise InputError("no source data given: name the file(s) the model was trained on (--source-data).")
     rng = np.random.default_rng(config.seed)
     device = inference_device()
-    source_x = torch.from_numpy(read_controls(source, model.genes, source_contexts, config.max_cells, rng)).to(device)
-    target_x = torch.from_numpy(read_controls(target, model.genes, target_contexts, config.max_cells, rng)).to(device)
+    source_x = torch.from_numpy(read_controls(sources, model.genes, source_contexts, config.max_cells, rng)).to(device)
+    target_x = torch.from_numpy(read_controls([target], model.genes, target_contexts, config.max_cells, rng)).to(device)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -199,7 +214,7 @@ def learn_adapter(
     if bar is not None:
         bar.close()
     info = {
-        "source_data": str(source.path) if source.path else None,
+        "source_data": [str(d.path) if d.path else None for d in sources],
         "target_data": str(target.path) if target.path else None,
         "source_contexts": list(source_contexts) if source_contexts else None,
         "target_contexts": list(target_contexts) if target_contexts else None,
