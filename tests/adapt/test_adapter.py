@@ -9,6 +9,7 @@ no training.
 
 from __future__ import annotations
 
+import json
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -238,6 +239,14 @@ def test_predict_matches_genes_by_name(synthetic_run, synthetic_adata, tmp_path)
     direct = api.predict(f / "run", synthetic_run["data"], f / "split.json", adapter=f / "adapter", sets=["predict.ode_steps=1"])
     assert list(pred.var_names) == genes  # the split's genes, in the split's order; EXTRA dropped
     np.testing.assert_allclose(pred.X, direct.X, rtol=1e-5, atol=1e-6)
+    # a split whose genes are in another order than the model's: the file follows the split, each column its gene
+    reversed_split = json.loads((f / "split.json").read_text())
+    reversed_split["genes"] = reversed_split["genes"][::-1]
+    (tmp_path / "reversed.json").write_text(json.dumps(reversed_split))
+    flipped = api.predict(f / "run", synthetic_run["data"], tmp_path / "reversed.json", adapter=f / "adapter",
+                          sets=["predict.ode_steps=1"])
+    assert list(flipped.var_names) == genes[::-1]
+    np.testing.assert_allclose(flipped[:, genes].X, direct.X, rtol=1e-5, atol=1e-6)
     lacking = PerturbationData.from_anndata(synthetic_adata[:, genes[3:]].copy())  # its own split names its own genes
     with pytest.raises(InputError, match=r"3 genes are not among the split's genes, e.g. \['G0000'.*pertflow train \.\.\. --genes FILE"):
         api.predict(f / "run", lacking, make_split(lacking, "context", test_context="line_C"), adapter=f / "adapter")

@@ -95,7 +95,7 @@ def predict_split(
     obs.index = [f"pred_{i}" for i in range(len(obs))]
     for col in obs.columns:
         obs[col] = pd.Categorical(obs[col])
-    out = ad.AnnData(X=np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=model.genes))
+    out = ad.AnnData(X=np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=list(view.genes)))  # the view's order
     out.uns["pertflow"] = {"model": model.name, "split": view.split.name or "", "seed": seed}
     return out
 
