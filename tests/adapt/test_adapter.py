@@ -31,7 +31,7 @@ from pertflow.models.cfm.model import CFM
 from pertflow.models.prior import Prior
 
 N_PANEL, N_SHIFTED = 120, 40
-FAST = ["--steps", "150", "--batch-size", "64", "--genes-per-step", "40", "--seed", "3", "--eval-every", "50"]
+FAST = ["--steps", "150", "--batch-size", "64", "--genes-per-step", "40", "--seed", "3", "--eval-every", "50", "--eval-cells", "128"]
 
 
 def random_flow_model(view: SplitView, run_dir, center: bool = False) -> CFM:
