@@ -410,7 +410,7 @@ def adapt(
     Only control cells are read: those of ``source_data`` (S, the data the model was trained on,
     one file or an explicit list of files whose controls are pooled; read with ``source_spec``,
     else the model's own spec) and of ``data`` (T; its spec detected
-    or given by ``read_args``), of the given contexts (all when None). Both files are opened
+    or given by ``read_args``), of the given contexts (all when None). The files are opened
     backed and read in row chunks. ``settings``: :class:`~pertflow.adapt.AdapterConfig` or its
     fields (steps, lr, seed, ...). A folder ``out`` that already holds an adapter is refused
     unless ``overwrite``, before any computing.
