@@ -1,7 +1,8 @@
 """The public API: the workflow verbs, over files or objects. The CLI calls only this module.
 
 ``train`` fits a registered model on a split and writes a run folder; ``predict`` writes a
-cell-eval-ready prediction of a split's test cells; ``evaluate_split`` scores any prediction;
+cell-eval-ready prediction of a split's test cells; ``adapt`` learns the shift that carries a
+trained model to new data (``predict(..., adapter=)`` uses it); ``evaluate_split`` scores any prediction;
 ``benchmark``, ``pretrain`` and ``demo`` run the bigger jobs. Each takes paths (what another tool
 scripts against) or the objects underneath: a :class:`~pertflow.data.dataset.PerturbationData`,
 a :class:`~pertflow.data.splits.Split`, or a :class:`~pertflow.data.view.SplitView` built once
@@ -18,31 +19,36 @@ from typing import Any, Iterator
 
 import anndata as ad
 
+from pertflow.adapt import ADAPTER_FILES, Adapter, AdapterConfig, learn_adapter
 from pertflow.configs import build, load_sections, to_dict
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.spec import DataSpec
 from pertflow.data.splits import SPLIT_KINDS, Split, make_split
-from pertflow.data.view import SplitView
+from pertflow.data.view import SplitView, read_gene_list
 from pertflow.errors import InputError
 from pertflow.eval.config import EvalConfig
-from pertflow.io import check_output, check_writable, read_json, remove_outputs, write_h5ad, write_json
+from pertflow.io import atomic_path, check_output, check_writable, read_json, remove_outputs, write_h5ad, write_json
 from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
-from pertflow.models.predict import predict_split
+from pertflow.models.predict import prediction_means, predict_split
 from pertflow.models.registry import BASELINES, model_class, model_names
 from pertflow.train.checkpoint import CheckpointDir
 from pertflow.train.config import RESUME_MAY_CHANGE, TrainConfig
 
 __all__ = [
     "BASELINES",
+    "Adapter",
+    "AdapterConfig",
     "SPLIT_KINDS",
     "EvalConfig",
     "EvaluationInputs",
+    "adapt",
     "benchmark",
     "demo",
     "evaluate_split",
     "evaluation_inputs",
     "inspect",
+    "means_path",
     "model_names",
     "open_data",
     "predict",
@@ -82,21 +88,24 @@ def _dataset(data: str | Path | PerturbationData, **read_args: Any) -> Iterator[
         dataset.close()
 
 
-def split_view(data: PerturbationData, split: str | Path | Split) -> SplitView:
-    """The dataset seen through a split, checked once (see :class:`~pertflow.data.view.SplitView`)."""
-    return SplitView(data, split if isinstance(split, Split) else Split.load(split))
+def split_view(data: PerturbationData, split: str | Path | Split, genes: list[str] | None = None) -> SplitView:
+    """The dataset seen through a split, checked once (see :class:`~pertflow.data.view.SplitView`);
+    ``genes``: only these of the split's genes."""
+    return SplitView(data, split if isinstance(split, Split) else Split.load(split), genes=genes)
 
 
 @contextlib.contextmanager
-def _view(data: DataArg, split: SplitArg, **read_args: Any) -> Iterator[SplitView]:
+def _view(data: DataArg, split: SplitArg, genes: list[str] | None = None, **read_args: Any) -> Iterator[SplitView]:
     if isinstance(data, SplitView):
         if split is not None and split is not data.split:
             raise InputError("give a split view, or a dataset and a split, not a view and another split.")
+        if genes is not None and set(genes) != set(data.genes):
+            raise InputError("the split view has other genes than those asked for: build it with them (split_view(data, split, genes)).")
         yield data
         return
     split = _split_of(data, split)
     with _dataset(data, **read_args) as dataset:
-        yield split_view(dataset, split)
+        yield split_view(dataset, split, genes)
 
 
 def inspect(path: str | Path, save_spec: str | Path | None = None, overwrite: bool = False, **read_args: Any) -> dict[str, Any]:
@@ -147,6 +156,7 @@ def train(
     config: str | Path | None = None,
     sets: list[str] | None = None,
     resume: bool = False,
+    genes: str | Path | list[str] | None = None,
     overwrite: bool = False,
     **read_args: Any,
 ) -> PerturbationModel:
@@ -155,22 +165,28 @@ def train(
     ``config`` is a YAML file with ``model``, ``train`` and ``predict`` sections; ``sets``
     override single keys (``["train.max_steps=100"]``). The run folder records what the run was
     started with (``run.json``: the model, the three resolved config sections, the data and
-    split, the read arguments).
+    split, the genes, the read arguments).
 
     Parameters
     ----------
+    genes
+        Train on these of the split's genes only (names, or a text file with one per line), in the
+        split's order: e.g. the genes another dataset shares, so that the model can be used there
+        (:func:`predict` matches genes by name). A name the split lacks is an error.
     resume
         Continue the run in ``out`` from its last checkpoint (after an interruption: Ctrl-C
-        writes a checkpoint). ``model``, ``data``, ``split``, ``config`` and the read arguments
-        may be left out: ``run.json`` has them. Given again, they must agree: the same model, the
-        same cells and genes in the split, the same settings but for ``train.max_steps`` (and
-        ``train.progress``); the data may have moved (the training engine checks its genes and
-        spec). ``sets=["train.max_steps=N"]`` extends even a finished run; the cosine learning rate
-        schedule is then recomputed for the new length.
+        writes a checkpoint). ``model``, ``data``, ``split``, ``genes``, ``config`` and the read
+        arguments may be left out: ``run.json`` has them. Given again, they must agree: the same
+        model, the same cells and genes in the split, the same settings but for
+        ``train.max_steps`` (and ``train.progress``); the data may have moved (the training engine
+        checks its genes and spec). ``sets=["train.max_steps=N"]`` extends even a finished run; the
+        cosine learning rate schedule is then recomputed for the new length.
     overwrite
         Replace a run folder that already holds a run; without it (and without ``resume``)
         such a folder is refused.
     """
+    if isinstance(genes, (str, Path)):
+        genes = read_gene_list(genes)
     out = Path(out)
     if resume and overwrite:
         raise InputError("give --resume (continue the run in --out) or --overwrite (start it again), not both.")
@@ -193,6 +209,7 @@ def train(
     resolved = {"model": to_dict(model_config), "train": to_dict(train_config), "predict": to_dict(predict_config)}
     if saved is not None:
         _check_same_settings(out, saved["config"], resolved)
+        genes = _resumed_genes(out, saved.get("genes"), genes)
     if resume and (out / "model.json").is_file():
         _check_extension(out, model, train_config)
     if overwrite:
@@ -204,9 +221,10 @@ def train(
         "data": _data_path(data),
         "split": str(Path(split).resolve()) if isinstance(split, (str, Path)) else None,
         "split_digest": split_obj.digest(),
+        "genes": None if genes is None else [str(g) for g in genes],
         "read_args": _saved_read_args(data, read_args),
     })
-    with _view(data, split_obj, **read_args) as view:
+    with _view(data, split_obj, genes, **read_args) as view:
         instance = cls.from_view(view, model_config, predict_config)
         instance.fit(view, train_config, out, resume=resume and CheckpointDir(out).exists())
         instance.save(out)
@@ -285,6 +303,15 @@ def _data_path(data: DataArg | None) -> str | None:
     return str(Path(path).resolve()) if path is not None else None
 
 
+def _resumed_genes(out: Path, saved: list[str] | None, given: list[str] | None) -> list[str] | None:
+    """The gene panel of a resumed run: the one it was started with (a panel given again must be it)."""
+    if given is not None and (saved is None or set(given) != set(saved)):
+        trained_on = "all the split's genes" if saved is None else f"a panel of {len(saved)} genes"
+        raise InputError(f"{out} was trained on {trained_on}, not on the genes given: resume without --genes, "
+                         "or train into a new --out.")
+    return saved
+
+
 def _saved_read_args(data: DataArg | None, read_args: dict[str, Any]) -> dict[str, Any]:
     """The read arguments as ``run.json`` keeps them (JSON-ready: a spec as its dict)."""
     dataset = data.data if isinstance(data, SplitView) else data
@@ -301,6 +328,12 @@ def _saved_read_args(data: DataArg | None, read_args: dict[str, Any]) -> dict[st
     return out
 
 
+def means_path(out: str | Path) -> Path:
+    """Where :func:`predict` writes the mean predictions beside ``out``: ``<out stem>_means.csv``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_means.csv")
+
+
 def predict(
     run: str | Path | PerturbationModel,
     data: DataArg,
@@ -308,17 +341,26 @@ def predict(
     out: str | Path | None = None,
     seed: int = 0,
     sets: list[str] | None = None,
+    adapter: str | Path | Adapter | None = None,
+    shift_back: bool = False,
     overwrite: bool = False,
     **read_args: Any,
 ) -> ad.AnnData:
-    """Predict the test cells of ``split`` with a trained model; write them to ``out`` if given
-    (an existing file is refused unless ``overwrite``, before any computing).
+    """Predict the test cells of ``split`` with a trained model; write them to ``out`` if given,
+    with ``<out stem>_means.csv``, the mean predicted cell of each perturbation (and context,
+    when the test cells span several). Existing outputs are refused unless ``overwrite``, before
+    any computing.
 
-    ``sets`` change prediction settings only (``["predict.ode_steps=4"]``): the ``model`` section
-    is fixed by the trained weights.
+    Genes are matched by name: the data's genes the model lacks are left out, and genes the
+    model needs but the data lacks are an error naming them. ``sets`` change prediction settings
+    only (``["predict.ode_steps=4"]``): the ``model`` section is fixed by the trained weights.
+    ``adapter`` (a folder of :func:`adapt`) shifts the control cells the model reads (the real
+    control cells in the file stay as they are); ``shift_back`` subtracts the shift again from
+    the predicted cells (see :func:`~pertflow.models.predict.predict_split`).
     """
     if out is not None:
         check_output(out, "prediction", overwrite)
+        check_output(means_path(out), "table of mean predictions", overwrite)
     model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
     changes = load_sections(None, sets)
     if changes["model"] or changes["train"]:
@@ -327,14 +369,66 @@ def predict(
             "by the trained weights."
         )
     settings = build(PredictConfig, {**to_dict(model.predict_config), **changes["predict"]}, "predict")
+    if adapter is not None and not isinstance(adapter, Adapter):
+        adapter = Adapter.load(adapter)
+    if adapter is not None:
+        adapter.check_genes(model)
+    elif shift_back:
+        raise InputError("--shift-back undoes an adapter's shift: give the adapter (--adapter DIR).")
     read_args.setdefault("spec", model.spec)
     if read_args["spec"] is None:
         read_args["spec"] = model.spec
-    with _view(data, split, **read_args) as view:
-        pred = predict_split(model, view, seed=seed, settings=settings)
+    with _view(data, split, list(model.genes), **read_args) as view:
+        pred = predict_split(model, view, seed=seed, settings=settings, shift_back=shift_back,
+                             control_shift=None if adapter is None else adapter.shift)
+        context_col = view.context_col
     if out is not None:
+        out = Path(out)
         write_h5ad(out, pred)
+        with atomic_path(means_path(out)) as tmp:
+            prediction_means(pred, model.spec.pert_col, context_col if context_col in pred.obs else None).to_csv(tmp)
     return pred
+
+
+def adapt(
+    run: str | Path | PerturbationModel,
+    source_data: str | Path | PerturbationData | list[str | Path | PerturbationData],
+    data: str | Path | PerturbationData,
+    out: str | Path | None = None,
+    *,
+    source_spec: Any = None,
+    source_contexts: list[str] | None = None,
+    contexts: list[str] | None = None,
+    settings: AdapterConfig | dict[str, Any] | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+    **read_args: Any,
+) -> Adapter:
+    """Learn an MMD domain adapter (SPEC 2.6) that carries a trained model to new data; write the
+    adapter folder to ``out`` if given (``pertflow adapt``).
+
+    Only control cells are read: those of ``source_data`` (S, the data the model was trained on,
+    one file or an explicit list of files whose controls are pooled; read with ``source_spec``,
+    else the model's own spec) and of ``data`` (T; its spec detected
+    or given by ``read_args``), of the given contexts (all when None). The files are opened
+    backed and read in row chunks. ``settings``: :class:`~pertflow.adapt.AdapterConfig` or its
+    fields (steps, lr, seed, ...). A folder ``out`` that already holds an adapter is refused
+    unless ``overwrite``, before any computing.
+    """
+    existing = [] if out is None else check_output(out, "adapter folder", overwrite, holds=ADAPTER_FILES)
+    model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
+    config = settings if isinstance(settings, AdapterConfig) else build(AdapterConfig, settings or {}, "adapter")
+    read_args = {**read_args, "backed": True}
+    sources = list(source_data) if isinstance(source_data, (list, tuple)) else [source_data]
+    with contextlib.ExitStack() as stack:
+        source = [stack.enter_context(_dataset(s, backed=True, spec=source_spec or model.spec)) for s in sources]
+        target = stack.enter_context(_dataset(data, **read_args))
+        adapter = learn_adapter(model, source, target, config, source_contexts, contexts, progress=progress)
+    adapter.info["run"] = None if isinstance(run, PerturbationModel) else str(run)
+    if out is not None:
+        remove_outputs(existing)
+        adapter.save(out)
+    return adapter
 
 
 # ---------------------------------------------------------------------------- evaluate

@@ -199,6 +199,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="an .h5ad file (with --resume: the run's)")
     p.add_argument("--split", help="a split JSON, pertflow split's or another tool's (with --resume: the run's)")
     p.add_argument("--out", required=True, help="the run folder to write")
+    p.add_argument("--genes", metavar="FILE",
+                   help="train on these of the split's genes only (a text file, one gene per line), e.g. the genes "
+                        "another dataset shares, so that the model can predict there")
     add_config_flags(p)
     add_overwrite_flag(p)
     add_spec_flags(p)
@@ -209,7 +212,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pertflow.api import train
 
     model = train(args.model, args.data, args.split, args.out, config=args.config, sets=args.set, resume=args.resume,
-                  overwrite=args.overwrite, **read_args(args))
+                  genes=args.genes, overwrite=args.overwrite, **read_args(args))
     report = ", ".join(f"{k} {v}" for k, v in model.fit_report.items() if not isinstance(v, list))
     print(f"trained {model.name} into {args.out}" + (f": {report}" if report else ""))
     return 0
@@ -222,18 +225,72 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the prediction .h5ad to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the control draw and the noise")
     p.add_argument("--set", action="append", metavar="predict.KEY=VALUE", help="change a prediction setting, e.g. predict.ode_steps=10")
+    p.add_argument("--adapter", metavar="DIR", help="an adapter folder (pertflow adapt): shift the control cells the model reads")
+    p.add_argument("--shift-back", action="store_true",
+                   help="with --adapter: subtract the shift from the predicted cells again (back onto the data's own scale)")
     add_overwrite_flag(p)
     add_spec_flags(p)
 
 
 @command("predict", "predict a split's test cells with a trained model (cell-eval-ready .h5ad)", _predict_arguments)
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pertflow.api import predict
+    from pertflow.api import means_path, predict
 
-    pred = predict(args.run, args.data, args.split, args.out, seed=args.seed, sets=args.set, overwrite=args.overwrite,
-                   **read_args(args))
+    pred = predict(args.run, args.data, args.split, args.out, seed=args.seed, sets=args.set, adapter=args.adapter,
+                   shift_back=args.shift_back, overwrite=args.overwrite, **read_args(args))
     n_pred = int((pred.obs["source"] == "predicted").sum())
-    print(f"wrote {args.out}: {n_pred} predicted cells and {pred.n_obs - n_pred} control cells x {pred.n_vars} genes")
+    means = means_path(args.out)
+    print(f"wrote {args.out}: {n_pred} predicted cells and {pred.n_obs - n_pred} control cells x {pred.n_vars} genes; "
+          f"mean per perturbation in {means}")
+    return 0
+
+
+#: The adapter's settings as flags: field of AdapterConfig -> (type, help); the defaults are the dataclass's.
+ADAPT_FLAGS = {
+    "steps": (int, "Adam steps"),
+    "lr": (float, "learning rate"),
+    "seed": (int, "seed of the cells and genes drawn: the same seed repeats a run exactly"),
+    "batch_size": (int, "control cells of each dataset per step"),
+    "genes_per_step": (int, "genes whose MMD is taken per step"),
+    "l2": (float, "weight of the penalty on the squared shift of each gene"),
+    "min_bandwidth": (float, "lower bound of the RBF kernel's squared bandwidth"),
+    "max_cells": (int, "control cells read per dataset at most"),
+    "eval_cells": (int, "control cells per dataset on which the reported MMD is taken"),
+    "eval_every": (int, "steps between two records of the reported MMD"),
+}
+
+
+def _adapt_arguments(p: argparse.ArgumentParser) -> None:
+    from pertflow.api import AdapterConfig
+
+    p.add_argument("--run", required=True, help="a run folder written by pertflow train (the model to carry over)")
+    p.add_argument("--source-data", required=True, nargs="+", metavar="S.h5ad",
+                   help="the .h5ad file(s) the model was trained on, listed one by one (only their control cells are read)")
+    p.add_argument("--source-spec", help="a data spec JSON for --source-data (default: the spec the model was trained with)")
+    p.add_argument("--source-context", action="append", dest="source_contexts", metavar="CONTEXT",
+                   help="read only the source's control cells of this context (repeatable; default all)")
+    p.add_argument("--data", required=True, help="the new .h5ad (only its control cells are read; its spec flags below)")
+    p.add_argument("--context", action="append", dest="contexts", metavar="CONTEXT",
+                   help="read only the new data's control cells of this context (repeatable; default all)")
+    p.add_argument("--out", required=True, help="the adapter folder to write (shift.csv, adapter.json, mmd.csv, mmd.png)")
+    g = p.add_argument_group("adapter settings")
+    defaults = AdapterConfig()
+    for name, (kind, text) in ADAPT_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{text} (default {getattr(defaults, name)})")
+    add_overwrite_flag(p)
+    add_spec_flags(p)
+
+
+@command("adapt", "learn the per-gene shift that carries a trained model to new data (MMD domain adapter)", _adapt_arguments)
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from pertflow.api import adapt
+
+    settings = {k: getattr(args, k) for k in ADAPT_FLAGS if getattr(args, k) is not None}
+    adapter = adapt(args.run, args.source_data, args.data, args.out, source_spec=args.source_spec,
+                    source_contexts=args.source_contexts, contexts=args.contexts, settings=settings, progress=True,
+                    overwrite=args.overwrite, **read_args(args))
+    print(f"wrote {args.out}: shift of {len(adapter.genes)} genes from {adapter.info['target_cells']} target and "
+          f"{adapter.info['source_cells']} source control cells; MMD {adapter.mmd_before:.4f} -> {adapter.mmd_after:.4f}")
     return 0
 
 

@@ -137,6 +137,24 @@ def test_mmd_is_symmetric_and_differentiable_with_duplicates():
     assert mmd2_rbf(y.detach(), x).item() == pytest.approx(value.item(), rel=1e-12)
 
 
+def test_batched_mmd_is_each_pair_alone():
+    # One pair per gene, say: (G, n, d) vs (G, m, d) gives the G values of the pairs taken alone,
+    # each with its own median-heuristic bandwidth (also where most points coincide).
+    x, y = _randn(5, 12, 3, seed=7), _randn(5, 9, 3, seed=8) + 0.5
+    x[2, :10] = 0.0
+    y[2, :8] = 0.0
+    for unbiased in (True, False):
+        batched = mmd2_rbf(x, y, unbiased=unbiased)
+        assert batched.shape == (5,)
+        alone = torch.stack([mmd2_rbf(x[g], y[g], unbiased=unbiased) for g in range(5)])
+        torch.testing.assert_close(batched, alone, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(median_sq_dist(x, y), torch.stack([median_sq_dist(x[g], y[g]) for g in range(5)]))
+    with pytest.raises(ValueError, match="same batch shape"):
+        mmd2_rbf(x, y[:4])
+    with pytest.raises(ValueError, match="2-D"):
+        edistance(x, y)
+
+
 def test_mmd_needs_two_points_per_side():
     with pytest.raises(ValueError, match="at least 2"):
         mmd2_rbf(torch.zeros(1, 2), torch.zeros(3, 2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import anndata as ad
 import numpy as np
@@ -28,6 +28,12 @@ from pertflow.errors import InputError
 SINGLE_CONTEXT = "all"
 MAX_VALUES_PER_READ = 2**26  # values of whole rows read at once (256 MB of float32)
 UNLABELLED_COL = "pertflow_unlabelled"
+SAME_GENES_FIX = "A saved model or split needs the same genes: use matching data or retrain."
+#: The fix when data lacks genes a model needs: a model trained on the genes both datasets share.
+GENE_PANEL_FIX = (
+    "To use a model on data that lacks some of its genes, train it on the genes both datasets share: "
+    "`pertflow train ... --genes FILE` (one gene name per line)."
+)
 CONTEXT_JOIN = "|"
 
 
@@ -310,8 +316,11 @@ class PerturbationData:
             )
         return index.astype(np.int64)
 
-    def gene_indices(self, genes: list[str] | None) -> np.ndarray:
-        """Column indices of genes given by name (``var_names`` or symbols); None = all."""
+    def gene_indices(self, genes: list[str] | None, fix: str = SAME_GENES_FIX) -> np.ndarray:
+        """Column indices of genes given by name (``var_names`` or symbols); None = all.
+
+        Names the data lacks raise :func:`missing_genes_error`, ending with ``fix``.
+        """
         if genes is None:
             return np.arange(self.adata.n_vars)
         by_name = pd.Index(self.gene_names).get_indexer(pd.Index(genes))
@@ -320,10 +329,7 @@ class PerturbationData:
             by_name = np.where(by_name < 0, by_symbol, by_name)
         missing = np.asarray(genes)[by_name < 0]
         if len(missing):
-            raise InputError(
-                f"{len(missing)} genes are not in {self.path or 'the data'}, e.g. {list(map(str, missing[:5]))}. "
-                "A saved model or split needs the same genes: use matching data or retrain."
-            )
+            raise missing_genes_error(missing, f"in {self.path or 'the data'}", fix)
         return by_name.astype(np.int64)
 
     # ------------------------------------------------------------------ expression
@@ -393,6 +399,11 @@ class PerturbationData:
             "combinations": combos,
             "contexts": {str(k): int(v) for k, v in contexts.items()},
         }
+
+
+def missing_genes_error(missing: Sequence[str], where: str, fix: str) -> InputError:
+    """The error for genes that are needed but absent: how many, the first few, and the fix."""
+    return InputError(f"{len(missing)} genes are not {where}, e.g. {list(map(str, missing[:5]))}. {fix}")
 
 
 def _check_not_empty(adata: ad.AnnData, where: str | Path) -> None:

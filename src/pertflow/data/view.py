@@ -8,18 +8,50 @@ of the cells a model may see (training and validation cells, never test cells) i
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
-from pertflow.data.dataset import PerturbationData
+from pertflow.data.dataset import GENE_PANEL_FIX, PerturbationData, missing_genes_error
 from pertflow.data.splits import Split, SplitRows
 from pertflow.data.vocab import build_vocabulary, load_descriptors
 from pertflow.errors import InputError
 
 DEFAULT_CACHE_BYTES = 4 * 2**30
+
+
+def restrict_genes(genes: Sequence[str], keep: Sequence[str], where: str) -> list[str]:
+    """The names of ``genes`` that ``keep`` names, in the order of ``genes``.
+
+    A name of ``keep`` missing from ``genes`` raises :func:`missing_genes_error` ("... are not
+    ``where``"), with the fix of training on a shared gene panel.
+    """
+    keep = [str(g) for g in keep]
+    present = set(map(str, genes))
+    missing = [g for g in keep if g not in present]
+    if missing:
+        raise missing_genes_error(missing, where, GENE_PANEL_FIX)
+    wanted = set(keep)
+    return [str(g) for g in genes if str(g) in wanted]
+
+
+def read_gene_list(path: str | Path) -> list[str]:
+    """Gene names from a text file, one per line (blank lines and ``#`` comments skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such gene file. Give a text file with one gene name per line.")
+    names = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise InputError(f"{path} names no genes. Write one gene name per line.")
+    duplicated = sorted(n for n, count in Counter(names).items() if count > 1)
+    if duplicated:
+        raise InputError(f"{path} names {len(duplicated)} genes twice, e.g. {duplicated[:5]}. List each gene once.")
+    return names
 
 
 class ExpressionCache:
@@ -69,13 +101,24 @@ class SplitView:
         The token vocabulary of the genes and the data's perturbations.
     expression
         Cached expression of the visible (training and validation) cells on :attr:`genes`.
+
+    Parameters
+    ----------
+    genes
+        Use only these genes of the split (a gene panel, or a model's genes when it predicts
+        other data): the split's genes that are named, in the split's order. A name the split
+        (or, without a gene list, the data) lacks raises an error naming it.
     """
 
-    def __init__(self, data: PerturbationData, split: Split, max_cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, data: PerturbationData, split: Split, max_cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 genes: Sequence[str] | None = None):
         self.data = data
         self.split = split
         self.rows: SplitRows = split.rows(data)
         self.genes: list[str] = list(split.genes) if split.genes is not None else list(map(str, data.gene_names))
+        if genes is not None:
+            where = "among the split's genes" if split.genes is not None else f"in {data.path or 'the data'}"
+            self.genes = restrict_genes(self.genes, genes, where)
         self.gene_idx = data.gene_indices(self.genes)
         if len(self.genes) == 0:
             raise InputError("the split selects no genes, so there is nothing to model. Rebuild the split with genes.")

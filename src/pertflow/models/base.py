@@ -104,6 +104,28 @@ class PerturbationModel:
         """
         raise NotImplementedError
 
+    def control_embedding(self, controls: torch.Tensor) -> torch.Tensor:
+        """Per-gene embedding of control cells, as the model's encoder of control cells reads them
+        (what the MMD domain adapter, :mod:`pertflow.adapt`, aligns across datasets).
+
+        Parameters
+        ----------
+        controls
+            (n, G) log1p expression of control cells on :attr:`genes` (never test cells), on the
+            device the embedding should be computed on.
+
+        Returns
+        -------
+        torch.Tensor
+            (n, G, d): one d-vector per cell and gene (per-gene identity kept, so that a per-gene
+            shift of ``controls`` is judged gene by gene), differentiable with respect to
+            ``controls``; the model's weights stay frozen (no gradient reaches them).
+        """
+        raise InputError(
+            f"model '{self.name}' exposes no control embedding, so it cannot be adapted to new data. "
+            "Adapt a gene-space flow model (e.g. cfm), or predict without an adapter."
+        )
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}
 

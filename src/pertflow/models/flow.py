@@ -329,6 +329,12 @@ class GeneFlowNetwork(nn.Module):
             return control.mean(dim=0, keepdim=True)
         return torch.zeros_like(control[:1])
 
+    def control_embedding(self, control: Tensor) -> Tensor:
+        """(B, G) control cells -> (B, G, d_t) their tokens, as :meth:`context` reads a control
+        batch that no perturbation shifts (relative to :meth:`control_offset`). The value encoder
+        is the same for every gene, so gene g's token depends on the cell's value of g alone."""
+        return self.tokens.control(control - self.control_offset(control))
+
     def reference_cells(self, anchor: Tensor) -> Tensor:
         """The cells the network is conditioned on, one per row of ``anchor`` (control cells,
         shifted by the prior when there is one): the cells themselves, or with

@@ -26,7 +26,8 @@ import torch
 from pertflow.data.keys import BATCH_KEYS
 from pertflow.data.view import SplitView
 from pertflow.models.config import PredictConfig
-from pertflow.models.network import NetworkModel, inference_device
+from pertflow.errors import InputError
+from pertflow.models.network import NetworkModel, frozen, inference_device
 from pertflow.models.prior import Prior
 from pertflow.models.validation import ValidationScore, ValidationSet
 from pertflow.train.config import TrainConfig
@@ -38,8 +39,9 @@ VALIDATION_SEED = 0
 class GeneFlowModel(NetworkModel):
     """A flow network anchored on a baseline (see the module docstring).
 
-    The network's ``loss`` reads ``batch[BATCH_KEYS.PRIOR_DELTA]`` and its ``sample`` takes
-    ``shift=`` (n, G), the prior's shift of each control cell.
+    The network's ``loss`` reads ``batch[BATCH_KEYS.PRIOR_DELTA]``, its ``sample`` takes
+    ``shift=`` (n, G), the prior's shift of each control cell, and its
+    ``control_embedding(control (n, G)) -> (n, G, d)`` gives the tokens it reads control cells as.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -104,6 +106,25 @@ class GeneFlowModel(NetworkModel):
         if mode == "prior-mean":
             cells = np.clip(cells - cells.mean(0) + anchor.mean(0), 0, None)
         return cells
+
+    # ------------------------------------------------------------------ adaptation
+    def control_embedding(self, controls: torch.Tensor) -> torch.Tensor:
+        """(n, G) control cells -> (n, G, d) the tokens the network reads them as (the network's
+        ``control_embedding``; see :meth:`PerturbationModel.control_embedding`).
+
+        A network that centres its controls per gene (``center``) reads a shifted control batch
+        exactly as the unshifted one, and moves its cells by the shift itself: there is nothing
+        for a per-gene adapter to align, so that is refused.
+        """
+        if self.config.center:
+            raise InputError(
+                f"model '{self.name}' centres its control cells per gene (model.center: true): a per-gene shift of "
+                "its input leaves its control tokens unchanged and moves its cells by the same shift, so there is "
+                "nothing for an adapter to align. Adapt a model trained with --set model.center=false, or predict "
+                "without an adapter."
+            )
+        with frozen(self.module.to(controls.device)) as module:
+            return module.control_embedding(controls)
 
     # ------------------------------------------------------------------ persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:

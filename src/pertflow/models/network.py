@@ -8,8 +8,9 @@ training engine, the unknown-perturbation token, generation in blocks, persisten
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -23,6 +24,22 @@ from pertflow.train.config import TrainConfig
 
 def inference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The module in eval mode with no gradient to its weights (gradients still reach its
+    inputs); its mode and ``requires_grad`` flags are restored afterwards."""
+    was_training = module.training
+    flags = [p.requires_grad for p in module.parameters()]
+    module.eval()
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+        module.train(was_training)
 
 
 class NetworkModel(PerturbationModel):
@@ -108,20 +125,18 @@ class NetworkModel(PerturbationModel):
         ``sample`` under their names, block by block.
         """
         device = next(module.parameters()).device
-        was_training = module.training
-        module.eval()
         ids = self.perturbation_ids(perturbation, 1)
         out = []
         # near-equal blocks of at most batch_size cells (no small trailing block: a model may use
         # statistics of the control block, e.g. cfm's ``center``)
         n_blocks = -(-len(controls) // settings.batch_size)
-        for rows in np.array_split(np.arange(len(controls)), n_blocks) if n_blocks else []:
-            block = torch.from_numpy(np.ascontiguousarray(controls[rows])).to(device)
-            extra = {k: torch.from_numpy(np.ascontiguousarray(v[rows])).to(device) for k, v in cell_inputs.items()}
-            generator = torch.Generator().manual_seed(int(rng.integers(2**31 - 1)))
-            cells = module.sample(block, ids.expand(len(block), -1).to(device), settings, generator, **extra)
-            out.append(cells.float().cpu().numpy())
-        module.train(was_training)
+        with frozen(module):
+            for rows in np.array_split(np.arange(len(controls)), n_blocks) if n_blocks else []:
+                block = torch.from_numpy(np.ascontiguousarray(controls[rows])).to(device)
+                extra = {k: torch.from_numpy(np.ascontiguousarray(v[rows])).to(device) for k, v in cell_inputs.items()}
+                generator = torch.Generator().manual_seed(int(rng.integers(2**31 - 1)))
+                cells = module.sample(block, ids.expand(len(block), -1).to(device), settings, generator, **extra)
+                out.append(cells.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.genes)), dtype=np.float32)
 
     def known_components(self, perturbation: str) -> list[str]:

@@ -18,6 +18,8 @@ def predict_split(
     seed: int = 0,
     settings: PredictConfig | None = None,
     progress: bool = False,
+    control_shift: np.ndarray | None = None,
+    shift_back: bool = False,
 ) -> ad.AnnData:
     """A cell-eval-ready prediction of a split's test cells.
 
@@ -29,6 +31,19 @@ def predict_split(
     cells and, under the control label, the real control cells of every test context; ``X`` is
     non-negative log1p expression on the split's genes, in their order. Test cells are never
     read: only their labels and counts.
+
+    The view's genes must be the model's, matched by name (in any order: the model reads them in
+    its own order, the file has them in the view's).
+
+    Parameters
+    ----------
+    control_shift
+        (G,) on the model's genes: added to the control cells the model reads (then clipped at 0),
+        e.g. an adapter's shift (:mod:`pertflow.adapt`). The real control cells written to the
+        file are not shifted: they are the evaluator's reference.
+    shift_back
+        Subtract ``control_shift`` from the predicted cells (then clip at 0): the model predicts
+        on the source's scale, this carries its cells back onto the data's own.
     """
     from tqdm.auto import tqdm
 
@@ -38,12 +53,17 @@ def predict_split(
             f"the model was trained with perturbation column '{model.spec.pert_col}', the data spec uses "
             f"'{data.spec.pert_col}'. Pass --pert-col {model.spec.pert_col}."
         )
-    if view.genes != list(model.genes):
+    if set(view.genes) != set(model.genes) or len(view.genes) != len(model.genes):
         missing = [g for g in model.genes if g not in set(view.genes)]
         raise InputError(
             f"the split's genes differ from the model's ({len(view.genes)} vs {len(model.genes)}; e.g. missing "
             f"{missing[:5]}). Predict with the split the model was trained on, or retrain."
         )
+    to_model = pd.Index(view.genes).get_indexer(model.genes)  # the view's columns, in the model's order
+    if control_shift is not None:
+        control_shift = np.asarray(control_shift, dtype=np.float32)
+        if control_shift.shape != (len(model.genes),):
+            raise InputError(f"the control shift has shape {control_shift.shape}; the model has {len(model.genes)} genes.")
     test_groups = view.test_groups()
     pools = {ctx: view.control_rows(ctx) for ctx in view.test_contexts}
     rng = np.random.default_rng(seed)  # the control cells drawn
@@ -54,10 +74,17 @@ def predict_split(
     for (pert, ctx), group in tqdm(items, desc="predicting", unit="group", disable=None if progress else True):
         pool = pools[ctx]
         chosen = rng.choice(pool, size=len(group), replace=len(pool) < len(group))
-        pred = model.generate(view.expression.get(chosen), pert, ctx, model_rng, settings)
+        controls = view.expression.get(chosen)[:, to_model]
+        if control_shift is not None:
+            controls = np.clip(controls + control_shift, 0, None)
+        pred = model.generate(controls, pert, ctx, model_rng, settings)
         if pred.shape != (len(group), len(model.genes)) or not np.isfinite(pred).all():
             raise RuntimeError(f"model '{model.name}' returned a bad prediction for {pert} in {ctx}: shape {pred.shape}")
-        blocks.append(np.clip(pred, 0, None).astype(np.float32))
+        if shift_back and control_shift is not None:
+            pred = pred - control_shift
+        cells = np.empty_like(pred, dtype=np.float32)
+        cells[:, to_model] = np.clip(pred, 0, None)
+        blocks.append(cells)
         first = data.adata.obs.iloc[group[0]]
         obs_rows += [{data.spec.pert_col: pert, **{c: str(first[c]) for c in context_cols}, "source": "predicted"}] * len(group)
     for ctx, pool in pools.items():
@@ -68,6 +95,21 @@ def predict_split(
     obs.index = [f"pred_{i}" for i in range(len(obs))]
     for col in obs.columns:
         obs[col] = pd.Categorical(obs[col])
-    out = ad.AnnData(X=np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=model.genes))
+    out = ad.AnnData(X=np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=list(view.genes)))  # the view's order
     out.uns["pertflow"] = {"model": model.name, "split": view.split.name or "", "seed": seed}
     return out
+
+
+def prediction_means(pred: ad.AnnData, pert_col: str, context_col: str | None = None) -> pd.DataFrame:
+    """Mean predicted cell of every perturbation (perturbation x gene; rows per perturbation and
+    context when the predicted cells span several values of ``context_col``), from a file of
+    :func:`predict_split` (the real control cells it holds are left out)."""
+    predicted = (pred.obs["source"] == "predicted").to_numpy() if "source" in pred.obs else np.ones(pred.n_obs, bool)
+    several = context_col is not None and pred.obs.loc[predicted, context_col].nunique() > 1
+    keys = [pert_col] + ([context_col] if several else [])
+    obs = pred.obs.loc[predicted, keys].astype(str)
+    x = pred.X[predicted]
+    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+    means = pd.DataFrame(x, columns=pred.var_names.astype(str)).groupby([obs[k].to_numpy() for k in keys]).mean()
+    means.index.names = keys
+    return means

@@ -1,7 +1,10 @@
 """Kernels and two-sample distances on tensors: one implementation for losses, the adapter and metrics.
 
 Everything here is weight-free, differentiable with respect to its inputs and works on any device
-and floating dtype. Samples are rows: ``x`` has shape ``(n, d)``, ``y`` has shape ``(m, d)``.
+and floating dtype. Samples are rows: ``x`` has shape ``(n, d)``, ``y`` has shape ``(m, d)``. The
+distances, the median heuristic and the MMD also take a batch of sample pairs, ``(..., n, d)`` and
+``(..., m, d)`` with the same leading shape (e.g. one pair per gene), and then return one value per
+pair, each computed exactly as for that pair alone.
 
 Conventions (stated once, used everywhere):
 
@@ -37,16 +40,21 @@ DEFAULT_SCALES: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
 DEFAULT_MIN_BANDWIDTH: float = 1e-6
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor | None) -> None:
-    if x.ndim != 2:
-        raise ValueError(f"x must be 2-D (samples, features); got shape {tuple(x.shape)}")
+def _check_pair(x: torch.Tensor, y: torch.Tensor | None, batched: bool = True) -> None:
+    """2-D samples (``batched``: or a batch of them, ``(..., n, d)``), with the same features and
+    the same leading shape on both sides."""
+    shape = "2-D (samples, features)" + (" or (..., samples, features)" if batched else "")
+    if x.ndim != 2 and not (batched and x.ndim > 2):
+        raise ValueError(f"x must be {shape}; got shape {tuple(x.shape)}")
     if y is not None:
-        if y.ndim != 2:
-            raise ValueError(f"y must be 2-D (samples, features); got shape {tuple(y.shape)}")
-        if y.shape[1] != x.shape[1]:
+        if y.ndim != x.ndim:
+            raise ValueError(f"y must be {shape} like x; got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+        if y.shape[-1] != x.shape[-1]:
             raise ValueError(
-                f"x and y must have the same number of features; got {x.shape[1]} and {y.shape[1]}"
+                f"x and y must have the same number of features; got {x.shape[-1]} and {y.shape[-1]}"
             )
+        if y.shape[:-2] != x.shape[:-2]:
+            raise ValueError(f"x and y must have the same batch shape; got {tuple(x.shape[:-2])} and {tuple(y.shape[:-2])}")
 
 
 def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,15 +63,15 @@ def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.T
     Parameters
     ----------
     x
-        ``(n, d)`` tensor.
+        ``(n, d)`` tensor (or ``(..., n, d)``).
     y
-        ``(m, d)`` tensor, or ``None`` for distances within ``x``.
+        ``(m, d)`` tensor (or ``(..., m, d)``), or ``None`` for distances within ``x``.
 
     Returns
     -------
     torch.Tensor
-        ``(n, m)`` (or ``(n, n)``) tensor of ``||x_i - y_j||^2``, clamped at 0. When ``y`` is
-        ``None`` the diagonal is exactly 0.
+        ``(n, m)`` (or ``(n, n)``; ``(..., n, m)`` for a batch) tensor of ``||x_i - y_j||^2``,
+        clamped at 0. When ``y`` is ``None`` the diagonal is exactly 0.
 
     Notes
     -----
@@ -72,49 +80,51 @@ def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.T
     other; metrics therefore call it in float64.
     """
     _check_pair(x, y)
-    x_sq = (x * x).sum(dim=1)
+    x_sq = (x * x).sum(dim=-1)
     if y is None:
-        d2 = x_sq[:, None] + x_sq[None, :] - 2.0 * (x @ x.T)
+        d2 = x_sq[..., :, None] + x_sq[..., None, :] - 2.0 * (x @ x.mT)
         d2 = d2.clamp_min(0.0)
         # Rounding leaves tiny non-zeros on the diagonal; self-distances are exactly 0.
-        eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+        eye = torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
         return d2.masked_fill(eye, 0.0)
-    y_sq = (y * y).sum(dim=1)
-    d2 = x_sq[:, None] + y_sq[None, :] - 2.0 * (x @ y.T)
+    y_sq = (y * y).sum(dim=-1)
+    d2 = x_sq[..., :, None] + y_sq[..., None, :] - 2.0 * (x @ y.mT)
     return d2.clamp_min(0.0)
 
 
 def _median(values: torch.Tensor) -> torch.Tensor:
-    """Ordinary median (mean of the two middle values for an even count), unlike torch.median."""
-    n = values.numel()
-    lo = torch.kthvalue(values, (n - 1) // 2 + 1).values
-    hi = torch.kthvalue(values, n // 2 + 1).values
+    """Ordinary median over the last dimension (mean of the two middle values for an even
+    count), unlike torch.median."""
+    n = values.shape[-1]
+    lo = torch.kthvalue(values, (n - 1) // 2 + 1, dim=-1).values
+    hi = torch.kthvalue(values, n // 2 + 1, dim=-1).values
     return 0.5 * (lo + hi)
 
 
 def _pooled_pair_dists(
     d_xx: torch.Tensor, d_yy: torch.Tensor | None, d_xy: torch.Tensor | None
 ) -> torch.Tensor:
-    """Distances of every unordered pair of distinct points of the pooled sample, flattened."""
-    n = d_xx.shape[0]
+    """Distances of every unordered pair of distinct points of the pooled sample, flattened over
+    the last dimension (``(..., pairs)``)."""
+    n = d_xx.shape[-1]
     iu = torch.triu_indices(n, n, offset=1, device=d_xx.device)
-    parts = [d_xx[iu[0], iu[1]]]
+    parts = [d_xx[..., iu[0], iu[1]]]
     if d_yy is not None and d_xy is not None:
-        m = d_yy.shape[0]
+        m = d_yy.shape[-1]
         ju = torch.triu_indices(m, m, offset=1, device=d_yy.device)
-        parts.append(d_yy[ju[0], ju[1]])
-        parts.append(d_xy.reshape(-1))
-    return torch.cat(parts)
+        parts.append(d_yy[..., ju[0], ju[1]])
+        parts.append(d_xy.flatten(-2))
+    return torch.cat(parts, dim=-1)
 
 
 def _bandwidth_from_pairs(pair_d2: torch.Tensor, min_bandwidth: float) -> torch.Tensor:
+    """The median heuristic of each row of ``(..., pairs)`` squared distances (module docstring)."""
     pair_d2 = pair_d2.detach()
-    if pair_d2.numel() == 0:
-        return torch.tensor(min_bandwidth, dtype=pair_d2.dtype, device=pair_d2.device)
+    if pair_d2.shape[-1] == 0:
+        return torch.full(pair_d2.shape[:-1], min_bandwidth, dtype=pair_d2.dtype, device=pair_d2.device)
     h = _median(pair_d2)
-    if h < min_bandwidth:
-        # More than half of the pairs coincide: the mean still sees the spread of the rest.
-        h = pair_d2.mean()
+    # More than half of the pairs coincide: the mean still sees the spread of the rest.
+    h = torch.where(h < min_bandwidth, pair_d2.mean(dim=-1), h)
     return h.clamp_min(min_bandwidth)
 
 
@@ -129,16 +139,16 @@ def median_sq_dist(
     Parameters
     ----------
     x
-        ``(n, d)`` tensor.
+        ``(n, d)`` tensor (or ``(..., n, d)``).
     y
-        ``(m, d)`` tensor or ``None`` (then only ``x`` is used).
+        ``(m, d)`` tensor (or ``(..., m, d)``) or ``None`` (then only ``x`` is used).
     min_bandwidth
         Lower bound; see the module docstring for the fallback rule.
 
     Returns
     -------
     torch.Tensor
-        0-d tensor ``h`` (squared distance units), detached from the graph.
+        0-d tensor ``h`` (squared distance units; ``(...)`` for a batch), detached from the graph.
     """
     _check_pair(x, y)
     with torch.no_grad():
@@ -179,8 +189,8 @@ def rbf_kernel(
 
 
 def _off_diagonal_mean(k: torch.Tensor) -> torch.Tensor:
-    n = k.shape[0]
-    return (k.sum() - torch.diagonal(k).sum()) / (n * (n - 1))
+    n = k.shape[-1]
+    return (k.sum(dim=(-2, -1)) - torch.diagonal(k, dim1=-2, dim2=-1).sum(dim=-1)) / (n * (n - 1))
 
 
 def mmd2_rbf(
@@ -197,14 +207,14 @@ def mmd2_rbf(
     Parameters
     ----------
     x
-        ``(n, d)`` sample, ``n >= 2`` for the unbiased estimator.
+        ``(n, d)`` sample, ``n >= 2`` for the unbiased estimator; or a batch ``(..., n, d)``.
     y
-        ``(m, d)`` sample, ``m >= 2`` for the unbiased estimator.
+        ``(m, d)`` sample, ``m >= 2`` for the unbiased estimator; or a batch ``(..., m, d)``.
     scales
         Bandwidth multipliers (default 0.5, 1, 2, 4).
     bandwidth
-        Base squared bandwidth ``h``; ``None`` uses the median heuristic of the pooled sample
-        (detached, lower-bounded by ``min_bandwidth``).
+        Base squared bandwidth ``h`` (a number, or one per pair of a batch); ``None`` uses the
+        median heuristic of each pooled sample (detached, lower-bounded by ``min_bandwidth``).
     min_bandwidth
         Lower bound of the median heuristic.
     unbiased
@@ -214,10 +224,10 @@ def mmd2_rbf(
     Returns
     -------
     torch.Tensor
-        0-d tensor, differentiable with respect to ``x`` and ``y``.
+        0-d tensor (``(...)`` for a batch), differentiable with respect to ``x`` and ``y``.
     """
     _check_pair(x, y)
-    n, m = x.shape[0], y.shape[0]
+    n, m = x.shape[-2], y.shape[-2]
     if unbiased and (n < 2 or m < 2):
         raise ValueError(f"the unbiased MMD needs at least 2 samples on each side; got {n} and {m}")
     if n == 0 or m == 0:
@@ -229,12 +239,14 @@ def mmd2_rbf(
         h = _bandwidth_from_pairs(_pooled_pair_dists(d_xx, d_yy, d_xy), min_bandwidth)
     else:
         h = torch.as_tensor(bandwidth, dtype=x.dtype, device=x.device)
+    h = h[..., None, None]  # one bandwidth per pair, broadcast over its distance matrix
     k_xx = rbf_kernel(d_xx, h, scales)
     k_yy = rbf_kernel(d_yy, h, scales)
     k_xy = rbf_kernel(d_xy, h, scales)
+    cross = k_xy.mean(dim=(-2, -1))
     if unbiased:
-        return _off_diagonal_mean(k_xx) + _off_diagonal_mean(k_yy) - 2.0 * k_xy.mean()
-    return k_xx.mean() + k_yy.mean() - 2.0 * k_xy.mean()
+        return _off_diagonal_mean(k_xx) + _off_diagonal_mean(k_yy) - 2.0 * cross
+    return k_xx.mean(dim=(-2, -1)) + k_yy.mean(dim=(-2, -1)) - 2.0 * cross
 
 
 def pairwise_dists(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -259,7 +271,7 @@ def pairwise_dists(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tens
     squared distance) into ~1e-8 on a distance, which would make identical sets look apart.
     The gradient through coincident points is 0, not NaN.
     """
-    _check_pair(x, y)
+    _check_pair(x, y, batched=False)
     return torch.cdist(x, x if y is None else y, compute_mode="donot_use_mm_for_euclid_dist")
 
 
@@ -283,7 +295,7 @@ def edistance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         0-d tensor, differentiable with respect to ``x`` and ``y`` (zero gradient through
         coincident points).
     """
-    _check_pair(x, y)
+    _check_pair(x, y, batched=False)
     if x.shape[0] == 0 or y.shape[0] == 0:
         raise ValueError("E-distance needs non-empty samples")
     between = pairwise_dists(x, y).mean()
