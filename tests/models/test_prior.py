@@ -68,6 +68,23 @@ def test_the_additive_prior_builds_on_measured_singles():
     np.testing.assert_allclose(prior.training_delta(combo, ctx), expected, atol=1e-5)  # never its own response
 
 
+def test_validation_never_scores_a_prior_on_a_response_it_read():
+    # one context, singles only: left out, an additive single is unseen (no shift), so on
+    # validation additive must score exactly as "none"; it trains on its own response only
+    adata = make_synthetic(n_genes=40, n_singles=6, n_combos=0, cells_per_group=40, controls_per_context=80,
+                           n_effect_genes=10, n_contexts=1, seed=2)
+    data = PerturbationData.from_anndata(adata)
+    view = SplitView(data, make_split(data, "random", test_fraction=0.2))
+    validation = ValidationSet(view)
+    assert len(validation) > 0
+    prior = Prior.fit("auto", view, validation)
+    assert prior.scores["additive"]["score"] == pytest.approx(prior.scores["none"]["score"])
+    additive = Prior.fit("additive", view)
+    single, context = next(iter(additive.baseline.keys))
+    np.testing.assert_allclose(additive.held_out_delta(single, context), 0.0, atol=1e-6)
+    np.testing.assert_allclose(additive.training_delta(single, context), additive.baseline.response(single, context), atol=1e-6)
+
+
 def _poisoned(adata, split):
     bad = adata.copy()
     test = bad.obs_names.isin(split.test)

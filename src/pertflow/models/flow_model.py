@@ -72,11 +72,12 @@ class GeneFlowModel(NetworkModel):
         self.fit_report.update(report)
 
     def validation_score(self, module: torch.nn.Module, validation: ValidationSet, mode: str = "flow") -> ValidationScore:
-        """Score ``module``'s cells of the validation perturbations (leave-one-out prior shifts)."""
+        """Score ``module``'s cells of the validation perturbations (leave-one-out prior shifts:
+        :meth:`Prior.held_out_delta`)."""
         rng = np.random.default_rng(VALIDATION_SEED)
         with torch.no_grad():
             return validation.score(
-                lambda p, c, controls: self.cells(module, controls, p, self.prior.training_delta(p, c), rng, self.predict_config, mode)
+                lambda p, c, controls: self.cells(module, controls, p, self.prior.held_out_delta(p, c), rng, self.predict_config, mode)
             )
 
     # ------------------------------------------------------------------ prediction

@@ -11,8 +11,9 @@ the answer, and the flow would learn to trust a prior that at test time, for a p
 never measured, is only an estimate. The one exception is a single under the ``additive`` prior:
 the additive baseline builds a combination from its *measured* singles, so a measured single is
 that prior's input, not something it predicts; its shift is its own response, the same as when
-it is a component of a test combination. The flow then learns a near-zero residual for singles
-and, since a combination's condition is the sum of its singles' (see
+it is a component of a test combination. (Only in training: validation scores every prior and
+every prediction mode leave-one-out, :meth:`Prior.held_out_delta`.) The flow then learns a
+near-zero residual for singles and, since a combination's condition is the sum of its singles' (see
 :class:`~pertflow.nn.perturbation.PerturbationEncoder`), only the interaction for combinations.
 (Left out, a single's residual would carry its whole effect, and a combination's would count its
 components twice: once in the prior, once in the summed condition.) ``auto`` picks the baseline that scores best on the split's
@@ -83,22 +84,32 @@ class Prior:
         """(G,) the baseline's predicted shift, from all training responses (for prediction)."""
         return self.baseline.predicted_delta(perturbation, context).astype(np.float32)
 
-    def training_delta(self, perturbation: str, context: str) -> np.ndarray:
-        """(G,) the shift of a training (or validation) perturbation, leaving its own response out."""
+    def held_out_delta(self, perturbation: str, context: str) -> np.ndarray:
+        """(G,) the shift of a perturbation predicted without its own response (leave one out):
+        what validation scores, so that no prior is scored on a group it has read."""
         key = (perturbation, context)
         if key not in self._left_out:
             if perturbation == self.baseline.spec.control:
                 shift = np.zeros(len(self.baseline.genes), dtype=np.float32)
-            elif key in self.baseline.keys and not (self.name == "additive" and len(self.baseline.components(perturbation)) == 1):
+            elif key in self.baseline.keys:
                 shift = self.baseline.without(key).predicted_delta(perturbation, context)
             else:
                 shift = self.delta(perturbation, context)
             self._left_out[key] = np.asarray(shift, dtype=np.float32)
         return self._left_out[key]
 
+    def training_delta(self, perturbation: str, context: str) -> np.ndarray:
+        """(G,) the shift a training batch of this perturbation starts from: :meth:`held_out_delta`,
+        except for a measured single under the additive prior, whose shift is its own response
+        (the additive prior's input; see the module docstring). Never used for scoring."""
+        if self.name == "additive" and (perturbation, context) in self.baseline.keys \
+                and len(self.baseline.components(perturbation)) == 1:
+            return self.delta(perturbation, context)
+        return self.held_out_delta(perturbation, context)
+
     def score(self, validation: ValidationSet):
         """The validation score of the prior's own cells (controls + leave-one-out shift)."""
-        return validation.score(lambda p, c, controls: controls + self.training_delta(p, c))
+        return validation.score(lambda p, c, controls: controls + self.held_out_delta(p, c))
 
     # ------------------------------------------------------------------ persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:

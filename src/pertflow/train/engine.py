@@ -278,6 +278,9 @@ class Trainer:
         self._check_same_run(state)
         self.network.load_state_dict({k: v for k, v in model_state.items() if not k.startswith("ema.")})
         if self.ema is not None:
+            if "ema_updates" not in state:
+                raise InputError(f"the checkpoint in {self.run_dir} holds no moving average of the weights (it was trained "
+                                 "without train.ema_decay): resume with --set train.ema_decay=0, or start a new run.")
             self.ema.load({k.removeprefix("ema."): v for k, v in model_state.items() if k.startswith("ema.")}, state["ema_updates"])
         if self.accelerator.scaler is not None and "grad_scaler" in state:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
