@@ -163,3 +163,13 @@ def test_predict_mode_overrides_the_mode_chosen_on_validation(combo_view, tmp_pa
     np.testing.assert_allclose(model.generate(controls, combo, context, rng), prior_cells)  # auto: the saved mode
     flow = model.generate(controls, combo, context, rng, PredictConfig(ode_steps=2, mode="flow"))
     assert np.abs(flow - prior_cells).max() > 1e-3  # the untrained flow's own cells
+
+
+def test_validation_scores_the_kind_of_perturbation_the_split_predicts():
+    data = PerturbationData.from_anndata(_exactly_additive())
+    view = SplitView(data, make_split(data, "combinations", seen=[2], fraction=0.5, seed=1))
+    assert all("+" in p for p in view.split.test_perturbations)
+    groups = {g.perturbation for g in ValidationSet(view).groups}
+    assert groups and all("+" in p for p in groups)  # the training combinations' validation cells, not singles
+    prior = Prior.fit("auto", view, ValidationSet(view))
+    assert prior.name == "additive"  # exactly additive combinations: additive wins where it is judged on them

@@ -58,6 +58,12 @@ class ValidationScore:
 class ValidationSet:
     """The validation perturbations of a split view, ready to score predictions of them.
 
+    Validation cells are cells of training perturbations; where some of them are of the kind the
+    split asks to predict (as many components as its test perturbations: combinations for a
+    combination task), only those are scored, so that a choice made on validation (a prior, a
+    prediction mode) is made on the task's own kind of perturbation. Only the split's list of
+    test perturbation *names* is read for that, never a test cell.
+
     Parameters
     ----------
     view
@@ -87,6 +93,9 @@ class ValidationSet:
         visible = view.groups(view.visible[~data.is_control[view.visible]])
         self.groups: list[ValidationGroup] = []
         keys = sorted(view.groups(val))
+        test_arity = {len(data.components(p)) for p in view.split.test_perturbations}
+        like_test = [k for k in keys if len(data.components(k[0])) in test_arity]
+        keys = like_test or keys
         if len(keys) > max_groups:
             keys = [keys[i] for i in np.sort(rng.choice(len(keys), size=max_groups, replace=False))]
         for pert, ctx in keys:
