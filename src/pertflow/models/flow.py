@@ -26,6 +26,7 @@ from pertflow.nn.backbone import ExpressionTokens, GeneFlowBackbone
 from pertflow.nn.conditioning import TimestepEmbedder
 from pertflow.nn.latent import LatentFlowBackbone
 from pertflow.nn.perturbation import PerturbationEncoder, unknown_perturbation_dropout
+from pertflow.ops.kernels import mmd2_rbf
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,13 @@ class GeneFlowNetwork(nn.Module):
     def expression_velocity(self, x: Tensor, pert_tokens: Tensor) -> Tensor:
         """(B, G) velocity of the expression from the backbone's tokens."""
         return self.decoder(torch.cat([x, pert_tokens], dim=-1)).pred
+
+    def mmd_term(self, x_t: Tensor, v: Tensor, t: Tensor, x_1: Tensor) -> Tensor | None:
+        """``MMD(x_t + (1 - t) v, x_1)``, the distribution term of the loss (weighted by
+        ``gamma`` by the caller), or None when ``gamma`` is 0 or fewer than two samples."""
+        if self.config.gamma <= 0 or x_1.shape[0] < 2:
+            return None
+        return mmd2_rbf(self.path.target_estimate(x_t, v, t).float(), x_1.float())
 
     # ------------------------------------------------------------------ where the flow starts
     def prepare(self, batch: dict[str, Tensor]) -> FlowBatch:

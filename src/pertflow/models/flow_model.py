@@ -26,6 +26,7 @@ import torch
 from pertflow.data.keys import BATCH_KEYS
 from pertflow.data.view import SplitView
 from pertflow.models.config import PredictConfig
+from pertflow.models.flow import flow_parts
 from pertflow.errors import InputError
 from pertflow.models.network import NetworkModel, frozen, inference_device
 from pertflow.models.prior import Prior
@@ -48,6 +49,21 @@ class GeneFlowModel(NetworkModel):
         super().__init__(*args, **kwargs)
         self.prior: Prior | None = None
         self.prediction_mode = "flow"
+
+    def network_inputs(self) -> dict[str, Any]:
+        """What a :class:`~pertflow.models.flow.GeneFlowNetwork` is built from besides its config:
+        the flow parts and the vocabulary's genes, special tokens and descriptors (keywords)."""
+        vocab = self.vocab
+        descriptors = vocab.descriptor_matrix()
+        return {
+            "parts": flow_parts(self.config),
+            "gene_tokens": torch.from_numpy(vocab.gene_ids(vocab.expression_genes)),
+            "n_tokens": len(vocab),
+            "first_other_token": vocab.first_other_id,
+            "pad_id": vocab.pad_id,
+            "unk_id": vocab.unk_id,
+            "descriptors": None if descriptors is None else torch.from_numpy(descriptors),
+        }
 
     def batch_arrays(self, view: SplitView) -> dict[str, Any]:
         return {"group_arrays": {BATCH_KEYS.PRIOR_DELTA: self.prior.training_delta}}

@@ -30,7 +30,6 @@ from pertflow.data.view import SplitView
 from pertflow.errors import InputError
 from pertflow.models.ccfm.config import CCFMConfig
 from pertflow.models.ccfm.module import TARGET_LATENT, CCFMModule
-from pertflow.models.flow import flow_parts
 from pertflow.models.flow_model import GeneFlowModel
 from pertflow.train.config import TrainConfig
 
@@ -63,19 +62,7 @@ class CCFM(GeneFlowModel):
         return self.config.latent_dim or self.config.foundation_d_model
 
     def build_module(self) -> CCFMModule:
-        vocab = self.vocab
-        descriptors = vocab.descriptor_matrix()
-        return CCFMModule(
-            self.config,
-            flow_parts(self.config),
-            torch.from_numpy(vocab.gene_ids(vocab.expression_genes)),
-            n_tokens=len(vocab),
-            first_other_token=vocab.first_other_id,
-            pad_id=vocab.pad_id,
-            unk_id=vocab.unk_id,
-            latent_dim=self.latent_dim,
-            descriptors=None if descriptors is None else torch.from_numpy(descriptors),
-        )
+        return CCFMModule(self.config, latent_dim=self.latent_dim, **self.network_inputs())
 
     # ------------------------------------------------------------------ fitting
     def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False, selector: Any = None) -> None:

@@ -33,7 +33,6 @@ from pertflow.models.flow import FieldContext, FlowParts, GeneFlowNetwork
 from pertflow.nn.attention import AdaLNAttentionBlock
 from pertflow.nn.conditioning import TimestepEmbedder
 from pertflow.nn.loss import LossOutput
-from pertflow.ops.kernels import mmd2_rbf
 
 TARGET_LATENT = "target_latent"  # batch key: (B, G_full, D) normalised features of the target cells
 
@@ -155,9 +154,8 @@ class CCFMModule(GeneFlowNetwork):
         loss_latent = ((v_latent[times.latent].float() - latent_path.dx_t[times.latent].float()) ** 2).mean() if times.latent.any() else zero
         loss = loss_expr + self.config.latent_weight * loss_latent
         metrics = {"mse_expr": float(loss_expr.detach()), "mse_latent": float(loss_latent.detach())}
-        if self.config.gamma > 0 and int(expr.sum()) >= 2:
-            x1_hat = self.path.target_estimate(expr_path.x_t[expr], v_expr[expr], times.t_expr[expr])
-            mmd = mmd2_rbf(x1_hat.float(), x_1[expr].float())
+        mmd = self.mmd_term(expr_path.x_t[expr], v_expr[expr], times.t_expr[expr], x_1[expr])
+        if mmd is not None:
             loss = loss + self.config.gamma * mmd
             metrics["mmd"] = float(mmd.detach())
         return LossOutput(loss=loss, metrics=metrics)

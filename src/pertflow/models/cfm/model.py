@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from pertflow.models.cfm.config import CFMConfig
 from pertflow.models.cfm.module import CFMModule
-from pertflow.models.flow import flow_parts
 from pertflow.models.flow_model import GeneFlowModel
 
 
@@ -17,15 +14,4 @@ class CFM(GeneFlowModel):
     config_class = CFMConfig
 
     def build_module(self) -> CFMModule:
-        vocab = self.vocab
-        descriptors = vocab.descriptor_matrix()
-        return CFMModule(
-            self.config,
-            flow_parts(self.config),
-            torch.from_numpy(vocab.gene_ids(vocab.expression_genes)),
-            n_tokens=len(vocab),
-            first_other_token=vocab.first_other_id,
-            pad_id=vocab.pad_id,
-            unk_id=vocab.unk_id,
-            descriptors=None if descriptors is None else torch.from_numpy(descriptors),
-        )
+        return CFMModule(self.config, **self.network_inputs())

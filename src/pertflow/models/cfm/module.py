@@ -15,7 +15,6 @@ from torch import Tensor
 from pertflow.models.config import PredictConfig
 from pertflow.models.flow import FieldContext, GeneFlowNetwork
 from pertflow.nn.loss import LossOutput
-from pertflow.ops.kernels import mmd2_rbf
 
 
 class CFMModule(GeneFlowNetwork):
@@ -37,9 +36,8 @@ class CFMModule(GeneFlowNetwork):
         mse = ((v.float() - path.dx_t.float()) ** 2).mean()
         loss = mse
         metrics = {"mse": float(mse.detach())}
-        if self.config.gamma > 0 and x_1.shape[0] >= 2:
-            x1_hat = self.path.target_estimate(path.x_t, v, t)
-            mmd = mmd2_rbf(x1_hat.float(), x_1.float())
+        mmd = self.mmd_term(path.x_t, v, t, x_1)
+        if mmd is not None:
             loss = loss + self.config.gamma * mmd
             metrics["mmd"] = float(mmd.detach())
         return LossOutput(loss=loss, metrics=metrics)
