@@ -173,3 +173,18 @@ def test_validation_scores_the_kind_of_perturbation_the_split_predicts():
     assert groups and all("+" in p for p in groups)  # the training combinations' validation cells, not singles
     prior = Prior.fit("auto", view, ValidationSet(view))
     assert prior.name == "additive"  # exactly additive combinations: additive wins where it is judged on them
+
+
+def test_validation_scores_combinations_as_seen_as_the_test_ones():
+    adata = _exactly_additive()
+    perts = adata.obs["perturbation"].astype(str)
+    combos = sorted({p for p in perts if "+" in p})
+    unmeasured = combos[0].split("+")[0]  # drop this single's own cells: combinations with it have one measured single
+    adata = adata[perts != unmeasured].copy()
+    data = PerturbationData.from_anndata(adata)
+    view = SplitView(data, make_split(data, "combinations", seen=[2], fraction=0.5, seed=1))
+    assert all(unmeasured not in p.split("+") for p in view.split.test_perturbations)
+    with_unmeasured = {p for p, _ in view.groups(view.rows.val) if unmeasured in p.split("+")}
+    assert with_unmeasured  # validation has combinations with the unmeasured single ...
+    groups = {g.perturbation for g in ValidationSet(view).groups}
+    assert groups and all("+" in p for p in groups) and not groups & with_unmeasured  # ... and does not score them

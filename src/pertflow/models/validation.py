@@ -55,14 +55,52 @@ class ValidationScore:
         return {f"{prefix}pearson_top20_de": self.pearson_top20_de, f"{prefix}edistance": self.edistance, f"{prefix}score": self.score}
 
 
+def _measured_singles(view: SplitView) -> dict[str, set[tuple[str, str]]]:
+    """Single perturbation -> the training groups (perturbation, context) that measure it."""
+    data = view.data
+    train = view.rows.train[~data.is_control[view.rows.train]]
+    measured: dict[str, set[tuple[str, str]]] = {}
+    for pert, ctx in view.groups(train):
+        if len(data.components(pert)) == 1:
+            measured.setdefault(pert, set()).add((pert, ctx))
+    return measured
+
+
+def like_test(view: SplitView, keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The validation groups of the kind the split predicts.
+
+    A perturbation's kind is its number of components and how many of them are measured as
+    singles in training (a group never counts as measuring itself: validation predicts it left
+    out). A combination task's test combinations have both singles measured, so only validation
+    combinations whose singles are measured are scored; an unseen single is scored on validation
+    singles (left out, none is measured); a single transferred to a new context on validation
+    singles measured in other contexts. Where no validation group has the test's kind, those with
+    its number of components; where none has that either, all. Only the split's test perturbation
+    *names* are read, never a test cell.
+    """
+    data = view.data
+    measured = _measured_singles(view)
+
+    def kind(pert: str, group: tuple[str, str] | None) -> tuple[int, int]:
+        parts = data.components(pert)
+        seen = sum(bool(measured.get(c, set()) - {group}) for c in parts)
+        return len(parts), seen
+
+    test_kinds = {kind(p, None) for p in view.split.test_perturbations}
+    same_kind = [k for k in keys if kind(k[0], k) in test_kinds]
+    if same_kind:
+        return same_kind
+    test_arity = {n for n, _ in test_kinds}
+    return [k for k in keys if len(data.components(k[0])) in test_arity] or keys
+
+
 class ValidationSet:
     """The validation perturbations of a split view, ready to score predictions of them.
 
     Validation cells are cells of training perturbations; where some of them are of the kind the
-    split asks to predict (as many components as its test perturbations: combinations for a
-    combination task), only those are scored, so that a choice made on validation (a prior, a
-    prediction mode) is made on the task's own kind of perturbation. Only the split's list of
-    test perturbation *names* is read for that, never a test cell.
+    split asks to predict (:func:`like_test`: as many components as its test perturbations, as
+    many of them measured as singles), only those are scored, so that a choice made on validation
+    (a prior, a prediction mode) is made on the task's own kind of perturbation.
 
     Parameters
     ----------
@@ -92,10 +130,7 @@ class ValidationSet:
         val = view.rows.val[~data.is_control[view.rows.val]]
         visible = view.groups(view.visible[~data.is_control[view.visible]])
         self.groups: list[ValidationGroup] = []
-        keys = sorted(view.groups(val))
-        test_arity = {len(data.components(p)) for p in view.split.test_perturbations}
-        like_test = [k for k in keys if len(data.components(k[0])) in test_arity]
-        keys = like_test or keys
+        keys = like_test(view, sorted(view.groups(val)))
         if len(keys) > max_groups:
             keys = [keys[i] for i in np.sort(rng.choice(len(keys), size=max_groups, replace=False))]
         for pert, ctx in keys:
