@@ -12,8 +12,9 @@ and scored (``pertflow.api.evaluate_split``) by
   controls per gene: shift-equivariant, so it cannot be adapted; a reference);
 * ``cfm-uncentred``: the same config with ``model.center=false``, without the adapter;
 * ``cfm-uncentred+adapter``: the same model reading the line's controls shifted by the adapter;
-* ``cfm-uncentred+adapter-back``: the same, with the shift subtracted from the predicted cells
-  again (``--shift-back``: the model predicts on K562's scale, this carries its cells back).
+* ``cfm-uncentred+adapter-back``: the same, carried back onto the line's scale (``--shift-back``:
+  the model predicts on K562's scale; each predicted cell becomes its control cell unshifted plus
+  the change the model predicted from the shifted one).
 
 Writes to ``--out``: ``results.csv`` (one row per fold, variant and perturbation; all metrics),
 ``summary.csv`` / ``summary.md`` (top-20 DE Pearson delta, E-distance, MMD per fold and over the

@@ -355,8 +355,8 @@ def predict(
     model needs but the data lacks are an error naming them. ``sets`` change prediction settings
     only (``["predict.ode_steps=4"]``): the ``model`` section is fixed by the trained weights.
     ``adapter`` (a folder of :func:`adapt`) shifts the control cells the model reads (the real
-    control cells in the file stay as they are); ``shift_back`` subtracts the shift again from
-    the predicted cells (see :func:`~pertflow.models.predict.predict_split`).
+    control cells in the file stay as they are); ``shift_back`` carries the predicted cells back
+    onto the data's own scale (see :func:`~pertflow.models.predict.predict_split`).
     """
     if out is not None:
         check_output(out, "prediction", overwrite)

@@ -227,7 +227,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="predict.KEY=VALUE", help="change a prediction setting, e.g. predict.ode_steps=10")
     p.add_argument("--adapter", metavar="DIR", help="an adapter folder (pertflow adapt): shift the control cells the model reads")
     p.add_argument("--shift-back", action="store_true",
-                   help="with --adapter: subtract the shift from the predicted cells again (back onto the data's own scale)")
+                   help="with --adapter: carry the predicted cells back onto the data's own scale (each control cell unshifted plus the change the model predicted from the shifted one)")
     add_overwrite_flag(p)
     add_spec_flags(p)
 

@@ -252,6 +252,24 @@ def test_predict_matches_genes_by_name(synthetic_run, synthetic_adata, tmp_path)
         api.predict(f / "run", lacking, make_split(lacking, "context", test_context="line_C"), adapter=f / "adapter")
 
 
+def test_shift_back_adds_the_predicted_change_to_the_unshifted_controls(synthetic_run):
+    f, shift = synthetic_run["folder"], synthetic_run["shift"]
+    model = PerturbationModel.load(f / "run")
+    outputs = []
+    generate = model.generate
+    model.generate = lambda controls, *a, **kw: outputs.append(generate(controls, *a, **kw)) or outputs[-1]
+    _, inputs = recorded_predict(f / "run", synthetic_run["data"], f / "split.json", adapter=f / "adapter", sets=["predict.ode_steps=1"])
+    back = api.predict(model, synthetic_run["data"], f / "split.json", adapter=f / "adapter", shift_back=True,
+                       sets=["predict.ode_steps=1"])
+    plain, plain_inputs = recorded_predict(f / "run", synthetic_run["data"], f / "split.json", sets=["predict.ode_steps=1"])
+    predicted = (back.obs["source"] == "predicted").to_numpy()
+    expected = np.concatenate([np.clip(own + (out - shifted), 0, None)
+                               for own, shifted, out in zip(plain_inputs, inputs, outputs, strict=True)])
+    np.testing.assert_allclose(back.X[predicted], expected, rtol=1e-5, atol=1e-6)  # the model's genes are the split's here
+    # not the shift subtracted: the shifted controls were clipped at 0, which subtracting cannot undo
+    assert not np.allclose(back.X[predicted], np.clip(np.concatenate(outputs) - shift, 0, None), atol=1e-3)
+
+
 def test_shift_back_needs_an_adapter(synthetic_run):
     f = synthetic_run["folder"]
     with pytest.raises(InputError, match="--shift-back"):

@@ -42,8 +42,11 @@ def predict_split(
         e.g. an adapter's shift (:mod:`pertflow.adapt`). The real control cells written to the
         file are not shifted: they are the evaluator's reference.
     shift_back
-        Subtract ``control_shift`` from the predicted cells (then clip at 0): the model predicts
-        on the source's scale, this carries its cells back onto the data's own.
+        Carry the predicted cells back onto the data's own scale: each predicted cell is its
+        control cell *unshifted* plus the change the model predicted from the shifted one (then
+        clipped at 0). (Subtracting the shift instead does not undo it: the shifted controls were
+        clipped at 0, and on zero-inflated genes the shift that matches the source is several
+        times the difference of the means.)
     """
     from tqdm.auto import tqdm
 
@@ -74,14 +77,14 @@ def predict_split(
     for (pert, ctx), group in tqdm(items, desc="predicting", unit="group", disable=None if progress else True):
         pool = pools[ctx]
         chosen = rng.choice(pool, size=len(group), replace=len(pool) < len(group))
-        controls = view.expression.get(chosen)[:, to_model]
+        controls = own = view.expression.get(chosen)[:, to_model]
         if control_shift is not None:
-            controls = np.clip(controls + control_shift, 0, None)
+            controls = np.clip(own + control_shift, 0, None)
         pred = model.generate(controls, pert, ctx, model_rng, settings)
         if pred.shape != (len(group), len(model.genes)) or not np.isfinite(pred).all():
             raise RuntimeError(f"model '{model.name}' returned a bad prediction for {pert} in {ctx}: shape {pred.shape}")
         if shift_back and control_shift is not None:
-            pred = pred - control_shift
+            pred = own + (pred - controls)
         cells = np.empty_like(pred, dtype=np.float32)
         cells[:, to_model] = np.clip(pred, 0, None)
         blocks.append(cells)

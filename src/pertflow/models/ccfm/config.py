@@ -33,6 +33,11 @@ class CCFMConfig(GeneFlowConfig):
     choose_latent_p
         Share of training samples that train the latent stream (t_expr = 0); the others train the
         expression stream with the true latent (t_latent = 1).
+    latent_augment
+        Conditioning augmentation of the expression stream: its latent is the true one noised to
+        t_latent ~ U(1 - latent_augment, 1) in training, and the generated one noised to
+        1 - latent_augment / 2 in sampling (0: the true latent, t_latent = 1), so that stage 2 does
+        not read a generated latent as if it were exact.
     latent_weight
         Weight of the latent stream's velocity loss.
     warmup_batches, target_std
@@ -53,6 +58,7 @@ class CCFMConfig(GeneFlowConfig):
     dh_depth: int = 2
     choose_latent_p: float = 0.4
     latent_weight: float = 1.0
+    latent_augment: float = 0.0
     warmup_batches: int = 200
     target_std: float = 1.0
     latent_dim: int | None = None
@@ -61,5 +67,7 @@ class CCFMConfig(GeneFlowConfig):
         super().__post_init__()
         if not 0.0 < self.choose_latent_p < 1.0:
             raise ValueError(f"choose_latent_p must be in (0, 1): both streams train, got {self.choose_latent_p}")
+        if not 0.0 <= self.latent_augment < 1.0:
+            raise ValueError(f"latent_augment must be in [0, 1), got {self.latent_augment}")
         if self.dh_depth < 1:
             raise ValueError(f"dh_depth must be at least 1, got {self.dh_depth}")

@@ -13,7 +13,9 @@ cells, G genes in the step, D feature width, d width, d_t token width.
 
 Training samples each cell's stream (:func:`cascaded_times`): with probability
 ``choose_latent_p`` the latent stream (t_latent ~ U, t_expr = 0: the expression sits at its
-start, the anchor), else the expression stream (t_expr ~ U, t_latent = 1: the true latent).
+start, the anchor), else the expression stream (t_expr ~ U, t_latent = 1: the true latent; with
+``latent_augment`` a, t_latent ~ U(1 - a, 1), the true latent partly noised, so that stage 2
+tolerates a generated latent, which sampling noises to t_latent = 1 - a/2).
 Loss = expression MSE + ``latent_weight`` x latent MSE + ``gamma`` x MMD on the expression
 samples' one-step estimates. Sampling: (1) the latent from noise, t_latent 0 -> 1, with the
 expression at its start; (2) the expression from its start, t_expr 0 -> 1, with the generated
@@ -78,14 +80,17 @@ class CascadedTimes:
     latent: Tensor  # (B,) bool: the sample trains the latent stream
 
 
-def cascaded_times(n: int, choose_latent_p: float, time_sampler, device: torch.device) -> CascadedTimes:
+def cascaded_times(n: int, choose_latent_p: float, time_sampler, device: torch.device,
+                   latent_augment: float = 0.0) -> CascadedTimes:
     """Each sample trains one stream: the latent (prob ``choose_latent_p``; t_latent from the time
-    sampler, t_expr = 0) or the expression (t_expr from the time sampler, t_latent = 1)."""
+    sampler, t_expr = 0) or the expression (t_expr from the time sampler; t_latent = 1, the true
+    latent, or with ``latent_augment`` > 0 uniform in [1 - latent_augment, 1]: a partly noised latent)."""
     t_latent, t_expr = time_sampler(n, device), time_sampler(n, device)
     latent = torch.rand(n, device=device) < choose_latent_p
+    given = 1.0 - latent_augment * torch.rand(n, device=device)
     return CascadedTimes(
         t_expr=torch.where(latent, torch.zeros_like(t_expr), t_expr),
-        t_latent=torch.where(latent, t_latent, torch.ones_like(t_latent)),
+        t_latent=torch.where(latent, t_latent, given),
         latent=latent,
     )
 
@@ -128,9 +133,10 @@ class CCFMModule(GeneFlowNetwork):
         x, _, c = self.streams(torch.zeros_like(t_latent), t_latent, x_0, z_t, ctx)
         return self.latent_decoder(x, c)
 
-    def expression_velocity_given(self, t_expr: Tensor, x_t: Tensor, latent: Tensor, ctx: FieldContext) -> Tensor:
-        """Stage 2's field: the expression's velocity with the generated latent fixed (t_latent = 1)."""
-        x, pert_tokens, _ = self.streams(t_expr, torch.ones_like(t_expr), x_t, latent, ctx)
+    def expression_velocity_given(self, t_expr: Tensor, x_t: Tensor, latent: Tensor, ctx: FieldContext,
+                                  t_latent: float = 1.0) -> Tensor:
+        """Stage 2's field: the expression's velocity with the generated latent fixed (at ``t_latent``)."""
+        x, pert_tokens, _ = self.streams(t_expr, torch.full_like(t_expr, t_latent), x_t, latent, ctx)
         return self.expression_velocity(x, pert_tokens)
 
     def loss(self, batch: dict[str, Tensor]) -> LossOutput:
@@ -143,7 +149,8 @@ class CCFMModule(GeneFlowNetwork):
         x_0 = self.parts.source(b.anchor)
         pairs = self.parts.coupling(x_0, b.target)
         x_1, z_1 = b.target[pairs], z_1[pairs]
-        times = cascaded_times(x_1.shape[0], self.config.choose_latent_p, self.parts.time_sampler, x_1.device)
+        times = cascaded_times(x_1.shape[0], self.config.choose_latent_p, self.parts.time_sampler, x_1.device,
+                               self.config.latent_augment)
         expr_path = self.path.sample(times.t_expr, x_0, x_1)
         latent_path = self.path.sample(times.t_latent, torch.randn_like(z_1), z_1)
         ctx = self.context(self.reference_cells(b.anchor), b.pert_ids, b.gene_idx)
@@ -172,6 +179,12 @@ class CCFMModule(GeneFlowNetwork):
         def generate(x_0: Tensor, reference: Tensor, ctx: FieldContext, settings: PredictConfig) -> Tensor:
             z_noise = torch.randn((*x_0.shape, self.latent_dim), generator=generator).to(x_0.device, x_0.dtype)
             latent = self.integrate(lambda t, z: self.latent_velocity(t, z, x_0, ctx), z_noise, settings)
-            return self.integrate(lambda t, x: self.expression_velocity_given(t, x, latent, ctx), x_0, settings)
+            # with augmentation, stage 2 reads the generated latent noised to the middle of the
+            # training range, as it read true latents (the path at t: (1 - t) noise + t latent)
+            s = 1.0 - self.config.latent_augment / 2
+            if s < 1.0:
+                noise = torch.randn(latent.shape, generator=generator).to(latent.device, latent.dtype)
+                latent = (1 - s) * noise + s * latent
+            return self.integrate(lambda t, x: self.expression_velocity_given(t, x, latent, ctx, s), x_0, settings)
 
         return self.sample_by_chunks(control, pert_ids, settings, generator, shift, generate)
