@@ -87,7 +87,7 @@ def cascaded_times(n: int, choose_latent_p: float, time_sampler, device: torch.d
     latent, or with ``latent_augment`` > 0 uniform in [1 - latent_augment, 1]: a partly noised latent)."""
     t_latent, t_expr = time_sampler(n, device), time_sampler(n, device)
     latent = torch.rand(n, device=device) < choose_latent_p
-    given = 1.0 - latent_augment * torch.rand(n, device=device)
+    given = 1.0 - latent_augment * torch.rand(n, device=device) if latent_augment > 0 else torch.ones(n, device=device)
     return CascadedTimes(
         t_expr=torch.where(latent, torch.zeros_like(t_expr), t_expr),
         t_latent=torch.where(latent, t_latent, given),
