@@ -15,9 +15,11 @@ import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import anndata as ad
+import numpy as np
+import pandas as pd
 
 from pertflow.adapt import ADAPTER_FILES, Adapter, AdapterConfig, learn_adapter
 from pertflow.configs import build, load_sections, to_dict
@@ -476,6 +478,7 @@ def evaluate_split(
     config: EvalConfig | None = None,
     inputs: EvaluationInputs | None = None,
     overwrite: bool = False,
+    run: str | Path | PerturbationModel | None = None,
     **read_args: Any,
 ):
     """Score a prediction file of a split's test cells (pertflow's or another tool's).
@@ -483,7 +486,8 @@ def evaluate_split(
     Returns the :class:`~pertflow.eval.evaluator.EvalResult`; with ``out``, writes
     ``results.csv`` (one row per perturbation and context) and ``agg_results.csv`` there (a
     folder that holds them is refused unless ``overwrite``). ``inputs`` (from
-    :func:`evaluation_inputs`) skips rebuilding the real side.
+    :func:`evaluation_inputs`) skips rebuilding the real side. ``run``: a trained model with a
+    latent space (``latent-shift``); adds ``knn_purity_latent``, KNN purity in its embedding.
     """
     from pertflow.eval.evaluator import evaluate
 
@@ -491,14 +495,29 @@ def evaluate_split(
         check_output(out, "evaluation folder", overwrite, holds=EVALUATION_FILES)
     if inputs is None:
         inputs = evaluation_inputs(data, split, **read_args)
+    embed = None if run is None else latent_space(run, list(map(str, inputs.real.var_names)))
     if not isinstance(pred, ad.AnnData):
         from pertflow.eval.checks import read_anndata
 
         pred = read_anndata(pred, "pred")
     return evaluate(
         inputs.real, pred, pert_col=inputs.pert_col, control=inputs.control, context_col=inputs.context_col,
-        train=inputs.train, outdir=out, de_cache=de_cache, config=config or EvalConfig(),
+        train=inputs.train, outdir=out, de_cache=de_cache, config=config or EvalConfig(), embed=embed,
     )
+
+
+def latent_space(run: str | Path | PerturbationModel, genes: list[str]) -> Callable[[np.ndarray], np.ndarray]:
+    """The embedding of a trained model with a latent space (``embed``), reading cells on ``genes``."""
+    model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
+    if not callable(getattr(model, "embed", None)):
+        raise InputError(f"model '{model.name}' has no latent space to measure KNN purity in; give a run of a model "
+                         "that has one (latent-shift), or evaluate without --run.")
+    missing = [g for g in model.genes if g not in set(genes)]
+    if missing:
+        raise InputError(f"the evaluated genes lack {len(missing)} of the model's genes (e.g. {missing[:5]}); "
+                         "evaluate on the split the model was trained on.")
+    columns = pd.Index(genes).get_indexer(model.genes)
+    return lambda x: model.embed(np.asarray(x)[:, columns])
 
 
 EVALUATION_FILES = ("results.csv", "agg_results.csv", "ceiling.csv")

@@ -48,6 +48,7 @@ KEY_METRICS = (
     "edistance_pca",
     "mmd_rbf_pca",
     "knn_purity_pca",
+    "knn_purity_latent",
     "discrimination_score_l1",
     "overlap_at_N",
     "de_direction_match",
@@ -137,7 +138,8 @@ def run_benchmark(
                         log(f"[{split_name}] evaluating {model}")
                         pred = ad.read_h5ad(pred_path)
                         evaluate_split(None, None, pred, out=run_dir / "eval", de_cache=de_cache, config=eval_config, inputs=inputs,
-                                       overwrite=True)  # an evaluation interrupted before results.csv
+                                       overwrite=True,  # an evaluation interrupted before results.csv
+                                       run=run_dir if hasattr(model_class(model), "embed") else None)  # knn_purity_latent
                         _write_deltas(run_dir, inputs, pred)
                     table = pd.read_csv(results_path)
                     table.insert(0, "model", model)

@@ -301,6 +301,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for results.csv and agg_results.csv")
     p.add_argument("--de-cache", help="folder caching the real data's DE tables across models")
     p.add_argument("--threads", type=int, default=1, help="threads for cell-eval's DE tests")
+    p.add_argument("--run", help="a trained model with a latent space (latent-shift): adds knn_purity_latent, KNN purity in its embedding")
     add_overwrite_flag(p)
     add_spec_flags(p)
 
@@ -310,8 +311,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pertflow.api import EvalConfig, evaluate_split
 
     result = evaluate_split(args.data, args.split, args.pred, out=args.out, de_cache=args.de_cache,
-                            config=EvalConfig(num_threads=args.threads), overwrite=args.overwrite, **read_args(args))
-    keys = [k for k in ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "overlap_at_N") if k in result.aggregate.index]
+                            config=EvalConfig(num_threads=args.threads), overwrite=args.overwrite, run=args.run, **read_args(args))
+    keys = [k for k in ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "overlap_at_N",
+                        "knn_purity_pca", "knn_purity_latent") if k in result.aggregate.index]
     print(result.aggregate.loc[keys, ["mean", "median", "n"]].to_string(float_format=lambda v: f"{v:.4f}"))
     for note in result.notes:
         print(f"note: {note}")

@@ -185,7 +185,8 @@ def load_descriptors(source: str | Path, uns: dict[str, Any] | None = None) -> p
     ----------
     source
         A key of ``uns`` (a DataFrame, or a dict name -> vector), or a file: ``.csv`` / ``.tsv``
-        (first column = name) or ``.npz`` with arrays ``names`` (N,) and ``values`` (N, D).
+        (first column = name), ``.parquet`` (the index holds the names, or the first column when
+        the index is a plain row number) or ``.npz`` with arrays ``names`` (N,) and ``values`` (N, D).
     uns
         ``adata.uns``, searched first.
     """
@@ -206,13 +207,17 @@ def load_descriptors(source: str | Path, uns: dict[str, Any] | None = None) -> p
             raise InputError(f"descriptors '{source}' are neither a key of uns nor a file. Check the name or path.")
         if path.suffix in (".csv", ".tsv"):
             table = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", index_col=0)
+        elif path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+            if isinstance(table.index, pd.RangeIndex):
+                table = table.set_index(table.columns[0])
         elif path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 if "names" not in npz or "values" not in npz:
                     raise InputError(f"{path} must hold arrays 'names' (N,) and 'values' (N, D).")
                 table = pd.DataFrame(npz["values"], index=npz["names"].astype(str))
         else:
-            raise InputError(f"{path}: descriptors must be .csv, .tsv or .npz.")
+            raise InputError(f"{path}: descriptors must be .csv, .tsv, .parquet or .npz.")
     table.index = table.index.astype(str)
     values = table.to_numpy(dtype=float)
     if not np.isfinite(values).all():

@@ -1,12 +1,14 @@
 """pertflow's metrics of one context, beside cell-eval's: correlations on the real top DE genes,
-Systema deltas, centroid accuracy, and the distribution metrics in a PCA of the training cells.
-The metrics themselves are the pure functions of :mod:`pertflow.eval.metrics`.
+Systema deltas, centroid accuracy, the distribution metrics in a PCA of the training cells, and
+(given a model's latent space) KNN purity in that space. The metrics themselves are the pure
+functions of :mod:`pertflow.eval.metrics`.
 """
 
 from __future__ import annotations
 
 import re
 import zlib
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -29,6 +31,8 @@ PERTFLOW_METRICS: dict[str, str] = {
     "mmd_rbf_pca": "lower",
     "knn_purity_pca": "higher",
 }
+#: Metrics in a model's latent space: columns only when the evaluator is given one (``embed``).
+LATENT_METRICS: dict[str, str] = {"knn_purity_latent": "higher"}
 
 
 DELTA_CORRELATIONS = ("pearson_delta", "pearson_delta_top{k}_de")
@@ -95,7 +99,11 @@ def context_metrics(
     cfg: EvalConfig,
     notes: list[str],
     where: str,
+    embed: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> pd.DataFrame:
+    """One row per perturbation of the context, one column per metric of :data:`PERTFLOW_METRICS`
+    (and of :data:`LATENT_METRICS` with ``embed``: (n, G) cells -> (n, d) a model's embedding, in
+    which the real and the predicted cells are placed)."""
     k = cfg.top_k_de
     ctrl_cells = x_real[r_lab == control]
     ctrl_mean = ctrl_cells.mean(axis=0)
@@ -104,6 +112,8 @@ def context_metrics(
     pcs_pred = pca.transform(x_pred)
     pcs_ctrl = pcs_real[r_lab == control]
     nan = float("nan")
+    if embed is not None:
+        z_real, z_pred = _embedded(embed, x_real), _embedded(embed, x_pred)
 
     rows = []
     real_means, pred_means = [], []
@@ -139,11 +149,32 @@ def context_metrics(
         row["knn_purity_pca"] = M.knn_purity(
             sub_pred, subsample(sub_real, n_ref, rng), subsample(pcs_ctrl, n_ref, rng), cfg.knn_k
         )
+        if embed is not None:
+            row["knn_purity_latent"] = latent_knn_purity(
+                z_pred[p_lab == p], z_real[r_lab == p], z_real[r_lab == control], cfg, seeded_rng(cfg, context, p, "latent")
+            )
         rows.append(row)
     table = pd.DataFrame(rows)
     table["centroid_accuracy"] = M.centroid_accuracy(np.stack(pred_means), np.stack(real_means))
-    ordered = ["perturbation"] + [name.format(k=k) for name in PERTFLOW_METRICS]
+    ordered = ["perturbation"] + [name.format(k=k) for name in PERTFLOW_METRICS] + (list(LATENT_METRICS) if embed else [])
     return table[ordered]
+
+
+def _embedded(embed: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    z = np.asarray(embed(np.asarray(x, dtype=np.float32)), dtype=np.float64)
+    if z.ndim != 2 or z.shape[0] != x.shape[0] or not np.isfinite(z).all():
+        raise ValueError(f"the latent space returned {z.shape} (or non-finite values) for {x.shape[0]} cells")
+    return z
+
+
+def latent_knn_purity(z_pred: np.ndarray, z_real: np.ndarray, z_ctrl: np.ndarray, cfg: EvalConfig,
+                      rng: np.random.Generator) -> float:
+    """KNN purity (SPEC 2.5) in a latent space: of each predicted cell's ``knn_k`` nearest among
+    the real perturbed and real control cells (as many of each, at most ``max_cells_per_set``),
+    the share that are real perturbed; averaged over predicted cells."""
+    size = cfg.max_cells_per_set
+    n_ref = min(len(z_real), len(z_ctrl), size)
+    return M.knn_purity(subsample(z_pred, size, rng), subsample(z_real, n_ref, rng), subsample(z_ctrl, n_ref, rng), cfg.knn_k)
 
 
 def zero_flat_correlations(

@@ -6,7 +6,8 @@ cell-eval's name (``pearson_delta``, ``mse``, ``mae``, ``mse_delta``, ``mae_delt
 ``discrimination_score_l1/l2/cosine``, ``pearson_edistance``, ``clustering_agreement``,
 ``overlap_at_N/50/100/200/500``, ``precision_at_*``, ``de_spearman_sig``, ``de_direction_match``,
 ``de_spearman_lfc_sig``, ``de_sig_genes_recall``, ``de_nsig_counts_real/pred``, ``pr_auc``,
-``roc_auc``); the rest come from :mod:`pertflow.eval.metrics` (see :data:`PERTFLOW_METRICS`).
+``roc_auc``); the rest come from :mod:`pertflow.eval.metrics` (see :data:`PERTFLOW_METRICS`, and
+:data:`LATENT_METRICS` when a model's latent space is given as ``embed``).
 
 How cell-eval is driven, and why (cell-eval 0.8.2, pdex 0.3.0):
 
@@ -47,7 +48,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import anndata as ad
 import numpy as np
@@ -71,7 +72,7 @@ from pertflow.eval.checks import (
     warn_degenerate,
 )
 from pertflow.eval.config import EvalConfig
-from pertflow.eval.context_metrics import PERTFLOW_METRICS, context_metrics, zero_flat_correlations
+from pertflow.eval.context_metrics import LATENT_METRICS, PERTFLOW_METRICS, context_metrics, zero_flat_correlations
 from pertflow.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def metric_direction(name: str, *, top_k_de: int = 20) -> Literal["higher", "low
     str
         "higher", "lower", or "none" (counts such as ``de_nsig_counts_pred``).
     """
-    for template, direction in PERTFLOW_METRICS.items():
+    for template, direction in {**PERTFLOW_METRICS, **LATENT_METRICS}.items():
         if name == template.format(k=top_k_de):
             return direction  # type: ignore[return-value]
     from cell_eval import metrics_registry
@@ -147,6 +148,7 @@ def evaluate(
     outdir: str | Path | None = None,
     de_cache: str | Path | None = None,
     config: EvalConfig | None = None,
+    embed: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> EvalResult:
     """Score predicted cells against real cells, per (context, perturbation).
 
@@ -177,6 +179,10 @@ def evaluate(
         data). ``None`` computes it on every call.
     config
         :class:`EvalConfig`; defaults if ``None``.
+    embed
+        A model's latent space: (n, G) log1p cells (``real``'s genes, in its order) -> (n, d).
+        Adds ``knn_purity_latent``: the real perturbed, real control and predicted cells of each
+        perturbation placed in that space (e.g. a ``latent-shift`` run's embedding).
 
     Returns
     -------
@@ -234,6 +240,7 @@ def evaluate(
                 de_cache=None if de_cache is None else Path(de_cache),
                 cfg=cfg,
                 notes=notes,
+                embed=embed,
             )
             tables.append(table)
             if ceiling is not None:
@@ -257,7 +264,7 @@ def evaluate(
 
 def _ordered_columns(table: pd.DataFrame, k: int) -> pd.DataFrame:
     """Ids, then cell-eval's columns, then pertflow's: stable even when a context lacks a column."""
-    ours = [name.format(k=k) for name in PERTFLOW_METRICS]
+    ours = [name.format(k=k) for name in PERTFLOW_METRICS] + [name for name in LATENT_METRICS if name in table.columns]
     theirs = [c for c in table.columns if c not in _ID_COLUMNS and c not in ours]
     return table[list(_ID_COLUMNS) + theirs + ours]
 
@@ -329,6 +336,7 @@ def _evaluate_context(
     de_cache: Path | None,
     cfg: EvalConfig,
     notes: list[str],
+    embed: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     where = "" if context == SINGLE_CONTEXT else f" in context '{context}'"
     logger.info("evaluating%s", where or " (no context column)")
@@ -382,6 +390,7 @@ def _evaluate_context(
         cfg=cfg,
         notes=notes,
         where=where,
+        embed=embed,
     )
     ids = pd.DataFrame(
         {

@@ -1,0 +1,117 @@
+"""The ``model`` section of a ``latent-shift`` run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class LatentShiftConfig:
+    """A perturbation predictor in an embedding space, decoded by a frozen decoder (SPEC 2.5).
+
+    The predictor itself is trained with the run's ``train`` section (``max_steps``,
+    ``batch_size`` = cells of one group in a step, ``lr``, ``seed``, ...); the decoder, trained
+    before it, with the ``decoder_*`` fields here.
+
+    Attributes
+    ----------
+    embedding
+        The embedding space, fitted on the split's training cells only: ``pca`` (principal
+        components of the log1p expression), ``scgpt`` (cell embeddings of the frozen scGPT in
+        the folder ``scgpt_checkpoint``) or ``cfm-vc`` (the CFM-VC latent; not available yet).
+    n_components
+        Principal components of the ``pca`` embedding.
+    scgpt_checkpoint
+        A scGPT folder (``args.json``, ``vocab.json``, ``best_model.pt``: a public model, or one
+        of ``pertflow pretrain``); the run records its path and reads it again when loaded.
+    scgpt_max_seq_len
+        Longest scGPT input sequence, ``<cls>`` included.
+    predictor
+        ``mlp`` (the reference conditional MLP) or ``flow`` (flow matching in the embedding space).
+    descriptor
+        The perturbation descriptor: ``onehot`` over the training perturbations' components,
+        ``gene`` (the target gene's PCA loadings, or its scGPT gene embedding with ``embedding:
+        scgpt``) or ``file`` (vectors keyed by component name, ``descriptor_file``, or the data
+        spec's descriptors when no file is named). A combination is the sum of its components.
+    descriptor_file
+        CSV / TSV / parquet / npz of descriptor vectors, the first column (or the index) the name.
+    center
+        Work relative to the context: the predictor sees and predicts embeddings minus the mean
+        embedding of the context's control cells (added back afterwards), so that a shift learnt
+        in one context carries to another.
+    context_summary
+        Also condition on the context: the mean embedding of its control cells.
+    train_unknown
+        Train a pseudo-perturbation per context with a zero descriptor whose cells are all of the
+        context's perturbed cells, so that a perturbation without a descriptor (never seen) is
+        predicted as the typical response instead of an untrained extrapolation.
+    pairing
+        How a group's perturbed cells are paired with control cells: ``random`` or ``ot``
+        (optimal transport over the group, in the embedding).
+    prior
+        The baseline whose shift, carried into the embedding, moves the control cells before the
+        predictor sees them (:mod:`pertflow.models.prior`): the predictor learns the residual.
+        ``none`` starts from the controls; ``auto`` picks the baseline that scores best on the
+        split's validation perturbations.
+    hidden, n_layers
+        Width and hidden layers of the predictor's network.
+    groups_per_step
+        (perturbation, context) groups in a training step (``train.batch_size`` pairs each).
+    mmd_weight
+        MLP predictor: weight of the MMD term beside the squared error of the group means.
+    source_noise, coupling, time_sampler
+        Flow predictor: the noise added to the (shifted) control embeddings where the flow starts,
+        the minibatch coupling applied within each group, and where on the path to train.
+    decoder_hidden, decoder_layers, decoder_steps, decoder_lr, decoder_batch_size
+        The decoder (embedding -> expression, non-negative output), trained once on the training
+        cells and then frozen.
+    decode
+        ``direct``: a predicted cell is ``decoder(z)``. ``residual``: the control cell it came from
+        plus ``decoder(z) - decoder(z_control)`` (the decoder's change), which keeps that cell's
+        variation outside the embedding and cancels the decoder's bias.
+    """
+
+    embedding: Literal["pca", "scgpt", "cfm-vc"] = "pca"
+    n_components: int = 50
+    scgpt_checkpoint: str | None = None
+    scgpt_max_seq_len: int = 1200
+    predictor: Literal["mlp", "flow"] = "mlp"
+    descriptor: Literal["onehot", "gene", "file"] = "onehot"
+    descriptor_file: str | None = None
+    center: bool = True
+    context_summary: bool = True
+    train_unknown: bool = True
+    pairing: Literal["random", "ot"] = "ot"
+    prior: Literal["none", "mean", "additive", "linear", "context-shift", "auto"] = "none"
+    hidden: int = 256
+    n_layers: int = 2
+    groups_per_step: int = 8
+    mmd_weight: float = 1.0
+    source_noise: float = 0.1
+    coupling: Literal["independent", "ot"] = "independent"
+    time_sampler: Literal["uniform", "logit-normal"] = "uniform"
+    decoder_hidden: int = 256
+    decoder_layers: int = 2
+    decoder_steps: int = 800
+    decoder_lr: float = 1e-3
+    decoder_batch_size: int = 256
+    decode: Literal["direct", "residual"] = "direct"
+
+    def __post_init__(self) -> None:
+        for name in ("n_components", "hidden", "n_layers", "groups_per_step", "decoder_hidden", "decoder_layers",
+                     "decoder_steps", "decoder_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.scgpt_max_seq_len < 2:
+            raise ValueError("scgpt_max_seq_len must be at least 2 (<cls> and one gene)")
+        if self.mmd_weight < 0 or self.source_noise < 0 or self.decoder_lr <= 0:
+            raise ValueError("mmd_weight and source_noise must be >= 0 and decoder_lr > 0")
+        if self.embedding == "cfm-vc":
+            raise ValueError("the CFM-VC latent (embedding 'cfm-vc') is not available yet: pertflow has no CFM-VC model "
+                             "(issue 15). Use model.embedding=pca, or scgpt with model.scgpt_checkpoint=FOLDER")
+        if self.embedding == "scgpt" and not self.scgpt_checkpoint:
+            raise ValueError("embedding 'scgpt' needs a scGPT folder: set model.scgpt_checkpoint=FOLDER (a public "
+                             "scGPT model, or one made by `pertflow pretrain`)")
+        if self.descriptor_file is not None and self.descriptor != "file":
+            raise ValueError(f"descriptor_file is read with descriptor 'file', not '{self.descriptor}'")

@@ -1,0 +1,406 @@
+"""``latent-shift``: predict a perturbation in an embedding space, decode with a frozen decoder (SPEC 2.5).
+
+Fitting runs four stages on the split's training cells (validation cells only score the result;
+test cells are never reachable):
+
+1. **embedding**: a PCA of the training cells, or the cell embeddings of a frozen scGPT
+   (:mod:`~pertflow.models.latent_shift.embeddings`);
+2. **decoder**: an MLP from embedding to expression (non-negative output), trained once to
+   reconstruct the training cells, then frozen: nothing after this stage changes it;
+3. **prior** (optional): a baseline's predicted shift (:mod:`pertflow.models.prior`), carried
+   into the embedding (``delta @ components.T`` for the PCA; ``encode(x + delta)`` otherwise),
+   moves the control cells before the predictor sees them; in training each perturbation's own
+   response is left out of it;
+4. **predictor** (:mod:`~pertflow.models.latent_shift.predictors`): trained on pairs of (shifted)
+   control embeddings and perturbed embeddings of every training (perturbation, context), with
+   a covariate per pair: the perturbation's descriptor and the context's mean control embedding.
+
+A prediction encodes the context's control cells, shifts them by the prior, lets the predictor
+move them and decodes the result. Any object with ``train(ctrl_emb, pert_emb, pert_cov)`` and
+``predict(ctrl_emb, pert_cov)`` can stand in for the built-in predictors
+(:meth:`LatentShift.use_predictor`); only the built-in ones are saved with a run.
+
+The networks train with the shared engine, each in a folder of its own under the run's
+``checkpoints/`` (``checkpoints/decoder``, ``checkpoints/predictor``); a stage whose folder holds
+checkpoints is continued (``pertflow train`` refuses or clears a run folder unless it resumes).
+:meth:`LatentShift.embed` is the model's latent space for the evaluator's ``knn_purity_latent``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pertflow.data.view import SplitView
+from pertflow.errors import InputError
+from pertflow.eval import metrics as M
+from pertflow.flows import ot_permutation
+from pertflow.models.base import PerturbationModel
+from pertflow.models.config import PredictConfig
+from pertflow.models.latent_shift.config import LatentShiftConfig
+from pertflow.models.latent_shift.descriptors import DescriptorTable, build_descriptors
+from pertflow.models.latent_shift.embeddings import (
+    ENCODE_CHUNK,
+    Embedding,
+    LatentDecoder,
+    decoder_train_config,
+    embedding_from_state,
+    fit_embedding,
+)
+from pertflow.models.latent_shift.predictors import PREDICTORS, LatentPredictor, NetworkPredictor
+from pertflow.models.latent_shift.training import CellBatches, stage_dir, train_network
+from pertflow.models.prior import Prior
+from pertflow.models.validation import ValidationSet
+from pertflow.train.config import TrainConfig
+
+MAX_PAIRS = 256  # control cells paired with a group: at least its own size, up to this many when there are
+OT_BLOCK = 1024  # larger groups are matched by optimal transport in random blocks of this size
+VALIDATION_SEED = 0
+KNN_K = 10
+
+
+class LatentCells:
+    """Embeddings of some rows of a dataset (the visible cells), looked up by row."""
+
+    def __init__(self, rows: np.ndarray, latent: np.ndarray):
+        self.position = pd.Series(np.arange(len(rows)), index=rows)
+        self.latent = latent
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        return self.latent[self.position.loc[np.asarray(rows)].to_numpy()]
+
+
+class LatentShift(PerturbationModel):
+    """A predictor in an embedding space and a frozen decoder (see the module docstring)."""
+
+    name = "latent-shift"
+    config_class = LatentShiftConfig
+    default_predict_config = PredictConfig(ode_steps=10)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.embedding: Embedding | None = None
+        self.decoder: LatentDecoder | None = None
+        self.predictor: LatentPredictor | None = None
+        self.descriptors: DescriptorTable | None = None
+        self.context_means: dict[str, np.ndarray] = {}
+        self.prior: Prior | None = None
+        self.trained_components: list[str] = []
+        self._own_predictor = False
+
+    def use_predictor(self, predictor: LatentPredictor) -> LatentShift:
+        """Fit and predict with ``predictor`` instead of the config's (any object with
+        ``train(ctrl_emb, pert_emb, pert_cov)`` and ``predict(ctrl_emb, pert_cov)``)."""
+        if not isinstance(predictor, LatentPredictor):
+            raise TypeError(f"{type(predictor).__name__} is not a latent predictor: it needs the methods "
+                            "train(ctrl_emb, pert_emb, pert_cov) and predict(ctrl_emb, pert_cov).")
+        self.predictor, self._own_predictor = predictor, True
+        return self
+
+    @property
+    def latent_dim(self) -> int:
+        return self.embedding.dim
+
+    @property
+    def cov_dim(self) -> int:
+        return self.descriptors.dim + (self.latent_dim if self.config.context_summary else 0)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False) -> None:
+        """Fit the four stages (see the module docstring); ``resume`` is implied by the stages'
+        checkpoint folders."""
+        run_dir = Path(run_dir)
+        torch.manual_seed(train_config.seed)
+        self.fit_report = {}
+        self.fit_embedding(view, train_config)
+        latent = self.embed_visible(view)
+        self.fit_decoder(view, latent, train_config, run_dir)
+        validation = ValidationSet(view, seed=VALIDATION_SEED)
+        self.prior = Prior.fit(self.config.prior, view, validation)
+        self.fit_predictor(view, latent, train_config, run_dir)
+        self.fit_report.update(self.validation_report(validation))
+
+    def fit_embedding(self, view: SplitView, train_config: TrainConfig) -> None:
+        """Stage 1: the embedding space, on the training cells."""
+        start = time.perf_counter()
+        self.embedding = fit_embedding(self.config, view, train_config.seed)
+        self.fit_report["embedding"] = {"kind": self.embedding.kind, "dim": self.embedding.dim,
+                                        "seconds": round(time.perf_counter() - start, 1)}
+
+    def embed(self, expression: np.ndarray) -> np.ndarray:
+        """(n, G) log1p expression on :attr:`genes` -> (n, k) the model's embedding: its latent
+        space, where the evaluator measures ``knn_purity_latent``."""
+        if self.embedding is None:
+            raise InputError("the model is not fitted yet: fit it before embedding cells.")
+        expression = np.asarray(expression, dtype=np.float32)
+        return np.concatenate([self.embedding.encode(expression[i:i + ENCODE_CHUNK])
+                               for i in range(0, len(expression), ENCODE_CHUNK)] or [np.zeros((0, self.latent_dim), np.float32)])
+
+    def embed_visible(self, view: SplitView) -> LatentCells:
+        """Embeddings of every visible (training and validation) cell."""
+        rows = np.sort(view.visible)
+        latent = np.concatenate([self.embedding.encode(view.expression.get(rows[i:i + ENCODE_CHUNK]))
+                                 for i in range(0, len(rows), ENCODE_CHUNK)])
+        return LatentCells(rows, latent)
+
+    def fit_decoder(self, view: SplitView, latent: LatentCells, train_config: TrainConfig, run_dir: Path) -> None:
+        """Stage 2: the decoder, trained to reconstruct the training cells, then frozen."""
+        rows = view.rows.train
+        expression, z = view.expression.get(rows), latent.get(rows)
+        config = decoder_train_config(self.config, train_config)
+        start = time.perf_counter()
+        torch.manual_seed(config.seed)
+        decoder = LatentDecoder(self.embedding.dim, len(self.genes), self.config.decoder_hidden, self.config.decoder_layers)
+        decoder.init_linear(z, expression)
+        val = view.rows.val
+        val_batches = CellBatches(latent.get(val), view.expression.get(val), 1, 0).all_cells() if len(val) else None
+        result = train_network(decoder, CellBatches(z, expression, config.batch_size, config.seed), config,
+                               stage_dir(run_dir, "decoder"), {"stage": "decoder", "genes": self.genes}, val_batches)
+        self.decoder = decoder.freeze()
+        report = {"steps": result.steps, "best_step": result.best_step, "train_mse": self._reconstruction_error(expression, z),
+                  "seconds": round(time.perf_counter() - start, 1)}
+        if len(val):
+            report["val_mse"] = self._reconstruction_error(view.expression.get(val), latent.get(val))
+        self.fit_report["decoder"] = report
+
+    def _reconstruction_error(self, expression: np.ndarray, latent: np.ndarray) -> float:
+        return float(np.mean((self.decoder.decode(latent) - expression) ** 2))
+
+    def fit_predictor(self, view: SplitView, latent: LatentCells, train_config: TrainConfig, run_dir: Path) -> None:
+        """Stage 4: descriptors, context summaries, training pairs, and the predictor on them."""
+        data = view.data
+        if self.prior is None:
+            self.prior = Prior.fit("none", view)
+        self.trained_components = sorted({c for p in view.training_perturbations for c in data.components(p)})
+        self.descriptors = build_descriptors(self.config.descriptor, view, self.trained_components, self.embedding,
+                                             self.config.descriptor_file)
+        visible_controls = view.visible[data.is_control[view.visible]]
+        self.context_means = {ctx: latent.get(view.control_rows(ctx)).mean(0) for ctx in sorted(set(data.contexts[visible_controls]))}
+        source, target, cov, groups = self.training_pairs(view, latent, np.random.default_rng(train_config.seed))
+        if not self._own_predictor:
+            self.predictor = self.build_predictor(train_config)
+        if isinstance(self.predictor, NetworkPredictor):
+            self.predictor.train(source, target, cov, groups=groups, run_dir=stage_dir(run_dir, "predictor"),
+                                 metadata={"model": self.name, "genes": self.genes})
+            self.fit_report["predictor"] = dict(self.predictor.fit_report)
+        else:
+            self.predictor.train(source, target, cov)
+            self.fit_report["predictor"] = {"pairs": len(source), "class": type(self.predictor).__name__}
+        self.fit_report["prior"] = self.prior.name
+
+    def build_predictor(self, train_config: TrainConfig | None = None) -> NetworkPredictor:
+        """The config's predictor, for this model's embedding and covariate widths."""
+        cfg = self.config
+        options: dict[str, Any] = {"hidden": cfg.hidden, "n_layers": cfg.n_layers, "groups_per_step": cfg.groups_per_step,
+                                   "train_config": train_config}
+        if cfg.predictor == "mlp":
+            options["mmd_weight"] = cfg.mmd_weight
+        else:
+            options.update(source_noise=cfg.source_noise, coupling=cfg.coupling, time_sampler=cfg.time_sampler)
+        return PREDICTORS[cfg.predictor](self.latent_dim, self.cov_dim, **options)
+
+    def training_pairs(self, view: SplitView, latent: LatentCells, rng: np.random.Generator
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(control embedding shifted by the prior, perturbed embedding, covariate, group) of every
+        pair, in the predictor's coordinates (see ``center``); the group numbers the (perturbation, context).
+
+        Every training (perturbation, context) gives as many pairs as it has cells, or up to
+        :data:`MAX_PAIRS` when the context has more control cells (its cells then repeat). With
+        ``train_unknown``, every context adds a group with a zero descriptor whose perturbed cells
+        are all of the context's (at most ``MAX_PAIRS``), shifted by the mean of its prior shifts.
+        """
+        control = self.spec.control
+        groups = view.groups(view.rows.train)
+        pools = {ctx: rows for (pert, ctx), rows in groups.items() if pert == control}
+        keys = [k for k in sorted(groups) if k[0] != control and k[1] in pools]
+        if not keys:
+            raise InputError("the training cells hold no perturbed cells with control cells of their context; check the split.")
+        blocks = [self._pairs(view, latent, groups[k], pools[k[1]], self.prior.training_delta(*k),
+                              self.covariate(k[0], k[1]), k[1], rng) for k in keys]
+        if self.config.train_unknown:
+            zero = np.zeros(self.descriptors.dim, np.float32)
+            for ctx in sorted({c for _, c in keys}):
+                in_ctx = [k for k in keys if k[1] == ctx]
+                rows = np.concatenate([groups[k] for k in in_ctx])
+                if len(rows) > MAX_PAIRS:
+                    rows = rng.choice(rows, size=MAX_PAIRS, replace=False)
+                delta = np.mean([self.prior.training_delta(*k) for k in in_ctx], axis=0)
+                blocks.append(self._pairs(view, latent, rows, pools[ctx], delta, self._covariate(zero, ctx), ctx, rng))
+        source, target, cov = (np.concatenate(parts) for parts in zip(*blocks))
+        groups = np.repeat(np.arange(len(blocks)), [len(b[0]) for b in blocks])
+        return source, target, cov, groups
+
+    def _pairs(self, view: SplitView, latent: LatentCells, targets: np.ndarray, pool: np.ndarray, delta: np.ndarray,
+               cov: np.ndarray, context: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = max(len(targets), min(len(pool), MAX_PAIRS))
+        if n > len(targets):
+            targets = np.concatenate([targets, rng.choice(targets, size=n - len(targets), replace=True)])
+        controls = rng.choice(pool, size=n, replace=len(pool) < n)
+        z_ctrl = latent.get(controls)
+        anchor = self.embedding.shifted(view.expression.get(controls), z_ctrl, delta) if np.any(delta) else z_ctrl
+        z_pert = latent.get(targets)
+        if self.config.pairing == "ot":
+            z_pert = z_pert[self._ot_order(anchor, z_pert, rng)]
+        origin = self.origin(context)
+        return anchor - origin, z_pert - origin, np.repeat(cov[None, :], n, axis=0)
+
+    def origin(self, context: str, latent_controls: np.ndarray | None = None) -> np.ndarray:
+        """Where the predictor's coordinates start in a context: its mean control embedding with
+        ``center`` (the controls given, for a context the model never saw), else 0."""
+        if not self.config.center:
+            return np.zeros(self.latent_dim, np.float32)
+        mean = self.context_means.get(context)
+        if mean is None:
+            if latent_controls is None:
+                raise InputError(f"context '{context}' is new to the model; give its control cells.")
+            mean = latent_controls.mean(0)
+        return np.asarray(mean, np.float32)
+
+    @staticmethod
+    def _ot_order(source: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Order of ``target`` paired with ``source`` by optimal transport (in blocks when large)."""
+        order = np.arange(len(target))
+        perm = rng.permutation(len(target))
+        for start in range(0, len(target), OT_BLOCK):
+            block = perm[start:start + OT_BLOCK]
+            matched = ot_permutation(torch.from_numpy(source[block]), torch.from_numpy(target[block])).numpy()
+            order[block] = block[matched]
+        return order
+
+    # ------------------------------------------------------------------ covariates
+    def covariate(self, perturbation: str, context: str, latent_controls: np.ndarray | None = None) -> np.ndarray:
+        """(c,) the descriptor of a perturbation, and the context's mean control embedding."""
+        return self._covariate(self.descriptors.vector(self.components(perturbation)), context, latent_controls)
+
+    def _covariate(self, descriptor: np.ndarray, context: str, latent_controls: np.ndarray | None = None) -> np.ndarray:
+        if not self.config.context_summary:
+            return descriptor
+        summary = self.context_means.get(context)
+        if summary is None:  # a context the model never saw: the controls it is given
+            if latent_controls is None:
+                raise InputError(f"context '{context}' is new to the model; give its control cells.")
+            summary = latent_controls.mean(0)
+        return np.concatenate([descriptor, summary]).astype(np.float32)
+
+    def known_components(self, perturbation: str) -> list[str]:
+        """Components the descriptor has a vector for (the others count as zeros)."""
+        return [c for c in self.components(perturbation) if self.descriptors.knows(c)]
+
+    # ------------------------------------------------------------------ prediction
+    def generate(
+        self,
+        controls: np.ndarray,
+        perturbation: str,
+        context: str,
+        rng: np.random.Generator,
+        settings: PredictConfig | None = None,
+    ) -> np.ndarray:
+        return self.cells(controls, perturbation, context, self.prior.delta(perturbation, context), rng, settings or self.predict_config)
+
+    def cells(self, controls: np.ndarray, perturbation: str, context: str, delta: np.ndarray, rng: np.random.Generator,
+              settings: PredictConfig) -> np.ndarray:
+        """Decoded cells of a perturbation from control cells and the prior's (G,) shift."""
+        latent = self.embedding.encode(controls)
+        predicted = self.predict_latent(controls, latent, perturbation, context, delta, rng, settings)
+        return self.decode(predicted, controls, latent)
+
+    def predict_latent(self, controls: np.ndarray, latent: np.ndarray, perturbation: str, context: str, delta: np.ndarray,
+                       rng: np.random.Generator, settings: PredictConfig | None = None) -> np.ndarray:
+        """(n, k) predicted embeddings of a perturbation from control cells and their embeddings."""
+        anchor = self.embedding.shifted(controls, latent, delta) if np.any(delta) else latent
+        cov = np.repeat(self.covariate(perturbation, context, latent)[None, :], len(latent), axis=0)
+        origin = self.origin(context, latent)
+        if isinstance(self.predictor, NetworkPredictor):
+            generator = torch.Generator().manual_seed(int(rng.integers(2**31 - 1)))
+            moved = self.predictor.predict(anchor - origin, cov, generator=generator, settings=settings or self.predict_config)
+        else:
+            moved = np.asarray(self.predictor.predict(anchor - origin, cov), dtype=np.float32)
+        return moved + origin
+
+    def decode(self, predicted: np.ndarray, controls: np.ndarray, latent: np.ndarray) -> np.ndarray:
+        """Expression of predicted embeddings with the frozen decoder (see ``decode`` in the config)."""
+        cells = self.decoder.decode(predicted)
+        if self.config.decode == "residual":
+            cells = controls + cells - self.decoder.decode(latent)
+        return np.clip(cells, 0, None)
+
+    # ------------------------------------------------------------------ scoring itself
+    def latent_knn_purity(self, controls: np.ndarray, perturbation: str, context: str, real: np.ndarray,
+                          rng: np.random.Generator | None = None, k: int = KNN_K, delta: np.ndarray | None = None) -> float:
+        """KNN purity in the model's own embedding (SPEC 2.5): the cells predicted from ``controls``
+        among the embedded real perturbed cells ``real`` and the embedded ``controls``.
+
+        Pass as many control as real cells (0.5 then means "cannot tell"); ``delta``: the prior's
+        shift (default: the one used for prediction).
+        """
+        rng = rng or np.random.default_rng(0)
+        latent = self.embedding.encode(controls)
+        delta = self.prior.delta(perturbation, context) if delta is None else delta
+        predicted = self.predict_latent(controls, latent, perturbation, context, delta, rng)
+        return M.knn_purity(predicted, self.embedding.encode(real), latent, k)
+
+    def validation_report(self, validation: ValidationSet) -> dict[str, Any]:
+        """Scores of the predictions of the validation perturbations (the prior's shift left out
+        as in training): the validation score of the model and of its prior alone, and KNN purity
+        in the embedding."""
+        if not len(validation):
+            return {}
+        rng = np.random.default_rng(VALIDATION_SEED)
+        ours = validation.score(lambda p, c, controls: self.cells(controls, p, c, self.prior.held_out_delta(p, c), rng,
+                                                                   self.predict_config))
+        purity = [self.latent_knn_purity(g.controls, g.perturbation, g.context,
+                                         g.real[rng.choice(len(g.real), size=min(len(g.real), len(g.controls)), replace=False)],
+                                         rng, delta=self.prior.held_out_delta(g.perturbation, g.context))
+                  for g in validation.groups]
+        return {"validation": {"model": ours.as_dict(""), "prior": self.prior.score(validation).as_dict("")},
+                "val_knn_purity_latent": float(np.mean(purity))}
+
+    # ------------------------------------------------------------------ persistence
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.decoder is None or self.predictor is None:
+            raise InputError("the model is not fitted yet: fit it before saving.")
+        if not isinstance(self.predictor, NetworkPredictor):
+            raise InputError(f"a predictor of your own ({type(self.predictor).__name__}) is not saved with the run; "
+                             "save it yourself, or use model.predictor=mlp or flow.")
+        out = {f"embedding.{k}": v for k, v in self.embedding.state_tensors().items()}
+        out.update({f"decoder.{k}": v.detach().cpu() for k, v in self.decoder.state_dict().items()})
+        out.update({f"predictor.{k}": v for k, v in self.predictor.state_tensors().items()})
+        out.update(self.descriptors.state_tensors())
+        out["context_means"] = torch.from_numpy(np.stack([self.context_means[c] for c in sorted(self.context_means)]).astype(np.float32))
+        out.update(self.prior.state_tensors())
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._tensors = tensors  # everything is rebuilt in load_extra_state, which knows the shapes
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "embedding": self.embedding.extra_state(),
+            "descriptors": self.descriptors.extra_state(),
+            "contexts": sorted(self.context_means),
+            "prior": self.prior.extra_state(),
+            "trained_components": self.trained_components,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        tensors = self._tensors
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.embedding = embedding_from_state(state["embedding"], part("embedding."))
+        self.decoder = LatentDecoder(self.embedding.dim, len(self.genes), self.config.decoder_hidden, self.config.decoder_layers)
+        self.decoder.load_state_dict(part("decoder."))
+        self.decoder.freeze()
+        self.descriptors = DescriptorTable.from_state(state["descriptors"], tensors)
+        self.context_means = dict(zip(state["contexts"], tensors["context_means"].numpy()))
+        self.prior = Prior.from_state(state["prior"], tensors, self)
+        self.trained_components = list(state["trained_components"])
+        self.predictor = self.build_predictor()
+        self.predictor.load_state_tensors(part("predictor."))
+        del self._tensors
