@@ -104,8 +104,12 @@ def test_auto_chooses_on_validation_and_never_reads_test_cells(synthetic_adata):
     b = Prior.fit("auto", poisoned, ValidationSet(poisoned))
     assert a.name == b.name and a.scores == b.scores
     assert set(a.scores) == set(PRIOR_BASELINES)
-    assert a.scores[a.name]["score"] == max(s["score"] for s in a.scores.values())
-    assert a.scores["none"]["score"] < a.scores[a.name]["score"]  # something beats no change here
+    assert a.name == b.name and a.reason == b.reason
+    if a.reason == "the best validation score":
+        assert a.scores[a.name]["score"] == max(s["score"] for s in a.scores.values())
+    else:  # here every combination of measured singles is a test one (see the test below)
+        assert a.name == "additive" and not ValidationSet(clean).of_test_kind
+    assert a.scores["none"]["score"] < max(s["score"] for s in a.scores.values())  # something beats no change here
 
 
 def test_validation_score_ranks_no_change_below_the_truth(combo_view):
@@ -188,3 +192,18 @@ def test_validation_scores_combinations_as_seen_as_the_test_ones():
     assert with_unmeasured  # validation has combinations with the unmeasured single ...
     groups = {g.perturbation for g in ValidationSet(view).groups}
     assert groups and all("+" in p for p in groups) and not groups & with_unmeasured  # ... and does not score them
+
+
+def test_auto_takes_additive_where_validation_has_no_combination_of_measured_singles(capsys):
+    adata = _exactly_additive()
+    perts = adata.obs["perturbation"].astype(str)
+    unmeasured = sorted({p for p in perts if "+" in p})[0].split("+")[0]
+    data = PerturbationData.from_anndata(adata[(perts != unmeasured).to_numpy()].copy())
+    # every combination of two measured singles is a test one: those left to train on have an unmeasured single
+    view = SplitView(data, make_split(data, "combinations", seen=[2], fraction=1.0, seed=1))
+    validation = ValidationSet(view)
+    assert len(validation) and all(unmeasured in g.perturbation.split("+") for g in validation.groups)
+    assert not validation.of_test_kind
+    prior = Prior.fit("auto", view, validation)
+    assert prior.name == "additive" and "measured singles" in prior.reason
+    assert "auto' chose additive" in capsys.readouterr().out

@@ -76,7 +76,7 @@ class GeneFlowModel(NetworkModel):
         if len(validation):
             selector = lambda module: self.validation_score(module, validation).as_dict()  # noqa: E731
         super().fit(view, train_config, run_dir, resume, selector=selector)
-        report = {"prior": self.prior.name, "prior_scores": self.prior.scores}
+        report = {"prior": self.prior.name, "prior_reason": self.prior.reason, "prior_scores": self.prior.scores}
         if len(validation):
             scores = {mode: self.validation_score(self.module, validation, mode) for mode in PREDICTION_MODES}
             self.prediction_mode = max(PREDICTION_MODES, key=lambda m: (scores[m].score, -PREDICTION_MODES.index(m)))

@@ -18,7 +18,10 @@ near-zero residual for singles and, since a combination's condition is the sum o
 (Left out, a single's residual would carry its whole effect, and a combination's would count its
 components twice: once in the prior, once in the summed condition.) ``auto`` picks the baseline that scores best on the split's
 validation perturbations, each also predicted leave-one-out (:mod:`pertflow.models.validation`);
-test cells are never read.
+test cells are never read. One case validation cannot judge: a split that predicts combinations
+of measured singles whose validation has no such combination (norman-combo-seen2: every
+combination with both singles measured is a test one); there ``auto`` takes ``additive``, the
+baseline built from the measured singles, and says so.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from pertflow.data.view import SplitView
 from pertflow.models.baselines import DeltaModel
 from pertflow.models.registry import model_class
-from pertflow.models.validation import ValidationSet
+from pertflow.models.validation import ValidationSet, predicts_measured_combinations
 
 #: Prior names and the baseline each one is (``none``: the controls themselves, no change).
 PRIOR_BASELINES = {"none": "no-change", "mean": "mean", "additive": "additive", "linear": "linear", "context-shift": "context-shift"}
@@ -55,6 +58,7 @@ class Prior:
         self.name = name
         self.baseline = baseline
         self.scores = scores or {}
+        self.reason = "chosen by the config" if scores is None else "the best validation score"
         self._left_out: dict[tuple[str, str], np.ndarray] = {}
 
     @classmethod
@@ -65,12 +69,20 @@ class Prior:
             return cls(choice, cls._baseline(choice, view))
         candidates = {name: cls(name, cls._baseline(name, view)) for name in PRIOR_BASELINES}
         if validation is None or not len(validation):
+            candidates["mean"].reason = "no validation groups to choose on: the mean"
             return candidates["mean"]
         scores = {name: prior.score(validation) for name, prior in candidates.items()}
         # ties (one perturbation: mean = additive = linear = context-shift) go to the first, the simplest
         best = max(candidates, key=lambda name: (round(scores[name].score, 9), -list(candidates).index(name)))
+        reason = "the best validation score"
+        if not validation.of_test_kind and predicts_measured_combinations(view):
+            best = "additive"
+            reason = ("the split predicts combinations of measured singles, and no validation combination has its singles "
+                      "measured: validation cannot judge that case, and additive is the baseline built from them")
+            print(f"note: prior 'auto' chose additive: {reason}.", flush=True)
         chosen = candidates[best]
         chosen.scores = {name: s.as_dict("") for name, s in scores.items()}
+        chosen.reason = reason
         return chosen
 
     @staticmethod
@@ -116,7 +128,7 @@ class Prior:
         return {f"prior.{k}": v for k, v in self.baseline.state_tensors().items()}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"name": self.name, "baseline": self.baseline.extra_state(), "scores": self.scores}
+        return {"name": self.name, "baseline": self.baseline.extra_state(), "scores": self.scores, "reason": self.reason}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], tensors: dict[str, torch.Tensor], model: Any) -> Prior:
@@ -126,4 +138,6 @@ class Prior:
         )
         baseline.load_state_tensors({k.removeprefix("prior."): v for k, v in tensors.items() if k.startswith("prior.")})
         baseline.load_extra_state(state["baseline"])
-        return cls(state["name"], baseline, state.get("scores"))
+        prior = cls(state["name"], baseline, state.get("scores"))
+        prior.reason = state.get("reason", prior.reason)
+        return prior

@@ -66,8 +66,13 @@ def _measured_singles(view: SplitView) -> dict[str, set[tuple[str, str]]]:
     return measured
 
 
-def like_test(view: SplitView, keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The validation groups of the kind the split predicts.
+def _kind(data, measured: dict[str, set[tuple[str, str]]], pert: str, group: tuple[str, str] | None) -> tuple[int, int]:
+    parts = data.components(pert)
+    return len(parts), sum(bool(measured.get(c, set()) - {group}) for c in parts)
+
+
+def like_test(view: SplitView, keys: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], bool]:
+    """The validation groups of the kind the split predicts, and whether they are of its kind.
 
     A perturbation's kind is its number of components and how many of them are measured as
     singles in training (a group never counts as measuring itself: validation predicts it left
@@ -75,23 +80,24 @@ def like_test(view: SplitView, keys: list[tuple[str, str]]) -> list[tuple[str, s
     combinations whose singles are measured are scored; an unseen single is scored on validation
     singles (left out, none is measured); a single transferred to a new context on validation
     singles measured in other contexts. Where no validation group has the test's kind, those with
-    its number of components; where none has that either, all. Only the split's test perturbation
-    *names* are read, never a test cell.
+    its number of components (and ``False``); where none has that either, all. Only the split's
+    test perturbation *names* are read, never a test cell.
     """
     data = view.data
     measured = _measured_singles(view)
+    kinds = {_kind(data, measured, p, None) for p in view.split.test_perturbations}
+    same_kind = [k for k in keys if _kind(data, measured, k[0], k) in kinds]
+    if same_kind or not kinds:
+        return same_kind or keys, True
+    arity = {n for n, _ in kinds}
+    return [k for k in keys if len(data.components(k[0])) in arity] or keys, False
 
-    def kind(pert: str, group: tuple[str, str] | None) -> tuple[int, int]:
-        parts = data.components(pert)
-        seen = sum(bool(measured.get(c, set()) - {group}) for c in parts)
-        return len(parts), seen
 
-    test_kinds = {kind(p, None) for p in view.split.test_perturbations}
-    same_kind = [k for k in keys if kind(k[0], k) in test_kinds]
-    if same_kind:
-        return same_kind
-    test_arity = {n for n, _ in test_kinds}
-    return [k for k in keys if len(data.components(k[0])) in test_arity] or keys
+def predicts_measured_combinations(view: SplitView) -> bool:
+    """Whether every test perturbation of the split is a combination of singles measured in training."""
+    measured = _measured_singles(view)
+    kinds = {_kind(view.data, measured, p, None) for p in view.split.test_perturbations}
+    return bool(kinds) and all(n > 1 and seen == n for n, seen in kinds)
 
 
 class ValidationSet:
@@ -130,7 +136,7 @@ class ValidationSet:
         val = view.rows.val[~data.is_control[view.rows.val]]
         visible = view.groups(view.visible[~data.is_control[view.visible]])
         self.groups: list[ValidationGroup] = []
-        keys = like_test(view, sorted(view.groups(val)))
+        keys, self.of_test_kind = like_test(view, sorted(view.groups(val)))
         if len(keys) > max_groups:
             keys = [keys[i] for i in np.sort(rng.choice(len(keys), size=max_groups, replace=False))]
         for pert, ctx in keys:
