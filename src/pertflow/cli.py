@@ -311,8 +311,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_split(args.data, args.split, args.pred, out=args.out, de_cache=args.de_cache,
                             config=EvalConfig(num_threads=args.threads), overwrite=args.overwrite, **read_args(args))
-    keys = [k for k in ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "overlap_at_N") if k in result.aggregate.index]
-    print(result.aggregate.loc[keys, ["mean", "median", "n"]].to_string(float_format=lambda v: f"{v:.4f}"))
+    keys = [k for k in ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "overlap_at_N") if k in result.aggregate.columns]
+    shown = result.aggregate.loc[["mean", "50%", "count"], keys].T.rename(columns={"50%": "median"})
+    print(shown.to_string(float_format=lambda v: f"{v:.4f}"))
     for note in result.notes:
         print(f"note: {note}")
     print(f"wrote {Path(args.out) / 'results.csv'} and {Path(args.out) / 'agg_results.csv'}")

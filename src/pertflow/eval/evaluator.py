@@ -90,8 +90,11 @@ class EvalResult:
         One row per (context, perturbation): columns ``context`` (``"all"`` without a context
         column), ``perturbation``, ``n_cells_real``, ``n_cells_pred``, then one column per metric.
     aggregate
-        Index = metric name; columns ``mean``, ``median``, ``std``, ``n`` (non-NaN rows) over all
-        rows of ``per_perturbation``.
+        cell-eval's aggregate layout (``agg_results.csv`` of ``cell-eval run``: polars'
+        ``describe``): index ``statistic`` (``count``, ``null_count``, ``mean``, ``std``, ``min``,
+        ``25%``, ``50%``, ``75%``, ``max``), one column per metric (cell-eval's, then pertflow's),
+        over all rows of ``per_perturbation``; NaN values count as missing (``null_count``).
+        ``aggregate.loc["mean", "pearson_delta"]`` is a model's mean Pearson delta.
     ceiling
         cell-eval's noise ceiling per context (one row per context, Spearman-Brown corrected,
         NaN where cell-eval defines none), or ``None`` unless ``EvalConfig.noise_ceiling``.
@@ -192,6 +195,8 @@ def evaluate(
     check_cell_eval_installed()
     real, pred = read_anndata(real, "real"), read_anndata(pred, "pred")
     train = None if train is None else read_anndata(train, "train")
+    notes: list[str] = []
+    pred = _fill_single_context(real, pred, context_col, notes)
     for adata, name in ((real, "real"), (pred, "pred")):
         check_obs(adata, name, pert_col, context_col)
         check_values(adata.X, name, require_decimals=True)
@@ -202,7 +207,6 @@ def evaluate(
     pred_ctx = context_labels(pred, context_col)
     contexts = contexts_to_evaluate(real_pert, real_ctx, pred_pert, pred_ctx, control)
 
-    notes: list[str] = []
     train_view = prepare_train(train, genes, pert_col, context_col) if train is not None else None
     pca = _fit_pca(train_view, real, real_pert == control, cfg, notes)
 
@@ -247,7 +251,7 @@ def evaluate(
     ceiling_table = pd.concat(ceilings, ignore_index=True) if cfg.noise_ceiling else None
     if outdir is not None:
         _write_csv(per_pert, Path(outdir) / "results.csv", index=False)
-        _write_csv(aggregate, Path(outdir) / "agg_results.csv", index=True)
+        _write_csv(aggregate, Path(outdir) / "agg_results.csv", index=True)  # "statistic" first, as cell-eval
         if ceiling_table is not None:
             _write_csv(ceiling_table, Path(outdir) / "ceiling.csv", index=False)
     return EvalResult(
@@ -263,7 +267,12 @@ def _ordered_columns(table: pd.DataFrame, k: int) -> pd.DataFrame:
 
 
 def aggregate_table(per_perturbation: pd.DataFrame) -> pd.DataFrame:
-    """Mean, median, std and count of every metric column over the rows of a per-perturbation table.
+    """cell-eval's aggregate of a per-perturbation table: polars' ``describe`` of the metric columns.
+
+    cell-eval's own ``agg_results.csv`` is ``results.drop("perturbation").describe()``; the same
+    call here gives the same rows (quantiles included) for cell-eval's metrics, and pertflow's
+    metrics are further columns. NaN (an undefined value) is a missing value, as in cell-eval's
+    own tables, so ``count`` is the number of defined rows.
 
     Parameters
     ----------
@@ -273,20 +282,32 @@ def aggregate_table(per_perturbation: pd.DataFrame) -> pd.DataFrame:
     Returns
     -------
     pd.DataFrame
-        Index = metric, columns ``mean``, ``median``, ``std``, ``n`` (NaN rows skipped).
+        Index ``statistic``, one column per metric.
     """
+    import polars as pl
+
     values = per_perturbation.drop(columns=[c for c in _ID_COLUMNS if c in per_perturbation.columns])
     values = values.apply(pd.to_numeric, errors="coerce").astype(float)
-    agg = pd.DataFrame(
-        {
-            "mean": values.mean(),
-            "median": values.median(),
-            "std": values.std(),
-            "n": values.notna().sum(),
-        }
-    )
-    agg.index.name = "metric"
-    return agg
+    frame = pl.DataFrame({c: values[c].to_numpy() for c in values.columns}, nan_to_null=True)
+    described = frame.describe().to_dict(as_series=False)
+    agg = pd.DataFrame({c: described[c] for c in values.columns}, index=pd.Index(described["statistic"], name="statistic"))
+    return agg.astype(float)
+
+
+def _fill_single_context(real: ad.AnnData, pred: ad.AnnData, context_col: str | None, notes: list[str]) -> ad.AnnData:
+    """A prediction without the context column, where the real cells have one context: filled in
+    (a tool that predicts one cell line need not label it); with several contexts it stays an error."""
+    if context_col is None or context_col in pred.obs.columns or context_col not in real.obs.columns:
+        return pred
+    contexts = pd.unique(real.obs[context_col].dropna().astype(str))
+    if len(contexts) != 1:
+        return pred  # check_obs names the missing column
+    obs = pred.obs.copy()
+    obs[context_col] = contexts[0]
+    pred = ad.AnnData(X=pred.X, obs=obs, var=pred.var)  # the caller's object stays as it is; X is shared
+    notes.append(f"pred has no obs['{context_col}']; the split has one test context, so every predicted cell "
+                 f"was taken to be in '{contexts[0]}'")
+    return pred
 
 
 def context_labels(adata: ad.AnnData, context_col: str | None) -> np.ndarray:
