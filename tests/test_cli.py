@@ -68,7 +68,8 @@ def test_demo_end_to_end_with_a_tiny_flow_model(tmp_path):
     assert "# pertflow demo" in report and "| cfm |" in report and "| additive |" in report
     bench = tmp_path / "demo" / "benchmark"
     results = __import__("pandas").read_csv(bench / "results.csv")
-    assert set(results["model"]) == {"no-change", "additive", "cfm"}
+    assert set(results["model"]) == {"no-change", "additive", "cfm", "ceiling"}
+    assert "| *ceiling* |" in report
     assert len(set(results["perturbation"])) == 5
     assert (bench / "plots" / "synthetic-combo-seen2_deltas.png").is_file()
     assert (bench / "runs" / "synthetic-combo-seen2" / "cfm" / "pred.h5ad").is_file()

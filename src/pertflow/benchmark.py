@@ -8,7 +8,9 @@ Everything lands under ``out/``:
 * ``runs/<split>/<model>/``: the run folder, ``pred.h5ad``, ``eval/results.csv``;
 * ``results.csv``: one row per (task, fold, model, context, perturbation), one column per metric;
 * ``summary.csv`` / ``summary.md``: per task and model, the mean over perturbations within a
-  fold, then over folds; the best value of each column is marked;
+  fold, then over folds; the best value of each column is marked; the row ``ceiling`` is the
+  fold's noise ceiling (:mod:`pertflow.eval.ceiling`: half of the real cells scored against the
+  other half, in ``runs/<split>/ceiling/eval/``), never marked best;
 * ``plots/<task>_metrics.png``: key metrics per model; ``plots/<task>_deltas.png``: predicted vs
   real mean shift (vs control) of every held-out perturbation, one panel per model.
 
@@ -146,6 +148,7 @@ def run_benchmark(
                     for key, value in timing.items():
                         table[key] = value
                     tables.append(table)
+                tables.append(_ceiling_table(task.name, fold, split_name, inputs, out, de_cache, eval_config, log))
         finally:
             data.close()
     if not tables:
@@ -153,6 +156,23 @@ def run_benchmark(
     results = pd.concat(tables, ignore_index=True)
     write_report(results, out, models)
     return results
+
+
+def _ceiling_table(task: str, fold: str | None, split_name: str, inputs: EvaluationInputs, out: Path,
+                   de_cache: Path, eval_config: Any, log: Any) -> pd.DataFrame:
+    """The fold's noise ceiling (real cells, half against half) as the rows of the model ``ceiling``."""
+    from pertflow.eval.ceiling import CEILING, noise_ceiling
+
+    eval_dir = out / "runs" / split_name / CEILING / "eval"
+    if not (eval_dir / "results.csv").is_file():
+        log(f"[{split_name}] scoring the noise ceiling (half of the real cells against the other half)")
+        noise_ceiling(inputs.real, pert_col=inputs.pert_col, control=inputs.control, context_col=inputs.context_col,
+                      train=inputs.train, outdir=eval_dir, de_cache=de_cache, config=eval_config)
+    table = pd.read_csv(eval_dir / "results.csv")
+    table.insert(0, "model", CEILING)
+    table.insert(0, "fold", fold if fold is not None else "")
+    table.insert(0, "task", task)
+    return table
 
 
 def _is_network(model: str) -> bool:
@@ -214,6 +234,7 @@ def markdown_table(summary: pd.DataFrame, metrics: tuple[str, ...] = KEY_METRICS
 
     Values are compared as shown (3 decimals): models a reader sees tie are bold together, and
     float noise below the shown precision decides nothing."""
+    from pertflow.eval.ceiling import CEILING
     from pertflow.eval.evaluator import metric_direction
 
     lines = []
@@ -224,7 +245,7 @@ def markdown_table(summary: pd.DataFrame, metrics: tuple[str, ...] = KEY_METRICS
         best: dict[str, set[str]] = {}
         for m in cols:
             direction = metric_direction(m)
-            values = block[m].dropna().round(3)
+            values = block[m].drop(CEILING, errors="ignore").dropna().round(3)
             if direction == "none" or values.nunique() < 2:
                 continue  # nothing to mark when every model ties
             top = values.max() if direction == "higher" else values.min()
@@ -234,8 +255,8 @@ def markdown_table(summary: pd.DataFrame, metrics: tuple[str, ...] = KEY_METRICS
             for m in cols:
                 v = row[m]
                 text = "–" if pd.isna(v) else f"{v:.3f}"
-                cells.append(f"**{text}**" if model in best.get(m, ()) else text)
-            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+                cells.append(f"**{text}**" if model in best.get(m, ()) else f"*{text}*" if model == CEILING else text)
+            lines.append(f"| {'*ceiling*' if model == CEILING else model} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -249,6 +270,8 @@ def write_report(results: pd.DataFrame, out: Path, models: list[str]) -> None:
     summary = summarize(results)
     with atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp)
-    write_text(out / "summary.md", "Mean over perturbations within a fold, then over folds; best per column in bold.\n\n" + markdown_table(summary))
+    write_text(out / "summary.md", "Mean over perturbations within a fold, then over folds; best model per column in bold; "
+               "*ceiling*: half of the real cells scored against the other half (the best reachable given the "
+               "data's sampling noise, at half depth).\n\n" + markdown_table(summary))
     plot_metrics(summary, out / "plots")
     plot_deltas(results, out, models)

@@ -150,6 +150,7 @@ def evaluate(
     outdir: str | Path | None = None,
     de_cache: str | Path | None = None,
     config: EvalConfig | None = None,
+    controls: Literal["real", "own"] = "real",
 ) -> EvalResult:
     """Score predicted cells against real cells, per (context, perturbation).
 
@@ -180,6 +181,10 @@ def evaluate(
         data). ``None`` computes it on every call.
     config
         :class:`EvalConfig`; defaults if ``None``.
+    controls
+        ``"real"``: ``pred`` must carry the real control cells unchanged (checked).
+        ``"own"``: ``pred`` brings its own control cells (the noise ceiling's other half of the
+        real cells, :mod:`pertflow.eval.ceiling`); cell-eval's deltas use them.
 
     Returns
     -------
@@ -238,6 +243,7 @@ def evaluate(
                 de_cache=None if de_cache is None else Path(de_cache),
                 cfg=cfg,
                 notes=notes,
+                check_controls=controls == "real",
             )
             tables.append(table)
             if ceiling is not None:
@@ -250,8 +256,7 @@ def evaluate(
     aggregate = aggregate_table(per_pert)
     ceiling_table = pd.concat(ceilings, ignore_index=True) if cfg.noise_ceiling else None
     if outdir is not None:
-        _write_csv(per_pert, Path(outdir) / "results.csv", index=False)
-        _write_csv(aggregate, Path(outdir) / "agg_results.csv", index=True)  # "statistic" first, as cell-eval
+        write_tables(Path(outdir), per_pert, aggregate)
         if ceiling_table is not None:
             _write_csv(ceiling_table, Path(outdir) / "ceiling.csv", index=False)
     return EvalResult(
@@ -350,6 +355,7 @@ def _evaluate_context(
     de_cache: Path | None,
     cfg: EvalConfig,
     notes: list[str],
+    check_controls: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     where = "" if context == SINGLE_CONTEXT else f" in context '{context}'"
     logger.info("evaluating%s", where or " (no context column)")
@@ -361,9 +367,9 @@ def _evaluate_context(
     x_pred = _dense(pred.X[p_idx])
     ctrl_real = x_real[r_lab == control]
     ctrl_pred = x_pred[p_lab == control]
-    if ctrl_real.shape[0] != ctrl_pred.shape[0] or not np.allclose(
+    if check_controls and (ctrl_real.shape[0] != ctrl_pred.shape[0] or not np.allclose(
         ctrl_real.mean(axis=0), ctrl_pred.mean(axis=0), atol=1e-3, rtol=1e-3
-    ):
+    )):
         raise InputError(
             f"pred's '{control}' cells{where} differ from real's ({ctrl_pred.shape[0]} vs {ctrl_real.shape[0]} "
             f"cells, or different values). cell-eval measures predicted deltas against pred's own controls, so "
@@ -433,6 +439,12 @@ def _unique_dir_name(context: str, used: set[str]) -> str:
         name = f"{base}_{i}"
     used.add(name)
     return name
+
+
+def write_tables(outdir: Path, per_perturbation: pd.DataFrame, aggregate: pd.DataFrame) -> None:
+    """``results.csv`` and ``agg_results.csv`` (``statistic`` first, as cell-eval writes it) into ``outdir``."""
+    _write_csv(per_perturbation, outdir / "results.csv", index=False)
+    _write_csv(aggregate, outdir / "agg_results.csv", index=True)
 
 
 def _write_csv(frame: pd.DataFrame, path: Path, *, index: bool) -> None:
