@@ -32,6 +32,7 @@ from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
 from pertflow.models.predict import prediction_means, predict_split
 from pertflow.models.registry import BASELINES, model_class, model_names
+from pertflow.runtime import quiet_libraries, set_threads
 from pertflow.train.checkpoint import CheckpointDir
 from pertflow.train.config import RESUME_MAY_CHANGE, TrainConfig
 
@@ -53,6 +54,8 @@ __all__ = [
     "open_data",
     "predict",
     "pretrain",
+    "quiet_libraries",
+    "set_threads",
     "split",
     "split_view",
     "train",
@@ -122,7 +125,7 @@ def inspect(path: str | Path, save_spec: str | Path | None = None, overwrite: bo
 
 
 def split(out: str | Path | None = None, *, task: str | None = None, fold: str | None = None,
-          tasks_dir: str | Path = "benchmarks/tasks", data_dir: str | Path | None = None,
+          tasks_dir: str | Path | None = None, data_dir: str | Path | None = None,
           data: str | Path | PerturbationData | None = None, kind: str | None = None,
           options: dict[str, Any] | None = None, overwrite: bool = False, **read_args: Any) -> Split:
     """A split: a benchmark task's fold, or any split kind of a data file; written to ``out`` if given
@@ -162,7 +165,9 @@ def train(
 ) -> PerturbationModel:
     """Train ``model`` on the training cells of ``split`` and save it into the run folder ``out``.
 
-    ``config`` is a YAML file with ``model``, ``train`` and ``predict`` sections; ``sets``
+    ``config`` is a YAML file with ``model``, ``train`` and ``predict`` sections, or the name of
+    one that ships with pertflow: ``"cpu"`` (``<model>-cpu.yaml``: a size that trains in minutes
+    on a laptop CPU); without it the model's defaults (the SPEC's size, for a GPU). ``sets``
     override single keys (``["train.max_steps=100"]``). The run folder records what the run was
     started with (``run.json``: the model, the three resolved config sections, the data and
     split, the genes, the read arguments).
@@ -187,6 +192,7 @@ def train(
     """
     if isinstance(genes, (str, Path)):
         genes = read_gene_list(genes)
+    config = shipped_config(model, config)
     out = Path(out)
     if resume and overwrite:
         raise InputError("give --resume (continue the run in --out) or --overwrite (start it again), not both.")
@@ -229,6 +235,19 @@ def train(
         instance.fit(view, train_config, out, resume=resume and CheckpointDir(out).exists())
         instance.save(out)
     return instance
+
+
+def shipped_config(model: str | None, config: str | Path | None) -> str | Path | None:
+    """A config name (``"cpu"``) as the file that ships with pertflow (``<model>-cpu.yaml``); a path as it is."""
+    if model is None or config is None or Path(config).suffix in (".yaml", ".yml") or Path(config).exists():
+        return config
+    from pertflow.io import package_dir
+
+    path = package_dir("configs") / f"{model}-{config}.yaml"
+    if not path.is_file():
+        names = sorted(p.name for p in package_dir("configs").glob(f"{model}-*.yaml"))
+        raise InputError(f"no config file '{config}' and no shipped config '{path.name}' (shipped for {model}: {names}).")
+    return path
 
 
 RUN_FILE = "run.json"
@@ -344,6 +363,7 @@ def predict(
     adapter: str | Path | Adapter | None = None,
     shift_back: bool = False,
     overwrite: bool = False,
+    progress: bool = False,
     **read_args: Any,
 ) -> ad.AnnData:
     """Predict the test cells of ``split`` with a trained model; write them to ``out`` if given,
@@ -379,7 +399,7 @@ def predict(
     if read_args["spec"] is None:
         read_args["spec"] = model.spec
     with _view(data, split, list(model.genes), **read_args) as view:
-        pred = predict_split(model, view, seed=seed, settings=settings, shift_back=shift_back,
+        pred = predict_split(model, view, seed=seed, settings=settings, shift_back=shift_back, progress=progress,
                              control_shift=None if adapter is None else adapter.shift)
         context_col = view.context_col
     if out is not None:
@@ -476,6 +496,7 @@ def evaluate_split(
     config: EvalConfig | None = None,
     inputs: EvaluationInputs | None = None,
     overwrite: bool = False,
+    progress: bool = False,
     **read_args: Any,
 ):
     """Score a prediction file of a split's test cells (pertflow's or another tool's).
@@ -497,7 +518,7 @@ def evaluate_split(
         pred = read_anndata(pred, "pred")
     return evaluate(
         inputs.real, pred, pert_col=inputs.pert_col, control=inputs.control, context_col=inputs.context_col,
-        train=inputs.train, outdir=out, de_cache=de_cache, config=config or EvalConfig(),
+        train=inputs.train, outdir=out, de_cache=de_cache, config=config or EvalConfig(), progress=progress,
     )
 
 
@@ -506,10 +527,13 @@ EVALUATION_FILES = ("results.csv", "agg_results.csv", "ceiling.csv")
 
 # ---------------------------------------------------------------------------- bigger jobs
 def benchmark(models: list[str], tasks: str | list[str], out: str | Path, *, folds: list[str] | None = None,
-              tasks_dir: str | Path = "benchmarks/tasks", data_dir: str | Path | None = None,
-              splits_dir: str | Path | None = None, configs_dir: str | Path | None = "benchmarks/configs",
+              tasks_dir: str | Path | None = None, data_dir: str | Path | None = None,
+              splits_dir: str | Path | None = None, configs_dir: str | Path | None = None,
               config_suffix: str = "-cpu.yaml", threads: int = 1) -> Path:
     """Run models x tasks x folds (``tasks="all"`` for every task); returns the path of ``summary.md``.
+
+    ``tasks_dir`` and ``configs_dir`` default to the task files and model configs that ship with
+    pertflow (``pertflow/resources/tasks``, ``pertflow/resources/configs``), so it runs from any folder.
 
     An existing ``out`` is not refused: a benchmark continues where it stopped (finished runs,
     predictions and evaluations under ``out/runs`` are read back, not recomputed).
@@ -518,6 +542,11 @@ def benchmark(models: list[str], tasks: str | list[str], out: str | Path, *, fol
     from pertflow.benchmark import run_benchmark
     from pertflow.data.tasks import find_tasks, resolve_data_dir
 
+    from pertflow.data.tasks import TASKS_DIR
+    from pertflow.io import package_dir
+
+    tasks_dir = tasks_dir or TASKS_DIR
+    configs_dir = configs_dir or package_dir("configs")
     data_dir = resolve_data_dir(data_dir)
     found = find_tasks(tasks_dir)
     names = sorted(found) if tasks == "all" else list(tasks)
@@ -559,12 +588,13 @@ def pretrain(data: str | Path, out: str | Path, config: str | Path | None = None
         return run_pretrain(dataset, out, model_config, train_config, resume=resume)
 
 
-def demo(out: str | Path = "pertflow-demo", seed: int = 0) -> Path:
+def demo(out: str | Path = "pertflow-demo", seed: int = 0, threads: int = 1) -> Path:
     """The main job on built-in synthetic data; returns the path of the report.
 
-    Like :func:`benchmark`, it continues in an existing ``out`` where it stopped.
+    Like :func:`benchmark`, it continues in an existing ``out`` where it stopped. ``threads`` go
+    to cell-eval's DE tests (torch's: :func:`set_threads`).
     """
     from pertflow.demo import run_demo
 
     check_writable(out)
-    return run_demo(Path(out), seed=seed)
+    return run_demo(Path(out), seed=seed, threads=threads)

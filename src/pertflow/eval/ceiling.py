@@ -67,6 +67,7 @@ def noise_ceiling(
     outdir: str | Path | None = None,
     de_cache: str | Path | None = None,
     config: EvalConfig | None = None,
+    progress: bool = False,
 ) -> EvalResult:
     """Score one half of the real cells against the other (see the module docstring).
 
@@ -80,7 +81,7 @@ def noise_ceiling(
     half_a, half_b = split_halves(real, pert_col, context_col, seed=cfg.seed)
     result = evaluate(
         half_a, half_b, pert_col=pert_col, control=control, context_col=context_col, train=train,
-        outdir=outdir, de_cache=de_cache, config=cfg, controls="own",
+        outdir=outdir, de_cache=de_cache, config=cfg, controls="own", progress=progress,
     )
     table = spearman_brown(result.per_perturbation, cfg.top_k_de)
     aggregate = aggregate_table(table)

@@ -73,6 +73,7 @@ from pertflow.eval.checks import (
 from pertflow.eval.config import EvalConfig
 from pertflow.eval.context_metrics import PERTFLOW_METRICS, context_metrics, zero_flat_correlations
 from pertflow.io import atomic_path
+from pertflow.runtime import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ def evaluate(
     de_cache: str | Path | None = None,
     config: EvalConfig | None = None,
     controls: Literal["real", "own"] = "real",
+    progress: bool = False,
 ) -> EvalResult:
     """Score predicted cells against real cells, per (context, perturbation).
 
@@ -185,6 +187,8 @@ def evaluate(
         ``"real"``: ``pred`` must carry the real control cells unchanged (checked).
         ``"own"``: ``pred`` brings its own control cells (the noise ceiling's other half of the
         real cells, :mod:`pertflow.eval.ceiling`); cell-eval's deltas use them.
+    progress
+        Show a progress bar over the perturbations (:func:`pertflow.runtime.progress_bar`).
 
     Returns
     -------
@@ -221,6 +225,8 @@ def evaluate(
         cell_eval_root = Path(tmp_dir.name)
     else:
         cell_eval_root = Path(outdir) / "cell_eval"
+    n_perts = {c: len(set(pred_pert[pred_ctx == c]) - {control}) for c in contexts}
+    bar = progress_bar(sum(n_perts.values()), "evaluating", "perturbation", enabled=progress)
     try:
         tables, ceilings = [], []
         used_dirs: set[str] = set()
@@ -246,9 +252,11 @@ def evaluate(
                 check_controls=controls == "real",
             )
             tables.append(table)
+            bar.update(n_perts[context])
             if ceiling is not None:
                 ceilings.append(ceiling)
     finally:
+        bar.close()
         if tmp_dir is not None:
             tmp_dir.cleanup()
 
