@@ -125,13 +125,13 @@ def run_benchmark(
                         start = time.perf_counter()
                         resume = any((run_dir / name).exists() for name in RUN_FILES)  # a run started before
                         train(model, view, None, run_dir, config=config if config and config.is_file() else None,
-                              sets=["train.progress=false"] if _is_network(model) else None, resume=resume)
+                              resume=resume)
                         timing["train_seconds"] = time.perf_counter() - start
                     pred_path = run_dir / "pred.h5ad"
                     if not pred_path.is_file():
                         log(f"[{split_name}] predicting {model}")
                         start = time.perf_counter()
-                        predict(run_dir, view, None, pred_path)
+                        predict(run_dir, view, None, pred_path, progress=True)
                         timing["predict_seconds"] = time.perf_counter() - start
                     _write_timing(run_dir, timing)
                     results_path = run_dir / "eval" / "results.csv"
@@ -139,7 +139,7 @@ def run_benchmark(
                         log(f"[{split_name}] evaluating {model}")
                         pred = ad.read_h5ad(pred_path)
                         evaluate_split(None, None, pred, out=run_dir / "eval", de_cache=de_cache, config=eval_config, inputs=inputs,
-                                       overwrite=True)  # an evaluation interrupted before results.csv
+                                       overwrite=True, progress=True)  # an evaluation interrupted before results.csv
                         _write_deltas(run_dir, inputs, pred)
                     table = pd.read_csv(results_path)
                     table.insert(0, "model", model)
@@ -167,18 +167,12 @@ def _ceiling_table(task: str, fold: str | None, split_name: str, inputs: Evaluat
     if not (eval_dir / "results.csv").is_file():
         log(f"[{split_name}] scoring the noise ceiling (half of the real cells against the other half)")
         noise_ceiling(inputs.real, pert_col=inputs.pert_col, control=inputs.control, context_col=inputs.context_col,
-                      train=inputs.train, outdir=eval_dir, de_cache=de_cache, config=eval_config)
+                      train=inputs.train, outdir=eval_dir, de_cache=de_cache, config=eval_config, progress=True)
     table = pd.read_csv(eval_dir / "results.csv")
     table.insert(0, "model", CEILING)
     table.insert(0, "fold", fold if fold is not None else "")
     table.insert(0, "task", task)
     return table
-
-
-def _is_network(model: str) -> bool:
-    from pertflow.models.registry import BASELINES
-
-    return model not in BASELINES
 
 
 def _read_timing(run_dir: Path) -> dict[str, float]:
@@ -261,6 +255,41 @@ def markdown_table(summary: pd.DataFrame, metrics: tuple[str, ...] = KEY_METRICS
     return "\n".join(lines)
 
 
+#: The metric a one-line verdict reads (the field's headline: Pearson of the shift on the top DE genes).
+VERDICT_METRIC = "pearson_delta_top20_de"
+
+
+def verdict_lines(summary: pd.DataFrame, baselines: tuple[str, ...], metric: str = VERDICT_METRIC,
+                  tie: float = 0.01) -> list[str]:
+    """One line per task and non-baseline model: the model against the strongest baseline of the
+    task on ``metric`` (differences within ``tie`` are a tie), with the noise ceiling beside it."""
+    from pertflow.eval.ceiling import CEILING
+    from pertflow.eval.evaluator import metric_direction
+
+    higher = metric_direction(metric) == "higher"
+    lines = []
+    for task, block in summary.groupby(level="task", sort=False):
+        block = block.droplevel("task")
+        if metric not in block.columns:
+            continue
+        values = block[metric]
+        base = values[[m for m in block.index if m in baselines]].dropna()
+        ceiling = values.get(CEILING, np.nan)
+        reach = "" if pd.isna(ceiling) else f"; ceiling {ceiling:.3f}"
+        for model in block.index:
+            if model in baselines or model == CEILING or pd.isna(values[model]):
+                continue
+            if base.empty:
+                lines.append(f"{task}: {model} {metric} {values[model]:.3f} (no baseline to compare with{reach})")
+                continue
+            best = base.idxmax() if higher else base.idxmin()
+            gain = (values[model] - base[best]) * (1 if higher else -1)
+            word = "ties with" if abs(gain) <= tie else "beats" if gain > 0 else "falls short of"
+            lines.append(f"{task}: {model} {word} the strongest baseline, {best}: {metric} "
+                         f"{values[model]:.3f} vs {base[best]:.3f}{reach}")
+    return lines
+
+
 def write_report(results: pd.DataFrame, out: Path, models: list[str]) -> None:
     from pertflow.io import atomic_path
 
@@ -273,5 +302,7 @@ def write_report(results: pd.DataFrame, out: Path, models: list[str]) -> None:
     write_text(out / "summary.md", "Mean over perturbations within a fold, then over folds; best model per column in bold; "
                "*ceiling*: half of the real cells scored against the other half (the best reachable given the "
                "data's sampling noise, at half depth).\n\n" + markdown_table(summary))
-    plot_metrics(summary, out / "plots")
+    from pertflow.models.registry import BASELINES
+
+    plot_metrics(summary, out / "plots", baselines=tuple(BASELINES))
     plot_deltas(results, out, models)
