@@ -28,7 +28,7 @@ DEMO_CFM = {
               "source": "control", "source_noise": 0.1, "coupling": "ot", "center": True, "prior": "auto"},
     "predict": {"gene_chunk": 64, "ode_method": "midpoint", "ode_steps": 2},
     "train": {"max_steps": 600, "batch_size": 32, "lr": 2.0e-3, "warmup_steps": 50, "min_lr_ratio": 0.05,
-              "val_every": 100, "checkpoint_every": 200, "val_batches": 4, "ema_decay": 0.99, "progress": False},
+              "val_every": 100, "checkpoint_every": 200, "val_batches": 4, "ema_decay": 0.99, "progress": True},
 }
 
 
