@@ -49,7 +49,7 @@ def main() -> None:
                 for steps in steps_list:
                     pred = predict(run, view, None, sets=[f"predict.ode_method={method}", f"predict.ode_steps={steps}", "predict.mode=flow"])
                     result = evaluate_split(None, None, pred, inputs=inputs, config=EvalConfig(cell_eval_profile="anndata"))
-                    agg = result.aggregate["mean"]
+                    agg = result.aggregate.loc["mean"]
                     rows.append({"split": split_name, "model": model, "method": method, "steps": steps,
                                  "nfe": steps * EVALUATIONS_PER_STEP[method], **{m: agg[m] for m in METRICS}})
                     print(rows[-1], flush=True)

@@ -42,4 +42,4 @@ def test_a_perfect_prediction_beats_a_baseline_through_the_files(data_split, tmp
     best = evaluate_split(data, split, perfect, config=FAST)
     assert (tmp_path / "eval" / "results.csv").is_file() and (tmp_path / "eval" / "agg_results.csv").is_file()
     for metric, better in (("pearson_delta", np.greater), ("edistance_pca", np.less)):
-        assert better(best.aggregate.loc[metric, "mean"], scored.aggregate.loc[metric, "mean"]), metric
+        assert better(best.aggregate.loc["mean", metric], scored.aggregate.loc["mean", metric]), metric

@@ -12,7 +12,6 @@ and shared by all three verbs.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -24,7 +23,6 @@ import pandas as pd
 from pertflow.adapt import ADAPTER_FILES, Adapter, AdapterConfig, learn_adapter
 from pertflow.configs import build, load_sections, to_dict
 from pertflow.data.dataset import PerturbationData
-from pertflow.data.spec import DataSpec
 from pertflow.data.splits import SPLIT_KINDS, Split, make_split
 from pertflow.data.view import SplitView, read_gene_list
 from pertflow.errors import InputError
@@ -34,8 +32,11 @@ from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
 from pertflow.models.predict import prediction_means, predict_split
 from pertflow.models.registry import BASELINES, model_class, model_names
+from pertflow import run_record as runs
+from pertflow.run_record import RUN_FILES  # noqa: F401  (benchmark reads it here)
+from pertflow.runtime import quiet_libraries, set_threads
 from pertflow.train.checkpoint import CheckpointDir
-from pertflow.train.config import RESUME_MAY_CHANGE, TrainConfig
+from pertflow.train.config import TrainConfig
 
 __all__ = [
     "BASELINES",
@@ -55,6 +56,8 @@ __all__ = [
     "open_data",
     "predict",
     "pretrain",
+    "quiet_libraries",
+    "set_threads",
     "split",
     "split_view",
     "train",
@@ -124,7 +127,7 @@ def inspect(path: str | Path, save_spec: str | Path | None = None, overwrite: bo
 
 
 def split(out: str | Path | None = None, *, task: str | None = None, fold: str | None = None,
-          tasks_dir: str | Path = "benchmarks/tasks", data_dir: str | Path | None = None,
+          tasks_dir: str | Path | None = None, data_dir: str | Path | None = None,
           data: str | Path | PerturbationData | None = None, kind: str | None = None,
           options: dict[str, Any] | None = None, overwrite: bool = False, **read_args: Any) -> Split:
     """A split: a benchmark task's fold, or any split kind of a data file; written to ``out`` if given
@@ -164,7 +167,9 @@ def train(
 ) -> PerturbationModel:
     """Train ``model`` on the training cells of ``split`` and save it into the run folder ``out``.
 
-    ``config`` is a YAML file with ``model``, ``train`` and ``predict`` sections; ``sets``
+    ``config`` is a YAML file with ``model``, ``train`` and ``predict`` sections, or the name of
+    one that ships with pertflow: ``"cpu"`` (``<model>-cpu.yaml``: a size that trains in minutes
+    on a laptop CPU); without it the model's defaults (the SPEC's size, for a GPU). ``sets``
     override single keys (``["train.max_steps=100"]``). The run folder records what the run was
     started with (``run.json``: the model, the three resolved config sections, the data and
     split, the genes, the read arguments).
@@ -189,17 +194,18 @@ def train(
     """
     if isinstance(genes, (str, Path)):
         genes = read_gene_list(genes)
+    config = runs.shipped_config(model, config)
     out = Path(out)
     if resume and overwrite:
         raise InputError("give --resume (continue the run in --out) or --overwrite (start it again), not both.")
-    existing = check_output(out, "run folder", overwrite=overwrite or resume, holds=RUN_FILES,
+    existing = check_output(out, "run folder", overwrite=overwrite or resume, holds=runs.RUN_FILES,
                             other_choice="--resume to continue it (or --resume --set train.max_steps=N to train it longer)")
     saved = None
     if resume:
         if not existing:
             raise InputError(f"nothing to resume in {out}: no run was started there. Train without --resume.")
-        saved = read_json(out / RUN_FILE) if (out / RUN_FILE).is_file() else None
-    model, data, split, sections, read_args = _run_settings(out, resume, saved, model, data, split, config, sets, read_args)
+        saved = read_json(out / runs.RUN_FILE) if (out / runs.RUN_FILE).is_file() else None
+    model, data, split, sections, read_args = runs.run_settings(out, resume, saved, model, data, split, config, sets, read_args)
     split_obj = _split_of(data, split)
     if saved is not None and split_obj.digest() != saved["split_digest"]:
         raise InputError(f"the split given is not the one {out} was trained on (other cells or genes). Resume without "
@@ -210,84 +216,27 @@ def train(
     predict_config = build(PredictConfig, {**to_dict(cls.default_predict_config), **sections["predict"]}, "predict")
     resolved = {"model": to_dict(model_config), "train": to_dict(train_config), "predict": to_dict(predict_config)}
     if saved is not None:
-        _check_same_settings(out, saved["config"], resolved)
-        genes = _resumed_genes(out, saved.get("genes"), genes)
+        runs.check_same_settings(out, saved["config"], resolved)
+        genes = runs.resumed_genes(out, saved.get("genes"), genes)
     if resume and (out / "model.json").is_file():
-        _check_extension(out, model, train_config)
+        runs.check_extension(out, model, train_config)
     if overwrite:
         remove_outputs(existing)
-    write_json(out / RUN_FILE, {
-        "format_version": RUN_FILE_VERSION,
+    write_json(out / runs.RUN_FILE, {
+        "format_version": runs.RUN_FILE_VERSION,
         "model": model,
         "config": resolved,
-        "data": _data_path(data),
+        "data": runs.data_path(data),
         "split": str(Path(split).resolve()) if isinstance(split, (str, Path)) else None,
         "split_digest": split_obj.digest(),
         "genes": None if genes is None else [str(g) for g in genes],
-        "read_args": _saved_read_args(data, read_args),
+        "read_args": runs.saved_read_args(data, read_args),
     })
     with _view(data, split_obj, genes, **read_args) as view:
         instance = cls.from_view(view, model_config, predict_config)
         instance.fit(view, train_config, out, resume=resume and CheckpointDir(out).exists())
         instance.save(out)
     return instance
-
-
-RUN_FILE = "run.json"
-RUN_FILE_VERSION = 1
-# What `train` writes into a run folder: the folder holds a run when one of them is there.
-RUN_FILES = (RUN_FILE, "model.json", "model.safetensors", "checkpoints", "history.csv")
-
-
-def _run_settings(out: Path, resume: bool, saved: dict[str, Any] | None, model: str | None, data: DataArg | None,
-                  split: SplitArg, config: str | Path | None, sets: list[str] | None, read_args: dict[str, Any]) -> tuple:
-    """The model, data, split, config sections and read arguments of a run: as given, over what a
-    resumed run saved in ``run.json`` (given ones must agree with it)."""
-    given = load_sections(config, sets)
-    if saved is None:
-        missing = [flag for flag, value in (("--model", model), ("--data", data), ("--split", split)) if value is None]
-        if isinstance(data, SplitView) and "--split" in missing:
-            missing.remove("--split")
-        if missing:
-            how = ("; this run folder has no run.json (it was written by an older pertflow), so give them and the "
-                   "original --config/--set again") if resume else " (or --resume to continue the run in --out)"
-            raise InputError(f"give {', '.join(missing)}{how}.")
-        return model, data, split, given, read_args
-    if model is not None and model != saved["model"]:
-        raise InputError(f"{out} is a run of '{saved['model']}', not '{model}'. Resume it without --model, or train "
-                         f"'{model}' into a new --out.")
-    for flag, value, key in (("--data", data, "data"), ("--split", split, "split")):
-        if value is None and saved[key] is None and not (key == "split" and isinstance(data, SplitView)):
-            raise InputError(f"{out}/{RUN_FILE} does not record the {key} file (it was given as an object): give {flag}.")
-    data = saved["data"] if data is None else data
-    split = saved["split"] if split is None and not isinstance(data, SplitView) else split
-    sections = {name: {**saved["config"][name], **given[name]} for name in given}
-    stored = dict(saved["read_args"])
-    if stored.get("spec") is not None:
-        stored["spec"] = DataSpec.from_dict(stored["spec"])
-    return saved["model"], data, split, sections, {**stored, **read_args}
-
-
-def _check_same_settings(out: Path, saved: dict[str, dict[str, Any]], resolved: dict[str, dict[str, Any]]) -> None:
-    """A resumed run keeps its settings, but for those the engine lets change (``train.max_steps``)."""
-    now = json.loads(json.dumps(resolved))
-    changed = [f"{section}.{key}" for section, values in now.items() for key, value in values.items()
-               if saved.get(section, {}).get(key, value) != value and not (section == "train" and key in RESUME_MAY_CHANGE)]
-    if changed:
-        allowed = ", ".join(f"train.{k}" for k in RESUME_MAY_CHANGE)
-        raise InputError(f"cannot resume {out} with other settings ({', '.join(changed)}): only {allowed} may change. "
-                         "Resume with the run's own settings (leave out --config and --set), or train into a new --out.")
-
-
-def _check_extension(out: Path, model: str, train_config: TrainConfig) -> None:
-    """A finished run resumes only to train longer: ``train.max_steps`` beyond its last step."""
-    done = read_json(out / "model.json").get("fit_report", {}).get("steps")
-    if done is None:
-        raise InputError(f"{out} holds a finished '{model}' model, which has no training steps to continue. "
-                         "Pass --overwrite to fit it again, or choose a new --out.")
-    if train_config.max_steps <= done:
-        raise InputError(f"{out} is a finished run of {done} steps. To train it longer, resume with "
-                         f"--set train.max_steps=N with N > {done}; to start again, pass --overwrite instead.")
 
 
 def _split_of(data: DataArg | None, split: SplitArg) -> Split:
@@ -297,37 +246,6 @@ def _split_of(data: DataArg | None, split: SplitArg) -> Split:
     if split is None:
         raise InputError("a split is needed: give the split file (--split) the model was trained or is evaluated on.")
     return split if isinstance(split, Split) else Split.load(split)
-
-
-def _data_path(data: DataArg | None) -> str | None:
-    dataset = data.data if isinstance(data, SplitView) else data
-    path = dataset.path if isinstance(dataset, PerturbationData) else dataset
-    return str(Path(path).resolve()) if path is not None else None
-
-
-def _resumed_genes(out: Path, saved: list[str] | None, given: list[str] | None) -> list[str] | None:
-    """The gene panel of a resumed run: the one it was started with (a panel given again must be it)."""
-    if given is not None and (saved is None or set(given) != set(saved)):
-        trained_on = "all the split's genes" if saved is None else f"a panel of {len(saved)} genes"
-        raise InputError(f"{out} was trained on {trained_on}, not on the genes given: resume without --genes, "
-                         "or train into a new --out.")
-    return saved
-
-
-def _saved_read_args(data: DataArg | None, read_args: dict[str, Any]) -> dict[str, Any]:
-    """The read arguments as ``run.json`` keeps them (JSON-ready: a spec as its dict)."""
-    dataset = data.data if isinstance(data, SplitView) else data
-    if isinstance(dataset, PerturbationData):
-        return {"backed": dataset.source.on_disk, "spec": dataset.spec.to_dict()}
-    out = dict(read_args)
-    spec = out.get("spec")
-    if spec is not None and not isinstance(spec, DataSpec):
-        spec = DataSpec.load(spec)
-    if spec is not None:
-        out["spec"] = spec.to_dict()
-    if "context_cols" in out:
-        out["context_cols"] = list(out["context_cols"])
-    return out
 
 
 def means_path(out: str | Path) -> Path:
@@ -346,6 +264,7 @@ def predict(
     adapter: str | Path | Adapter | None = None,
     shift_back: bool = False,
     overwrite: bool = False,
+    progress: bool = False,
     **read_args: Any,
 ) -> ad.AnnData:
     """Predict the test cells of ``split`` with a trained model; write them to ``out`` if given,
@@ -381,7 +300,7 @@ def predict(
     if read_args["spec"] is None:
         read_args["spec"] = model.spec
     with _view(data, split, list(model.genes), **read_args) as view:
-        pred = predict_split(model, view, seed=seed, settings=settings, shift_back=shift_back,
+        pred = predict_split(model, view, seed=seed, settings=settings, shift_back=shift_back, progress=progress,
                              control_shift=None if adapter is None else adapter.shift)
         context_col = view.context_col
     if out is not None:
@@ -479,6 +398,7 @@ def evaluate_split(
     inputs: EvaluationInputs | None = None,
     overwrite: bool = False,
     run: str | Path | PerturbationModel | None = None,
+    progress: bool = False,
     **read_args: Any,
 ):
     """Score a prediction file of a split's test cells (pertflow's or another tool's).
@@ -502,7 +422,7 @@ def evaluate_split(
         pred = read_anndata(pred, "pred")
     return evaluate(
         inputs.real, pred, pert_col=inputs.pert_col, control=inputs.control, context_col=inputs.context_col,
-        train=inputs.train, outdir=out, de_cache=de_cache, config=config or EvalConfig(), embed=embed,
+        train=inputs.train, outdir=out, de_cache=de_cache, config=config or EvalConfig(), embed=embed, progress=progress,
     )
 
 
@@ -525,10 +445,13 @@ EVALUATION_FILES = ("results.csv", "agg_results.csv", "ceiling.csv")
 
 # ---------------------------------------------------------------------------- bigger jobs
 def benchmark(models: list[str], tasks: str | list[str], out: str | Path, *, folds: list[str] | None = None,
-              tasks_dir: str | Path = "benchmarks/tasks", data_dir: str | Path | None = None,
-              splits_dir: str | Path | None = None, configs_dir: str | Path | None = "benchmarks/configs",
+              tasks_dir: str | Path | None = None, data_dir: str | Path | None = None,
+              splits_dir: str | Path | None = None, configs_dir: str | Path | None = None,
               config_suffix: str = "-cpu.yaml", threads: int = 1) -> Path:
     """Run models x tasks x folds (``tasks="all"`` for every task); returns the path of ``summary.md``.
+
+    ``tasks_dir`` and ``configs_dir`` default to the task files and model configs that ship with
+    pertflow (``pertflow/resources/tasks``, ``pertflow/resources/configs``), so it runs from any folder.
 
     An existing ``out`` is not refused: a benchmark continues where it stopped (finished runs,
     predictions and evaluations under ``out/runs`` are read back, not recomputed).
@@ -537,6 +460,11 @@ def benchmark(models: list[str], tasks: str | list[str], out: str | Path, *, fol
     from pertflow.benchmark import run_benchmark
     from pertflow.data.tasks import find_tasks, resolve_data_dir
 
+    from pertflow.data.tasks import TASKS_DIR
+    from pertflow.io import package_dir
+
+    tasks_dir = tasks_dir or TASKS_DIR
+    configs_dir = configs_dir or package_dir("configs")
     data_dir = resolve_data_dir(data_dir)
     found = find_tasks(tasks_dir)
     names = sorted(found) if tasks == "all" else list(tasks)
@@ -578,12 +506,13 @@ def pretrain(data: str | Path, out: str | Path, config: str | Path | None = None
         return run_pretrain(dataset, out, model_config, train_config, resume=resume)
 
 
-def demo(out: str | Path = "pertflow-demo", seed: int = 0) -> Path:
+def demo(out: str | Path = "pertflow-demo", seed: int = 0, threads: int = 1) -> Path:
     """The main job on built-in synthetic data; returns the path of the report.
 
-    Like :func:`benchmark`, it continues in an existing ``out`` where it stopped.
+    Like :func:`benchmark`, it continues in an existing ``out`` where it stopped. ``threads`` go
+    to cell-eval's DE tests (torch's: :func:`set_threads`).
     """
     from pertflow.demo import run_demo
 
     check_writable(out)
-    return run_demo(Path(out), seed=seed)
+    return run_demo(Path(out), seed=seed, threads=threads)

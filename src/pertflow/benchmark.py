@@ -8,7 +8,9 @@ Everything lands under ``out/``:
 * ``runs/<split>/<model>/``: the run folder, ``pred.h5ad``, ``eval/results.csv``;
 * ``results.csv``: one row per (task, fold, model, context, perturbation), one column per metric;
 * ``summary.csv`` / ``summary.md``: per task and model, the mean over perturbations within a
-  fold, then over folds; the best value of each column is marked;
+  fold, then over folds; the best value of each column is marked; the row ``ceiling`` is the
+  fold's noise ceiling (:mod:`pertflow.eval.ceiling`: half of the real cells scored against the
+  other half, in ``runs/<split>/ceiling/eval/``), never marked best;
 * ``plots/<task>_metrics.png``: key metrics per model; ``plots/<task>_deltas.png``: predicted vs
   real mean shift (vs control) of every held-out perturbation, one panel per model.
 
@@ -124,13 +126,13 @@ def run_benchmark(
                         start = time.perf_counter()
                         resume = any((run_dir / name).exists() for name in RUN_FILES)  # a run started before
                         train(model, view, None, run_dir, config=config if config and config.is_file() else None,
-                              sets=["train.progress=false"] if _is_network(model) else None, resume=resume)
+                              resume=resume)
                         timing["train_seconds"] = time.perf_counter() - start
                     pred_path = run_dir / "pred.h5ad"
                     if not pred_path.is_file():
                         log(f"[{split_name}] predicting {model}")
                         start = time.perf_counter()
-                        predict(run_dir, view, None, pred_path)
+                        predict(run_dir, view, None, pred_path, progress=True)
                         timing["predict_seconds"] = time.perf_counter() - start
                     _write_timing(run_dir, timing)
                     results_path = run_dir / "eval" / "results.csv"
@@ -138,7 +140,7 @@ def run_benchmark(
                         log(f"[{split_name}] evaluating {model}")
                         pred = ad.read_h5ad(pred_path)
                         evaluate_split(None, None, pred, out=run_dir / "eval", de_cache=de_cache, config=eval_config, inputs=inputs,
-                                       overwrite=True,  # an evaluation interrupted before results.csv
+                                       overwrite=True, progress=True,  # overwrite: an evaluation interrupted before results.csv
                                        run=run_dir if hasattr(model_class(model), "embed") else None)  # knn_purity_latent
                         _write_deltas(run_dir, inputs, pred)
                     table = pd.read_csv(results_path)
@@ -148,6 +150,7 @@ def run_benchmark(
                     for key, value in timing.items():
                         table[key] = value
                     tables.append(table)
+                tables.append(_ceiling_table(task.name, fold, split_name, inputs, out, de_cache, eval_config, log))
         finally:
             data.close()
     if not tables:
@@ -157,10 +160,21 @@ def run_benchmark(
     return results
 
 
-def _is_network(model: str) -> bool:
-    from pertflow.models.registry import BASELINES
+def _ceiling_table(task: str, fold: str | None, split_name: str, inputs: EvaluationInputs, out: Path,
+                   de_cache: Path, eval_config: Any, log: Any) -> pd.DataFrame:
+    """The fold's noise ceiling (real cells, half against half) as the rows of the model ``ceiling``."""
+    from pertflow.eval.ceiling import CEILING, noise_ceiling
 
-    return model not in BASELINES
+    eval_dir = out / "runs" / split_name / CEILING / "eval"
+    if not (eval_dir / "results.csv").is_file():
+        log(f"[{split_name}] scoring the noise ceiling (half of the real cells against the other half)")
+        noise_ceiling(inputs.real, pert_col=inputs.pert_col, control=inputs.control, context_col=inputs.context_col,
+                      train=inputs.train, outdir=eval_dir, de_cache=de_cache, config=eval_config, progress=True)
+    table = pd.read_csv(eval_dir / "results.csv")
+    table.insert(0, "model", CEILING)
+    table.insert(0, "fold", fold if fold is not None else "")
+    table.insert(0, "task", task)
+    return table
 
 
 def _read_timing(run_dir: Path) -> dict[str, float]:
@@ -216,6 +230,7 @@ def markdown_table(summary: pd.DataFrame, metrics: tuple[str, ...] = KEY_METRICS
 
     Values are compared as shown (3 decimals): models a reader sees tie are bold together, and
     float noise below the shown precision decides nothing."""
+    from pertflow.eval.ceiling import CEILING
     from pertflow.eval.evaluator import metric_direction
 
     lines = []
@@ -226,7 +241,7 @@ def markdown_table(summary: pd.DataFrame, metrics: tuple[str, ...] = KEY_METRICS
         best: dict[str, set[str]] = {}
         for m in cols:
             direction = metric_direction(m)
-            values = block[m].dropna().round(3)
+            values = block[m].drop(CEILING, errors="ignore").dropna().round(3)
             if direction == "none" or values.nunique() < 2:
                 continue  # nothing to mark when every model ties
             top = values.max() if direction == "higher" else values.min()
@@ -236,10 +251,45 @@ def markdown_table(summary: pd.DataFrame, metrics: tuple[str, ...] = KEY_METRICS
             for m in cols:
                 v = row[m]
                 text = "–" if pd.isna(v) else f"{v:.3f}"
-                cells.append(f"**{text}**" if model in best.get(m, ()) else text)
-            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+                cells.append(f"**{text}**" if model in best.get(m, ()) else f"*{text}*" if model == CEILING else text)
+            lines.append(f"| {'*ceiling*' if model == CEILING else model} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+#: The metric a one-line verdict reads (the field's headline: Pearson of the shift on the top DE genes).
+VERDICT_METRIC = "pearson_delta_top20_de"
+
+
+def verdict_lines(summary: pd.DataFrame, baselines: tuple[str, ...], metric: str = VERDICT_METRIC,
+                  tie: float = 0.01) -> list[str]:
+    """One line per task and non-baseline model: the model against the strongest baseline of the
+    task on ``metric`` (differences within ``tie`` are a tie), with the noise ceiling beside it."""
+    from pertflow.eval.ceiling import CEILING
+    from pertflow.eval.evaluator import metric_direction
+
+    higher = metric_direction(metric) == "higher"
+    lines = []
+    for task, block in summary.groupby(level="task", sort=False):
+        block = block.droplevel("task")
+        if metric not in block.columns:
+            continue
+        values = block[metric]
+        base = values[[m for m in block.index if m in baselines]].dropna()
+        ceiling = values.get(CEILING, np.nan)
+        reach = "" if pd.isna(ceiling) else f"; ceiling {ceiling:.3f}"
+        for model in block.index:
+            if model in baselines or model == CEILING or pd.isna(values[model]):
+                continue
+            if base.empty:
+                lines.append(f"{task}: {model} {metric} {values[model]:.3f} (no baseline to compare with{reach})")
+                continue
+            best = base.idxmax() if higher else base.idxmin()
+            gain = (values[model] - base[best]) * (1 if higher else -1)
+            word = "ties with" if abs(gain) <= tie else "beats" if gain > 0 else "falls short of"
+            lines.append(f"{task}: {model} {word} the strongest baseline, {best}: {metric} "
+                         f"{values[model]:.3f} vs {base[best]:.3f}{reach}")
+    return lines
 
 
 def write_report(results: pd.DataFrame, out: Path, models: list[str]) -> None:
@@ -251,6 +301,10 @@ def write_report(results: pd.DataFrame, out: Path, models: list[str]) -> None:
     summary = summarize(results)
     with atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp)
-    write_text(out / "summary.md", "Mean over perturbations within a fold, then over folds; best per column in bold.\n\n" + markdown_table(summary))
-    plot_metrics(summary, out / "plots")
+    write_text(out / "summary.md", "Mean over perturbations within a fold, then over folds; best model per column in bold; "
+               "*ceiling*: half of the real cells scored against the other half (the best reachable given the "
+               "data's sampling noise, at half depth).\n\n" + markdown_table(summary))
+    from pertflow.models.registry import BASELINES
+
+    plot_metrics(summary, out / "plots", baselines=tuple(BASELINES))
     plot_deltas(results, out, models)

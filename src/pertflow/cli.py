@@ -45,13 +45,20 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration")
-    g.add_argument("--config", help="a YAML file with 'model' and 'train' sections")
+    g.add_argument("--config", help="a YAML file with 'model' and 'train' sections, or 'cpu': the CPU size shipped with "
+                                    "pertflow (<model>-cpu.yaml; without --config: the model's GPU-sized defaults)")
     g.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config key, e.g. train.max_steps=100")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
 def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists (by default it is refused)")
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int,
+                   help="threads for torch (default: the cores this process may use, at most 8); give fewer when other "
+                        "jobs share the machine")
 
 
 def spec_keys(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,7 +132,7 @@ def _split_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("what to split: a task file, or a data file and a kind")
     src.add_argument("--task", help="a task YAML file, or a task name looked up in --tasks-dir")
     src.add_argument("--fold", help="the task's fold (for context tasks: the held-out context)")
-    src.add_argument("--tasks-dir", default="benchmarks/tasks", help="folder of task files (default benchmarks/tasks)")
+    src.add_argument("--tasks-dir", help="folder of task files (default: the benchmark's, shipped with pertflow)")
     src.add_argument("--data-dir", help="folder of the task's data (default: $PERTFLOW_DATA_DIR)")
     src.add_argument("--data", help="an .h5ad file")
     src.add_argument("--kind", choices=SPLIT_KINDS, help="how to split")
@@ -204,6 +211,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                         "another dataset shares, so that the model can predict there")
     add_config_flags(p)
     add_overwrite_flag(p)
+    add_threads_flag(p)
     add_spec_flags(p)
 
 
@@ -214,7 +222,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = train(args.model, args.data, args.split, args.out, config=args.config, sets=args.set, resume=args.resume,
                   genes=args.genes, overwrite=args.overwrite, **read_args(args))
     report = ", ".join(f"{k} {v}" for k, v in model.fit_report.items() if not isinstance(v, list))
-    print(f"trained {model.name} into {args.out}" + (f": {report}" if report else ""))
+    print(f"trained {model.name}" + (f": {report}" if report else ""))
+    print(f"wrote the run folder {args.out} (model.json, model.safetensors, run.json; training history and checkpoints "
+          f"of a network). Predict with: pertflow predict --run {args.out} ...")
     return 0
 
 
@@ -229,6 +239,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift-back", action="store_true",
                    help="with --adapter: carry the predicted cells back onto the data's own scale (each control cell unshifted plus the change the model predicted from the shifted one)")
     add_overwrite_flag(p)
+    add_threads_flag(p)
     add_spec_flags(p)
 
 
@@ -237,7 +248,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pertflow.api import means_path, predict
 
     pred = predict(args.run, args.data, args.split, args.out, seed=args.seed, sets=args.set, adapter=args.adapter,
-                   shift_back=args.shift_back, overwrite=args.overwrite, **read_args(args))
+                   shift_back=args.shift_back, overwrite=args.overwrite, progress=True, **read_args(args))
     n_pred = int((pred.obs["source"] == "predicted").sum())
     means = means_path(args.out)
     print(f"wrote {args.out}: {n_pred} predicted cells and {pred.n_obs - n_pred} control cells x {pred.n_vars} genes; "
@@ -311,13 +322,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pertflow.api import EvalConfig, evaluate_split
 
     result = evaluate_split(args.data, args.split, args.pred, out=args.out, de_cache=args.de_cache,
-                            config=EvalConfig(num_threads=args.threads), overwrite=args.overwrite, run=args.run, **read_args(args))
+                            config=EvalConfig(num_threads=args.threads), overwrite=args.overwrite, progress=True, run=args.run,
+                            **read_args(args))
     keys = [k for k in ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "overlap_at_N",
-                        "knn_purity_pca", "knn_purity_latent") if k in result.aggregate.index]
-    print(result.aggregate.loc[keys, ["mean", "median", "n"]].to_string(float_format=lambda v: f"{v:.4f}"))
+                        "knn_purity_pca", "knn_purity_latent") if k in result.aggregate.columns]
+    shown = result.aggregate.loc[["mean", "50%", "count"], keys].T.rename(columns={"50%": "median"})
+    print(shown.to_string(float_format=lambda v: f"{v:.4f}"))
     for note in result.notes:
         print(f"note: {note}")
-    print(f"wrote {Path(args.out) / 'results.csv'} and {Path(args.out) / 'agg_results.csv'}")
+    print(f"wrote {Path(args.out) / 'results.csv'} (per perturbation) and {Path(args.out) / 'agg_results.csv'} "
+          "(cell-eval's layout)")
     return 0
 
 
@@ -327,13 +341,13 @@ def _benchmark_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=",".join(BASELINES), help=f"comma-separated models (default: the baselines {','.join(BASELINES)})")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
     p.add_argument("--folds", help="comma-separated folds to run (default: all folds of each task)")
-    p.add_argument("--tasks-dir", default="benchmarks/tasks", help="folder of task files (default benchmarks/tasks)")
+    p.add_argument("--tasks-dir", help="folder of task files (default: the benchmark's, shipped with pertflow)")
     p.add_argument("--data-dir", help="folder of the datasets (default: $PERTFLOW_DATA_DIR)")
     p.add_argument("--splits-dir", help="folder of reference split files (default: <data-dir>/splits when it exists)")
-    p.add_argument("--configs-dir", default="benchmarks/configs", help="folder of <model>-cpu.yaml configs (default benchmarks/configs)")
+    p.add_argument("--configs-dir", help="folder of <model><suffix> configs (default: the CPU configs shipped with pertflow)")
     p.add_argument("--config-suffix", default="-cpu.yaml", help="config file suffix (default -cpu.yaml)")
     p.add_argument("--out", required=True, help="output folder; an existing one is continued where it stopped (not refused)")
-    p.add_argument("--threads", type=int, default=1, help="threads for cell-eval's DE tests")
+    add_threads_flag(p)
 
 
 @command("benchmark", "run models on the benchmark tasks: results table, summary, plots", _benchmark_arguments)
@@ -347,7 +361,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                         config_suffix=args.config_suffix, threads=args.threads)
     print(summary.read_text())
     out = Path(args.out)
-    print(f"wrote {out / 'results.csv'}, {summary} and plots in {out / 'plots'}")
+    print(f"wrote {out / 'results.csv'} (per perturbation), {summary} (the table above), {out / 'summary.csv'}, "
+          f"plots in {out / 'plots'}, runs in {out / 'runs'}")
     return 0
 
 
@@ -373,14 +388,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="pertflow-demo", help="output folder (default ./pertflow-demo); an existing one is continued")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    add_threads_flag(p)
 
 
 @command("demo", "the main job on built-in synthetic data: make it, split it, and report", _demo_arguments)
 def cmd_demo(args: argparse.Namespace) -> int:
     from pertflow.api import demo
 
-    report = demo(args.out, seed=args.seed)
-    print(report.read_text())
+    report = demo(args.out, seed=args.seed, threads=args.threads)
+    lines = report.read_text().splitlines()
+    start = lines.index("## Verdict") if "## Verdict" in lines else 0
+    verdict = [line for line in lines[start + 1:] if line.startswith("- ")]
+    print("\n".join(["verdict:", *verdict]))
+    print(f"wrote {report} (the table, the noise ceiling and the figures), the data, splits and run folders in {args.out}")
     return 0
 
 
@@ -392,7 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pertflow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (add, _, help) in COMMANDS.items():
-        add(sub.add_parser(name, help=help, description=help))
+        command_parser = sub.add_parser(name, help=help, description=help)
+        add(command_parser)
+        command_parser.add_argument("--verbose", action="store_true",
+                                    help="also show other libraries' progress bars, warnings and log messages")
     return parser
 
 
@@ -403,7 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[args.command][1](args)
+        from pertflow import api
+
+        with api.quiet_libraries(args.verbose):
+            if args.command in THREADED:
+                args.threads = api.set_threads(args.threads)
+            return COMMANDS[args.command][1](args)
     except InputError as err:
         return fail(args.command, str(err))
     except OSError as err:  # a file-system error: a full disk, a folder that went away, permissions
@@ -419,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; continue with: {resume_hint(args)}" if args.command == "train" else ""
         print(f"pertflow {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+
+
+#: Commands whose --threads sets torch's threads (evaluate's goes to cell-eval's DE tests only).
+THREADED = ("train", "predict", "benchmark", "demo")
 
 
 def fail(command: str, message: str) -> int:

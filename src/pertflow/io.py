@@ -177,3 +177,11 @@ def remove_outputs(paths: Iterable[Path]) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def package_dir(name: str) -> Path:
+    """A folder of files that ship with pertflow (``resources/<name>``: ``tasks``, ``configs``),
+    found through the installed package, so that commands work from any folder."""
+    from importlib.resources import files
+
+    return Path(str(files("pertflow") / "resources" / name))

@@ -270,6 +270,12 @@ class PerturbationData:
     def _layer_names(self) -> list[str]:
         return list(self._file.layer_names) if self._file is not None else list(self.adata.layers.keys())
 
+    def __repr__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        n_pert = len(set(self.perturbations[~self.is_control]))
+        return (f"PerturbationData({where}{self.n_cells} cells x {self.adata.n_vars} genes, {n_pert} perturbations, "
+                f"{int(self.is_control.sum())} controls, {len(set(self.contexts))} contexts)")
+
     # ------------------------------------------------------------------ names
     @property
     def n_cells(self) -> int:

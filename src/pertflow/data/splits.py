@@ -45,7 +45,7 @@ class SplitRows:
     test: np.ndarray
 
 
-@dataclass
+@dataclass(repr=False)
 class Split:
     """A split of a dataset's cells, in the interchange format (see the module docstring).
 
@@ -73,6 +73,15 @@ class Split:
     subgroups: dict[str, str] | None = None
     notes: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        """A line, not the cell names: ``print(split)`` of a real split would print megabytes."""
+        perts = self.test_perturbations
+        shown = ", ".join(perts[:5]) + (f", ... ({len(perts)} in all)" if len(perts) > 5 else "")
+        where = f", test context {self.test_context}" if self.test_context else ""
+        genes = f"; {len(self.genes)} genes" if self.genes else ""
+        return (f"Split({self.name or 'unnamed'}: {len(self.train)} train, {len(self.val)} val, {len(self.test)} test "
+                f"cells; test perturbations {shown}{where}{genes})")
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Benchmark tasks: a dataset, a split kind and its options, and the folds, kept as YAML files.
 
-A task file (``benchmarks/tasks/<name>.yaml``) looks like::
+A task file (``<name>.yaml``; the benchmark's ship with the package, :data:`TASKS_DIR`) looks like::
 
     name: kang-celltype-transfer
     question: carry the interferon response to a new cell type
@@ -23,10 +23,13 @@ from typing import Any
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import SPLIT_KINDS, Split, make_split
 from pertflow.errors import InputError
-from pertflow.io import read_yaml
+from pertflow.io import package_dir, read_yaml
 
 DATA_DIR_ENV = "PERTFLOW_DATA_DIR"
 TASK_KEYS = ("name", "question", "dataset", "kind", "folds", "spec", "options")
+
+#: The benchmark's task files, shipped with the package (also reachable as benchmarks/tasks in the repository).
+TASKS_DIR = package_dir("tasks")
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class Task:
     def load(cls, path: str | Path) -> Task:
         path = Path(path)
         if not path.is_file():
-            raise InputError(f"{path}: no such task file. Task files live in benchmarks/tasks/.")
+            raise InputError(f"{path}: no such task file. pertflow's own task files are in {TASKS_DIR}.")
         data = read_yaml(path, "task file") or {}
         if not isinstance(data, dict):
             raise InputError(f"{path} must hold a mapping with the keys {list(TASK_KEYS)}.")
@@ -105,19 +108,20 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     return path
 
 
-def find_tasks(tasks_dir: str | Path) -> dict[str, Task]:
+def find_tasks(tasks_dir: str | Path = TASKS_DIR) -> dict[str, Task]:
     """Every task file of a folder, by task name."""
     tasks_dir = Path(tasks_dir)
     if not tasks_dir.is_dir():
-        raise InputError(f"task folder {tasks_dir} does not exist; the repository keeps tasks in benchmarks/tasks/.")
+        raise InputError(f"task folder {tasks_dir} does not exist; pertflow's own tasks are in {TASKS_DIR} (the default).")
     tasks = [Task.load(p) for p in sorted(tasks_dir.glob("*.yaml"))]
     return {t.name: t for t in tasks}
 
 
-def resolve_task(task: str | Path, tasks_dir: str | Path) -> Task:
+def resolve_task(task: str | Path, tasks_dir: str | Path | None = None) -> Task:
     """A task given as a YAML file, or by name in ``tasks_dir``."""
     if Path(task).suffix in (".yaml", ".yml") or Path(task).is_file():
         return Task.load(task)
+    tasks_dir = tasks_dir or TASKS_DIR
     tasks = find_tasks(tasks_dir)
     if task not in tasks:
         raise InputError(f"no task '{task}' in {tasks_dir}; tasks: {sorted(tasks)}.")

@@ -69,7 +69,7 @@ def run_cell_eval(
             de_real=de_real,
             control_pert=control,
             pert_col=pert_col,
-            num_threads=cfg.num_threads,
+            num_threads=numba_threads(cfg.num_threads),
             outdir=str(outdir),
             allow_discrete=False,
             skip_de=skip_de,
@@ -101,6 +101,16 @@ def run_cell_eval(
         counts = significant.group_by("target").len()
         n_sig_real = {str(t): int(n) for t, n in counts.iter_rows()}
     return CellEvalOutput(table=_polars_to_pandas(results), ceiling=ceiling, n_sig_real=n_sig_real)
+
+
+def numba_threads(wanted: int) -> int:
+    """``wanted``, but no more than numba allows (``NUMBA_NUM_THREADS``): pdex sets numba's
+    threads and raises above that limit."""
+    try:
+        from numba import config
+    except ImportError:
+        return wanted
+    return max(1, min(wanted, int(config.NUMBA_NUM_THREADS)))
 
 
 @dataclass(frozen=True)

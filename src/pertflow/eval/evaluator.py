@@ -74,6 +74,7 @@ from pertflow.eval.checks import (
 from pertflow.eval.config import EvalConfig
 from pertflow.eval.context_metrics import LATENT_METRICS, PERTFLOW_METRICS, context_metrics, zero_flat_correlations
 from pertflow.io import atomic_path
+from pertflow.runtime import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,11 @@ class EvalResult:
         One row per (context, perturbation): columns ``context`` (``"all"`` without a context
         column), ``perturbation``, ``n_cells_real``, ``n_cells_pred``, then one column per metric.
     aggregate
-        Index = metric name; columns ``mean``, ``median``, ``std``, ``n`` (non-NaN rows) over all
-        rows of ``per_perturbation``.
+        cell-eval's aggregate layout (``agg_results.csv`` of ``cell-eval run``: polars'
+        ``describe``): index ``statistic`` (``count``, ``null_count``, ``mean``, ``std``, ``min``,
+        ``25%``, ``50%``, ``75%``, ``max``), one column per metric (cell-eval's, then pertflow's),
+        over all rows of ``per_perturbation``; NaN values count as missing (``null_count``).
+        ``aggregate.loc["mean", "pearson_delta"]`` is a model's mean Pearson delta.
     ceiling
         cell-eval's noise ceiling per context (one row per context, Spearman-Brown corrected,
         NaN where cell-eval defines none), or ``None`` unless ``EvalConfig.noise_ceiling``.
@@ -149,6 +153,8 @@ def evaluate(
     de_cache: str | Path | None = None,
     config: EvalConfig | None = None,
     embed: Callable[[np.ndarray], np.ndarray] | None = None,
+    controls: Literal["real", "own"] = "real",
+    progress: bool = False,
 ) -> EvalResult:
     """Score predicted cells against real cells, per (context, perturbation).
 
@@ -183,6 +189,12 @@ def evaluate(
         A model's latent space: (n, G) log1p cells (``real``'s genes, in its order) -> (n, d).
         Adds ``knn_purity_latent``: the real perturbed, real control and predicted cells of each
         perturbation placed in that space (e.g. a ``latent-shift`` run's embedding).
+    controls
+        ``"real"``: ``pred`` must carry the real control cells unchanged (checked).
+        ``"own"``: ``pred`` brings its own control cells (the noise ceiling's other half of the
+        real cells, :mod:`pertflow.eval.ceiling`); cell-eval's deltas use them.
+    progress
+        Show a progress bar over the perturbations (:func:`pertflow.runtime.progress_bar`).
 
     Returns
     -------
@@ -198,6 +210,8 @@ def evaluate(
     check_cell_eval_installed()
     real, pred = read_anndata(real, "real"), read_anndata(pred, "pred")
     train = None if train is None else read_anndata(train, "train")
+    notes: list[str] = []
+    pred = _fill_single_context(real, pred, context_col, notes)
     for adata, name in ((real, "real"), (pred, "pred")):
         check_obs(adata, name, pert_col, context_col)
         check_values(adata.X, name, require_decimals=True)
@@ -208,7 +222,6 @@ def evaluate(
     pred_ctx = context_labels(pred, context_col)
     contexts = contexts_to_evaluate(real_pert, real_ctx, pred_pert, pred_ctx, control)
 
-    notes: list[str] = []
     train_view = prepare_train(train, genes, pert_col, context_col) if train is not None else None
     pca = _fit_pca(train_view, real, real_pert == control, cfg, notes)
 
@@ -218,6 +231,8 @@ def evaluate(
         cell_eval_root = Path(tmp_dir.name)
     else:
         cell_eval_root = Path(outdir) / "cell_eval"
+    n_perts = {c: len(set(pred_pert[pred_ctx == c]) - {control}) for c in contexts}
+    bar = progress_bar(sum(n_perts.values()), "evaluating", "perturbation", enabled=progress)
     try:
         tables, ceilings = [], []
         used_dirs: set[str] = set()
@@ -241,11 +256,14 @@ def evaluate(
                 cfg=cfg,
                 notes=notes,
                 embed=embed,
+                check_controls=controls == "real",
             )
             tables.append(table)
+            bar.update(n_perts[context])
             if ceiling is not None:
                 ceilings.append(ceiling)
     finally:
+        bar.close()
         if tmp_dir is not None:
             tmp_dir.cleanup()
 
@@ -253,8 +271,7 @@ def evaluate(
     aggregate = aggregate_table(per_pert)
     ceiling_table = pd.concat(ceilings, ignore_index=True) if cfg.noise_ceiling else None
     if outdir is not None:
-        _write_csv(per_pert, Path(outdir) / "results.csv", index=False)
-        _write_csv(aggregate, Path(outdir) / "agg_results.csv", index=True)
+        write_tables(Path(outdir), per_pert, aggregate)
         if ceiling_table is not None:
             _write_csv(ceiling_table, Path(outdir) / "ceiling.csv", index=False)
     return EvalResult(
@@ -270,7 +287,12 @@ def _ordered_columns(table: pd.DataFrame, k: int) -> pd.DataFrame:
 
 
 def aggregate_table(per_perturbation: pd.DataFrame) -> pd.DataFrame:
-    """Mean, median, std and count of every metric column over the rows of a per-perturbation table.
+    """cell-eval's aggregate of a per-perturbation table: polars' ``describe`` of the metric columns.
+
+    cell-eval's own ``agg_results.csv`` is ``results.drop("perturbation").describe()``; the same
+    call here gives the same rows (quantiles included) for cell-eval's metrics, and pertflow's
+    metrics are further columns. NaN (an undefined value) is a missing value, as in cell-eval's
+    own tables, so ``count`` is the number of defined rows.
 
     Parameters
     ----------
@@ -280,20 +302,32 @@ def aggregate_table(per_perturbation: pd.DataFrame) -> pd.DataFrame:
     Returns
     -------
     pd.DataFrame
-        Index = metric, columns ``mean``, ``median``, ``std``, ``n`` (NaN rows skipped).
+        Index ``statistic``, one column per metric.
     """
+    import polars as pl
+
     values = per_perturbation.drop(columns=[c for c in _ID_COLUMNS if c in per_perturbation.columns])
     values = values.apply(pd.to_numeric, errors="coerce").astype(float)
-    agg = pd.DataFrame(
-        {
-            "mean": values.mean(),
-            "median": values.median(),
-            "std": values.std(),
-            "n": values.notna().sum(),
-        }
-    )
-    agg.index.name = "metric"
-    return agg
+    frame = pl.DataFrame({c: values[c].to_numpy() for c in values.columns}, nan_to_null=True)
+    described = frame.describe().to_dict(as_series=False)
+    agg = pd.DataFrame({c: described[c] for c in values.columns}, index=pd.Index(described["statistic"], name="statistic"))
+    return agg.astype(float)
+
+
+def _fill_single_context(real: ad.AnnData, pred: ad.AnnData, context_col: str | None, notes: list[str]) -> ad.AnnData:
+    """A prediction without the context column, where the real cells have one context: filled in
+    (a tool that predicts one cell line need not label it); with several contexts it stays an error."""
+    if context_col is None or context_col in pred.obs.columns or context_col not in real.obs.columns:
+        return pred
+    contexts = pd.unique(real.obs[context_col].dropna().astype(str))
+    if len(contexts) != 1:
+        return pred  # check_obs names the missing column
+    obs = pred.obs.copy()
+    obs[context_col] = contexts[0]
+    pred = ad.AnnData(X=pred.X, obs=obs, var=pred.var)  # the caller's object stays as it is; X is shared
+    notes.append(f"pred has no obs['{context_col}']; the split has one test context, so every predicted cell "
+                 f"was taken to be in '{contexts[0]}'")
+    return pred
 
 
 def context_labels(adata: ad.AnnData, context_col: str | None) -> np.ndarray:
@@ -337,6 +371,7 @@ def _evaluate_context(
     cfg: EvalConfig,
     notes: list[str],
     embed: Callable[[np.ndarray], np.ndarray] | None = None,
+    check_controls: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     where = "" if context == SINGLE_CONTEXT else f" in context '{context}'"
     logger.info("evaluating%s", where or " (no context column)")
@@ -348,9 +383,9 @@ def _evaluate_context(
     x_pred = _dense(pred.X[p_idx])
     ctrl_real = x_real[r_lab == control]
     ctrl_pred = x_pred[p_lab == control]
-    if ctrl_real.shape[0] != ctrl_pred.shape[0] or not np.allclose(
+    if check_controls and (ctrl_real.shape[0] != ctrl_pred.shape[0] or not np.allclose(
         ctrl_real.mean(axis=0), ctrl_pred.mean(axis=0), atol=1e-3, rtol=1e-3
-    ):
+    )):
         raise InputError(
             f"pred's '{control}' cells{where} differ from real's ({ctrl_pred.shape[0]} vs {ctrl_real.shape[0]} "
             f"cells, or different values). cell-eval measures predicted deltas against pred's own controls, so "
@@ -421,6 +456,12 @@ def _unique_dir_name(context: str, used: set[str]) -> str:
         name = f"{base}_{i}"
     used.add(name)
     return name
+
+
+def write_tables(outdir: Path, per_perturbation: pd.DataFrame, aggregate: pd.DataFrame) -> None:
+    """``results.csv`` and ``agg_results.csv`` (``statistic`` first, as cell-eval writes it) into ``outdir``."""
+    _write_csv(per_perturbation, outdir / "results.csv", index=False)
+    _write_csv(aggregate, outdir / "agg_results.csv", index=True)
 
 
 def _write_csv(frame: pd.DataFrame, path: Path, *, index: bool) -> None:

@@ -104,6 +104,20 @@ class PerturbationModel:
         """
         raise NotImplementedError
 
+    def predict(self, controls: Any, conditions: str | list[str], *, context: str | None = None,
+                n_cells: int | None = None, seed: int = 0, settings: PredictConfig | None = None) -> Any:
+        """Cells of each condition from the control cells of an AnnData (log1p), no split file:
+        ``model.predict(adata_controls, ["KLF1", "CEBPE+KLF1"])``. See
+        :func:`pertflow.models.predict.predict_cells`."""
+        from pertflow.models.predict import predict_cells
+
+        return predict_cells(self, controls, conditions, context=context, n_cells=n_cells, seed=seed, settings=settings)
+
+    def __repr__(self) -> str:
+        steps = self.fit_report.get("steps")
+        return (f"{type(self).__name__}('{self.name}': {len(self.genes)} genes"
+                + (f", trained {steps} steps" if steps else "") + ")")
+
     def control_embedding(self, controls: torch.Tensor) -> torch.Tensor:
         """Per-gene embedding of control cells, as the model's encoder of control cells reads them
         (what the MMD domain adapter, :mod:`pertflow.adapt`, aligns across datasets).

@@ -48,7 +48,7 @@ def predict_split(
         clipped at 0, and on zero-inflated genes the shift that matches the source is several
         times the difference of the means.)
     """
-    from tqdm.auto import tqdm
+    from pertflow.runtime import progress_bar
 
     data = view.data
     if model.spec.pert_col != data.spec.pert_col:
@@ -74,7 +74,8 @@ def predict_split(
     blocks, obs_rows = [], []
     context_cols = list(data.spec.context_cols)
     items = sorted(test_groups.items(), key=lambda kv: (kv[0][1], kv[0][0]))
-    for (pert, ctx), group in tqdm(items, desc="predicting", unit="group", disable=None if progress else True):
+    bar = progress_bar(sum(len(group) for _, group in items), "predicting", "cell", enabled=progress)
+    for (pert, ctx), group in items:
         pool = pools[ctx]
         chosen = rng.choice(pool, size=len(group), replace=len(pool) < len(group))
         controls = own = view.expression.get(chosen)[:, to_model]
@@ -88,8 +89,10 @@ def predict_split(
         cells = np.empty_like(pred, dtype=np.float32)
         cells[:, to_model] = np.clip(pred, 0, None)
         blocks.append(cells)
+        bar.update(len(group))
         first = data.adata.obs.iloc[group[0]]
         obs_rows += [{data.spec.pert_col: pert, **{c: str(first[c]) for c in context_cols}, "source": "predicted"}] * len(group)
+    bar.close()
     for ctx, pool in pools.items():
         blocks.append(view.expression.get(pool))
         ctx_obs = data.adata.obs.iloc[pool]
@@ -116,3 +119,79 @@ def prediction_means(pred: ad.AnnData, pert_col: str, context_col: str | None = 
     means = pd.DataFrame(x, columns=pred.var_names.astype(str)).groupby([obs[k].to_numpy() for k in keys]).mean()
     means.index.names = keys
     return means
+
+
+def predict_cells(
+    model: PerturbationModel,
+    controls: ad.AnnData,
+    conditions: str | list[str],
+    *,
+    context: str | None = None,
+    n_cells: int | None = None,
+    seed: int = 0,
+    settings: PredictConfig | None = None,
+) -> ad.AnnData:
+    """Cells of each condition generated from the control cells of an AnnData: no split file needed.
+
+    Parameters
+    ----------
+    controls
+        Control cells of one context: log1p-normalised expression in ``X``, genes by name in
+        ``var_names`` (the model's genes must all be there; others are ignored).
+    conditions
+        Perturbation names as the model knows them (``"KLF1"``, ``"CEBPE+KLF1"``).
+    context
+        The context (cell type, line, donor) the controls are from, as in the training data;
+        found in ``controls.obs`` (the model's context columns) or, for a model trained without
+        contexts, not needed.
+    n_cells
+        Cells per condition (default: one per control cell; controls are drawn with replacement
+        when fewer).
+    seed
+        Seed of the control draw and the model's noise.
+
+    Returns
+    -------
+    ad.AnnData
+        The generated cells: ``obs[pert_col]`` the condition, ``var_names`` the model's genes.
+    """
+    import scipy.sparse as sp
+
+    from pertflow.data.dataset import CONTEXT_JOIN, SINGLE_CONTEXT
+
+    if isinstance(conditions, str):
+        conditions = [conditions]
+    if not isinstance(controls, ad.AnnData) or controls.n_obs == 0:
+        raise InputError("controls must be an AnnData with at least one control cell (log1p expression in X).")
+    genes = pd.Index(controls.var_names.astype(str))
+    missing = [g for g in model.genes if g not in genes]
+    if missing:
+        raise InputError(f"the controls lack {len(missing)} of the model's genes (e.g. {missing[:5]}). Give control cells "
+                         "with the genes the model was trained on.")
+    x = controls.X[:, genes.get_indexer(model.genes)]
+    x = np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
+    if x.size and (x.min() < 0 or x.max() >= 15 or np.all(np.modf(x)[0] == 0)):
+        raise InputError("the controls' X does not look like log1p-normalised expression (negative, >= 15, or whole "
+                         "numbers like raw counts). Apply sc.pp.normalize_total and sc.pp.log1p first.")
+    cols = list(model.spec.context_cols)
+    if context is None and not cols:
+        context = SINGLE_CONTEXT
+    if context is None and all(c in controls.obs for c in cols):
+        found = pd.unique(pd.Series([CONTEXT_JOIN.join(map(str, v)) for v in zip(*(controls.obs[c] for c in cols))]))
+        if len(found) == 1:
+            context = str(found[0])
+    if context is None:
+        raise InputError(f"give the controls' context (context=..., values of {cols} joined by '{CONTEXT_JOIN}'): the "
+                         "model was trained on several, and the controls do not name a single one.")
+    rng, model_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+    n = n_cells or controls.n_obs
+    blocks, labels = [], []
+    for condition in conditions:
+        chosen = rng.choice(controls.n_obs, size=n, replace=controls.n_obs < n)
+        cells = model.generate(x[chosen], condition, context, model_rng, settings)
+        blocks.append(np.clip(cells, 0, None).astype(np.float32))
+        labels += [condition] * n
+    obs = pd.DataFrame({model.spec.pert_col: pd.Categorical(labels)}, index=[f"gen_{i}" for i in range(len(labels))])
+    for col, value in zip(cols, context.split(CONTEXT_JOIN) if cols else []):
+        obs[col] = value
+    return ad.AnnData(X=np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=list(model.genes)))

@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from pertflow.errors import InputError, TrainingInterrupted
 from pertflow.io import write_text
+from pertflow.runtime import progress_bar
 from pertflow.train.checkpoint import CheckpointDir, load_tensors, restore_rng
 from pertflow.train.config import RESUME_MAY_CHANGE, TrainConfig
 from pertflow.train.ema import ExponentialMovingAverage
@@ -351,7 +351,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.module.train()
         consecutive_bad = 0
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step", disable=None if cfg.progress else True)
+        bar = progress_bar(cfg.max_steps, "training", "step", initial=self.step, enabled=cfg.progress)
         with stop_requests() as stop, contextlib.closing(bar):
             while True:
                 if stop:
