@@ -207,3 +207,15 @@ def test_auto_takes_additive_where_validation_has_no_combination_of_measured_sin
     prior = Prior.fit("auto", view, validation)
     assert prior.name == "additive" and "measured singles" in prior.reason
     assert "auto' chose additive" in capsys.readouterr().out
+
+
+def test_a_flow_that_validation_cannot_judge_predicts_as_its_additive_prior(tmp_path):
+    adata = _exactly_additive()
+    perts = adata.obs["perturbation"].astype(str)
+    unmeasured = sorted({p for p in perts if "+" in p})[0].split("+")[0]
+    data = PerturbationData.from_anndata(adata[(perts != unmeasured).to_numpy()].copy())
+    view = SplitView(data, make_split(data, "combinations", seen=[2], fraction=1.0, seed=1))
+    model = CFM.from_view(view, CFMConfig(**TINY, prior="auto"), PredictConfig(ode_steps=1, ode_method="euler"))
+    model.fit(view, TrainConfig(max_steps=10, batch_size=16, val_every=5, progress=False), tmp_path)
+    assert model.prior.name == "additive" and model.prediction_mode == "prior"
+    assert model.fit_report["validation"]  # scored all the same, for the record

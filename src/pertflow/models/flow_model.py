@@ -29,7 +29,7 @@ from pertflow.models.config import PredictConfig
 from pertflow.models.flow import flow_parts
 from pertflow.errors import InputError
 from pertflow.models.network import NetworkModel, frozen, inference_device
-from pertflow.models.prior import Prior
+from pertflow.models.prior import UNJUDGED_COMBINATIONS, Prior
 from pertflow.models.validation import ValidationScore, ValidationSet
 from pertflow.train.config import TrainConfig
 
@@ -81,7 +81,11 @@ class GeneFlowModel(NetworkModel):
             scores = {mode: self.validation_score(self.module, validation, mode) for mode in PREDICTION_MODES}
             self.prediction_mode = max(PREDICTION_MODES, key=lambda m: (scores[m].score, -PREDICTION_MODES.index(m)))
             report["validation"] = {m: s.as_dict("") for m, s in scores.items()}
-            if self.prediction_mode != "flow":
+            if self.prior.reason == UNJUDGED_COMBINATIONS:  # validation has none of the test's kind
+                self.prediction_mode = "prior"
+                print("note: no validation combination has its singles measured, so the flow cannot be judged on the "
+                      "test's kind of combination: predicting as its additive prior.", flush=True)
+            elif self.prediction_mode != "flow":
                 print(f"note: on the validation perturbations the flow scored {scores['flow'].score:.3f} and its prior "
                       f"({self.prior.name}) {scores['prior'].score:.3f}; predicting as '{self.prediction_mode}'.", flush=True)
         report["prediction_mode"] = self.prediction_mode

@@ -21,7 +21,8 @@ validation perturbations, each also predicted leave-one-out (:mod:`pertflow.mode
 test cells are never read. One case validation cannot judge: a split that predicts combinations
 of measured singles whose validation has no such combination (norman-combo-seen2: every
 combination with both singles measured is a test one); there ``auto`` takes ``additive``, the
-baseline built from the measured singles, and says so.
+baseline built from the measured singles, says so, and the flow model predicts with it (validation
+cannot judge the flow on that case either).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from pertflow.models.validation import ValidationSet, predicts_measured_combinat
 #: Prior names and the baseline each one is (``none``: the controls themselves, no change).
 PRIOR_BASELINES = {"none": "no-change", "mean": "mean", "additive": "additive", "linear": "linear", "context-shift": "context-shift"}
 PRIORS = (*PRIOR_BASELINES, "auto")
+#: why ``auto`` took additive without validation's judgement (see the module docstring)
+UNJUDGED_COMBINATIONS = ("the split predicts combinations of measured singles, and no validation combination has its "
+                         "singles measured: validation cannot judge that case, and additive is the baseline built from them")
 
 
 class Prior:
@@ -76,9 +80,7 @@ class Prior:
         best = max(candidates, key=lambda name: (round(scores[name].score, 9), -list(candidates).index(name)))
         reason = "the best validation score"
         if not validation.of_test_kind and predicts_measured_combinations(view):
-            best = "additive"
-            reason = ("the split predicts combinations of measured singles, and no validation combination has its singles "
-                      "measured: validation cannot judge that case, and additive is the baseline built from them")
+            best, reason = "additive", UNJUDGED_COMBINATIONS
             print(f"note: prior 'auto' chose additive: {reason}.", flush=True)
         chosen = candidates[best]
         chosen.scores = {name: s.as_dict("") for name, s in scores.items()}
