@@ -15,6 +15,7 @@ MODEL_MODULES = (
     "pertflow.models.baselines",
     "pertflow.models.cfm.model",
     "pertflow.models.ccfm.model",
+    "pertflow.models.cfmvc.model",
     "pertflow.models.scgpt.generator",
 )
 BASELINES = ("no-change", "mean", "additive", "linear", "context-shift")
