@@ -35,7 +35,7 @@ from pertflow.models.registry import BASELINES, model_class, model_names
 from pertflow import run_record as runs
 from pertflow.run_record import RUN_FILES  # noqa: F401  (benchmark reads it here)
 from pertflow.runtime import quiet_libraries, set_threads
-from pertflow.train.checkpoint import CheckpointDir
+from pertflow.train.checkpoint import holds_checkpoint
 from pertflow.train.config import TrainConfig
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "benchmark",
     "demo",
     "evaluate_split",
+    "generate_expression",
     "evaluation_inputs",
     "inspect",
     "means_path",
@@ -234,7 +235,7 @@ def train(
     })
     with _view(data, split_obj, genes, **read_args) as view:
         instance = cls.from_view(view, model_config, predict_config)
-        instance.fit(view, train_config, out, resume=resume and CheckpointDir(out).exists())
+        instance.fit(view, train_config, out, resume=resume and holds_checkpoint(out))
         instance.save(out)
     return instance
 
@@ -309,6 +310,23 @@ def predict(
         with atomic_path(means_path(out)) as tmp:
             prediction_means(pred, model.spec.pert_col, context_col if context_col in pred.obs else None).to_csv(tmp)
     return pred
+
+
+def generate_expression(run: str | Path | PerturbationModel, perturbation: str, *, cell_type: str | None = None,
+                        batch: str | None = None, spatial: Any = None, n_cells: int = 100, n_steps: int | None = None,
+                        use_mean: bool | None = None, seed: int = 0) -> ad.AnnData:
+    """``n_cells`` cells of ``perturbation`` in a cell type (and batch, at spatial coordinates) from
+    a model that generates without control cells (``cfmvc``, SPEC 2.4): log1p ``X`` on its genes."""
+    import pandas as pd
+
+    model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
+    if not hasattr(model, "generate_expression"):
+        raise InputError(f"model '{model.name}' generates cells from control cells only (pertflow predict); "
+                         "generate_expression needs a model with a latent control distribution, e.g. cfmvc.")
+    X = model.generate_expression(perturbation, batch=batch, cell_type=cell_type, spatial=spatial, n_steps=n_steps,
+                                  use_mean=use_mean, n_cells=n_cells, seed=seed)
+    obs = pd.DataFrame({model.spec.pert_col: perturbation, "context": cell_type or ""}, index=[f"gen_{i}" for i in range(len(X))])
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=list(model.genes)))
 
 
 def adapt(

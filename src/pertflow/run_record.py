@@ -16,6 +16,7 @@ from pertflow.data.spec import DataSpec
 from pertflow.data.view import SplitView
 from pertflow.errors import InputError
 from pertflow.io import read_json
+from pertflow.train.checkpoint import STAGES_DIR
 from pertflow.train.config import RESUME_MAY_CHANGE, TrainConfig
 
 DataArg = Any  # a path, a PerturbationData or a SplitView (see pertflow.api)
@@ -37,7 +38,7 @@ def shipped_config(model: str | None, config: str | Path | None) -> str | Path |
 RUN_FILE = "run.json"
 RUN_FILE_VERSION = 1
 # What `train` writes into a run folder: the folder holds a run when one of them is there.
-RUN_FILES = (RUN_FILE, "model.json", "model.safetensors", "checkpoints", "history.csv")
+RUN_FILES = (RUN_FILE, "model.json", "model.safetensors", "checkpoints", "history.csv", STAGES_DIR)
 
 
 def run_settings(out: Path, resume: bool, saved: dict[str, Any] | None, model: str | None, data: DataArg | None,

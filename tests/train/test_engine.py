@@ -3,6 +3,7 @@ import os
 import signal
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -234,3 +235,52 @@ def test_max_steps_may_grow_to_extend_a_finished_run(tmp_path):
     rows = (tmp_path / "history.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 17))
     assert longer.scheduler.get_last_lr()[0] == pytest.approx(1e-3)  # the schedule ends at the new length
+
+
+# ---------------------------------------------------------------------------- what the guard records
+class _Tiny(torch.nn.Module):
+    """A one-tensor network whose loss (or a weight) turns non-finite at a chosen training step."""
+
+    def __init__(self, nan_loss_at: int | None = None, nan_weight_at: int | None = None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.calls, self.nan_loss_at, self.nan_weight_at = 0, nan_loss_at, nan_weight_at
+
+    def loss(self, batch):
+        if self.training:
+            self.calls += 1
+            if self.calls - 1 == self.nan_weight_at:
+                with torch.no_grad():
+                    self.w[1] = float("inf")
+        loss = ((self.w - batch["x"]) ** 2).mean()
+        if self.training and self.calls - 1 == self.nan_loss_at:
+            loss = loss * float("nan")
+        return LossOutput(loss)
+
+
+class _Batches:
+    def next_batch(self):
+        return {"x": torch.zeros(3)}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_the_guard_records_the_first_bad_step(tmp_path):
+    trainer = Trainer(_Tiny(nan_loss_at=7), TrainConfig(max_steps=12, val_every=10, checkpoint_every=10, log_every=100, progress=False), tmp_path, _Batches())
+    result = trainer.fit()
+    assert result.skipped_steps == [7] and result.first_nonfinite_step == 7
+    history = pd.read_csv(tmp_path / "history.csv")
+    bad = history[history["skipped"] == 1]
+    assert list(bad["step"]) == [8] and list(bad["nonfinite"]) == ["loss"]
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss or gradient at step 3 \(loss;"):
+        Trainer(_Tiny(nan_loss_at=3), TrainConfig(max_steps=12, nonfinite="stop", progress=False), tmp_path / "stop", _Batches()).fit()
+    assert pd.read_csv(tmp_path / "stop" / "history.csv")["nonfinite"].dropna().tolist() == ["loss"]
+
+
+def test_the_weight_check_names_the_tensor_and_the_steps(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"non-finite weights at step 8 \(finite at step 4.*: w"):
+        Trainer(_Tiny(nan_weight_at=5), TrainConfig(max_steps=20, nan_check_interval=4, checkpoint_every=50, progress=False), tmp_path, _Batches()).fit()

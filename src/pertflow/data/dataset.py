@@ -35,6 +35,8 @@ GENE_PANEL_FIX = (
     "`pertflow train ... --genes FILE` (one gene name per line)."
 )
 CONTEXT_JOIN = "|"
+#: Layers looked for, in this order, when a model needs raw counts and the expression is log-normalised.
+COUNT_LAYERS = ("counts", "counts_reconstructed", "raw_counts", "raw")
 
 
 class PerturbationData:
@@ -378,6 +380,36 @@ class PerturbationData:
         obs[self.spec.pert_col] = pd.Categorical(self.perturbations[rows].astype(str))
         var = self.adata.var.iloc[genes if genes is not None else slice(None)].copy()
         return ad.AnnData(X=X, obs=obs, var=var)
+
+    def counts_source(self, layer: str | None = None) -> ExpressionSource:
+        """The raw counts, for a model of counts: ``layer`` when given; else the expression source
+        when the spec reads counts; else the first of :data:`COUNT_LAYERS` the file has.
+
+        Raises :class:`InputError` naming the layer to give when there are none, or when the
+        layer does not hold whole numbers (checked on a sample of cells).
+        """
+        layers = self._layer_names()
+        if layer is None:
+            if self.spec.is_counts:
+                return self.source
+            layer = next((name for name in COUNT_LAYERS if name in layers), None)
+            if layer is None:
+                raise InputError(
+                    f"this model needs raw counts, but the expression ({self.spec.expression_source}) is log-normalised "
+                    f"and the file has no counts layer (looked for {list(COUNT_LAYERS)}; layers: {layers}). Give the "
+                    "layer that holds the raw counts (--set model.counts_layer=NAME), or read counts as the expression "
+                    "(--layer NAME --counts)."
+                )
+        elif layer not in layers:
+            raise InputError(f"counts layer '{layer}' is not in the file; layers: {layers}. Fix model.counts_layer.")
+        source = self._file.source(layer) if self._file is not None else ExpressionSource(self.adata.layers[layer], f"layers['{layer}']")
+        found = ValueEvidence.sample(source)
+        if found.whole < 1.0 or found.n_values == 0:
+            raise InputError(
+                f"{source.name} does not hold raw counts: {found}. Give the layer with raw counts "
+                f"(--set model.counts_layer=NAME; layers: {layers})."
+            )
+        return source
 
     # ------------------------------------------------------------------ description
     def summary(self) -> dict[str, Any]:

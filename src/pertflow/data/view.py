@@ -82,6 +82,57 @@ class ExpressionCache:
         return self.matrix[self.position.loc[rows].to_numpy()]
 
 
+class CountsCache:
+    """Raw counts of some rows on some genes, with each cell's library size (for models of counts).
+
+    ``get(rows)`` gives (n, G + 1) float32: the counts of the G genes, then the rest of the cell's
+    library, ``L - sum_g c_g``. ``L`` is the library size the data's log1p expression was
+    normalised with, ``x = log1p(c * target_sum / L)``, read off the two:
+    ``L = target_sum * sum_g c_g / sum_g expm1(x_g)`` over the G genes. It is exact when the
+    expression is the counts normalised (over all the file's genes, as pertflow reads counts) and
+    the best fit for reconstructed counts (whose ``X`` was normalised with the library of the whole
+    transcriptome). A model that predicts each cell's fractions of ``L`` (genes and rest) can then
+    write its cells exactly as the data's expression is written: ``log1p(c / L * target_sum)``.
+    Rows are materialised once when they fit in ``max_bytes``; otherwise read on request.
+    """
+
+    def __init__(self, data: PerturbationData, rows: np.ndarray, gene_idx: np.ndarray, expression: ExpressionCache,
+                 layer: str | None = None, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.source = data.counts_source(layer)
+        self.gene_idx = gene_idx
+        self.expression = expression
+        self.target_sum = float(data.spec.target_sum)
+        rows = np.unique(rows)
+        self.position = pd.Series(np.arange(len(rows)), index=rows)
+        self.matrix = self._read(rows) if len(rows) * (len(gene_idx) + 1) * 4 <= max_bytes else None
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), len(self.gene_idx) + 1), dtype=np.float32)
+        for start in range(0, len(rows), 4096):
+            chunk = rows[start : start + 4096]
+            block = self.source.read_rows(chunk)
+            block = block[:, self.gene_idx]
+            counts = np.asarray(block.toarray() if hasattr(block, "toarray") else block, dtype=np.float64)
+            normalised = np.expm1(self.expression.get(chunk).astype(np.float64)).sum(1)
+            in_genes = counts.sum(1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                library = np.where(normalised > 0, self.target_sum * in_genes / normalised, in_genes)
+            library = np.maximum(np.maximum(library, in_genes), 1.0)
+            out[start : start + len(chunk), :-1] = counts
+            out[start : start + len(chunk), -1] = library - in_genes
+        return out
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        """(n, G + 1) float32: counts of ``rows`` (rows of the dataset) on the genes, then the rest of the library."""
+        rows = np.asarray(rows)
+        missing = ~np.isin(rows, self.position.index)
+        if missing.any():
+            raise RuntimeError(f"rows {rows[missing][:5]} are not visible to the model (test cells are never cached)")
+        if self.matrix is None:
+            return self._read(rows)
+        return self.matrix[self.position.loc[rows].to_numpy()]
+
+
 class SplitView:
     """A dataset seen through a split (see the module docstring).
 
@@ -166,6 +217,11 @@ class SplitView:
     def training_perturbations(self) -> list[str]:
         """Perturbations with training cells (control excluded), sorted."""
         return sorted(set(self.data.perturbations[self.rows.train]) - {self.data.spec.control})
+
+    def counts(self, layer: str | None = None) -> CountsCache:
+        """Raw counts and library sizes of the visible cells on :attr:`genes` (see :class:`CountsCache`;
+        ``layer``: the counts layer, found when None)."""
+        return CountsCache(self.data, self.visible, self.gene_idx, self.expression, layer)
 
     # ------------------------------------------------------------------ batches
     def paired_batches(self, rows: np.ndarray, batch_size: int, seed: int, max_components: int, **options: Any):

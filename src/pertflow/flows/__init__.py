@@ -6,7 +6,7 @@ Each is a small callable a model is given (CellFlow's ``match_fn`` / ``time_samp
 
 from pertflow.flows.coupling import COUPLINGS, Coupling, independent_coupling, ot_coupling, ot_permutation
 from pertflow.flows.path import CondOTPath, PathSample
-from pertflow.flows.solver import EVALUATIONS_PER_STEP, SOLVERS, ODESolver, VelocityField, solve_ode
+from pertflow.flows.solver import EVALUATIONS_PER_STEP, SOLVERS, FiniteVelocity, ODESolver, VelocityField, solve_ode
 from pertflow.flows.source import AnchoredSource, GaussianSource
 from pertflow.flows.time import TIME_SAMPLERS, TimeSampler, logit_normal_time, uniform_time
 
@@ -17,6 +17,7 @@ __all__ = [
     "TIME_SAMPLERS",
     "AnchoredSource",
     "CondOTPath",
+    "FiniteVelocity",
     "Coupling",
     "GaussianSource",
     "ODESolver",

@@ -84,6 +84,28 @@ class ODESolver:
         return out[-1]
 
 
+class FiniteVelocity:
+    """A velocity field whose non-finite values are replaced by 0 and counted, so that a NaN or
+    Inf velocity never passes silently into the state being integrated: after a solve,
+    ``replaced`` says how many values were replaced and ``first_time`` at which time they first
+    appeared (None: none were), for the caller to report."""
+
+    def __init__(self, field: VelocityField):
+        self.field = field
+        self.replaced = 0
+        self.first_time: float | None = None
+
+    def __call__(self, t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        v = self.field(t, x_t)
+        bad = ~torch.isfinite(v)
+        if bad.any():
+            self.replaced += int(bad.sum())
+            if self.first_time is None:
+                self.first_time = float(t.reshape(-1)[0])
+            v = torch.where(bad, torch.zeros_like(v), v)
+        return v
+
+
 def solve_ode(field: VelocityField, x_init: torch.Tensor, method: str = "rk4", steps: int = 20, **kwargs) -> torch.Tensor:
     """Shorthand for ``ODESolver(field).sample(x_init, method, steps, ...)``."""
     return ODESolver(field).sample(x_init, method, steps, **kwargs)

@@ -97,7 +97,8 @@ class GeneFlowModel(NetworkModel):
         rng = np.random.default_rng(VALIDATION_SEED)
         with torch.no_grad():
             return validation.score(
-                lambda p, c, controls: self.cells(module, controls, p, self.prior.held_out_delta(p, c), rng, self.predict_config, mode)
+                lambda p, c, controls: self.cells(module, controls, p, self.prior.held_out_delta(p, c), rng, self.predict_config, mode,
+                                                  context=c)
             )
 
     # ------------------------------------------------------------------ prediction
@@ -113,20 +114,26 @@ class GeneFlowModel(NetworkModel):
         settings = settings or self.predict_config
         shift = self.prior.delta(perturbation, context) if self.prior is not None else np.zeros(len(self.genes), np.float32)
         mode = self.prediction_mode if settings.mode == "auto" else settings.mode
-        return self.cells(module, controls, perturbation, shift, rng, settings, mode)
+        return self.cells(module, controls, perturbation, shift, rng, settings, mode, context=context)
 
     def cells(self, module: torch.nn.Module, controls: np.ndarray, perturbation: str, shift: np.ndarray,
-              rng: np.random.Generator, settings: PredictConfig, mode: str) -> np.ndarray:
-        """Cells of a perturbation from control cells and the prior's (G,) shift, in one of
-        :data:`PREDICTION_MODES`."""
+              rng: np.random.Generator, settings: PredictConfig, mode: str, context: str | None = None) -> np.ndarray:
+        """Cells of a perturbation from control cells (of ``context``) and the prior's (G,) shift,
+        in one of :data:`PREDICTION_MODES`."""
         anchor = np.clip(controls + shift[None, :], 0, None)
         if mode == "prior":
             return anchor
         shifts = np.broadcast_to(shift[None, :], controls.shape).astype(np.float32)
-        cells = self.sample_cells(module, controls, perturbation, rng, settings, shift=shifts)
+        cells = self.sample_cells(module, controls, perturbation, rng, settings, shift=shifts,
+                                  **self.cell_inputs(context, len(controls)))
         if mode == "prior-mean":
             cells = np.clip(cells - cells.mean(0) + anchor.mean(0), 0, None)
         return cells
+
+    def cell_inputs(self, context: str | None, n: int) -> dict[str, np.ndarray]:
+        """More inputs of the network's ``sample``, one row per control cell (n rows) of
+        ``context``: none here; a network conditioned on covariates gets them this way."""
+        return {}
 
     # ------------------------------------------------------------------ adaptation
     def control_embedding(self, controls: torch.Tensor) -> torch.Tensor:

@@ -74,29 +74,46 @@ class NetworkModel(PerturbationModel):
     def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False, selector: Any = None) -> None:
         """Train the network on paired batches with the shared engine; keep the best weights
         (by the validation loss, or by ``selector``'s score: see :class:`~pertflow.train.Trainer`)."""
-        from pertflow.train.engine import Trainer
-
         torch.manual_seed(train_config.seed)
-        self.module = self.build_module()
         self.trained_components = sorted({c for p in view.training_perturbations for c in view.data.components(p)})
-        arrays = self.batch_arrays(view)
-        batches = view.paired_batches(
-            view.rows.train, train_config.batch_size, train_config.seed, self.max_components,
-            weighting=train_config.weighting, include_controls=train_config.include_controls, **arrays,
-        )
-        val = view.validation_batches(train_config.val_batches, train_config.batch_size, train_config.seed + 1, self.max_components, **arrays)
-        trainer = Trainer(self.module, train_config, run_dir, batches, val, metadata={**self.describe(), **self.extra_state()},
-                          selector=selector)
-        result = trainer.fit(resume=resume)
-        self.module.load_state_dict(trainer.final_weights())
-        self.module.to("cpu")
-        self.fit_report = {
+        self.module = self.build_module()
+        self.fit_report = self.train_network(view, train_config, Path(run_dir), resume, selector)
+
+    def train_network(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool, selector: Any) -> dict[str, Any]:
+        """Train :attr:`module` (built, untrained) and return the fit report: one run of the engine
+        in ``run_dir``. A model trained in stages overrides this and calls :meth:`run_engine` per stage."""
+        result = self.run_engine(view, train_config, run_dir, resume, selector)
+        return {
             "steps": result.steps,
             "best_step": result.best_step,
             "best_criterion": result.best_criterion,
             "skipped_steps": result.skipped_steps,
             "parameters": sum(p.numel() for p in self.module.parameters()),
         }
+
+    def run_engine(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool, selector: Any = None,
+                   include_controls: bool | None = None, metadata: dict[str, Any] | None = None) -> Any:
+        """One run of the training engine on :attr:`module` in ``run_dir``; the module then holds
+        the run's kept weights (on the CPU). Returns the :class:`~pertflow.train.TrainResult`.
+
+        ``include_controls`` overrides ``train_config.include_controls`` for the batches;
+        ``metadata`` is added to what every checkpoint records (a resumed run must match it).
+        """
+        from pertflow.train.engine import Trainer
+
+        arrays = self.batch_arrays(view)
+        controls = train_config.include_controls if include_controls is None else include_controls
+        batches = view.paired_batches(
+            view.rows.train, train_config.batch_size, train_config.seed, self.max_components,
+            weighting=train_config.weighting, include_controls=controls, **arrays,
+        )
+        val = view.validation_batches(train_config.val_batches, train_config.batch_size, train_config.seed + 1, self.max_components, **arrays)
+        trainer = Trainer(self.module, train_config, run_dir, batches, val,
+                          metadata={**self.describe(), **self.extra_state(), **(metadata or {})}, selector=selector)
+        result = trainer.fit(resume=resume)
+        self.module.load_state_dict(trainer.final_weights())
+        self.module.to("cpu")
+        return result
 
     # ------------------------------------------------------------------ prediction
     def generate(

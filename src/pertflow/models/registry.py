@@ -16,6 +16,7 @@ MODEL_MODULES = (
     "pertflow.models.cfm.model",
     "pertflow.models.ccfm.model",
     "pertflow.models.latent_shift.model",
+    "pertflow.models.cfmvc.model",
     "pertflow.models.scgpt.generator",
 )
 BASELINES = ("no-change", "mean", "additive", "linear", "context-shift")

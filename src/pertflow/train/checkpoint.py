@@ -27,6 +27,21 @@ from pertflow.errors import InputError
 from pertflow.io import atomic_path, read_json, write_json
 
 FORMAT_VERSION = 1
+#: The folder of a run trained in stages (one engine run each): ``<run>/stages/<n>-<name>/``, each
+#: with its own ``checkpoints/`` and ``history.csv``, and the stage's name in every checkpoint.
+STAGES_DIR = "stages"
+
+
+def stage_dir(run_dir: Path, index: int, name: str) -> Path:
+    """The folder of stage ``index`` (1-based) named ``name`` of a run trained in stages."""
+    return Path(run_dir) / STAGES_DIR / f"{index}-{name}"
+
+
+def holds_checkpoint(run_dir: Path) -> bool:
+    """Whether a run folder holds a resumable checkpoint: its own, or one of a stage's."""
+    run_dir = Path(run_dir)
+    stages = run_dir / STAGES_DIR
+    return CheckpointDir(run_dir).exists() or (stages.is_dir() and any(CheckpointDir(d).exists() for d in stages.iterdir()))
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -106,6 +121,10 @@ class CheckpointDir:
 
     def exists(self) -> bool:
         return self.latest_pointer.is_file()
+
+    def latest_step(self) -> int:
+        """The step of the latest checkpoint (there must be one: :meth:`exists`)."""
+        return int(read_json(self.latest_pointer)["step"])
 
     def save(
         self,

@@ -29,7 +29,12 @@ class TrainConfig:
         Clip the global gradient norm (0 disables).
     nonfinite
         What to do with a step whose loss or gradient is NaN/Inf: ``skip`` it (recorded in the
-        history) or ``stop`` the run. ``max_nonfinite`` consecutive bad steps always stop it.
+        history, with what was not finite) or ``stop`` the run. ``max_nonfinite`` consecutive bad
+        steps always stop it.
+    nan_check_interval
+        Every this many steps (and before every checkpoint) the weights themselves are checked:
+        a non-finite weight stops the run, naming the tensors and the step (the loss and the
+        gradient norm are checked at every step).
     val_every, val_batches
         Validation loss on the split's validation cells every ``val_every`` steps over
         ``val_batches`` fixed batches; the best step's weights are kept.
@@ -64,6 +69,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite: int = 20
+    nan_check_interval: int = 10
     val_every: int = 250
     val_batches: int = 8
     checkpoint_every: int = 250
@@ -78,7 +84,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "val_every", "checkpoint_every", "log_every", "keep_checkpoints", "max_nonfinite"):
+        for name in ("max_steps", "batch_size", "val_every", "checkpoint_every", "log_every", "keep_checkpoints", "max_nonfinite",
+                     "nan_check_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:

@@ -81,6 +81,11 @@ class TrainResult:
     skipped_steps: list[int] = field(default_factory=list)
     history: Path | None = None
 
+    @property
+    def first_nonfinite_step(self) -> int | None:
+        """The first step skipped by the finite-value guard (0-based, as ``skipped_steps``), or None."""
+        return self.skipped_steps[0] if self.skipped_steps else None
+
 
 @contextlib.contextmanager
 def stop_requests() -> Iterator[list[int]]:
@@ -193,6 +198,7 @@ class Trainer:
         self.skipped: list[int] = []
         self._history_rows: list[dict[str, Any]] = []
         self._saved_step: int | None = None  # the step of the latest checkpoint written or loaded
+        self._weights_checked = 0  # the step of the last finite check of the weights that passed
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -212,6 +218,29 @@ class Trainer:
     def _kept_weights(self) -> dict[str, torch.Tensor]:
         """What a run keeps (best and final weights): the moving average when there is one."""
         return self.ema.weights() if self.ema is not None else {k: v.detach().cpu() for k, v in self._weights().items()}
+
+    def _nonfinite_gradients(self) -> str:
+        """What made a step's gradient non-finite: the parameters whose gradient is (a few named)."""
+        names = [n for n, p in self.network.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if not names:
+            return "gradient"
+        return "gradient of " + " ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+    def _check_weights(self) -> None:
+        """The finite-value check of the weights (every ``nan_check_interval`` steps and before a
+        checkpoint): a non-finite weight stops the run, naming the tensors and the steps between
+        which it went bad, so that no checkpoint ever holds one."""
+        bad = [n for n, p in self.network.named_parameters() if not torch.isfinite(p).all()]
+        if not bad:
+            self._weights_checked = self.step
+            return
+        self._history_rows.append({"step": self.step, "skipped": 0, "nonfinite": f"weights of {' '.join(bad[:3])}"})
+        self._write_history()
+        raise TrainingDiverged(
+            f"non-finite weights at step {self.step} (finite at step {self._weights_checked}, the previous check): "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Lower train.lr or check the data for extreme values; "
+            "the last good checkpoint is in checkpoints/."
+        )
 
     def _loss(self, batch: Batch, train: bool = True):
         with self.accelerator.autocast():
@@ -247,6 +276,7 @@ class Trainer:
     def _save(self) -> None:
         if not self.accelerator.is_main_process:
             return
+        self._check_weights()
         state = {
             "sampler": self.train_batches.state_dict(),
             "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
@@ -290,7 +320,7 @@ class Trainer:
         self.scheduler.load_state_dict(scheduler_state)
         self.train_batches.load_state_dict(state["sampler"])
         restore_rng(rng)
-        self.step = self._saved_step = int(state["step"])
+        self.step = self._saved_step = self._weights_checked = int(state["step"])
         self.best_val, self.best_step = state["best_criterion"], state["best_step"]
         self.skipped = list(state["skipped_steps"])
         self._history_rows = [r for r in self._read_history() if int(r["step"]) <= self.step]
@@ -375,15 +405,20 @@ class Trainer:
                         bad = self.accelerator.optimizer_step_was_skipped
                     else:
                         bad = not math.isfinite(grad_norm)
+                nonfinite = ""
                 if bad:
-                    # The finite-value guard: record the step, drop its gradients, keep the weights.
+                    # The finite-value guard: record the step and what was not finite, drop its
+                    # gradients, keep the weights.
+                    nonfinite = "loss" if not torch.isfinite(out.loss).item() else self._nonfinite_gradients()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.skipped.append(self.step)
                     consecutive_bad += 1
                     if cfg.nonfinite == "stop" or consecutive_bad >= cfg.max_nonfinite:
+                        self._history_rows.append({"step": self.step + 1, "loss": float(out.loss.detach()), "skipped": 1,
+                                                   "nonfinite": nonfinite})
                         self._write_history()
                         raise TrainingDiverged(
-                            f"non-finite loss or gradient at step {self.step} ({consecutive_bad} in a row; skipped steps "
+                            f"non-finite loss or gradient at step {self.step} ({nonfinite}; {consecutive_bad} in a row; skipped steps "
                             f"{self.skipped[-10:]}). Lower train.lr, check the data for extreme values, or use "
                             "train.mixed_precision=no. The last good checkpoint is in checkpoints/."
                         )
@@ -396,6 +431,8 @@ class Trainer:
                 self.scheduler.step()
                 self.step += 1
                 bar.update(1)
+                if self.step % cfg.nan_check_interval == 0:
+                    self._check_weights()
                 val, selected = None, {}
                 if self.step % cfg.val_every == 0 or self.step == cfg.max_steps:
                     val = self.validate()
@@ -408,6 +445,8 @@ class Trainer:
                             self.checkpoints.save_best(self._kept_weights(), {"step": self.step, "val_loss": val, **selected})
                 if self.step % cfg.log_every == 0 or val is not None or bad:
                     row = {"step": self.step, "loss": float(out.loss.detach()), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped": int(bad)}
+                    if bad:
+                        row["nonfinite"] = nonfinite
                     row.update(out.metrics)
                     if val is not None:
                         row["val_loss"] = val

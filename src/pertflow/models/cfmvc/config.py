@@ -1,0 +1,103 @@
+"""Configuration of CFM-VC, the count VAE with a covariate-aware flow in its latent space."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class CFMVCConfig:
+    """The ``model`` section of a ``cfmvc`` run (SPEC 2.4).
+
+    Attributes
+    ----------
+    n_latent, n_tech
+        Widths of the intrinsic latent ``z_int`` (what the flow moves) and the technical latent
+        ``z_tech`` (carried over from the control cell a generated cell starts from).
+    hidden, n_layers, dropout
+        The VAE's encoder and decoder MLPs.
+    beta
+        Weight of the KL terms of the ELBO.
+    counts_layer
+        The layer of raw counts the NB likelihood reads; None: the expression itself when it is
+        counts, else the first of ``counts``, ``counts_reconstructed``, ``raw_counts``, ``raw``.
+    vae_steps, vae_lr
+        Stage 1: steps and learning rate of the VAE (the ``train`` section's other settings).
+    flow_hidden, flow_layers, d_context, n_basis
+        Stage 2: the velocity field's shared trunk (width, depth), the context encoder's width,
+        and the number of basis velocity fields the per-context adapter mixes.
+    lambda_dist
+        Weight of the distribution-matching term: the MMD between the one-step estimates
+        ``z_t + (1 - t) v`` and the target latents (0: off).
+    source, source_noise, coupling, time_sampler
+        The flow parts (:func:`pertflow.models.flow.flow_parts`): where the flow starts (``control``:
+        the encoded control cell, shifted by the prior, plus ``source_noise`` noise; ``noise``: a
+        standard normal), how sources and targets pair, where on the path to train.
+    prior
+        The baseline the flow is anchored on (:mod:`pertflow.models.prior`), applied in latent
+        space: the flow starts from the latent of the control cell shifted by the prior's
+        predicted response (needs ``source: control``).
+    unknown_perturbation_p
+        Share of training batches whose perturbation is read as ``<unk>`` (what an untrained
+        perturbation is given).
+    max_components
+        Most components of a combination.
+    spatial_key
+        ``obsm`` key of spatial coordinates the flow is conditioned on (standardised on the
+        training cells; a cell without coordinates sits at their mean); None: none.
+    freeze_vae, joint_steps, joint_lr, joint_vae_weight
+        Stage 3: with ``freeze_vae: false``, ``joint_steps`` steps of fine-tuning the VAE and the
+        flow together (the flow's loss plus ``joint_vae_weight`` times the ELBO) at ``joint_lr``.
+    predict_mean
+        Predicted cells are the decoder's NB mean (True) or a count sample of it (False), both
+        normalised as the data's expression (``log1p(c / L * target_sum)``).
+    context_names, batch_names, spatial_dim
+        The covariates' categories and the coordinates' width: read off the data when the
+        model is built (leave them unset) and saved with the run.
+    """
+
+    n_latent: int = 16
+    n_tech: int = 4
+    hidden: int = 128
+    n_layers: int = 2
+    dropout: float = 0.1
+    beta: float = 1.0
+    counts_layer: str | None = None
+    vae_steps: int = 2000
+    vae_lr: float = 1e-3
+    flow_hidden: int = 128
+    flow_layers: int = 3
+    d_context: int = 64
+    n_basis: int = 8
+    lambda_dist: float = 0.0
+    source: Literal["noise", "control"] = "control"
+    source_noise: float = 0.1
+    coupling: Literal["independent", "ot"] = "ot"
+    time_sampler: Literal["uniform", "logit-normal"] = "uniform"
+    prior: Literal["none", "mean", "additive", "linear", "context-shift", "auto"] = "auto"
+    unknown_perturbation_p: float = 0.1
+    max_components: int = 2
+    spatial_key: str | None = None
+    freeze_vae: bool = True
+    joint_steps: int = 200
+    joint_lr: float = 1e-4
+    joint_vae_weight: float = 1.0
+    predict_mean: bool = False
+    context_names: tuple[str, ...] = ()
+    batch_names: tuple[str, ...] = ()
+    spatial_dim: int = 0
+
+    #: The gene-space models' centring (GeneFlowModel reads it); a latent flow has nothing to centre.
+    center = False
+
+    def __post_init__(self) -> None:
+        for name in ("n_latent", "n_tech", "hidden", "n_layers", "vae_steps", "flow_hidden", "flow_layers", "d_context", "n_basis"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.prior != "none" and self.source != "control":
+            raise ValueError(f"prior '{self.prior}' shifts where the flow starts: it needs source 'control', not '{self.source}'")
+        if not self.freeze_vae and self.joint_steps < 1:
+            raise ValueError("freeze_vae: false fine-tunes the VAE and the flow together for joint_steps steps: give joint_steps >= 1")
+        if self.lambda_dist < 0 or self.beta < 0:
+            raise ValueError("lambda_dist and beta must be >= 0")
