@@ -1,6 +1,6 @@
 import json
-import os
 import signal
+import threading
 
 import numpy as np
 import pandas as pd
@@ -186,7 +186,10 @@ class Signalling(Source):
 
     def next_batch(self):
         for signum in self.signals.get(self.calls + 1, ()):
-            os.kill(os.getpid(), signum)
+            # to this (the main) thread: delivered before the call returns, so that its handler has
+            # run before a second signal is sent (a process-wide kill may land on another thread
+            # later, and two pending SIGINTs merge into one)
+            signal.pthread_kill(threading.get_ident(), signum)
         return super().next_batch()
 
 
