@@ -30,7 +30,7 @@ from pertflow.eval.config import EvalConfig
 from pertflow.io import atomic_path, check_output, check_writable, read_json, remove_outputs, write_h5ad, write_json
 from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
-from pertflow.models.predict import prediction_means, predict_split
+from pertflow.models.predict import interval_table, prediction_means, predict_split
 from pertflow.models.registry import BASELINES, model_class, model_names
 from pertflow import run_record as runs
 from pertflow.run_record import RUN_FILES  # noqa: F401  (benchmark reads it here)
@@ -255,6 +255,13 @@ def means_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}_means.csv")
 
 
+def intervals_path(out: str | Path) -> Path:
+    """Where :func:`predict` writes the intervals of the mean shifts (``predict.interval``) beside
+    ``out``: ``<out stem>_intervals.csv``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_intervals.csv")
+
+
 def predict(
     run: str | Path | PerturbationModel,
     data: DataArg,
@@ -270,7 +277,9 @@ def predict(
 ) -> ad.AnnData:
     """Predict the test cells of ``split`` with a trained model; write them to ``out`` if given,
     with ``<out stem>_means.csv``, the mean predicted cell of each perturbation (and context,
-    when the test cells span several). Existing outputs are refused unless ``overwrite``, before
+    when the test cells span several), and with ``predict.interval`` set (``sets=["predict.interval=0.9",
+    "predict.n_seeds=3"]``) ``<out stem>_intervals.csv``: per perturbation, context and gene the
+    predicted mean shift vs control and its interval (also in ``uns["pertflow_interval"]``). Existing outputs are refused unless ``overwrite``, before
     any computing.
 
     Genes are matched by name: the data's genes the model lacks are left out, and genes the
@@ -283,6 +292,7 @@ def predict(
     if out is not None:
         check_output(out, "prediction", overwrite)
         check_output(means_path(out), "table of mean predictions", overwrite)
+        check_output(intervals_path(out), "table of intervals", overwrite)
     model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
     changes = load_sections(None, sets)
     if changes["model"] or changes["train"]:
@@ -309,6 +319,10 @@ def predict(
         write_h5ad(out, pred)
         with atomic_path(means_path(out)) as tmp:
             prediction_means(pred, model.spec.pert_col, context_col if context_col in pred.obs else None).to_csv(tmp)
+        table = interval_table(pred)
+        if table is not None:
+            with atomic_path(intervals_path(out)) as tmp:
+                table.to_csv(tmp, index=False)
     return pred
 
 

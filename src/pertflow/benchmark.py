@@ -199,12 +199,21 @@ def _mean_shifts(adata: ad.AnnData, context_col: str | None, pert_col: str, cont
 
 
 def _write_deltas(run_dir: Path, inputs: EvaluationInputs, pred: ad.AnnData) -> None:
-    """Mean shift vs control of every held-out perturbation, real and predicted (for the plots)."""
+    """Mean shift vs control of every held-out perturbation, real and predicted (for the plots), and
+    the predicted shift's per-gene interval (``lower``, ``upper``) where the prediction has one."""
     from pertflow.io import atomic_path
 
     real = _mean_shifts(inputs.real, inputs.context_col, inputs.pert_col, inputs.control)
     predicted = _mean_shifts(pred, inputs.context_col, inputs.pert_col, inputs.control)
     keys = [k for k in real if k in predicted]
+    bounds = {}
+    found = pred.uns.get("pertflow_interval")  # predict.interval: per-gene intervals of the predicted shifts
+    if found is not None:
+        rows = {(str(c), str(p)): i for i, (c, p) in enumerate(zip(found["context"], found["perturbation"]))}
+        by_pert = {str(p): i for i, p in enumerate(found["perturbation"])}
+        hits = [rows.get(k, by_pert.get(k[1]) if len(set(found["context"])) == 1 else None) for k in keys]
+        if keys and all(h is not None for h in hits):
+            bounds = {"lower": np.asarray(found["lower"])[hits], "upper": np.asarray(found["upper"])[hits]}
     with atomic_path(run_dir / "deltas.npz") as tmp:
         np.savez(
             tmp,
@@ -212,6 +221,7 @@ def _write_deltas(run_dir: Path, inputs: EvaluationInputs, pred: ad.AnnData) -> 
             perturbation=np.array([k[1] for k in keys]),
             real=np.array([real[k] for k in keys]),
             pred=np.array([predicted[k] for k in keys]),
+            **bounds,
         )
 
 

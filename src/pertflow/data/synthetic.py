@@ -45,6 +45,9 @@ def make_synthetic(
     effect_scale: float = 0.8,
     theta: float = 5.0,
     genetic: bool = True,
+    doses: tuple[float, ...] | None = None,
+    ec50: float = 1.0,
+    hill: float = 1.5,
     seed: int = 0,
 ) -> ad.AnnData:
     """Negative-binomial counts of control and perturbed cells in several contexts.
@@ -69,6 +72,11 @@ def make_synthetic(
         Log fold change of a genetic perturbation's own target gene.
     genetic
         Genetic perturbations named after (and moving) a gene; otherwise drugs ``drug_00``...
+    doses, ec50, hill
+        A dose-response: every perturbation is given at each of ``doses`` (``cells_per_group``
+        cells each, ``obs['dose']``; 0 for controls), its log fold changes scaled by the Hill
+        curve ``dose^hill / (dose^hill + ec50^hill)`` (ground truth: ``uns['synthetic']['doses']``,
+        ``['dose_scale']``).
     seed
         Seed; the same seed gives the same file.
 
@@ -118,18 +126,27 @@ def make_synthetic(
     names = [CONTROL, *singles, *combos]
     lfc = np.concatenate([np.zeros((1, n_contexts, n_genes)), lfc_single, lfc_combo])
 
-    pert_idx, ctx_idx = [], []
+    dose_levels = np.asarray(doses if doses else [0.0], dtype=float)
+    if doses and np.any(dose_levels <= 0):
+        raise ValueError("doses must be positive")
+    dose_scale = dose_levels**hill / (dose_levels**hill + ec50**hill) if doses else np.ones(1)
+    pert_idx, ctx_idx, dose_idx = [], [], []
     for k in range(n_contexts):
         for p in range(len(names)):
-            n = controls_per_context if p == 0 else cells_per_group
-            pert_idx += [p] * n
-            ctx_idx += [k] * n
+            for j in range(1 if p == 0 else len(dose_levels)):
+                n = controls_per_context if p == 0 else cells_per_group
+                pert_idx += [p] * n
+                ctx_idx += [k] * n
+                dose_idx += [-1 if p == 0 else j] * n
     pert_idx_arr = np.array(pert_idx)
     ctx_idx_arr = np.array(ctx_idx)
+    dose_idx_arr = np.array(dose_idx)
     n_cells = len(pert_idx_arr)
+    scale = np.where(dose_idx_arr < 0, 0.0, dose_scale[np.maximum(dose_idx_arr, 0)])
 
     programs = rng.normal(0, 1, (n_cells, n_programs))
-    log_mu = base[None, :] + context_shift[ctx_idx_arr] + programs @ loadings + lfc[pert_idx_arr, ctx_idx_arr]
+    log_mu = (base[None, :] + context_shift[ctx_idx_arr] + programs @ loadings
+              + scale[:, None] * lfc[pert_idx_arr, ctx_idx_arr])
     size_factor = rng.lognormal(np.log(4.0), 0.35, n_cells)
     mean = size_factor[:, None] * np.exp(log_mu)
     # Negative binomial as a gamma-Poisson mixture: Var = mean + mean^2 / theta.
@@ -144,6 +161,8 @@ def make_synthetic(
         },
         index=[f"cell{i:05d}" for i in range(n_cells)],
     )
+    if doses:
+        obs["dose"] = np.where(dose_idx_arr < 0, 0.0, dose_levels[np.maximum(dose_idx_arr, 0)])[order]
     adata = ad.AnnData(X=sp.csr_matrix(counts[order]), obs=obs, var=pd.DataFrame(index=genes))
     truth: dict[str, Any] = {
         "perturbations": np.array(names),
@@ -160,5 +179,8 @@ def make_synthetic(
             "genetic": genetic,
         },
     }
+    if doses:
+        truth["doses"] = dose_levels.astype(np.float32)
+        truth["dose_scale"] = dose_scale.astype(np.float32)
     adata.uns["synthetic"] = truth
     return adata

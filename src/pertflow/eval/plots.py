@@ -104,7 +104,9 @@ def _delta_page(plt, out: Path, task: str, cases: pd.DataFrame, models: list[str
             if found is None:
                 ax.axis("off")
                 continue
-            real, pred = found
+            real, pred, bounds = found
+            if bounds is not None:  # the predicted shift's interval (predict.interval), a bar per gene
+                ax.vlines(real, bounds[0], bounds[1], color="tab:blue", alpha=0.25, lw=0.4)
             ax.scatter(real, pred, s=2, alpha=0.5, linewidths=0)
             lim = max(np.abs(real).max(), np.abs(pred).max(), 1e-3) * 1.05
             ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.5)
@@ -114,15 +116,21 @@ def _delta_page(plt, out: Path, task: str, cases: pd.DataFrame, models: list[str
             ax.text(0.04, 0.92, f"r={r:.2f}", transform=ax.transAxes, fontsize=6, va="top")
             if row == len(cases) - 1:
                 ax.set_xlabel("real shift", fontsize=6)
-    fig.suptitle(f"{task}: predicted vs real mean shift vs control, per gene (page {page})", fontsize=8)
+    fig.suptitle(f"{task}: predicted vs real mean shift vs control, per gene (page {page}; bars: the predicted "
+                 "shift's interval where predict.interval was set)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _deltas_of(path: Path, case: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
+def _deltas_of(path: Path, case: pd.Series) -> tuple[np.ndarray, np.ndarray, tuple | None] | None:
+    """Real and predicted shift of a case, and the predicted shift's interval (lower, upper) when
+    the prediction had one (else None)."""
     if not path.is_file():
         return None
     with np.load(path) as d:
         hit = np.flatnonzero((d["perturbation"] == case["perturbation"]) & (d["context"] == str(case["context"])))
-        return (d["real"][hit[0]], d["pred"][hit[0]]) if len(hit) else None
+        if not len(hit):
+            return None
+        bounds = (d["lower"][hit[0]], d["upper"][hit[0]]) if "lower" in d.files else None
+        return d["real"][hit[0]], d["pred"][hit[0]], bounds

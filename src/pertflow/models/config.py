@@ -32,6 +32,15 @@ class PredictConfig:
         ``auto``, the way that scored best on the validation perturbations at the end of
         training (saved with the run); or ``flow``, ``prior-mean``, ``prior`` to force one (for
         example the flow's own cells where its prior scored better). Ignored by other models.
+    interval
+        None (default): no intervals. A level such as 0.9: every predicted (perturbation,
+        context) gets per-gene intervals of its predicted mean shift vs the context's controls, a
+        bootstrap over the generated cells of ``n_seeds`` generations (the written cells are the
+        first generation's, unchanged; the others cost one more generation each).
+    n_seeds
+        Generations pooled for the intervals (each with its own control draw and noise).
+    n_bootstrap
+        Bootstrap replicates of the intervals.
     """
 
     batch_size: int = 128
@@ -39,6 +48,9 @@ class PredictConfig:
     ode_method: Literal["rk4", "euler", "midpoint", "dopri5"] = "rk4"
     ode_steps: int = 20
     mode: Literal["auto", "flow", "prior-mean", "prior"] = "auto"
+    interval: float | None = None
+    n_seeds: int = 1
+    n_bootstrap: int = 200
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -47,3 +59,7 @@ class PredictConfig:
             raise ValueError(f"gene_chunk must be at least 1 (or null for all genes), got {self.gene_chunk}")
         if self.ode_steps < 1:
             raise ValueError(f"ode_steps must be at least 1, got {self.ode_steps}")
+        if self.interval is not None and not 0 < self.interval < 1:
+            raise ValueError(f"interval must be a level between 0 and 1 (e.g. 0.9) or null, got {self.interval}")
+        if self.n_seeds < 1 or self.n_bootstrap < 10:
+            raise ValueError(f"n_seeds must be at least 1 and n_bootstrap at least 10, got {self.n_seeds}, {self.n_bootstrap}")

@@ -32,6 +32,11 @@ def predict_split(
     non-negative log1p expression on the split's genes, in their order. Test cells are never
     read: only their labels and counts.
 
+    With ``settings.interval`` (e.g. 0.9), ``uns["pertflow_interval"]`` holds per-gene intervals of
+    each predicted mean shift (:func:`shift_intervals`): ``perturbation``, ``context`` (K,),
+    ``mean``, ``lower``, ``upper`` (K, genes in the file's order), ``level``, ``n_seeds``. The
+    written cells are the same with or without it.
+
     The view's genes must be the model's, matched by name (in any order: the model reads them in
     its own order, the file has them in the view's).
 
@@ -71,9 +76,21 @@ def predict_split(
     pools = {ctx: view.control_rows(ctx) for ctx in view.test_contexts}
     rng = np.random.default_rng(seed)  # the control cells drawn
     model_rng = np.random.default_rng([seed, 1])  # the model's noise
+    interval_cfg = settings or model.predict_config
+    want_interval = interval_cfg.interval is not None
+    intervals: dict[str, list] = {"perturbation": [], "context": [], "mean": [], "lower": [], "upper": []}
+    control_means = {ctx: view.expression.get(pool).mean(axis=0) for ctx, pool in pools.items()} if want_interval else {}
     blocks, obs_rows = [], []
     context_cols = list(data.spec.context_cols)
     items = sorted(test_groups.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+
+    def to_file(pred: np.ndarray, own: np.ndarray, controls: np.ndarray) -> np.ndarray:
+        if shift_back and control_shift is not None:
+            pred = own + (pred - controls)
+        cells = np.empty_like(pred, dtype=np.float32)
+        cells[:, to_model] = np.clip(pred, 0, None)
+        return cells
+
     bar = progress_bar(sum(len(group) for _, group in items), "predicting", "cell", enabled=progress)
     for (pert, ctx), group in items:
         pool = pools[ctx]
@@ -84,11 +101,21 @@ def predict_split(
         pred = model.generate(controls, pert, ctx, model_rng, settings)
         if pred.shape != (len(group), len(model.genes)) or not np.isfinite(pred).all():
             raise RuntimeError(f"model '{model.name}' returned a bad prediction for {pert} in {ctx}: shape {pred.shape}")
-        if shift_back and control_shift is not None:
-            pred = own + (pred - controls)
-        cells = np.empty_like(pred, dtype=np.float32)
-        cells[:, to_model] = np.clip(pred, 0, None)
+        cells = to_file(pred, own, controls)
         blocks.append(cells)
+        if want_interval:
+            generations = [cells]
+            for extra in range(1, interval_cfg.n_seeds):  # own generators: the written cells do not change
+                extra_rng = np.random.default_rng([seed, 2, extra])
+                chosen = extra_rng.choice(pool, size=len(group), replace=len(pool) < len(group))
+                own = view.expression.get(chosen)[:, to_model]
+                controls = own if control_shift is None else np.clip(own + control_shift, 0, None)
+                more = model.generate(controls, pert, ctx, np.random.default_rng([seed, 3, extra]), settings)
+                generations.append(to_file(more, own, controls))
+            mean, lower, upper = shift_intervals(np.concatenate(generations), control_means[ctx], interval_cfg.interval,
+                                                 interval_cfg.n_bootstrap, np.random.default_rng([seed, 4]))
+            for key, value in zip(intervals, (pert, ctx, mean, lower, upper)):
+                intervals[key].append(value)
         bar.update(len(group))
         first = data.adata.obs.iloc[group[0]]
         obs_rows += [{data.spec.pert_col: pert, **{c: str(first[c]) for c in context_cols}, "source": "predicted"}] * len(group)
@@ -103,7 +130,44 @@ def predict_split(
         obs[col] = pd.Categorical(obs[col])
     out = ad.AnnData(X=np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=list(view.genes)))  # the view's order
     out.uns["pertflow"] = {"model": model.name, "split": view.split.name or "", "seed": seed}
+    if want_interval:
+        out.uns["pertflow_interval"] = {
+            "perturbation": np.array(intervals["perturbation"], dtype=str), "context": np.array(intervals["context"], dtype=str),
+            **{k: np.stack(intervals[k]).astype(np.float32) for k in ("mean", "lower", "upper")},
+            "level": float(interval_cfg.interval), "n_seeds": int(interval_cfg.n_seeds),
+        }
     return out
+
+
+def shift_intervals(cells: np.ndarray, control_mean: np.ndarray, level: float, n_bootstrap: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-gene percentile-bootstrap interval of the mean shift ``mean(cells) - control_mean``.
+
+    ``cells`` (n, G) are generated cells (of one or several generations, pooled); the control mean
+    is the reference the shift is read against (the file's real controls), held fixed. Returns the
+    shift of the pooled mean and the interval's lower and upper ends, each (G,)."""
+    cells = np.asarray(cells, dtype=np.float64)
+    n = len(cells)
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap) / n  # (B, n): one resample a row
+    boot = weights @ cells - control_mean
+    tail = (1 - level) / 2
+    lower, upper = np.quantile(boot, [tail, 1 - tail], axis=0)
+    return cells.mean(axis=0) - control_mean, lower, upper
+
+
+def interval_table(pred: ad.AnnData) -> pd.DataFrame | None:
+    """The intervals of a prediction (:func:`predict_split` with ``predict.interval``) as a long
+    table: perturbation, context, gene, mean, lower, upper; None when it has none."""
+    found = pred.uns.get("pertflow_interval")
+    if found is None:
+        return None
+    k, genes = len(found["perturbation"]), pred.var_names.astype(str)
+    return pd.DataFrame({
+        "perturbation": np.repeat(np.asarray(found["perturbation"], dtype=str), len(genes)),
+        "context": np.repeat(np.asarray(found["context"], dtype=str), len(genes)),
+        "gene": np.tile(genes, k),
+        **{key: np.asarray(found[key]).reshape(-1) for key in ("mean", "lower", "upper")},
+    })
 
 
 def prediction_means(pred: ad.AnnData, pert_col: str, context_col: str | None = None) -> pd.DataFrame:

@@ -40,9 +40,15 @@ class PerturbationEncoder(nn.Module):
     zero-initialised so that a token never seen in training adds nothing. Optional descriptor
     vectors (V, D) are projected and added, which is what lets an unseen perturbation carry
     information.
+
+    With ``dose=True``, a perturbation given at a dose (B,) gets a log-dose embedding added to its
+    own: a small network of ``log10(dose)``, smooth in it (so a dose between two seen ones lands
+    between them), its last layer zero-initialised (it adds nothing until trained); a dose <= 0
+    (none given, or a control) adds nothing.
     """
 
-    def __init__(self, n_tokens: int, first_other_token: int, pad_id: int, d_model: int, descriptors: Tensor | None = None):
+    def __init__(self, n_tokens: int, first_other_token: int, pad_id: int, d_model: int, descriptors: Tensor | None = None,
+                 dose: bool = False):
         super().__init__()
         self.first_other_token = first_other_token
         self.pad_id = pad_id
@@ -56,8 +62,21 @@ class PerturbationEncoder(nn.Module):
             self.descriptor_proj = nn.Linear(descriptors.shape[1], d_model)
         else:
             self.descriptors = None
+        self.dose = None
+        if dose:
+            self.dose = nn.Sequential(nn.Linear(1, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+            nn.init.zeros_(self.dose[-1].weight)
+            nn.init.zeros_(self.dose[-1].bias)
 
-    def forward(self, ids: Tensor, gene_encoder: GeneEncoder) -> Tensor:
+    def dose_embedding(self, dose: Tensor) -> Tensor:
+        """(B,) doses -> (B, d): the log-dose embedding (zero where the dose is <= 0)."""
+        if self.dose is None:
+            raise ValueError("this encoder was built without dose (dose=True)")
+        dose = dose.float().reshape(-1, 1)
+        given = (dose > 0).to(dose.dtype)
+        return self.dose(torch.log10(dose.clamp(min=1e-12)) * given) * given
+
+    def forward(self, ids: Tensor, gene_encoder: GeneEncoder, dose: Tensor | None = None) -> Tensor:
         is_other = ids >= self.first_other_token
         gene_part = gene_encoder(torch.where(is_other, torch.full_like(ids, self.pad_id), ids))
         other_part = self.other((ids - self.first_other_token).clamp(min=0))
@@ -66,4 +85,7 @@ class PerturbationEncoder(nn.Module):
             emb = emb + self.descriptor_proj(self.descriptors[ids])
         mask = (ids != self.pad_id).unsqueeze(-1).to(emb.dtype)
         arity = mask.sum(1).squeeze(-1).long().clamp(max=MAX_ARITY)
-        return (emb * mask).sum(1) + self.arity(arity)
+        out = (emb * mask).sum(1) + self.arity(arity)
+        if dose is not None:
+            out = out + self.dose_embedding(dose)
+        return out
