@@ -12,7 +12,6 @@ and shared by all three verbs.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,21 +21,22 @@ import anndata as ad
 from pertflow.adapt import ADAPTER_FILES, Adapter, AdapterConfig, learn_adapter
 from pertflow.configs import build, load_sections, to_dict
 from pertflow.data.dataset import PerturbationData
-from pertflow.data.spec import DataSpec
 from pertflow.data.splits import SPLIT_KINDS, Split, make_split
 from pertflow.data.view import SplitView, read_gene_list
 from pertflow.errors import InputError
 from pertflow.eval.config import EvalConfig
-from pertflow.io import atomic_path, check_output, check_writable, read_json, remove_outputs, write_h5ad, write_json
+from pertflow.io import atomic_path, check_output, check_writable, remove_outputs, write_h5ad
 from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
 from pertflow.models.predict import prediction_means, predict_split
 from pertflow.models.registry import BASELINES, model_class, model_names
-from pertflow.train.checkpoint import CheckpointDir
-from pertflow.train.config import RESUME_MAY_CHANGE, TrainConfig
+from pertflow.runs import RUN_FILES, DataArg, SplitArg, TrainRun, split_of, start_run
+from pertflow.train.config import TrainConfig
+from pertflow.train.launch import is_main_process, run_processes
 
 __all__ = [
     "BASELINES",
+    "RUN_FILES",
     "Adapter",
     "AdapterConfig",
     "SPLIT_KINDS",
@@ -58,8 +58,6 @@ __all__ = [
     "train",
 ]
 
-DataArg = str | Path | PerturbationData | SplitView
-SplitArg = str | Path | Split | None
 
 
 # ---------------------------------------------------------------------------- data
@@ -103,7 +101,7 @@ def _view(data: DataArg, split: SplitArg, genes: list[str] | None = None, **read
             raise InputError("the split view has other genes than those asked for: build it with them (split_view(data, split, genes)).")
         yield data
         return
-    split = _split_of(data, split)
+    split = split_of(data, split)
     with _dataset(data, **read_args) as dataset:
         yield split_view(dataset, split, genes)
 
@@ -158,6 +156,7 @@ def train(
     resume: bool = False,
     genes: str | Path | list[str] | None = None,
     overwrite: bool = False,
+    processes: int = 1,
     **read_args: Any,
 ) -> PerturbationModel:
     """Train ``model`` on the training cells of ``split`` and save it into the run folder ``out``.
@@ -184,148 +183,33 @@ def train(
     overwrite
         Replace a run folder that already holds a run; without it (and without ``resume``)
         such a folder is refused.
+    processes
+        Train in this many processes on this machine (DDP through accelerate: gloo on CPU, NCCL
+        on GPUs, one GPU each); each draws its own share of the batches, gradients are averaged,
+        process 0 writes checkpoints. A run resumes with any number of processes. Under
+        ``accelerate launch`` or ``torchrun`` leave it at 1: every launched process calls
+        ``train`` and process 0 alone checks and writes the run folder.
     """
     if isinstance(genes, (str, Path)):
         genes = read_gene_list(genes)
-    out = Path(out)
-    if resume and overwrite:
-        raise InputError("give --resume (continue the run in --out) or --overwrite (start it again), not both.")
-    existing = check_output(out, "run folder", overwrite=overwrite or resume, holds=RUN_FILES,
-                            other_choice="--resume to continue it (or --resume --set train.max_steps=N to train it longer)")
-    saved = None
-    if resume:
-        if not existing:
-            raise InputError(f"nothing to resume in {out}: no run was started there. Train without --resume.")
-        saved = read_json(out / RUN_FILE) if (out / RUN_FILE).is_file() else None
-    model, data, split, sections, read_args = _run_settings(out, resume, saved, model, data, split, config, sets, read_args)
-    split_obj = _split_of(data, split)
-    if saved is not None and split_obj.digest() != saved["split_digest"]:
-        raise InputError(f"the split given is not the one {out} was trained on (other cells or genes). Resume without "
-                         "--split, or train into a new --out.")
-    cls = model_class(model)
-    model_config = build(cls.config_class, sections["model"], "model")
-    train_config = build(TrainConfig, sections["train"], "train")
-    predict_config = build(PredictConfig, {**to_dict(cls.default_predict_config), **sections["predict"]}, "predict")
-    resolved = {"model": to_dict(model_config), "train": to_dict(train_config), "predict": to_dict(predict_config)}
-    if saved is not None:
-        _check_same_settings(out, saved["config"], resolved)
-        genes = _resumed_genes(out, saved.get("genes"), genes)
-    if resume and (out / "model.json").is_file():
-        _check_extension(out, model, train_config)
-    if overwrite:
-        remove_outputs(existing)
-    write_json(out / RUN_FILE, {
-        "format_version": RUN_FILE_VERSION,
-        "model": model,
-        "config": resolved,
-        "data": _data_path(data),
-        "split": str(Path(split).resolve()) if isinstance(split, (str, Path)) else None,
-        "split_digest": split_obj.digest(),
-        "genes": None if genes is None else [str(g) for g in genes],
-        "read_args": _saved_read_args(data, read_args),
-    })
-    with _view(data, split_obj, genes, **read_args) as view:
-        instance = cls.from_view(view, model_config, predict_config)
-        instance.fit(view, train_config, out, resume=resume and CheckpointDir(out).exists())
-        instance.save(out)
+    run = start_run(model, data, split, Path(out), config, sets, resume, genes, overwrite, read_args,
+                    write=is_main_process())
+    if processes > 1:
+        if not isinstance(run.data, (str, Path)):
+            raise InputError("training in several processes opens the data in each: give it as a file path, not an object.")
+        run_processes(processes, fit_run, run)
+        return PerturbationModel.load(run.out)
+    return fit_run(run)
+
+
+def fit_run(run: TrainRun) -> PerturbationModel:
+    """Train a started run in this process (one of several in a distributed run: process 0 saves)."""
+    with _view(run.data, run.split, run.genes, **run.read_args) as view:
+        instance = model_class(run.model).from_view(view, run.model_config, run.predict_config)
+        instance.fit(view, run.train_config, run.out, resume=run.resume)
+        if is_main_process():
+            instance.save(run.out)
     return instance
-
-
-RUN_FILE = "run.json"
-RUN_FILE_VERSION = 1
-# What `train` writes into a run folder: the folder holds a run when one of them is there.
-RUN_FILES = (RUN_FILE, "model.json", "model.safetensors", "checkpoints", "history.csv")
-
-
-def _run_settings(out: Path, resume: bool, saved: dict[str, Any] | None, model: str | None, data: DataArg | None,
-                  split: SplitArg, config: str | Path | None, sets: list[str] | None, read_args: dict[str, Any]) -> tuple:
-    """The model, data, split, config sections and read arguments of a run: as given, over what a
-    resumed run saved in ``run.json`` (given ones must agree with it)."""
-    given = load_sections(config, sets)
-    if saved is None:
-        missing = [flag for flag, value in (("--model", model), ("--data", data), ("--split", split)) if value is None]
-        if isinstance(data, SplitView) and "--split" in missing:
-            missing.remove("--split")
-        if missing:
-            how = ("; this run folder has no run.json (it was written by an older pertflow), so give them and the "
-                   "original --config/--set again") if resume else " (or --resume to continue the run in --out)"
-            raise InputError(f"give {', '.join(missing)}{how}.")
-        return model, data, split, given, read_args
-    if model is not None and model != saved["model"]:
-        raise InputError(f"{out} is a run of '{saved['model']}', not '{model}'. Resume it without --model, or train "
-                         f"'{model}' into a new --out.")
-    for flag, value, key in (("--data", data, "data"), ("--split", split, "split")):
-        if value is None and saved[key] is None and not (key == "split" and isinstance(data, SplitView)):
-            raise InputError(f"{out}/{RUN_FILE} does not record the {key} file (it was given as an object): give {flag}.")
-    data = saved["data"] if data is None else data
-    split = saved["split"] if split is None and not isinstance(data, SplitView) else split
-    sections = {name: {**saved["config"][name], **given[name]} for name in given}
-    stored = dict(saved["read_args"])
-    if stored.get("spec") is not None:
-        stored["spec"] = DataSpec.from_dict(stored["spec"])
-    return saved["model"], data, split, sections, {**stored, **read_args}
-
-
-def _check_same_settings(out: Path, saved: dict[str, dict[str, Any]], resolved: dict[str, dict[str, Any]]) -> None:
-    """A resumed run keeps its settings, but for those the engine lets change (``train.max_steps``)."""
-    now = json.loads(json.dumps(resolved))
-    changed = [f"{section}.{key}" for section, values in now.items() for key, value in values.items()
-               if saved.get(section, {}).get(key, value) != value and not (section == "train" and key in RESUME_MAY_CHANGE)]
-    if changed:
-        allowed = ", ".join(f"train.{k}" for k in RESUME_MAY_CHANGE)
-        raise InputError(f"cannot resume {out} with other settings ({', '.join(changed)}): only {allowed} may change. "
-                         "Resume with the run's own settings (leave out --config and --set), or train into a new --out.")
-
-
-def _check_extension(out: Path, model: str, train_config: TrainConfig) -> None:
-    """A finished run resumes only to train longer: ``train.max_steps`` beyond its last step."""
-    done = read_json(out / "model.json").get("fit_report", {}).get("steps")
-    if done is None:
-        raise InputError(f"{out} holds a finished '{model}' model, which has no training steps to continue. "
-                         "Pass --overwrite to fit it again, or choose a new --out.")
-    if train_config.max_steps <= done:
-        raise InputError(f"{out} is a finished run of {done} steps. To train it longer, resume with "
-                         f"--set train.max_steps=N with N > {done}; to start again, pass --overwrite instead.")
-
-
-def _split_of(data: DataArg | None, split: SplitArg) -> Split:
-    """The split object: the view's, the one given, or the file read."""
-    if isinstance(data, SplitView):
-        return data.split
-    if split is None:
-        raise InputError("a split is needed: give the split file (--split) the model was trained or is evaluated on.")
-    return split if isinstance(split, Split) else Split.load(split)
-
-
-def _data_path(data: DataArg | None) -> str | None:
-    dataset = data.data if isinstance(data, SplitView) else data
-    path = dataset.path if isinstance(dataset, PerturbationData) else dataset
-    return str(Path(path).resolve()) if path is not None else None
-
-
-def _resumed_genes(out: Path, saved: list[str] | None, given: list[str] | None) -> list[str] | None:
-    """The gene panel of a resumed run: the one it was started with (a panel given again must be it)."""
-    if given is not None and (saved is None or set(given) != set(saved)):
-        trained_on = "all the split's genes" if saved is None else f"a panel of {len(saved)} genes"
-        raise InputError(f"{out} was trained on {trained_on}, not on the genes given: resume without --genes, "
-                         "or train into a new --out.")
-    return saved
-
-
-def _saved_read_args(data: DataArg | None, read_args: dict[str, Any]) -> dict[str, Any]:
-    """The read arguments as ``run.json`` keeps them (JSON-ready: a spec as its dict)."""
-    dataset = data.data if isinstance(data, SplitView) else data
-    if isinstance(dataset, PerturbationData):
-        return {"backed": dataset.source.on_disk, "spec": dataset.spec.to_dict()}
-    out = dict(read_args)
-    spec = out.get("spec")
-    if spec is not None and not isinstance(spec, DataSpec):
-        spec = DataSpec.load(spec)
-    if spec is not None:
-        out["spec"] = spec.to_dict()
-    if "context_cols" in out:
-        out["context_cols"] = list(out["context_cols"])
-    return out
 
 
 def means_path(out: str | Path) -> Path:

@@ -2,7 +2,8 @@
 
 An :class:`ExpressionSource` reads given rows of ``X`` or of a layer, whether the matrix is a
 NumPy array, a SciPy CSR/CSC matrix, an HDF5 dataset or an on-disk CSR group. Only the rows
-asked for are read, and only the genes asked for are made dense.
+asked for are read, and only the genes asked for are made dense. Rows of an on-disk CSR matrix
+are read in a few contiguous reads (:func:`read_csr_rows`), not one per row.
 """
 
 from __future__ import annotations
@@ -18,6 +19,39 @@ import scipy.sparse as sp
 from pertflow.errors import InputError
 
 DEFAULT_CHUNK = 4096
+#: Unwanted rows read through between two wanted rows of an on-disk CSR matrix rather than
+#: starting a new read (a read costs about as much as a few thousand stored values).
+MAX_GAP_ROWS = 8
+
+
+def csr_group(matrix: Any) -> h5py.Group | None:
+    """The HDF5 group of an on-disk CSR matrix, None for any other matrix."""
+    group = getattr(matrix, "group", None)
+    return group if isinstance(group, h5py.Group) and getattr(matrix, "format", None) == "csr" else None
+
+
+def read_csr_rows(group: h5py.Group, rows: np.ndarray, n_cols: int, max_gap: int = MAX_GAP_ROWS) -> sp.csr_matrix:
+    """Rows of an on-disk CSR matrix (``indptr``, ``indices``, ``data`` in ``group``) as CSR.
+
+    ``rows`` must be sorted and unique. They are grouped into runs whose neighbours are at most
+    ``max_gap`` rows apart; each run costs three contiguous reads (its ``indptr``, then its
+    ``indices`` and ``data``), so a batch of rows clustered in the file costs a few reads, and
+    no more than the runs' rows is ever in memory.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if not len(rows):
+        return sp.csr_matrix((0, n_cols), dtype=group["data"].dtype)
+    breaks = np.flatnonzero(np.diff(rows) > max_gap + 1) + 1
+    bounds = np.split(rows, breaks)
+    indptr, indices, data = group["indptr"], group["indices"], group["data"]
+    blocks = []
+    for run in bounds:
+        first, last = int(run[0]), int(run[-1]) + 1
+        ptr = np.asarray(indptr[first : last + 1], dtype=np.int64)
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        block = sp.csr_matrix((data[lo:hi], indices[lo:hi], ptr - lo), shape=(last - first, n_cols))
+        blocks.append(block if len(run) == last - first else block[run - first])
+    return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
 
 
 class ExpressionSource:
@@ -56,7 +90,8 @@ class ExpressionSource:
             if self.on_disk:
                 # HDF5 fancy indexing wants increasing, unique indices: read sorted, then reorder.
                 unique, inverse = np.unique(rows, return_inverse=True)
-                block = self.matrix[unique]
+                group = csr_group(self.matrix)
+                block = self.matrix[unique] if group is None else read_csr_rows(group, unique, self.shape[1])
                 block = block[inverse]
             else:
                 block = self.matrix[rows]

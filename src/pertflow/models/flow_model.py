@@ -32,6 +32,7 @@ from pertflow.models.network import NetworkModel, frozen, inference_device
 from pertflow.models.prior import Prior
 from pertflow.models.validation import ValidationScore, ValidationSet
 from pertflow.train.config import TrainConfig
+from pertflow.train.launch import is_main_process
 
 PREDICTION_MODES = ("flow", "prior-mean", "prior")
 VALIDATION_SEED = 0
@@ -81,7 +82,7 @@ class GeneFlowModel(NetworkModel):
             scores = {mode: self.validation_score(self.module, validation, mode) for mode in PREDICTION_MODES}
             self.prediction_mode = max(PREDICTION_MODES, key=lambda m: (scores[m].score, -PREDICTION_MODES.index(m)))
             report["validation"] = {m: s.as_dict("") for m, s in scores.items()}
-            if self.prediction_mode != "flow":
+            if self.prediction_mode != "flow" and is_main_process():
                 print(f"note: on the validation perturbations the flow scored {scores['flow'].score:.3f} and its prior "
                       f"({self.prior.name}) {scores['prior'].score:.3f}; predicting as '{self.prediction_mode}'.", flush=True)
         report["prediction_mode"] = self.prediction_mode
