@@ -54,7 +54,7 @@ def write_dataset(path: Path, n_cells: int, n_genes: int, n_perturbations: int, 
     rng = np.random.default_rng(seed)
     genes = [f"G{i:05d}" for i in range(n_genes)]
     perturbations = np.array(["control", *genes[:n_perturbations]], dtype=object)
-    base = rng.lognormal(mean=np.log(0.1), sigma=1.0, size=n_genes)  # mean counts: ~90% zeros
+    base = rng.lognormal(mean=np.log(0.06), sigma=1.0, size=n_genes)  # mean counts: ~90% zeros
     line_factor = rng.lognormal(0.0, 0.3, size=(len(CONTEXTS), n_genes))
     effect = np.ones((len(perturbations), n_genes))
     for p in range(1, len(perturbations)):

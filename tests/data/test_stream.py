@@ -117,7 +117,7 @@ def test_no_row_of_another_split_is_read(views):
 
     source.read_rows = recording
     batches = view.paired_batches(view.rows.train, 8, seed=1, max_components=2, weighting="epoch")
-    for _ in range(2 * batches.sampler.batches_per_epoch):
+    for _ in range(batches.sampler.batches_per_epoch):
         batches.next_batch()
     train_read = np.unique(np.concatenate(read))
     assert set(train_read) <= set(view.rows.train)

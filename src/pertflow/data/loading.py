@@ -30,28 +30,39 @@ def csr_group(matrix: Any) -> h5py.Group | None:
     return group if isinstance(group, h5py.Group) and getattr(matrix, "format", None) == "csr" else None
 
 
-def read_csr_rows(group: h5py.Group, rows: np.ndarray, n_cols: int, max_gap: int = MAX_GAP_ROWS) -> sp.csr_matrix:
+def read_csr_rows(group: Any, rows: np.ndarray, n_cols: int, max_gap: int = MAX_GAP_ROWS,
+                  indptr: np.ndarray | None = None) -> sp.csr_matrix:
     """Rows of an on-disk CSR matrix (``indptr``, ``indices``, ``data`` in ``group``) as CSR.
 
     ``rows`` must be sorted and unique. They are grouped into runs whose neighbours are at most
-    ``max_gap`` rows apart; each run costs three contiguous reads (its ``indptr``, then its
-    ``indices`` and ``data``), so a batch of rows clustered in the file costs a few reads, and
-    no more than the runs' rows is ever in memory.
+    ``max_gap`` rows apart; each run costs two contiguous reads (its ``indices`` and ``data``),
+    plus one of its ``indptr`` unless ``indptr`` (the whole array, 8 bytes a row) is given. A
+    batch of rows clustered in the file thus costs a few reads, and no more than the runs' rows
+    is ever in memory.
     """
     rows = np.asarray(rows, dtype=np.int64)
     if not len(rows):
         return sp.csr_matrix((0, n_cols), dtype=group["data"].dtype)
     breaks = np.flatnonzero(np.diff(rows) > max_gap + 1) + 1
-    bounds = np.split(rows, breaks)
-    indptr, indices, data = group["indptr"], group["indices"], group["data"]
-    blocks = []
-    for run in bounds:
+    data_ds, indices_ds = group["data"], group["indices"]
+    data, indices, lengths = [], [], []
+    for run in np.split(rows, breaks):
         first, last = int(run[0]), int(run[-1]) + 1
-        ptr = np.asarray(indptr[first : last + 1], dtype=np.int64)
+        ptr = indptr[first : last + 1] if indptr is not None else np.asarray(group["indptr"][first : last + 1], dtype=np.int64)
         lo, hi = int(ptr[0]), int(ptr[-1])
-        block = sp.csr_matrix((data[lo:hi], indices[lo:hi], ptr - lo), shape=(last - first, n_cols))
-        blocks.append(block if len(run) == last - first else block[run - first])
-    return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+        run_data, run_indices = data_ds[lo:hi], indices_ds[lo:hi]
+        if len(run) < last - first:  # drop the rows read through
+            keep = run - first
+            starts, stops = ptr[keep] - lo, ptr[keep + 1] - lo
+            take = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(keep) else np.zeros(0, np.int64)
+            run_data, run_indices = run_data[take], run_indices[take]
+            lengths.append(stops - starts)
+        else:
+            lengths.append(np.diff(ptr))
+        data.append(run_data)
+        indices.append(run_indices)
+    out_ptr = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
+    return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), out_ptr), shape=(len(rows), n_cols))
 
 
 class ExpressionSource:
@@ -72,6 +83,7 @@ class ExpressionSource:
         self.matrix = matrix
         self.name = name
         self.shape = tuple(int(s) for s in matrix.shape)
+        self._indptr: np.ndarray | None = None  # of an on-disk CSR matrix, once read
 
     @property
     def is_sparse(self) -> bool:
@@ -91,8 +103,14 @@ class ExpressionSource:
                 # HDF5 fancy indexing wants increasing, unique indices: read sorted, then reorder.
                 unique, inverse = np.unique(rows, return_inverse=True)
                 group = csr_group(self.matrix)
-                block = self.matrix[unique] if group is None else read_csr_rows(group, unique, self.shape[1])
-                block = block[inverse]
+                if group is None:
+                    block = self.matrix[unique]
+                else:
+                    if self._indptr is None:  # 8 bytes a row, read once: a run then costs two reads
+                        self._indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+                    block = read_csr_rows(group, unique, self.shape[1], indptr=self._indptr)
+                if len(unique) != len(rows) or not np.array_equal(unique, rows):
+                    block = block[inverse]
             else:
                 block = self.matrix[rows]
         if sp.issparse(block):

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 from pertflow.errors import InputError, TrainingInterrupted
@@ -179,6 +180,9 @@ class Trainer:
         cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
         if config.device == "cuda" and not torch.cuda.is_available():
             raise InputError("train.device is 'cuda' but no GPU is visible. Use train.device=auto or cpu.")
+        # accelerate keeps one state per process: a second run in this process (another precision)
+        # starts from a fresh one; the process group (PartialState), if any, is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
         self.network = module
         if config.grad_checkpointing:
