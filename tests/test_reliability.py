@@ -162,7 +162,7 @@ def test_resume_extends_a_finished_run_and_refuses_other_settings(synthetic_file
     assert main(["train", "--resume", "--out", str(run)]) == 2
     assert "is a finished run of 6 steps" in one_error_line(capsys, "train")
     assert main(["train", "--resume", "--out", str(run), "--set", "train.lr=0.5"]) == 2
-    assert "other settings (train.lr): only train.progress, train.max_steps may change" in one_error_line(capsys, "train")
+    assert "other settings (train.lr): only train.progress, train.max_steps, train.grad_checkpointing, train.accumulate may change" in one_error_line(capsys, "train")
     assert json.loads((run / "run.json").read_text())["config"]["train"]["lr"] == 5e-5  # the run's record is untouched
     assert main(["train", "--resume", "--out", str(run), "--set", "train.max_steps=9"]) == 0
     assert json.loads((run / "model.json").read_text())["fit_report"]["steps"] == 9

@@ -27,19 +27,19 @@ from pertflow.data.splits import SPLIT_KINDS, Split, make_split
 from pertflow.data.view import SplitView, read_gene_list
 from pertflow.errors import InputError
 from pertflow.eval.config import EvalConfig
-from pertflow.io import atomic_path, check_output, check_writable, read_json, remove_outputs, write_h5ad, write_json
+from pertflow.io import atomic_path, check_output, check_writable, remove_outputs, write_h5ad
 from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
 from pertflow.models.predict import interval_table, prediction_means, predict_split
 from pertflow.models.registry import BASELINES, model_class, model_names
-from pertflow import run_record as runs
-from pertflow.run_record import RUN_FILES  # noqa: F401  (benchmark reads it here)
+from pertflow.runs import RUN_FILES, DataArg, SplitArg, TrainRun, shipped_config, split_of, start_run  # noqa: F401  (benchmark reads RUN_FILES here)
 from pertflow.runtime import quiet_libraries, set_threads
-from pertflow.train.checkpoint import holds_checkpoint
 from pertflow.train.config import TrainConfig
+from pertflow.train.launch import is_main_process, run_processes
 
 __all__ = [
     "BASELINES",
+    "RUN_FILES",
     "Adapter",
     "AdapterConfig",
     "SPLIT_KINDS",
@@ -64,8 +64,6 @@ __all__ = [
     "train",
 ]
 
-DataArg = str | Path | PerturbationData | SplitView
-SplitArg = str | Path | Split | None
 
 
 # ---------------------------------------------------------------------------- data
@@ -109,7 +107,7 @@ def _view(data: DataArg, split: SplitArg, genes: list[str] | None = None, **read
             raise InputError("the split view has other genes than those asked for: build it with them (split_view(data, split, genes)).")
         yield data
         return
-    split = _split_of(data, split)
+    split = split_of(data, split)
     with _dataset(data, **read_args) as dataset:
         yield split_view(dataset, split, genes)
 
@@ -164,6 +162,7 @@ def train(
     resume: bool = False,
     genes: str | Path | list[str] | None = None,
     overwrite: bool = False,
+    processes: int = 1,
     **read_args: Any,
 ) -> PerturbationModel:
     """Train ``model`` on the training cells of ``split`` and save it into the run folder ``out``.
@@ -192,61 +191,34 @@ def train(
     overwrite
         Replace a run folder that already holds a run; without it (and without ``resume``)
         such a folder is refused.
+    processes
+        Train in this many processes on this machine (DDP through accelerate: gloo on CPU, NCCL
+        on GPUs, one GPU each); each draws its own share of the batches, gradients are averaged,
+        process 0 writes checkpoints. A run resumes with any number of processes. Under
+        ``accelerate launch`` or ``torchrun`` leave it at 1: every launched process calls
+        ``train`` and process 0 alone checks and writes the run folder.
     """
     if isinstance(genes, (str, Path)):
         genes = read_gene_list(genes)
-    config = runs.shipped_config(model, config)
-    out = Path(out)
-    if resume and overwrite:
-        raise InputError("give --resume (continue the run in --out) or --overwrite (start it again), not both.")
-    existing = check_output(out, "run folder", overwrite=overwrite or resume, holds=runs.RUN_FILES,
-                            other_choice="--resume to continue it (or --resume --set train.max_steps=N to train it longer)")
-    saved = None
-    if resume:
-        if not existing:
-            raise InputError(f"nothing to resume in {out}: no run was started there. Train without --resume.")
-        saved = read_json(out / runs.RUN_FILE) if (out / runs.RUN_FILE).is_file() else None
-    model, data, split, sections, read_args = runs.run_settings(out, resume, saved, model, data, split, config, sets, read_args)
-    split_obj = _split_of(data, split)
-    if saved is not None and split_obj.digest() != saved["split_digest"]:
-        raise InputError(f"the split given is not the one {out} was trained on (other cells or genes). Resume without "
-                         "--split, or train into a new --out.")
-    cls = model_class(model)
-    model_config = build(cls.config_class, sections["model"], "model")
-    train_config = build(TrainConfig, sections["train"], "train")
-    predict_config = build(PredictConfig, {**to_dict(cls.default_predict_config), **sections["predict"]}, "predict")
-    resolved = {"model": to_dict(model_config), "train": to_dict(train_config), "predict": to_dict(predict_config)}
-    if saved is not None:
-        runs.check_same_settings(out, saved["config"], resolved)
-        genes = runs.resumed_genes(out, saved.get("genes"), genes)
-    if resume and (out / "model.json").is_file():
-        runs.check_extension(out, model, train_config)
-    if overwrite:
-        remove_outputs(existing)
-    write_json(out / runs.RUN_FILE, {
-        "format_version": runs.RUN_FILE_VERSION,
-        "model": model,
-        "config": resolved,
-        "data": runs.data_path(data),
-        "split": str(Path(split).resolve()) if isinstance(split, (str, Path)) else None,
-        "split_digest": split_obj.digest(),
-        "genes": None if genes is None else [str(g) for g in genes],
-        "read_args": runs.saved_read_args(data, read_args),
-    })
-    with _view(data, split_obj, genes, **read_args) as view:
-        instance = cls.from_view(view, model_config, predict_config)
-        instance.fit(view, train_config, out, resume=resume and holds_checkpoint(out))
-        instance.save(out)
+    config = shipped_config(model, config)
+    run = start_run(model, data, split, Path(out), config, sets, resume, genes, overwrite, read_args,
+                    write=is_main_process())
+    if processes > 1:
+        if not isinstance(run.data, (str, Path)):
+            raise InputError("training in several processes opens the data in each: give it as a file path, not an object.")
+        run_processes(processes, fit_run, run)
+        return PerturbationModel.load(run.out)
+    return fit_run(run)
+
+
+def fit_run(run: TrainRun) -> PerturbationModel:
+    """Train a started run in this process (one of several in a distributed run: process 0 saves)."""
+    with _view(run.data, run.split, run.genes, **run.read_args) as view:
+        instance = model_class(run.model).from_view(view, run.model_config, run.predict_config)
+        instance.fit(view, run.train_config, run.out, resume=run.resume)
+        if is_main_process():
+            instance.save(run.out)
     return instance
-
-
-def _split_of(data: DataArg | None, split: SplitArg) -> Split:
-    """The split object: the view's, the one given, or the file read."""
-    if isinstance(data, SplitView):
-        return data.split
-    if split is None:
-        raise InputError("a split is needed: give the split file (--split) the model was trained or is evaluated on.")
-    return split if isinstance(split, Split) else Split.load(split)
 
 
 def means_path(out: str | Path) -> Path:

@@ -209,6 +209,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--genes", metavar="FILE",
                    help="train on these of the split's genes only (a text file, one gene per line), e.g. the genes "
                         "another dataset shares, so that the model can predict there")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="train in N processes on this machine (DDP: gloo on CPU, NCCL on GPUs, one GPU each); "
+                        "under accelerate launch or torchrun leave it out")
     add_config_flags(p)
     add_overwrite_flag(p)
     add_threads_flag(p)
@@ -220,7 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pertflow.api import train
 
     model = train(args.model, args.data, args.split, args.out, config=args.config, sets=args.set, resume=args.resume,
-                  genes=args.genes, overwrite=args.overwrite, **read_args(args))
+                  genes=args.genes, overwrite=args.overwrite, processes=args.processes, **read_args(args))
     report = ", ".join(f"{k} {v}" for k, v in model.fit_report.items() if not isinstance(v, list))
     print(f"trained {model.name}" + (f": {report}" if report else ""))
     print(f"wrote the run folder {args.out} (model.json, model.safetensors, run.json; training history and checkpoints "

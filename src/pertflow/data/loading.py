@@ -2,7 +2,8 @@
 
 An :class:`ExpressionSource` reads given rows of ``X`` or of a layer, whether the matrix is a
 NumPy array, a SciPy CSR/CSC matrix, an HDF5 dataset or an on-disk CSR group. Only the rows
-asked for are read, and only the genes asked for are made dense.
+asked for are read, and only the genes asked for are made dense. Rows of an on-disk CSR matrix
+are read in a few contiguous reads (:func:`read_csr_rows`), not one per row.
 """
 
 from __future__ import annotations
@@ -18,6 +19,50 @@ import scipy.sparse as sp
 from pertflow.errors import InputError
 
 DEFAULT_CHUNK = 4096
+#: Unwanted rows read through between two wanted rows of an on-disk CSR matrix rather than
+#: starting a new read (a read costs about as much as a few thousand stored values).
+MAX_GAP_ROWS = 8
+
+
+def csr_group(matrix: Any) -> h5py.Group | None:
+    """The HDF5 group of an on-disk CSR matrix, None for any other matrix."""
+    group = getattr(matrix, "group", None)
+    return group if isinstance(group, h5py.Group) and getattr(matrix, "format", None) == "csr" else None
+
+
+def read_csr_rows(group: Any, rows: np.ndarray, n_cols: int, max_gap: int = MAX_GAP_ROWS,
+                  indptr: np.ndarray | None = None) -> sp.csr_matrix:
+    """Rows of an on-disk CSR matrix (``indptr``, ``indices``, ``data`` in ``group``) as CSR.
+
+    ``rows`` must be sorted and unique. They are grouped into runs whose neighbours are at most
+    ``max_gap`` rows apart; each run costs two contiguous reads (its ``indices`` and ``data``),
+    plus one of its ``indptr`` unless ``indptr`` (the whole array, 8 bytes a row) is given. A
+    batch of rows clustered in the file thus costs a few reads, and no more than the runs' rows
+    is ever in memory.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if not len(rows):
+        return sp.csr_matrix((0, n_cols), dtype=group["data"].dtype)
+    breaks = np.flatnonzero(np.diff(rows) > max_gap + 1) + 1
+    data_ds, indices_ds = group["data"], group["indices"]
+    data, indices, lengths = [], [], []
+    for run in np.split(rows, breaks):
+        first, last = int(run[0]), int(run[-1]) + 1
+        ptr = indptr[first : last + 1] if indptr is not None else np.asarray(group["indptr"][first : last + 1], dtype=np.int64)
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        run_data, run_indices = data_ds[lo:hi], indices_ds[lo:hi]
+        if len(run) < last - first:  # drop the rows read through
+            keep = run - first
+            starts, stops = ptr[keep] - lo, ptr[keep + 1] - lo
+            take = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(keep) else np.zeros(0, np.int64)
+            run_data, run_indices = run_data[take], run_indices[take]
+            lengths.append(stops - starts)
+        else:
+            lengths.append(np.diff(ptr))
+        data.append(run_data)
+        indices.append(run_indices)
+    out_ptr = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
+    return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), out_ptr), shape=(len(rows), n_cols))
 
 
 class ExpressionSource:
@@ -38,6 +83,7 @@ class ExpressionSource:
         self.matrix = matrix
         self.name = name
         self.shape = tuple(int(s) for s in matrix.shape)
+        self._indptr: np.ndarray | None = None  # of an on-disk CSR matrix, once read
 
     @property
     def is_sparse(self) -> bool:
@@ -56,8 +102,15 @@ class ExpressionSource:
             if self.on_disk:
                 # HDF5 fancy indexing wants increasing, unique indices: read sorted, then reorder.
                 unique, inverse = np.unique(rows, return_inverse=True)
-                block = self.matrix[unique]
-                block = block[inverse]
+                group = csr_group(self.matrix)
+                if group is None:
+                    block = self.matrix[unique]
+                else:
+                    if self._indptr is None:  # 8 bytes a row, read once: a run then costs two reads
+                        self._indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+                    block = read_csr_rows(group, unique, self.shape[1], indptr=self._indptr)
+                if len(unique) != len(rows) or not np.array_equal(unique, rows):
+                    block = block[inverse]
             else:
                 block = self.matrix[rows]
         if sp.issparse(block):

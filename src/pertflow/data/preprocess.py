@@ -31,6 +31,8 @@ def select_genes(
     n_top_genes: int,
     flavor: str = "seurat",
     force_perturbed: bool = True,
+    max_cells: int = 200_000,
+    seed: int = 0,
 ) -> list[str]:
     """Highly variable genes of the training cells, with perturbed genes forced in.
 
@@ -47,6 +49,9 @@ def select_genes(
         gives), ``"seurat_v3"`` expects counts and is refused here.
     force_perturbed
         Add every measured gene that is a perturbation target, even if not variable.
+    max_cells, seed
+        With more training cells than ``max_cells``, the genes are chosen on a seeded sample of
+        that many (read in chunks, as CSR): memory is bounded by the sample, not the data.
 
     Returns
     -------
@@ -58,6 +63,9 @@ def select_genes(
     n_genes = data.adata.n_vars
     if n_top_genes >= n_genes:
         return list(map(str, data.gene_names))
+    train_rows = np.asarray(train_rows, dtype=np.int64)
+    if len(train_rows) > max_cells:
+        train_rows = np.random.default_rng(seed).choice(train_rows, size=max_cells, replace=False)
     X = data.log_expression_csr(np.sort(train_rows))
     tmp = ad.AnnData(X=X)
     with warnings.catch_warnings():

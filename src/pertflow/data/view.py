@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from pertflow.data.dataset import GENE_PANEL_FIX, PerturbationData, missing_genes_error
 from pertflow.data.splits import Split, SplitRows
@@ -58,28 +59,61 @@ class ExpressionCache:
     """Dense log1p expression of some rows of a dataset, on some genes.
 
     Rows are materialised once when they fit in ``max_bytes``; otherwise each request reads its
-    rows from the file (backed data stays on disk). Asking for a row outside the cached set is
-    an error: that is how test cells stay out of a model's reach.
+    rows from the file (backed data stays on disk: out-of-core training). Asking for a row
+    outside the cached set is an error: that is how test cells stay out of a model's reach.
     """
 
     def __init__(self, data: PerturbationData, rows: np.ndarray, gene_idx: np.ndarray, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.data = data
         self.gene_idx = gene_idx
-        rows = np.unique(rows)
-        self.position = pd.Series(np.arange(len(rows)), index=rows)
+        self.rows = np.unique(rows)  # sorted: a row's position is found by bisection
+        self.allowed = np.zeros(data.n_cells, dtype=bool)
+        self.allowed[self.rows] = True
         self.matrix: np.ndarray | None = None
-        if len(rows) * len(gene_idx) * 4 <= max_bytes:
-            self.matrix = data.log_expression(rows, gene_idx)
+        if len(self.rows) * len(gene_idx) * 4 <= max_bytes:
+            self.matrix = data.log_expression(self.rows, gene_idx)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.matrix is not None
+
+    def _check(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        missing = ~self.allowed[rows]
+        if missing.any():
+            raise RuntimeError(f"rows {rows[missing][:5]} are not visible to the model (test cells are never cached)")
+        return rows
 
     def get(self, rows: np.ndarray) -> np.ndarray:
         """(n, G) float32 expression of ``rows`` (rows of the dataset)."""
-        rows = np.asarray(rows)
-        missing = ~np.isin(rows, self.position.index)
-        if missing.any():
-            raise RuntimeError(f"rows {rows[missing][:5]} are not visible to the model (test cells are never cached)")
+        rows = self._check(rows)
         if self.matrix is None:
             return self.data.log_expression(rows, self.gene_idx)
-        return self.matrix[self.position.loc[rows].to_numpy()]
+        return self.matrix[np.searchsorted(self.rows, rows)]
+
+    def group_means(self, groups: dict[Any, np.ndarray], chunk: int = 4096) -> dict[Any, np.ndarray]:
+        """(G,) float32 mean expression of each group of rows.
+
+        In memory, each group's rows are averaged; on disk, the groups' rows are read once in
+        file order, ``chunk`` rows at a time, and summed per group (memory bounded by the chunk,
+        not by the groups' sizes).
+        """
+        if self.matrix is not None:
+            return {key: self.get(rows).mean(0) for key, rows in groups.items()}
+        keys = list(groups)
+        rows = np.concatenate([self._check(groups[k]) for k in keys]) if keys else np.zeros(0, dtype=np.int64)
+        group_of = np.repeat(np.arange(len(keys)), [len(groups[k]) for k in keys])
+        order = np.argsort(rows, kind="stable")
+        rows, group_of = rows[order], group_of[order]
+        sums = np.zeros((len(keys), len(self.gene_idx)), dtype=np.float64)
+        for start in range(0, len(rows), chunk):
+            part = slice(start, start + chunk)
+            block = self.data.log_expression_csr(rows[part], self.gene_idx)
+            members = sp.csr_matrix((np.ones(block.shape[0]), (group_of[part], np.arange(block.shape[0]))),
+                                    shape=(len(keys), block.shape[0]))
+            sums += np.asarray((members @ block).todense())
+        sizes = np.array([max(1, len(groups[k])) for k in keys], dtype=np.float64)[:, None]
+        return {k: (sums[i] / sizes[i]).astype(np.float32) for i, k in enumerate(keys)}
 
 
 class CountsCache:
@@ -155,13 +189,17 @@ class SplitView:
 
     Parameters
     ----------
+    max_cache_bytes
+        The most bytes of visible expression held in memory. None: 4 GiB for data in memory,
+        0 for backed data (read with ``backed=True``), which then streams from disk: every
+        batch reads its rows from the file (out-of-core training).
     genes
         Use only these genes of the split (a gene panel, or a model's genes when it predicts
         other data): the split's genes that are named, in the split's order. A name the split
         (or, without a gene list, the data) lacks raises an error naming it.
     """
 
-    def __init__(self, data: PerturbationData, split: Split, max_cache_bytes: int = DEFAULT_CACHE_BYTES,
+    def __init__(self, data: PerturbationData, split: Split, max_cache_bytes: int | None = None,
                  genes: Sequence[str] | None = None):
         self.data = data
         self.split = split
@@ -177,6 +215,8 @@ class SplitView:
         descriptors = load_descriptors(data.spec.descriptors_key, data.adata.uns) if data.spec.descriptors_key else None
         self.vocab = build_vocabulary(symbols, (data.components(p) for p in data.perturbation_names), data.spec.genetic, descriptors)
         self.visible = np.concatenate([self.rows.train, self.rows.val])
+        if max_cache_bytes is None:
+            max_cache_bytes = 0 if data.source.on_disk else DEFAULT_CACHE_BYTES
         self.expression = ExpressionCache(data, self.visible, self.gene_idx, max_cache_bytes)
 
     def __repr__(self) -> str:

@@ -69,18 +69,16 @@ class DeltaModel(PerturbationModel):
         self.responses = np.zeros((0, len(self.genes)), dtype=np.float32)
 
     def fit(self, view: SplitView, train_config: TrainConfig | None = None, run_dir: Path | None = None, resume: bool = False) -> None:
-        groups = view.groups(view.rows.train)
-        control_mean = {
-            ctx: view.expression.get(rows).mean(0) for (pert, ctx), rows in groups.items() if pert == self.spec.control
-        }
+        means = view.expression.group_means(view.groups(view.rows.train))  # one pass over backed data
+        control_mean = {ctx: mean for (pert, ctx), mean in means.items() if pert == self.spec.control}
         keys, responses = [], []
-        for (pert, ctx), rows in sorted(groups.items()):
+        for (pert, ctx), mean in sorted(means.items()):
             if pert == self.spec.control:
                 continue
             if ctx not in control_mean:
                 continue  # the sampler-level check names this; a baseline just cannot use the group
             keys.append((pert, ctx))
-            responses.append(view.expression.get(rows).mean(0) - control_mean[ctx])
+            responses.append(mean - control_mean[ctx])
         self.fit_responses(keys, np.array(responses, dtype=np.float32).reshape(len(keys), len(self.genes)))
 
     def fit_responses(self, keys: list[tuple[str, str]], responses: np.ndarray) -> None:

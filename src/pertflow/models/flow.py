@@ -249,6 +249,10 @@ class GeneFlowNetwork(nn.Module):
     def n_genes(self) -> int:
         return int(self.gene_tokens.shape[0])
 
+    def set_grad_checkpointing(self, on: bool) -> None:
+        """Recompute the backbone's activations in the backward pass (``train.grad_checkpointing``)."""
+        self.backbone.grad_checkpointing = on
+
     # ------------------------------------------------------------------ the network
     def context(self, reference: Tensor, pert_ids: Tensor, gene_idx: Tensor | None = None) -> FieldContext:
         """What the field reads besides the state, for reference cells ``(B, G)`` on the genes

@@ -32,6 +32,7 @@ from pertflow.models.network import NetworkModel, frozen, inference_device
 from pertflow.models.prior import UNJUDGED_COMBINATIONS, Prior
 from pertflow.models.validation import ValidationScore, ValidationSet
 from pertflow.train.config import TrainConfig
+from pertflow.train.launch import is_main_process
 
 PREDICTION_MODES = ("flow", "prior-mean", "prior")
 VALIDATION_SEED = 0
@@ -83,9 +84,10 @@ class GeneFlowModel(NetworkModel):
             report["validation"] = {m: s.as_dict("") for m, s in scores.items()}
             if self.prior.reason == UNJUDGED_COMBINATIONS:  # validation has none of the test's kind
                 self.prediction_mode = "prior"
-                print("note: no validation combination has its singles measured, so the flow cannot be judged on the "
-                      "test's kind of combination: predicting as its additive prior.", flush=True)
-            elif self.prediction_mode != "flow":
+                if is_main_process():
+                    print("note: no validation combination has its singles measured, so the flow cannot be judged on the "
+                            "test's kind of combination: predicting as its additive prior.", flush=True)
+            elif self.prediction_mode != "flow" and is_main_process():
                 print(f"note: on the validation perturbations the flow scored {scores['flow'].score:.3f} and its prior "
                       f"({self.prior.name}) {scores['prior'].score:.3f}; predicting as '{self.prediction_mode}'.", flush=True)
         report["prediction_mode"] = self.prediction_mode

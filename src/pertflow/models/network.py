@@ -22,6 +22,9 @@ from pertflow.models.config import PredictConfig
 from pertflow.train.config import TrainConfig
 
 
+ROW_INDEX_FILE = "row_index.npz"  # the training rows per (perturbation, context), cached beside the run
+
+
 def inference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -89,6 +92,8 @@ class NetworkModel(PerturbationModel):
             "best_criterion": result.best_criterion,
             "skipped_steps": result.skipped_steps,
             "parameters": sum(p.numel() for p in self.module.parameters()),
+            "processes": result.processes,
+            "steps_per_s": result.steps_per_s,
         }
 
     def run_engine(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool, selector: Any = None,
@@ -105,7 +110,7 @@ class NetworkModel(PerturbationModel):
         controls = train_config.include_controls if include_controls is None else include_controls
         batches = view.paired_batches(
             view.rows.train, train_config.batch_size, train_config.seed, self.max_components,
-            weighting=train_config.weighting, include_controls=controls, **arrays,
+            weighting=train_config.weighting, include_controls=controls, index_cache=Path(run_dir) / ROW_INDEX_FILE, **arrays,
         )
         val = view.validation_batches(train_config.val_batches, train_config.batch_size, train_config.seed + 1, self.max_components, **arrays)
         trainer = Trainer(self.module, train_config, run_dir, batches, val,

@@ -122,12 +122,15 @@ class ValidationSet:
         The PCA of the training cells for the E-distance.
     top_k
         DE genes of the Pearson delta.
+    max_control_cells
+        Control cells of a context read at most (a seeded subsample above it).
     seed
         Seeds the subsamples and the control cells drawn.
     """
 
     def __init__(self, view: SplitView, max_cells: int = 200, n_generated: int = 32, max_groups: int = 16,
-                 n_pcs: int = 50, max_pca_cells: int = 5000, top_k: int = 20, min_cells: int = 3, seed: int = 0):
+                 n_pcs: int = 50, max_pca_cells: int = 5000, top_k: int = 20, min_cells: int = 3, seed: int = 0,
+                 max_control_cells: int = 50_000):
         rng = np.random.default_rng(seed)
         data = view.data
         train = view.rows.train
@@ -149,6 +152,8 @@ class ValidationSet:
                 continue
             if len(rows) > max_cells:
                 rows = np.sort(rng.choice(rows, size=max_cells, replace=False))
+            if len(pool) > max_control_cells:  # bounded memory on very large data
+                pool = np.sort(rng.choice(pool, size=max_control_cells, replace=False))
             real = view.expression.get(rows)
             all_controls = view.expression.get(pool)
             n = min(n_generated, len(rows))

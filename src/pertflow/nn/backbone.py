@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from pertflow.nn.attention import DiffPerceiverBlock
+from pertflow.nn.checkpointing import run_layer
 from pertflow.nn.conditioning import GeneAdaLN
 from pertflow.nn.embeddings import ContinuousValueEncoder
 
@@ -85,6 +86,7 @@ class GeneFlowBackbone(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_layers: int, mlp_ratio: float = 4.0, differential: bool = True):
         super().__init__()
         self.layers = nn.ModuleList(BackboneLayer(d_model, n_heads, i, mlp_ratio, differential) for i in range(n_layers))
+        self.grad_checkpointing = False  # see pertflow.nn.checkpointing
 
     def forward(self, x: Tensor, gene_emb: Tensor, control_tokens: Tensor, pert: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """
@@ -108,5 +110,5 @@ class GeneFlowBackbone(nn.Module):
         """
         pert_tokens = pert.unsqueeze(1).expand(-1, x.shape[1], -1)
         for layer in self.layers:
-            x = layer(x, gene_emb, control_tokens, pert_tokens, c)
+            x = run_layer(layer, x, gene_emb, control_tokens, pert_tokens, c, checkpointed=self.grad_checkpointing)
         return x, pert_tokens

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pertflow.nn.attention import AdaLNAttentionBlock, DifferenceOfMaps
+from pertflow.nn.checkpointing import run_layer
 from pertflow.nn.conditioning import modulate
 
 
@@ -130,6 +131,7 @@ class LatentFlowBackbone(nn.Module):
         self.blocks = nn.ModuleList(AdaLNAttentionBlock(d_model, n_heads, i, mlp_ratio, differential=False) for i in range(n_layers))
         self.write = LatentWrite(d_model, d_token, n_heads, d_cross)
         self.pert_to_tokens = nn.Linear(d_token, d_token)
+        self.grad_checkpointing = False  # see pertflow.nn.checkpointing
 
     def control_keys(self, control_tokens: Tensor) -> Tensor | None:
         """What the read needs of the control cell: computed once per sample by an ODE solver."""
@@ -153,8 +155,9 @@ class LatentFlowBackbone(nn.Module):
         x, pert_tokens
             (B, G, d_t) tokens, and the perturbation tokens (B, G, d_t) for a decoder.
         """
-        latents = self.read(self.latents.unsqueeze(0).expand(x.shape[0], -1, -1), x, control_keys, c)
+        ckpt = self.grad_checkpointing
+        latents = run_layer(self.read, self.latents.unsqueeze(0).expand(x.shape[0], -1, -1), x, control_keys, c, checkpointed=ckpt)
         for block in self.blocks:
-            latents = block(latents, c)
-        x = self.write(x, latents)
+            latents = run_layer(block, latents, c, checkpointed=ckpt)
+        x = run_layer(self.write, x, latents, checkpointed=ckpt)
         return x, self.pert_to_tokens(pert).unsqueeze(1).expand(-1, x.shape[1], -1)

@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-# What a resumed run may set differently: the progress bar, and the length (a longer max_steps
+# What a resumed run may set differently: the progress bar, the length (a longer max_steps
 # extends even a finished run; the cosine schedule is then recomputed for the new length, so the
-# learning rate rises again from where the old schedule had brought it).
-RESUME_MAY_CHANGE = ("progress", "max_steps")
+# learning rate rises again from where the old schedule had brought it), gradient
+# checkpointing (the same gradients, computed with less memory), and the batches per process
+# and step (``accumulate``: a run resumed on fewer processes may accumulate to keep its global
+# batch; the number of processes is not a setting and may change too).
+RESUME_MAY_CHANGE = ("progress", "max_steps", "grad_checkpointing", "accumulate")
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,20 @@ class TrainConfig:
     seed
         Seeds weights, batches and noise.
     weighting, include_controls
-        Batch sampling (see :class:`pertflow.data.sampler.PairedBatchSampler`).
+        Batch sampling (see :class:`pertflow.data.sampler.PairedBatchSampler`): ``epoch`` visits
+        every training cell once per epoch.
+    accumulate
+        Batches whose gradients are summed per optimizer step. Per step a run of N processes
+        sees ``N * accumulate`` batches (one stream, shared out: see
+        :class:`pertflow.data.batches.PairedBatches`); one process with ``accumulate: N`` sees
+        the same batches as N processes with ``accumulate: 1``.
     mixed_precision
-        ``no``, ``bf16`` or ``fp16`` through accelerate.
+        ``no``, ``bf16`` or ``fp16`` through accelerate (``bf16``: autocast to bfloat16 on CPU
+        and GPU, weights and optimizer state in float32).
+    grad_checkpointing
+        Recompute the network's layer activations in the backward pass instead of keeping them
+        (less memory, about a third more compute); a network that supports it has
+        ``set_grad_checkpointing(on)`` (the gene-space flow models).
     device
         ``auto`` (accelerate's choice), ``cpu`` or ``cuda``.
     progress
@@ -77,15 +91,17 @@ class TrainConfig:
     log_every: int = 10
     ema_decay: float = 0.0
     seed: int = 0
-    weighting: Literal["cells", "uniform"] = "cells"
+    weighting: Literal["cells", "uniform", "epoch"] = "cells"
     include_controls: bool = False
+    accumulate: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    grad_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "val_every", "checkpoint_every", "log_every", "keep_checkpoints", "max_nonfinite",
-                     "nan_check_interval"):
+                     "nan_check_interval", "accumulate"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:

@@ -24,12 +24,14 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from pertflow.errors import InputError, TrainingInterrupted
 from pertflow.io import write_text
@@ -80,6 +82,8 @@ class TrainResult:
     best_criterion: float | None  # the validation loss, or minus the selector's score, at best_step
     skipped_steps: list[int] = field(default_factory=list)
     history: Path | None = None
+    processes: int = 1
+    steps_per_s: float | None = None  # the training loop's rate in this call, validation excluded (resumed: since resuming)
 
     @property
     def first_nonfinite_step(self) -> int | None:
@@ -181,15 +185,22 @@ class Trainer:
         cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
         if config.device == "cuda" and not torch.cuda.is_available():
             raise InputError("train.device is 'cuda' but no GPU is visible. Use train.device=auto or cpu.")
+        # accelerate keeps one state per process: a second run in this process (another precision)
+        # starts from a fresh one; the process group (PartialState), if any, is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
         self.network = module
+        if config.grad_checkpointing:
+            if not hasattr(module, "set_grad_checkpointing"):
+                raise InputError(f"{type(module).__name__} has no gradient checkpointing: set train.grad_checkpointing=false.")
+            module.set_grad_checkpointing(True)
         self.optimizer = make_optimizer(module.parameters(), config)
         self.module, self.optimizer = self.accelerator.prepare(_LossModule(module), self.optimizer)
         if self.accelerator.num_processes > 1:
-            # Every process must draw its own batches; process 0 keeps the run's own stream.
+            # Every process must take its own share of the batches (and say which it is).
             if not hasattr(train_batches, "shard"):
-                raise InputError("multi-process training needs a batch source with shard(process_index).")
-            train_batches.shard(self.accelerator.process_index)
+                raise InputError("multi-process training needs a batch source with shard(process_index, num_processes).")
+            train_batches.shard(self.accelerator.process_index, self.accelerator.num_processes)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.ema = ExponentialMovingAverage(module, config.ema_decay) if config.ema_decay > 0 else None
         self.step = 0
@@ -204,6 +215,28 @@ class Trainer:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def processes(self) -> int:
+        return self.accelerator.num_processes
+
+    def _seed_process(self, step: int) -> None:
+        """Process r > 0 of a multi-process run draws its own noise (process 0 keeps the run's
+        seed, so that one process trains as before)."""
+        rank = self.accelerator.process_index
+        if rank:
+            torch.manual_seed((self.config.seed * 1_000_003 + rank * 7_919 + step) % 2**63)
+
+    def _announce(self) -> None:
+        """One line on standard error, from the main process: how the run is spread."""
+        if not self.accelerator.is_main_process:
+            return
+        acc = self.accelerator
+        backend = getattr(acc.state, "backend", None)
+        print(f"training: processes: {acc.num_processes}{f' ({backend})' if acc.num_processes > 1 and backend else ''}, "
+              f"device: {acc.device.type}, mixed precision: {self.config.mixed_precision}, "
+              f"batches per step: {acc.num_processes * self.config.accumulate} x {self.config.batch_size}",
+              file=sys.stderr, flush=True)
 
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -378,23 +411,23 @@ class Trainer:
             raise InputError(f"nothing to resume in {self.run_dir}: no checkpoint was written there.")
         else:
             torch.manual_seed(cfg.seed)
+        self._seed_process(self.step)
+        self._announce()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.module.train()
         consecutive_bad = 0
-        bar = progress_bar(cfg.max_steps, "training", "step", initial=self.step, enabled=cfg.progress)
+        bar = progress_bar(cfg.max_steps, "training", "step", initial=self.step,
+                           enabled=cfg.progress and self.accelerator.is_main_process)
+        first_step, started, val_seconds = self.step, time.perf_counter(), 0.0
         with stop_requests() as stop, contextlib.closing(bar):
             while True:
-                if stop:
-                    self._stop(stop[0])
+                if self._stopping(stop):
+                    self._stop(stop[0] if stop else signal.SIGTERM)
                 if self.step >= cfg.max_steps:
                     break
-                batch = self._to_device(self.train_batches.next_batch())
-                out = self._loss(batch)
-                bad = not torch.isfinite(out.loss).item()
+                loss, metrics, bad = self._accumulate_gradients()
                 grad_norm = float("nan")
                 if not bad:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.accelerator.backward(out.loss)
                     if cfg.grad_clip > 0:
                         grad_norm = float(self.accelerator.clip_grad_norm_(self.module.parameters(), cfg.grad_clip))
                     else:
@@ -409,12 +442,12 @@ class Trainer:
                 if bad:
                     # The finite-value guard: record the step and what was not finite, drop its
                     # gradients, keep the weights.
-                    nonfinite = "loss" if not torch.isfinite(out.loss).item() else self._nonfinite_gradients()
+                    nonfinite = "loss" if not math.isfinite(loss) else self._nonfinite_gradients()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.skipped.append(self.step)
                     consecutive_bad += 1
                     if cfg.nonfinite == "stop" or consecutive_bad >= cfg.max_nonfinite:
-                        self._history_rows.append({"step": self.step + 1, "loss": float(out.loss.detach()), "skipped": 1,
+                        self._history_rows.append({"step": self.step + 1, "loss": loss, "skipped": 1,
                                                    "nonfinite": nonfinite})
                         self._write_history()
                         raise TrainingDiverged(
@@ -435,8 +468,10 @@ class Trainer:
                     self._check_weights()
                 val, selected = None, {}
                 if self.step % cfg.val_every == 0 or self.step == cfg.max_steps:
+                    val_started = time.perf_counter()
                     val = self.validate()
                     selected = self.select()
+                    val_seconds += time.perf_counter() - val_started
                     # lower is better: the validation loss, or minus the selector's score
                     criterion = -selected["val_score"] if selected else val
                     if criterion is not None and (self.best_val is None or criterion < self.best_val):
@@ -444,10 +479,10 @@ class Trainer:
                         if self.accelerator.is_main_process:
                             self.checkpoints.save_best(self._kept_weights(), {"step": self.step, "val_loss": val, **selected})
                 if self.step % cfg.log_every == 0 or val is not None or bad:
-                    row = {"step": self.step, "loss": float(out.loss.detach()), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped": int(bad)}
+                    row = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped": int(bad)}
                     if bad:
                         row["nonfinite"] = nonfinite
-                    row.update(out.metrics)
+                    row.update(metrics)
                     if val is not None:
                         row["val_loss"] = val
                     row.update(selected)
@@ -461,7 +496,45 @@ class Trainer:
             best_criterion=self.best_val,
             skipped_steps=list(self.skipped),
             history=self.run_dir / "history.csv",
+            processes=self.processes,
+            steps_per_s=(self.step - first_step) / max(1e-9, time.perf_counter() - started - val_seconds),
         )
+
+    def _stopping(self, received: list[int]) -> bool:
+        """Whether to stop now: a signal was received (by any process of a multi-process run,
+        so that all stop after the same step)."""
+        if self.processes == 1:
+            return bool(received)
+        flag = torch.tensor([float(bool(received))], device=self.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _accumulate_gradients(self) -> tuple[float, dict[str, float], bool]:
+        """The gradients of ``accumulate`` batches (their mean loss's), averaged over processes by DDP.
+
+        Returns the mean loss over batches and processes, this process's mean metrics, and
+        whether a loss was not finite (in any process). A non-finite loss is still
+        back-propagated, so that every process takes part in DDP's averaging; its gradients are
+        then not finite in every process, and every process skips the step alike.
+        """
+        n = self.config.accumulate
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        metrics: dict[str, float] = {}
+        for i in range(n):
+            batch = self._to_device(self.train_batches.next_batch())
+            # DDP averages gradients over processes after the last batch's backward only
+            sync = contextlib.nullcontext() if i == n - 1 else self.accelerator.no_sync(self.module)
+            with sync:
+                out = self._loss(batch)
+                self.accelerator.backward(out.loss / n if n > 1 else out.loss)
+            losses.append(out.loss.detach().float())
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / n
+        loss = torch.stack(losses).mean()
+        if self.processes > 1:
+            loss = self.accelerator.reduce(loss.to(self.device), reduction="mean")
+        loss = float(loss)
+        return loss, metrics, not math.isfinite(loss)
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         """The best validation step's weights when validation ran, else the last weights."""

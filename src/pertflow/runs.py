@@ -1,38 +1,106 @@
-"""What a run folder records about how it was trained (``run.json``), and how a resumed run is
-checked against it: the settings given again must agree with the saved ones, a finished run
-resumes only to train longer, a gene panel stays the one it started with. Used by
-:func:`pertflow.api.train`.
+"""Run folders of ``pertflow train``: what a run was started with (``run.json``), the checks
+that a resumed run is the same run, and :func:`start_run`, which makes those checks and writes
+``run.json`` before any training process starts (the API's ``train`` uses it; one process or
+several).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pertflow.configs import load_sections
+from pertflow.configs import build, load_sections, to_dict
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.spec import DataSpec
+from pertflow.data.splits import Split
 from pertflow.data.view import SplitView
 from pertflow.errors import InputError
-from pertflow.io import read_json
-from pertflow.train.checkpoint import STAGES_DIR
+from pertflow.io import check_output, read_json, remove_outputs, write_json
+from pertflow.models.config import PredictConfig
+from pertflow.models.registry import model_class
+from pertflow.train.checkpoint import STAGES_DIR, holds_checkpoint
 from pertflow.train.config import RESUME_MAY_CHANGE, TrainConfig
 
-DataArg = Any  # a path, a PerturbationData or a SplitView (see pertflow.api)
-SplitArg = Any  # a path, a Split or None
+DataArg = str | Path | PerturbationData | SplitView
+SplitArg = str | Path | Split | None
 
-def shipped_config(model: str | None, config: str | Path | None) -> str | Path | None:
-    """A config name (``"cpu"``) as the file that ships with pertflow (``<model>-cpu.yaml``); a path as it is."""
-    if model is None or config is None or Path(config).suffix in (".yaml", ".yml") or Path(config).exists():
-        return config
-    from pertflow.io import package_dir
 
-    path = package_dir("configs") / f"{model}-{config}.yaml"
-    if not path.is_file():
-        names = sorted(p.name for p in package_dir("configs").glob(f"{model}-*.yaml"))
-        raise InputError(f"no config file '{config}' and no shipped config '{path.name}' (shipped for {model}: {names}).")
-    return path
+@dataclass
+class TrainRun:
+    """A run checked and recorded, ready to train (in this process or in several)."""
+
+    model: str
+    data: DataArg
+    split: Split
+    out: Path
+    model_config: Any
+    train_config: TrainConfig
+    predict_config: PredictConfig
+    genes: list[str] | None
+    read_args: dict[str, Any]
+    resume: bool
+
+
+def start_run(model: str | None, data: DataArg | None, split: SplitArg, out: Path, config: str | Path | None,
+              sets: list[str] | None, resume: bool, genes: list[str] | None, overwrite: bool, read_args: dict[str, Any],
+              write: bool = True) -> TrainRun:
+    """Check a run's settings against its folder and (with ``write``) record them in ``run.json``.
+
+    ``write=False``: the other processes of a distributed run, which compute the same run
+    without touching the folder (process 0 checks and writes it).
+    """
+    if resume and overwrite:
+        raise InputError("give --resume (continue the run in --out) or --overwrite (start it again), not both.")
+    existing = []
+    if write:
+        existing = check_output(out, "run folder", overwrite=overwrite or resume, holds=RUN_FILES,
+                                other_choice="--resume to continue it (or --resume --set train.max_steps=N to train it longer)")
+    saved = None
+    if resume:
+        if write and not existing:
+            raise InputError(f"nothing to resume in {out}: no run was started there. Train without --resume.")
+        saved = read_json(out / RUN_FILE) if (out / RUN_FILE).is_file() else None
+    model, data, split, sections, read_args = run_settings(out, resume, saved, model, data, split, config, sets, read_args)
+    split_obj = split_of(data, split)
+    if saved is not None and split_obj.digest() != saved["split_digest"]:
+        raise InputError(f"the split given is not the one {out} was trained on (other cells or genes). Resume without "
+                         "--split, or train into a new --out.")
+    cls = model_class(model)
+    model_config = build(cls.config_class, sections["model"], "model")
+    train_config = build(TrainConfig, sections["train"], "train")
+    predict_config = build(PredictConfig, {**to_dict(cls.default_predict_config), **sections["predict"]}, "predict")
+    resolved = {"model": to_dict(model_config), "train": to_dict(train_config), "predict": to_dict(predict_config)}
+    if saved is not None:
+        check_same_settings(out, saved["config"], resolved)
+        genes = resumed_genes(out, saved.get("genes"), genes)
+    if resume and (out / "model.json").is_file():
+        check_extension(out, model, train_config)
+    if write:
+        if overwrite:
+            remove_outputs(existing)
+        write_json(out / RUN_FILE, {
+            "format_version": RUN_FILE_VERSION,
+            "model": model,
+            "config": resolved,
+            "data": data_path(data),
+            "split": str(Path(split).resolve()) if isinstance(split, (str, Path)) else None,
+            "split_digest": split_obj.digest(),
+            "genes": None if genes is None else [str(g) for g in genes],
+            "read_args": saved_read_args(data, read_args),
+        })
+    return TrainRun(model, data, split_obj, out, model_config, train_config, predict_config, genes, read_args,
+                    resume and holds_checkpoint(out))
+
+
+def split_of(data: DataArg | None, split: SplitArg) -> Split:
+    """The split object: the view's, the one given, or the file read."""
+    if isinstance(data, SplitView):
+        return data.split
+    if split is None:
+        raise InputError("a split is needed: give the split file (--split) the model was trained or is evaluated on.")
+    return split if isinstance(split, Split) else Split.load(split)
 
 
 RUN_FILE = "run.json"
@@ -123,3 +191,14 @@ def saved_read_args(data: DataArg | None, read_args: dict[str, Any]) -> dict[str
     return out
 
 
+def shipped_config(model: str | None, config: str | Path | None) -> str | Path | None:
+    """A config name (``"cpu"``) as the file that ships with pertflow (``<model>-cpu.yaml``); a path as it is."""
+    if model is None or config is None or Path(config).suffix in (".yaml", ".yml") or Path(config).exists():
+        return config
+    from pertflow.io import package_dir
+
+    path = package_dir("configs") / f"{model}-{config}.yaml"
+    if not path.is_file():
+        names = sorted(p.name for p in package_dir("configs").glob(f"{model}-*.yaml"))
+        raise InputError(f"no config file '{config}' and no shipped config '{path.name}' (shipped for {model}: {names}).")
+    return path
