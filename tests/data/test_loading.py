@@ -5,7 +5,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from pertflow.data.dataset import PerturbationData
-from pertflow.data.loading import ExpressionSource, H5adFile
+from pertflow.data.loading import ExpressionSource, H5adFile, normalize_log1p
 
 
 def scanpy_log1p(adata):
@@ -13,6 +13,20 @@ def scanpy_log1p(adata):
     sc.pp.normalize_total(ref, target_sum=1e4)
     sc.pp.log1p(ref)
     return ref.X.toarray() if sp.issparse(ref.X) else ref.X
+
+
+@pytest.mark.parametrize("storage", ["csr", "dense"])
+def test_normalize_log1p_is_scanpys_including_empty_rows_and_integer_counts(storage):
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(0.3, size=(40, 300)).astype(np.int64) * rng.integers(1, 50, size=(40, 1))
+    counts[7] = 0  # a cell with no counts stays zeros (no division by zero)
+    block = sp.csr_matrix(counts) if storage == "csr" else counts
+    got = normalize_log1p(block, 1e4)
+    assert sp.issparse(got) == (storage == "csr") and got.dtype == np.float32
+    got = got.toarray() if sp.issparse(got) else got
+    np.testing.assert_allclose(got, scanpy_log1p(ad.AnnData(counts.astype(np.float32))), rtol=1e-6, atol=1e-6)
+    assert not got[7].any() and np.isfinite(got).all()
+    assert counts.dtype == np.int64 and counts[0].sum() == block[0].sum()  # the input is left as it was
 
 
 @pytest.mark.parametrize("backed", [False, True])

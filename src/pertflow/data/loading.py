@@ -143,18 +143,23 @@ def nonzero_values(block: np.ndarray | sp.spmatrix) -> np.ndarray:
 
 
 def normalize_log1p(block: np.ndarray | sp.spmatrix, target_sum: float) -> np.ndarray | sp.csr_matrix:
-    """scanpy's ``normalize_total(target_sum)`` + ``log1p`` on a block of whole rows.
+    """scanpy's ``normalize_total(target_sum)`` + ``log1p`` on a block of whole rows, as float32.
 
     Both steps act on each row alone, so a block of rows gives exactly what the whole matrix
     would. The row sums must be over all genes of the file: normalise before choosing genes.
+    Computed directly (a row of zeros stays zeros, as in scanpy): through an AnnData and scanpy
+    it cost ~10 ms per training batch of 64 cells, a third of an out-of-core step's read cost.
     """
-    import scanpy as sc
-
-    block = block.astype(np.float32) if sp.issparse(block) else np.asarray(block, dtype=np.float32)
-    tmp = ad.AnnData(X=block)
-    sc.pp.normalize_total(tmp, target_sum=target_sum)
-    sc.pp.log1p(tmp)
-    return tmp.X
+    if sp.issparse(block):
+        block = sp.csr_matrix(block, dtype=np.float32, copy=True)
+        sums = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+        scale = np.divide(target_sum, sums, out=np.zeros_like(sums), where=sums > 0).astype(np.float32)
+        block.data = np.log1p(block.data * np.repeat(scale, np.diff(block.indptr)))
+        return block
+    block = np.array(block, dtype=np.float32)
+    sums = block.sum(axis=1, dtype=np.float64)
+    scale = np.divide(target_sum, sums, out=np.zeros_like(sums), where=sums > 0).astype(np.float32)
+    return np.log1p(block * scale[:, None])
 
 
 class H5adFile:
