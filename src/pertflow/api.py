@@ -373,6 +373,8 @@ class EvaluationInputs:
         The context column to evaluate by (see :attr:`SplitView.context_col`).
     pert_col, control
         The data spec's perturbation column and control label.
+    dose_col
+        The data spec's dose column: each (perturbation, dose) is scored as its own group.
     """
 
     split: Split
@@ -381,6 +383,7 @@ class EvaluationInputs:
     context_col: str | None
     pert_col: str
     control: str
+    dose_col: str | None = None
 
 
 def evaluation_inputs(data: DataArg, split: SplitArg = None, **read_args: Any) -> EvaluationInputs:
@@ -388,7 +391,7 @@ def evaluation_inputs(data: DataArg, split: SplitArg = None, **read_args: Any) -
     with _view(data, split, **read_args) as view:
         return EvaluationInputs(
             view.split, view.real_test_anndata(), view.train_anndata(), view.context_col,
-            view.data.spec.pert_col, view.data.spec.control,
+            view.data.spec.pert_col, view.data.spec.control, view.data.spec.dose_col,
         )
 
 
@@ -426,7 +429,7 @@ def evaluate_split(
         pred = read_anndata(pred, "pred")
     return evaluate(
         inputs.real, pred, pert_col=inputs.pert_col, control=inputs.control, context_col=inputs.context_col,
-        train=inputs.train, outdir=out, de_cache=de_cache, config=config or EvalConfig(), embed=embed, progress=progress,
+        dose_col=inputs.dose_col, train=inputs.train, outdir=out, de_cache=de_cache, config=config or EvalConfig(), embed=embed, progress=progress,
     )
 
 

@@ -33,6 +33,7 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control", help="label of control cells in the perturbation column")
     g.add_argument("--context-col", action="append", dest="context_cols", help="obs column(s) defining a cell's context")
     g.add_argument("--batch-col", help="obs column with the batch of each cell")
+    g.add_argument("--dose-col", help="numeric obs column with each cell's dose (a condition is then perturbation@dose)")
     g.add_argument("--layer", help="read expression from this layer instead of X")
     kind = g.add_mutually_exclusive_group()
     kind.add_argument("--counts", dest="is_counts", action="store_const", const=True, help="expression holds raw counts")
@@ -62,7 +63,7 @@ def add_threads_flag(p: argparse.ArgumentParser) -> None:
 
 
 def spec_keys(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("pert_col", "control", "context_cols", "batch_col", "layer", "is_counts", "combo_delim", "min_cells")
+    keys = ("pert_col", "control", "context_cols", "batch_col", "dose_col", "layer", "is_counts", "combo_delim", "min_cells")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -120,6 +121,7 @@ SPLIT_FLAGS = {
     "combinations": ("seen", "fraction", "seed"),
     "gears": ("seed", "train_gene_set_size", "combo_seen2_train_frac"),
     "context": ("test_context", "perturbations"),
+    "dose": ("held_out_doses", "perturbations"),
 }
 COMMON_SPLIT_FLAGS = ("keep", "n_top_genes", "val_fraction", "val_seed")
 
@@ -148,7 +150,8 @@ def _split_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--train-gene-set-size", type=float, help="gears: share of genes used for training (0.75)")
     k.add_argument("--combo-seen2-train-frac", type=float, help="gears: share of seen-2 combinations kept for training (0.75)")
     k.add_argument("--test-context", help="context: the context whose perturbed cells are held out")
-    k.add_argument("--perturbations", help="context: hold out only these perturbations (comma-separated)")
+    k.add_argument("--perturbations", help="context, dose: hold out only these perturbations (comma-separated)")
+    k.add_argument("--held-out-doses", help="dose: doses to hold out (comma-separated; default: each drug's middle dose)")
     k.add_argument("--seed", type=int, help="seed of the split's random draws")
     k.add_argument("--n-top-genes", type=int, help="keep the top N highly variable genes of the training cells")
     k.add_argument("--val-fraction", type=float, help="share of the remaining cells used for validation (0.1)")
@@ -167,6 +170,11 @@ def _split_options(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError(f"{flag} does not apply to --kind {args.kind}; it takes {['--' + f.replace('_', '-') for f in SPLIT_FLAGS[args.kind]]}.")
         if name in ("test_perturbations", "perturbations"):
             value = [v for v in value.split(",") if v]
+        if name == "held_out_doses":
+            try:
+                value = [float(v) for v in value.split(",") if v]
+            except ValueError:
+                raise InputError(f"--held-out-doses {value}: give numbers separated by commas, e.g. 1,10.") from None
         if name == "keep":
             value = _parse_keep(value)
         options[name] = value

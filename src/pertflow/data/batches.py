@@ -38,7 +38,8 @@ class PairedBatches:
     """Seeded training batches over ``rows`` of a split view (see the module docstring).
 
     ``next_batch()`` returns ``target`` (B, G) and ``control`` (B, G) float32 expression,
-    ``pert_ids`` (B, K) tokens, and the arrays asked for; its state (the sampler's generator)
+    ``pert_ids`` (B, K) tokens, with a dose column (``spec.dose_col``) ``dose`` (B,) each target
+    cell's dose, and the arrays asked for; its state (the sampler's generator)
     is what a checkpoint saves, so a resumed run draws the same batches.
 
     In a run of N processes (:meth:`shard`), process r takes batches r, r + N, r + 2N, ... of
@@ -70,7 +71,7 @@ class PairedBatches:
         self.target_arrays = dict(target_arrays or {})
         self.control_arrays = dict(control_arrays or {})
         self.group_arrays = dict(group_arrays or {})
-        always = {BATCH_KEYS.TARGET, BATCH_KEYS.CONTROL, BATCH_KEYS.PERT_IDS}
+        always = {BATCH_KEYS.TARGET, BATCH_KEYS.CONTROL, BATCH_KEYS.PERT_IDS, BATCH_KEYS.DOSE}
         taken = always & (set(self.target_arrays) | set(self.control_arrays) | set(self.group_arrays))
         if taken:
             raise ValueError(f"extra batch arrays may not reuse the keys {sorted(taken)}")
@@ -105,6 +106,8 @@ class PairedBatches:
             BATCH_KEYS.CONTROL: torch.from_numpy(np.ascontiguousarray(expression[n:])),
             BATCH_KEYS.PERT_IDS: torch.from_numpy(ids),
         }
+        if view.data.spec.dose_col is not None:
+            batch[BATCH_KEYS.DOSE] = torch.from_numpy(view.data.doses[b.target_rows].astype(np.float32))
         for name, source in self.target_arrays.items():
             batch[name] = torch.from_numpy(np.ascontiguousarray(source.get(b.target_rows)))
         for name, source in self.control_arrays.items():

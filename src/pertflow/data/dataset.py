@@ -12,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from pertflow.data.dose import numeric_doses, with_doses
 from pertflow.data.loading import DEFAULT_CHUNK, ExpressionSource, H5adFile, normalize_log1p, stored_values
 from pertflow.data.spec import (
     SPEC_FIELDS,
@@ -55,7 +56,12 @@ class PerturbationData:
         How each spec key was found.
     perturbations
         Canonical perturbation name of each cell (``A+ctrl`` -> ``A``); controls carry
-        ``spec.control``.
+        ``spec.control``. With a dose column (``spec.dose_col``), a perturbed cell with a dose
+        carries its condition, ``A@1`` (:func:`~pertflow.data.spec.dose_label`): every group by
+        perturbation is then a group by (perturbation, dose).
+    doses
+        Each cell's dose (float64; 0 for controls, cells without a dose, and data without a dose
+        column).
     contexts
         Context of each cell (values of ``spec.context_cols`` joined by ``|``), ``"all"``
         without context columns.
@@ -94,6 +100,11 @@ class PerturbationData:
             self._components.setdefault(name, comps)
         self.is_control = np.array([canonical_of_label[x] == spec.control for x in labels])
         self.perturbations = np.array([canonical_of_label[x] for x in labels], dtype=object)
+        self.doses = np.zeros(adata.n_obs, dtype=np.float64)
+        if spec.dose_col is not None:
+            found = numeric_doses(adata.obs[spec.dose_col], spec.dose_col)
+            self.perturbations, dosed = with_doses(self.perturbations, found, ~self.is_control)
+            self.doses[dosed] = found[dosed]
         if spec.context_cols:
             parts = [adata.obs[c].astype(str).to_numpy() for c in spec.context_cols]
             self.contexts = np.array([CONTEXT_JOIN.join(v) for v in zip(*parts)], dtype=object)

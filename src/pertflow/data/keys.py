@@ -15,6 +15,7 @@ class _BatchKeys(NamedTuple):
     TARGET: str = "target"  # (B, G) log1p expression of the perturbed cells
     CONTROL: str = "control"  # (B, G) log1p expression of control cells of the same context
     PERT_IDS: str = "pert_ids"  # (B, K) perturbation token ids, padded
+    DOSE: str = "dose"  # (B,) each target cell's dose (only with a dose column; 0: none)
     PRIOR_DELTA: str = "prior_delta"  # (B, G) a baseline's predicted shift, where a flow starts (flow models)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from pertflow.data.dose import all_numbers, parse_dose_label
 from pertflow.data.loading import ExpressionSource, nonzero_values, sample_rows
 from pertflow.errors import InputError
 from pertflow.io import read_json, write_json
@@ -91,7 +92,8 @@ class DataSpec:
         ``obs`` columns whose values define a cell's context (cell type, cell line, donor). A
         context is the combination of their values; empty means one context for all cells.
     batch_col, dose_col
-        Optional covariates.
+        Optional covariates; with a (numeric) dose column a perturbed cell's label is its
+        condition, ``drugA@1`` (:mod:`pertflow.data.dose`).
     layer
         Expression source: ``None`` for ``X``, otherwise the name of a layer.
     is_counts
@@ -131,6 +133,10 @@ class DataSpec:
             raise InputError(f"min_cells must be at least 1, got {self.min_cells}.")
         if not self.combo_delim:
             raise InputError("combo_delim must be a non-empty string such as '+'.")
+
+    def split_dose(self, label: str) -> tuple[str, float | None]:
+        """``'drugA@1'`` -> ``('drugA', 1.0)``; None: no dose column, or a label without a dose."""
+        return parse_dose_label(label) if self.dose_col is not None else (str(label), None)
 
     def replace(self, **changes: Any) -> DataSpec:
         return dataclasses.replace(self, **changes)
@@ -410,10 +416,11 @@ def _detect_gene_symbol_col(var: pd.DataFrame, var_names: pd.Index) -> tuple[str
 def split_components(label: str, spec_or_delim: DataSpec | str, control: str | None = None) -> tuple[str, ...]:
     """Components of a perturbation label without control parts: ``'A+ctrl'`` -> ``('A',)``.
 
-    The control label itself gives ``()``. Components keep their order of appearance.
-    """
+    The control label itself gives ``()``. Components keep their order of appearance; a dose is
+    none (with a spec that has a dose column, ``'A+B@1'`` -> ``('A', 'B')``)."""
     if isinstance(spec_or_delim, DataSpec):
         delim, control = spec_or_delim.combo_delim, spec_or_delim.control
+        label = spec_or_delim.split_dose(label)[0]
     else:
         delim = spec_or_delim
     controls = {c.lower() for c in CONTROL_LABELS}
@@ -503,6 +510,8 @@ def detect_spec(
 
     batch_col = optional("batch_col", BATCH_COLUMNS)
     dose_col = optional("dose_col", DOSE_COLUMNS)
+    if dose_col is not None and "dose_col" not in given and not all_numbers(obs[dose_col]):
+        evidence["dose_col"], dose_col = f"obs['{dose_col}'] is not numeric: no doses (convert it, then --dose-col {dose_col})", None
 
     if source_of is None:
         layer_names = list(adata.layers.keys())

@@ -17,6 +17,9 @@ Split kinds
                   own random draws for a seed, validation perturbations as GEARS makes them).
 ``context``       the perturbed cells of one context (cell type, line, donor) are held out
                   while its controls stay visible.
+``dose``          doses of perturbations are held out (with a dose column): the test
+                  conditions are (perturbation, held-out dose), ``drugA@1``; every other dose of
+                  those perturbations stays in training.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from pertflow.data.dataset import PerturbationData
+from pertflow.data.dose import dose_label
 from pertflow.errors import InputError
 from pertflow.io import read_json, write_json
 
@@ -297,10 +301,11 @@ def perturbation_split(
         if not n_test or n_test >= len(singles):
             raise InputError(f"give test_perturbations, or n_test between 1 and {len(singles) - 1} (there are {len(singles)} singles).")
         test_perturbations = sorted(np.random.default_rng(seed).choice(singles, size=n_test, replace=False))
-    unknown = [p for p in test_perturbations if p not in present]
+    bases = {data.spec.split_dose(p)[0] for p in present}  # with a dose column: a perturbation names all its doses
+    unknown = [p for p in test_perturbations if p not in present and p not in bases]
     if unknown:
         raise InputError(f"test perturbations {unknown} do not occur among the kept cells; perturbations: {present[:30]}.")
-    held = list(test_perturbations)
+    held = [p for p in present if p in test_perturbations or data.spec.split_dose(p)[0] in test_perturbations]
     if include_combinations:
         held += [p for p in _combos_containing(data, test_perturbations, present) if p not in held]
     test = kept & np.isin(data.perturbations, held)
@@ -471,12 +476,83 @@ def context_split(
     )
 
 
+def dose_split(
+    data: PerturbationData,
+    held_out_doses: Sequence[float] | None = None,
+    perturbations: Sequence[str] | None = None,
+    keep: Mapping[str, Sequence[str]] | None = None,
+    **options: Any,
+) -> Split:
+    """Hold out doses: the test conditions are (perturbation, held-out dose); every other dose of
+    those perturbations trains.
+
+    Parameters
+    ----------
+    held_out_doses
+        The doses to hold out of every perturbation measured at them (each must keep another
+        dose). Default: each perturbation's middle dose (the ``(n - 1) // 2``-th of its n sorted
+        doses) among those measured at three doses or more, so that it lies between two trained ones.
+    perturbations
+        Hold out doses of these perturbations only (default: all).
+
+    The subgroup of a test condition is ``dose_interpolation`` when trained doses of its
+    perturbation lie below and above it, else ``dose_extrapolation``.
+    """
+    spec = data.spec
+    if spec.dose_col is None:
+        raise InputError(
+            "split kind 'dose' needs a dose column, but the data spec has none. Name the obs column with each cell's "
+            "dose with dose_col=... (CLI: --dose-col)."
+        )
+    kept = _keep_mask(data, keep)
+    doses_of: dict[str, set[float]] = {}
+    for label in dict.fromkeys(data.perturbations[kept & ~data.is_control]):
+        base, dose = spec.split_dose(label)
+        if dose is not None:
+            doses_of.setdefault(base, set()).add(dose)
+    if perturbations is not None:
+        unknown = [p for p in perturbations if p not in doses_of]
+        if unknown:
+            raise InputError(f"perturbations {unknown} have no doses among the kept cells; perturbations with doses: "
+                             f"{sorted(doses_of)[:30]}.")
+        doses_of = {p: doses_of[p] for p in perturbations}
+    held: dict[str, list[float]] = {}
+    if held_out_doses is None:
+        held = {p: [sorted(d)[(len(d) - 1) // 2]] for p, d in doses_of.items() if len(d) >= 3}
+        if not held:
+            raise InputError("no perturbation is measured at three doses or more, so none has a middle dose to hold out. "
+                             "Name the doses with held_out_doses (CLI: --held-out-doses).")
+    else:
+        wanted = np.asarray(held_out_doses, dtype=float)
+        for p, d in doses_of.items():
+            chosen = [x for x in sorted(d) if np.isclose(wanted, x, rtol=1e-6, atol=0).any()]
+            if chosen and len(chosen) == len(d):
+                raise InputError(f"'{p}' is measured only at the held-out doses {chosen}, so none of its doses would train. "
+                                 "Hold it out with split kind 'perturbations', or name the perturbations with --perturbations.")
+            if chosen:
+                held[p] = chosen
+        if not held:
+            raise InputError(f"no perturbation is measured at the doses {list(held_out_doses)}; their doses are "
+                             f"{ {p: sorted(d) for p, d in list(doses_of.items())[:10]} }.")
+    conditions = {dose_label(p, x): p for p, xs in held.items() for x in xs}
+    test = kept & np.isin(data.perturbations, list(conditions))
+    subgroups = {}
+    for label, p in conditions.items():
+        dose, trained = spec.split_dose(label)[1], [x for x in doses_of[p] if x not in held[p]]
+        inside = min(trained) < dose < max(trained)
+        subgroups[label] = "dose_interpolation" if inside else "dose_extrapolation"
+    shown = ", ".join(f"{p} at {held[p]}" for p in sorted(held)[:10])
+    return _finish(data, kept, test, subgroups=dict(sorted(subgroups.items())),
+                   notes=f"held out: {shown}{' ...' if len(held) > 10 else ''}; their other doses train", **options)
+
+
 BUILDERS = {
     "random": random_split,
     "perturbations": perturbation_split,
     "combinations": combination_split,
     "gears": gears_split,
     "context": context_split,
+    "dose": dose_split,
 }
 SPLIT_KINDS = tuple(BUILDERS)
 

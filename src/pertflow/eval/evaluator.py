@@ -148,6 +148,7 @@ def evaluate(
     pert_col: str,
     control: str,
     context_col: str | None = None,
+    dose_col: str | None = None,
     train: ad.AnnData | str | Path | None = None,
     outdir: str | Path | None = None,
     de_cache: str | Path | None = None,
@@ -173,6 +174,11 @@ def evaluate(
         Control label.
     context_col
         Context column (cell type, line, donor); ``None`` evaluates everything as one context.
+    dose_col
+        Dose column: each (perturbation, dose) is scored as its own group, under the label
+        ``drugA@1`` (:func:`~pertflow.data.spec.dose_label`), which cell-eval sees as a
+        perturbation. pertflow's files carry that label in ``pert_col`` already; a file whose
+        labels are plain perturbations (another tool's) gets them from ``obs[dose_col]``.
     train
         Real training cells (needs ``real``'s genes; may hold more, sparse is fine). Used to fit
         the PCA of the distribution metrics and for the Systema reference. Without it the PCA is
@@ -212,6 +218,8 @@ def evaluate(
     train = None if train is None else read_anndata(train, "train")
     notes: list[str] = []
     pred = _fill_single_context(real, pred, context_col, notes)
+    if dose_col is not None:
+        real, pred = (_dose_conditions(a, name, pert_col, control, dose_col, notes) for a, name in ((real, "real"), (pred, "pred")))
     for adata, name in ((real, "real"), (pred, "pred")):
         check_obs(adata, name, pert_col, context_col)
         check_values(adata.X, name, require_decimals=True)
@@ -312,6 +320,31 @@ def aggregate_table(per_perturbation: pd.DataFrame) -> pd.DataFrame:
     described = frame.describe().to_dict(as_series=False)
     agg = pd.DataFrame({c: described[c] for c in values.columns}, index=pd.Index(described["statistic"], name="statistic"))
     return agg.astype(float)
+
+
+def _dose_conditions(adata: ad.AnnData, name: str, pert_col: str, control: str, dose_col: str,
+                     notes: list[str]) -> ad.AnnData:
+    """``adata`` whose perturbed cells' labels carry their dose (``drugA`` at dose 1 -> ``drugA@1``),
+    from ``obs[dose_col]``; labels that carry one already stay (see :func:`evaluate`)."""
+    from pertflow.data.dose import numeric_doses, parse_dose_label, with_doses
+
+    if pert_col not in adata.obs.columns:
+        return adata  # check_obs names the missing column
+    labels = adata.obs[pert_col].astype(str)
+    plain = (labels != control).to_numpy() & np.array([parse_dose_label(v)[1] is None for v in labels])
+    if not plain.any():
+        return adata
+    if dose_col not in adata.obs.columns:
+        raise InputError(f"{name} has perturbation labels without a dose (e.g. '{labels[plain].iloc[0]}') and no "
+                         f"obs['{dose_col}']: with a dose column each (perturbation, dose) is scored on its own. Write "
+                         f"each cell's dose into obs['{dose_col}'], or label cells perturbation@dose (e.g. drugA@1).")
+    new, joined = with_doses(labels.to_numpy(dtype=object), numeric_doses(adata.obs[dose_col], dose_col), plain)
+    if not joined.any():
+        return adata
+    obs = adata.obs.copy()
+    obs[pert_col] = new.astype(str)
+    notes.append(f"{name}: perturbation labels joined with obs['{dose_col}'] (perturbation@dose), one group per dose")
+    return ad.AnnData(X=adata.X, obs=obs, var=adata.var)  # the caller's object stays as it is; X is shared
 
 
 def _fill_single_context(real: ad.AnnData, pred: ad.AnnData, context_col: str | None, notes: list[str]) -> ad.AnnData:

@@ -20,6 +20,17 @@ against the controls of the same context.
 * ``context-shift``: a held-out context's controls plus the perturbation's response averaged
   over the contexts where it was measured (its own response when it was measured in the test
   context; 0 when never seen).
+
+With a dose column (``spec.dose_col``) a training response is one condition's, ``drugA@1``
+(perturbation at a dose), so every baseline works per (perturbation, dose). A condition whose
+dose was not measured (a ``dose`` split's held-out dose) gets, where a baseline looks up a
+measured response (``additive``, ``context-shift``), its perturbation's responses at the measured
+doses interpolated linearly in log10(dose) between the nearest measured doses below and above,
+or the nearest measured dose outside their range (:meth:`DeltaModel.dose_response`); a
+combination's components are read at the combination's dose. ``linear``'s features name the
+perturbation, not its dose: it predicts a perturbation's fit over its training doses. ``mean``
+averages every training condition. Leave-one-out (:meth:`DeltaModel.without`) drops one
+condition, so a held-out dose is rebuilt from the other doses only.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pertflow.data.dose import dose_label
 from pertflow.data.view import SplitView
 from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
@@ -96,12 +108,36 @@ class DeltaModel(PerturbationModel):
 
     # ------------------------------------------------------------------ lookups
     def response(self, perturbation: str, context: str) -> np.ndarray | None:
-        """The training response of a perturbation in a context, else averaged over its contexts."""
+        """The training response of a perturbation in a context, else averaged over its contexts;
+        for a condition at an unmeasured dose, :meth:`dose_response`."""
         exact = [i for i, k in enumerate(self.keys) if k == (perturbation, context)]
         if exact:
             return self.responses[exact[0]]
         anywhere = [i for i, k in enumerate(self.keys) if k[0] == perturbation]
-        return self.responses[anywhere].mean(0) if anywhere else None
+        return self.responses[anywhere].mean(0) if anywhere else self.dose_response(perturbation, context)
+
+    def dose_response(self, condition: str, context: str) -> np.ndarray | None:
+        """The response of a perturbation at a dose it was not measured at (``drugA@1``): its
+        measured responses (in ``context`` when measured there, else averaged over contexts per
+        dose) interpolated linearly in log10(dose) between the nearest measured doses below and
+        above; outside their range the nearest one's. None without a dose or a measured dose."""
+        base, dose = self.spec.split_dose(condition)
+        if dose is None or dose <= 0:
+            return None
+        measured = [(i, d) for i, (p, _) in enumerate(self.keys) for b, d in [self.spec.split_dose(p)]
+                    if b == base and d is not None and d > 0]
+        here = [(i, d) for i, d in measured if self.keys[i][1] == context]
+        chosen = here or measured
+        if not chosen:
+            return None
+        doses = sorted({d for _, d in chosen})
+        curve = np.stack([self.responses[[i for i, d in chosen if d == dd]].mean(0) for dd in doses])
+        x, at = np.log10(doses), np.log10(dose)
+        j = int(np.searchsorted(x, at))
+        if j == 0 or j == len(x):
+            return curve[min(j, len(x) - 1)]
+        w = (at - x[j - 1]) / (x[j] - x[j - 1])
+        return ((1 - w) * curve[j - 1] + w * curve[j]).astype(np.float32)
 
     def predicted_delta(self, perturbation: str, context: str) -> np.ndarray:
         raise NotImplementedError
@@ -154,9 +190,10 @@ class Additive(DeltaModel):
         if len(comps) == 1:
             found = self.response(perturbation, context)
             return found if found is not None else np.zeros(len(self.genes), dtype=np.float32)
+        dose = self.spec.split_dose(perturbation)[1]
         total = np.zeros(len(self.genes), dtype=np.float32)
         for comp in comps:
-            found = self.response(comp, context)
+            found = self.response(comp if dose is None else dose_label(comp, dose), context)
             if found is not None:
                 total += found
         return total

@@ -174,6 +174,8 @@ class FlowBatch:
         shift, minus ``offset``.
     pert_ids
         (B, K) perturbation tokens (with the unknown-perturbation dropout of training).
+    dose
+        (B,) each target cell's dose, or None (a network without dose).
     gene_idx
         (G,) the step's genes among the model's (None: all).
     offset
@@ -183,6 +185,7 @@ class FlowBatch:
     target: Tensor
     anchor: Tensor
     pert_ids: Tensor
+    dose: Tensor | None
     gene_idx: Tensor | None
     offset: Tensor
 
@@ -212,6 +215,10 @@ class GeneFlowNetwork(nn.Module):
         Vocabulary size, first non-gene token, padding token, unknown-perturbation token.
     descriptors
         Optional (n_tokens, D) descriptor vectors of perturbation tokens.
+    dose
+        Condition on each condition's dose: the perturbation encoder's log-dose embedding
+        (:class:`~pertflow.nn.perturbation.PerturbationEncoder`), read from the batch's ``dose``
+        in training and from ``dose=`` in :meth:`context` / sampling.
     """
 
     def __init__(
@@ -224,6 +231,7 @@ class GeneFlowNetwork(nn.Module):
         pad_id: int,
         unk_id: int,
         descriptors: Tensor | None = None,
+        dose: bool = False,
     ):
         super().__init__()
         self.config = config
@@ -233,7 +241,7 @@ class GeneFlowNetwork(nn.Module):
         self.register_buffer("gene_tokens", gene_tokens.long())
         self.gene_encoder = GeneEncoder(n_tokens, d_t, padding_idx=pad_id)
         self.tokens = ExpressionTokens(d_t, config.dropout)
-        self.perturbation_encoder = PerturbationEncoder(n_tokens, first_other_token, pad_id, d_t, descriptors)
+        self.perturbation_encoder = PerturbationEncoder(n_tokens, first_other_token, pad_id, d_t, descriptors, dose=dose)
         self.time_embedder = TimestepEmbedder(d)
         if config.backbone == "dense":
             self.condition = nn.Identity()
@@ -254,14 +262,16 @@ class GeneFlowNetwork(nn.Module):
         self.backbone.grad_checkpointing = on
 
     # ------------------------------------------------------------------ the network
-    def context(self, reference: Tensor, pert_ids: Tensor, gene_idx: Tensor | None = None) -> FieldContext:
+    def context(self, reference: Tensor, pert_ids: Tensor, gene_idx: Tensor | None = None,
+                dose: Tensor | None = None) -> FieldContext:
         """What the field reads besides the state, for reference cells ``(B, G)`` on the genes
-        ``gene_idx`` (all genes when None) and perturbation tokens ``(B, K)``."""
+        ``gene_idx`` (all genes when None), perturbation tokens ``(B, K)`` and, for a network with
+        dose, the doses ``(B,)`` (None: no dose, as for a control)."""
         tokens = self.gene_tokens if gene_idx is None else self.gene_tokens[gene_idx]
         gene_emb = self.gene_encoder(tokens).unsqueeze(0)  # (1, G, d_t), broadcast over cells
         control_tokens = self.tokens.control(reference)
         control_keys = self.backbone.control_keys(control_tokens) if isinstance(self.backbone, LatentFlowBackbone) else None
-        pert = self.perturbation_encoder(pert_ids, self.gene_encoder)
+        pert = self.perturbation_encoder(pert_ids, self.gene_encoder, dose)
         return FieldContext(gene_idx, gene_emb, control_tokens, control_keys, pert)
 
     def encode(self, t: Tensor, x_t: Tensor, ctx: FieldContext, extra_tokens: Tensor | None = None,
@@ -313,7 +323,7 @@ class GeneFlowNetwork(nn.Module):
 
         ``batch``: ``target`` (B, G_full) perturbed cells, ``control`` (B, G_full) control cells of
         the same context, ``pert_ids`` (B, K), and optionally ``prior_delta`` (B, G_full), the
-        prior's shift (the flow then starts from ``control + prior_delta``).
+        prior's shift (the flow then starts from ``control + prior_delta``), and ``dose`` (B,).
         """
         target, control, pert_ids = batch[BATCH_KEYS.TARGET], batch[BATCH_KEYS.CONTROL], batch[BATCH_KEYS.PERT_IDS]
         shift = batch.get(BATCH_KEYS.PRIOR_DELTA)
@@ -326,7 +336,8 @@ class GeneFlowNetwork(nn.Module):
             target, control = target[:, gene_idx], control[:, gene_idx]
             shift = None if shift is None else shift[:, gene_idx]
         offset = self.control_offset(control)
-        return FlowBatch(target - offset, self.anchor(control, shift) - offset, pert_ids, gene_idx, offset)
+        return FlowBatch(target - offset, self.anchor(control, shift) - offset, pert_ids, batch.get(BATCH_KEYS.DOSE),
+                         gene_idx, offset)
 
     @staticmethod
     def anchor(control: Tensor, shift: Tensor | None) -> Tensor:
@@ -371,9 +382,11 @@ class GeneFlowNetwork(nn.Module):
         generator: torch.Generator | None,
         shift: Tensor | None,
         generate: Callable[[Tensor, Tensor, FieldContext, PredictConfig], Tensor],
+        dose: Tensor | None = None,
     ) -> Tensor:
         """Cells from the source, gene chunk by gene chunk: ``generate(x_0, reference, ctx,
-        settings)`` integrates one chunk (in the flow's coordinates) and returns its end point."""
+        settings)`` integrates one chunk (in the flow's coordinates) and returns its end point
+        (``dose``: (B,) the condition's dose, for a network with dose)."""
         offset = self.control_offset(control)
         anchor = self.anchor(control, shift) - offset
         start = self.parts.source(anchor, generator)
@@ -381,7 +394,7 @@ class GeneFlowNetwork(nn.Module):
         out = torch.empty_like(anchor)
         for idx in self.gene_chunks(settings.gene_chunk, generator):
             sub_reference = reference if idx is None else reference[:, idx]
-            ctx = self.context(sub_reference, pert_ids, idx)
+            ctx = self.context(sub_reference, pert_ids, idx, dose)
             x_1 = generate(start if idx is None else start[:, idx], sub_reference, ctx, settings)
             if idx is None:
                 out = x_1

@@ -13,12 +13,19 @@ the way that scored best (``prediction_mode``):
 * ``prior``: the prior's own cells (the flow added nothing on validation).
 
 So a run is never worse on validation than its baseline, and says which way it predicts.
+
+Dose: where the data spec has a dose column, a condition is (perturbation, dose), labelled
+``drugA@1`` (:class:`~pertflow.data.spec.DataSpec`); the prior works per condition (a baseline's
+shift of an unmeasured dose: :mod:`pertflow.models.baselines`), and a model whose network reads
+dose (``reads_dose``: ``cfm``) conditions on it through the perturbation encoder's log-dose
+embedding in its loss, its sampling and :meth:`GeneFlowModel.generate`. A flow model that does
+not read dose refuses such data instead of mixing its doses.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -44,10 +51,21 @@ class GeneFlowModel(NetworkModel):
     The network's ``loss`` reads ``batch[BATCH_KEYS.PRIOR_DELTA]``, its ``sample`` takes
     ``shift=`` (n, G), the prior's shift of each control cell, and its
     ``control_embedding(control (n, G)) -> (n, G, d)`` gives the tokens it reads control cells as.
+    A subclass whose network takes ``dose`` (a :class:`~pertflow.models.flow.GeneFlowNetwork` built
+    with ``dose``, sampling with ``dose=`` (n,)) sets ``reads_dose``.
     """
+
+    #: whether the network conditions on a condition's dose (see the module docstring)
+    reads_dose: ClassVar[bool] = False
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if self.spec.dose_col is not None and not self.reads_dose:
+            raise InputError(
+                f"model '{self.name}' does not condition on dose, but the data has a dose column "
+                f"('{self.spec.dose_col}'), so its conditions are perturbation@dose. Train cfm, which conditions on "
+                "dose, or remove or rename the dose column in the data to model every dose of a perturbation alike."
+            )
         self.prior: Prior | None = None
         self.prediction_mode = "flow"
 
@@ -64,6 +82,7 @@ class GeneFlowModel(NetworkModel):
             "pad_id": vocab.pad_id,
             "unk_id": vocab.unk_id,
             "descriptors": None if descriptors is None else torch.from_numpy(descriptors),
+            **({"dose": self.spec.dose_col is not None} if self.reads_dose else {}),
         }
 
     def batch_arrays(self, view: SplitView) -> dict[str, Any]:
@@ -120,14 +139,17 @@ class GeneFlowModel(NetworkModel):
 
     def cells(self, module: torch.nn.Module, controls: np.ndarray, perturbation: str, shift: np.ndarray,
               rng: np.random.Generator, settings: PredictConfig, mode: str, context: str | None = None) -> np.ndarray:
-        """Cells of a perturbation from control cells (of ``context``) and the prior's (G,) shift,
-        in one of :data:`PREDICTION_MODES`."""
+        """Cells of a perturbation (a condition ``drugA@1`` with a dose column) from control cells
+        (of ``context``) and the prior's (G,) shift, in one of :data:`PREDICTION_MODES`."""
         anchor = np.clip(controls + shift[None, :], 0, None)
         if mode == "prior":
             return anchor
         shifts = np.broadcast_to(shift[None, :], controls.shape).astype(np.float32)
-        cells = self.sample_cells(module, controls, perturbation, rng, settings, shift=shifts,
-                                  **self.cell_inputs(context, len(controls)))
+        inputs = self.cell_inputs(context, len(controls))
+        if self.reads_dose and self.spec.dose_col is not None:
+            dose = self.spec.split_dose(perturbation)[1]
+            inputs["dose"] = np.full(len(controls), dose or 0.0, dtype=np.float32)
+        cells = self.sample_cells(module, controls, perturbation, rng, settings, shift=shifts, **inputs)
         if mode == "prior-mean":
             cells = np.clip(cells - cells.mean(0) + anchor.mean(0), 0, None)
         return cells

@@ -40,6 +40,10 @@ def predict_split(
     The view's genes must be the model's, matched by name (in any order: the model reads them in
     its own order, the file has them in the view's).
 
+    With a dose column (``spec.dose_col``), a test group is a condition: ``obs[pert_col]`` holds its
+    label, ``drugA@1`` (what the evaluator scores as one group), and ``obs[dose_col]`` its dose (0
+    for the controls).
+
     Parameters
     ----------
     control_shift
@@ -67,6 +71,12 @@ def predict_split(
             f"the split's genes differ from the model's ({len(view.genes)} vs {len(model.genes)}; e.g. missing "
             f"{missing[:5]}). Predict with the split the model was trained on, or retrain."
         )
+    if model.spec.dose_col != data.spec.dose_col:
+        raise InputError(
+            f"the model was trained with dose column {model.spec.dose_col!r}, the data spec has {data.spec.dose_col!r}: "
+            "conditions with and without doses do not match. "
+            + (f"Pass --dose-col {model.spec.dose_col}." if model.spec.dose_col else "Predict data without a dose column, or retrain.")
+        )
     to_model = pd.Index(view.genes).get_indexer(model.genes)  # the view's columns, in the model's order
     if control_shift is not None:
         control_shift = np.asarray(control_shift, dtype=np.float32)
@@ -82,6 +92,8 @@ def predict_split(
     control_means = {ctx: view.expression.get(pool).mean(axis=0) for ctx, pool in pools.items()} if want_interval else {}
     blocks, obs_rows = [], []
     context_cols = list(data.spec.context_cols)
+    dose_col = data.spec.dose_col
+    dose_of = (lambda label: {dose_col: data.spec.split_dose(label)[1] or 0.0}) if dose_col else (lambda label: {})
     items = sorted(test_groups.items(), key=lambda kv: (kv[0][1], kv[0][0]))
 
     def to_file(pred: np.ndarray, own: np.ndarray, controls: np.ndarray) -> np.ndarray:
@@ -118,16 +130,19 @@ def predict_split(
                 intervals[key].append(value)
         bar.update(len(group))
         first = data.adata.obs.iloc[group[0]]
-        obs_rows += [{data.spec.pert_col: pert, **{c: str(first[c]) for c in context_cols}, "source": "predicted"}] * len(group)
+        obs_rows += [{data.spec.pert_col: pert, **dose_of(pert), **{c: str(first[c]) for c in context_cols},
+                      "source": "predicted"}] * len(group)
     bar.close()
     for ctx, pool in pools.items():
         blocks.append(view.expression.get(pool))
         ctx_obs = data.adata.obs.iloc[pool]
-        obs_rows += [{data.spec.pert_col: data.spec.control, **{c: str(v[c]) for c in context_cols}, "source": "control"} for _, v in ctx_obs.iterrows()]
+        obs_rows += [{data.spec.pert_col: data.spec.control, **dose_of(data.spec.control), **{c: str(v[c]) for c in context_cols},
+                      "source": "control"} for _, v in ctx_obs.iterrows()]
     obs = pd.DataFrame(obs_rows)
     obs.index = [f"pred_{i}" for i in range(len(obs))]
     for col in obs.columns:
-        obs[col] = pd.Categorical(obs[col])
+        if col != dose_col:
+            obs[col] = pd.Categorical(obs[col])
     out = ad.AnnData(X=np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=list(view.genes)))  # the view's order
     out.uns["pertflow"] = {"model": model.name, "split": view.split.name or "", "seed": seed}
     if want_interval:
@@ -203,7 +218,8 @@ def predict_cells(
         Control cells of one context: log1p-normalised expression in ``X``, genes by name in
         ``var_names`` (the model's genes must all be there; others are ignored).
     conditions
-        Perturbation names as the model knows them (``"KLF1"``, ``"CEBPE+KLF1"``).
+        Perturbation names as the model knows them (``"KLF1"``, ``"CEBPE+KLF1"``); for a model
+        trained with a dose column, conditions at a dose: ``"drugA@1"`` (any dose).
     context
         The context (cell type, line, donor) the controls are from, as in the training data;
         found in ``controls.obs`` (the model's context columns) or, for a model trained without
@@ -256,6 +272,8 @@ def predict_cells(
         blocks.append(np.clip(cells, 0, None).astype(np.float32))
         labels += [condition] * n
     obs = pd.DataFrame({model.spec.pert_col: pd.Categorical(labels)}, index=[f"gen_{i}" for i in range(len(labels))])
+    if model.spec.dose_col is not None:
+        obs[model.spec.dose_col] = [model.spec.split_dose(label)[1] or 0.0 for label in labels]
     for col, value in zip(cols, context.split(CONTEXT_JOIN) if cols else []):
         obs[col] = value
     return ad.AnnData(X=np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=list(model.genes)))

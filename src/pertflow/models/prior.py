@@ -16,7 +16,10 @@ every prediction mode leave-one-out, :meth:`Prior.held_out_delta`.) The flow the
 near-zero residual for singles and, since a combination's condition is the sum of its singles' (see
 :class:`~pertflow.nn.perturbation.PerturbationEncoder`), only the interaction for combinations.
 (Left out, a single's residual would carry its whole effect, and a combination's would count its
-components twice: once in the prior, once in the summed condition.) ``auto`` picks the baseline that scores best on the split's
+components twice: once in the prior, once in the summed condition.) A condition at a dose
+(``drugA@1``, with a dose column) is always left out: at an unmeasured dose the prior is an
+interpolation of the other doses (:meth:`~pertflow.models.baselines.DeltaModel.dose_response`),
+and in training it is the same, so the flow learns how far a dose is from that estimate. ``auto`` picks the baseline that scores best on the split's
 validation perturbations, each also predicted leave-one-out (:mod:`pertflow.models.validation`);
 test cells are never read. One case validation cannot judge: a split that predicts combinations
 of measured singles whose validation has no such combination (norman-combo-seen2: every
@@ -117,7 +120,7 @@ class Prior:
         except for a measured single under the additive prior, whose shift is its own response
         (the additive prior's input; see the module docstring). Never used for scoring."""
         if self.name == "additive" and (perturbation, context) in self.baseline.keys \
-                and len(self.baseline.components(perturbation)) == 1:
+                and len(self.baseline.components(perturbation)) == 1 and self.baseline.spec.split_dose(perturbation)[1] is None:
             return self.delta(perturbation, context)
         return self.held_out_delta(perturbation, context)
 

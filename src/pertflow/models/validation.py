@@ -56,13 +56,14 @@ class ValidationScore:
 
 
 def _measured_singles(view: SplitView) -> dict[str, set[tuple[str, str]]]:
-    """Single perturbation -> the training groups (perturbation, context) that measure it."""
+    """Single perturbation -> the training groups (perturbation, context) that measure it (with a
+    dose column: the groups of its conditions, at any dose)."""
     data = view.data
     train = view.rows.train[~data.is_control[view.rows.train]]
     measured: dict[str, set[tuple[str, str]]] = {}
     for pert, ctx in view.groups(train):
         if len(data.components(pert)) == 1:
-            measured.setdefault(pert, set()).add((pert, ctx))
+            measured.setdefault(data.spec.split_dose(pert)[0], set()).add((pert, ctx))
     return measured
 
 

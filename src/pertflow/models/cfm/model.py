@@ -12,6 +12,7 @@ class CFM(GeneFlowModel):
 
     name = "cfm"
     config_class = CFMConfig
+    reads_dose = True
 
     def build_module(self) -> CFMModule:
         return CFMModule(self.config, **self.network_inputs())

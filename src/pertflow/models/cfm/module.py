@@ -32,7 +32,7 @@ class CFMModule(GeneFlowNetwork):
         x_1 = b.target[self.parts.coupling(x_0, b.target)]
         t = self.parts.time_sampler(x_1.shape[0], x_1.device)
         path = self.path.sample(t, x_0, x_1)
-        v = self.velocity(t, path.x_t, self.context(self.reference_cells(b.anchor), b.pert_ids, b.gene_idx))
+        v = self.velocity(t, path.x_t, self.context(self.reference_cells(b.anchor), b.pert_ids, b.gene_idx, b.dose))
         mse = ((v.float() - path.dx_t.float()) ** 2).mean()
         loss = mse
         metrics = {"mse": float(mse.detach())}
@@ -44,7 +44,7 @@ class CFMModule(GeneFlowNetwork):
 
     @torch.no_grad()
     def sample(self, control: Tensor, pert_ids: Tensor, settings: PredictConfig, generator: torch.Generator | None = None,
-               shift: Tensor | None = None) -> Tensor:
+               shift: Tensor | None = None, dose: Tensor | None = None) -> Tensor:
         """Generate perturbed cells from the source, one per control cell.
 
         Parameters
@@ -60,6 +60,8 @@ class CFMModule(GeneFlowNetwork):
         shift
             (B, G_full) the prior's shift: the flow starts from ``control + shift``. With a zero
             velocity (and no source noise) the result is the prior's prediction exactly.
+        dose
+            (B,) the condition's dose (a network built with ``dose``; None: no dose).
 
         Returns
         -------
@@ -70,4 +72,4 @@ class CFMModule(GeneFlowNetwork):
         def generate(x_0: Tensor, reference: Tensor, ctx: FieldContext, settings: PredictConfig) -> Tensor:
             return self.integrate(lambda t, x: self.velocity(t, x, ctx), x_0, settings)
 
-        return self.sample_by_chunks(control, pert_ids, settings, generator, shift, generate)
+        return self.sample_by_chunks(control, pert_ids, settings, generator, shift, generate, dose)
