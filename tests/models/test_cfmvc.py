@@ -39,6 +39,36 @@ def view(synthetic_adata):
     return SplitView(data, make_split(data, "random", test_fraction=0.25))
 
 
+# ---------------------------------------------------------------------------- the config
+#: a ``cfmvc`` run's model section as main wrote it before the flow fields moved to FlowConfig
+SAVED_BEFORE = {"n_latent": 16, "n_tech": 4, "hidden": 128, "n_layers": 2, "dropout": 0.1, "beta": 1.0, "counts_layer": None,
+                "vae_steps": 2000, "vae_lr": 0.001, "flow_hidden": 128, "flow_layers": 3, "d_context": 64, "n_basis": 8,
+                "lambda_dist": 0.0, "source": "control", "source_noise": 0.1, "coupling": "ot", "time_sampler": "uniform",
+                "prior": "auto", "unknown_perturbation_p": 0.1, "max_components": 2, "spatial_key": None, "freeze_vae": True,
+                "joint_steps": 200, "joint_lr": 0.0001, "joint_vae_weight": 1.0, "predict_mean": False, "context_names": ["a"],
+                "batch_names": ["all"], "spatial_dim": 0}
+
+
+def test_the_flow_fields_live_in_flow_config_and_saved_runs_still_load():
+    from pertflow.configs import build, to_dict
+    from pertflow.models.flow import FlowConfig, GeneFlowConfig, flow_parts
+
+    config = build(CFMVCConfig, SAVED_BEFORE, "model")
+    assert to_dict(config) == SAVED_BEFORE and config == dataclasses.replace(CFMVCConfig(), context_names=("a",), batch_names=("all",))
+    shared = {f.name for f in dataclasses.fields(FlowConfig)}
+    assert {"source", "source_noise", "coupling", "time_sampler", "prior"} <= shared
+    for cls in (CFMVCConfig, GeneFlowConfig):  # declared once: a subclass only changes a default
+        assert issubclass(cls, FlowConfig)
+        own = cls.__dict__["__annotations__"]
+        assert all(own[k] == FlowConfig.__annotations__[k] for k in shared & set(own)), cls
+    # CFM-VC's defaults are its own, the check of the prior and the source is FlowConfig's
+    assert (CFMVCConfig().source, CFMVCConfig().coupling, CFMVCConfig().prior) == ("control", "ot", "auto")
+    assert (GeneFlowConfig().source, GeneFlowConfig().coupling, GeneFlowConfig().prior) == ("noise", "independent", "none")
+    with pytest.raises(ValueError, match="needs source 'control'"):
+        CFMVCConfig(source="noise")
+    assert flow_parts(CFMVCConfig(source_noise=0.3)).source.noise_scale == 0.3
+
+
 # ---------------------------------------------------------------------------- the likelihood
 def test_nb_log_likelihood_is_finite_where_a_naive_one_is_not():
     x = torch.tensor([0.0, 0.0, 1e9, 3.0, 0.0, 5e4])
@@ -230,30 +260,59 @@ def test_a_nan_velocity_is_replaced_and_reported(view):
 
 
 # ---------------------------------------------------------------------------- end to end
-@pytest.mark.xfail(strict=True, reason="open: at this tiny budget on the synthetic counts (libraries of ~170 counts) the "
-                   "predicted means are further from the truth than no change (MSE 1.93 vs 1.22); on Norman it beats no "
-                   "change (see the branch's report). Remove the mark once the cause is found.")
-def test_train_and_predict_beat_no_change(synthetic_file, tmp_path):
-    from pertflow.api import generate_expression, predict, split, train
-
-    split_path = tmp_path / "split.json"
-    split(split_path, data=synthetic_file, kind="random", options={"test_fraction": 0.25})
-    sets = ["model.n_latent=8", "model.hidden=64", "model.n_layers=1", "model.flow_hidden=64", "model.d_context=16",
+E2E_SETS = ["model.n_latent=8", "model.hidden=64", "model.n_layers=1", "model.flow_hidden=64", "model.d_context=16",
             "model.vae_steps=150", "model.vae_lr=3e-3", "model.dropout=0.0", "model.prior=none", "train.max_steps=150",
             "train.lr=3e-3", "train.batch_size=32", "train.val_every=75", "train.checkpoint_every=150", "train.progress=false",
             "predict.ode_steps=2", "predict.ode_method=midpoint"]
-    train("cfmvc", synthetic_file, split_path, tmp_path / "run", sets=sets)
-    pred = predict(tmp_path / "run", synthetic_file, split_path)
+
+
+@pytest.fixture(scope="module")
+def e2e_run(synthetic_file, tmp_path_factory):
+    """A tiny CFM-VC trained through the API on a random split (150 VAE steps, 150 flow steps)."""
+    from pertflow.api import split, train
+
+    folder = tmp_path_factory.mktemp("cfmvc_e2e")
+    split(folder / "split.json", data=synthetic_file, kind="random", options={"test_fraction": 0.25})
+    train("cfmvc", synthetic_file, folder / "split.json", folder / "run", sets=E2E_SETS)
+    return folder
+
+
+def test_train_predict_and_generate_through_the_api(synthetic_file, e2e_run):
+    from pertflow.api import generate_expression, predict
+
+    pred = predict(e2e_run / "run", synthetic_file, e2e_run / "split.json")
     data = PerturbationData.read(synthetic_file)
-    view = SplitView(data, Split.load(split_path))
-    real = view.real_test_anndata()
+    view = SplitView(data, Split.load(e2e_run / "split.json"))
+    X = pred.X.toarray() if sp.issparse(pred.X) else np.asarray(pred.X)
+    for (pert, ctx), rows in view.test_groups().items():  # as many cells as the test cells, on the data's scale
+        mine = X[((pred.obs["perturbation"] == pert) & (pred.obs["cell_type"] == ctx)).to_numpy()]
+        assert mine.shape == (len(rows), len(view.genes)) and np.isfinite(mine).all() and (mine >= 0).all()
+        # count samples normalised as the data: a cell sums to about target_sum (its count total varies about
+        # the drawn library, by which it is divided, so not exactly)
+        assert abs(np.expm1(mine).sum(1).mean() / data.spec.target_sum - 1) < 0.4
+    generated = generate_expression(e2e_run / "run", data.perturbation_names[0], cell_type="line_A", n_cells=5, n_steps=2)
+    assert generated.shape == (5, len(view.genes)) and np.isfinite(generated.X).all()
+
+
+@pytest.mark.xfail(strict=True, reason="budget, not a defect (benchmarks/cfmvc_stages.py): at 150 + 150 steps the VAE "
+                   "does not yet reconstruct the groups' means (decode(encode(x)) of the test cells: MSE 1.38 vs no change "
+                   "1.22) and its z_int barely separates the perturbations; at 600 + 300 steps (~60 s) the reconstruction "
+                   "beats no change (1.14) but the flow's cells do not yet (1.25). On these ~150-count cells even the "
+                   "mean of the group's own visible cells reaches only 1.04. Remove the mark when a cheap setting passes.")
+def test_its_cells_beat_no_change(synthetic_file, e2e_run):
+    """The flow's own cells (``predict.mode: flow``), generated from every visible control cell of the
+    context, against those control cells: the same cells and as many, so that the count samples'
+    noise does not count against the model (predict_split generates as many cells as the test has,
+    5 a group, whose mean is noisier than the mean of the 40 controls)."""
+    model = PerturbationModel.load(e2e_run / "run")
+    data = PerturbationData.read(synthetic_file)
+    view = SplitView(data, Split.load(e2e_run / "split.json"))
+    settings = dataclasses.replace(model.predict_config, mode="flow")
     errors = {"model": [], "no change": []}
+    rng = np.random.default_rng(0)
     for (pert, ctx), rows in view.test_groups().items():
         truth = data.log_expression(rows, view.gene_idx).mean(0)
-        mine = pred.X[((pred.obs["perturbation"] == pert) & (pred.obs["cell_type"] == ctx)).to_numpy()].mean(0)
-        ctrl = real.X[((real.obs["perturbation"] == "control") & (real.obs["cell_type"] == ctx)).to_numpy()].mean(0)
-        errors["model"].append(((mine - truth) ** 2).mean())
-        errors["no change"].append(((ctrl - truth) ** 2).mean())
-    assert np.mean(errors["model"]) < 0.7 * np.mean(errors["no change"]), {k: np.mean(v) for k, v in errors.items()}
-    generated = generate_expression(tmp_path / "run", data.perturbation_names[0], cell_type="line_A", n_cells=5, n_steps=2)
-    assert generated.shape == (5, len(view.genes)) and np.isfinite(generated.X).all()
+        controls = view.expression.get(view.control_rows(ctx))
+        errors["model"].append(((model.generate(controls, pert, ctx, rng, settings).mean(0) - truth) ** 2).mean())
+        errors["no change"].append(((controls.mean(0) - truth) ** 2).mean())
+    assert np.mean(errors["model"]) < np.mean(errors["no change"]), {k: np.mean(v) for k, v in errors.items()}

@@ -1,5 +1,7 @@
 """latent-shift (SPEC 2.5): predictors in an embedding space, a frozen decoder, KNN purity in latent space."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +15,7 @@ from pertflow.errors import InputError
 from pertflow.eval.config import EvalConfig
 from pertflow.eval.context_metrics import latent_knn_purity
 from pertflow.models.base import PerturbationModel
+from pertflow.models.config import PredictConfig
 from pertflow.models.latent_shift.config import LatentShiftConfig
 from pertflow.models.latent_shift.model import LatentShift
 from pertflow.models.latent_shift.predictors import FlowPredictor, LatentPredictor, MLPPredictor
@@ -54,6 +57,31 @@ class MeanShift:
 
     def predict(self, ctrl_emb, pert_cov):
         return np.stack([c + self.table.get(tuple(v), self.fallback) for c, v in zip(ctrl_emb, pert_cov)])
+
+
+class FarAway(MeanShift):
+    """A predictor that learnt nothing useful: every cell moved far from any real one."""
+
+    def predict(self, ctrl_emb, pert_cov):
+        return ctrl_emb + 40.0
+
+
+def test_a_predictor_that_loses_to_its_prior_on_validation_predicts_as_the_prior(view, tmp_path):
+    model = LatentShift.from_view(view, LatentShiftConfig(**{**TINY.__dict__, "prior": "mean"})).use_predictor(FarAway())
+    model.fit(view, SHORT, tmp_path)
+    scores = model.fit_report["validation"]
+    assert set(scores) == {"flow", "prior-mean", "prior"}
+    assert scores["prior"]["score"] > scores["flow"]["score"] + 0.5, scores
+    assert model.prediction_mode != "flow" and model.fit_report["prediction_mode"] == model.prediction_mode
+    controls = view.expression.get(view.control_rows("line_A")[:20])
+    pert = view.training_perturbations[0]
+    anchor = np.clip(controls + model.prior.delta(pert, "line_A"), 0, None)
+    auto = model.generate(controls, pert, "line_A", np.random.default_rng(0))
+    own = model.generate(controls, pert, "line_A", np.random.default_rng(0), PredictConfig(mode="flow"))
+    # the chosen mode carries the prior's mean; the predictor's own cells (forced) are far from it
+    assert np.abs(auto.mean(0) - anchor.mean(0)).mean() < 0.1 * np.abs(own.mean(0) - anchor.mean(0)).mean()
+    np.testing.assert_array_equal(model.generate(controls, pert, "line_A", np.random.default_rng(0), PredictConfig(mode="prior")),
+                                  anchor)
 
 
 def test_any_class_with_the_two_methods_is_a_predictor(view, tmp_path):
@@ -135,6 +163,12 @@ def test_save_load_reproduces_predictions(view, tmp_path, predictor):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(model.embed(controls), again.embed(controls))
     assert (a >= 0).all()
+    assert again.prediction_mode == model.prediction_mode
+    # a run saved before the prediction modes predicts as the model itself
+    meta = json.loads((tmp_path / "model.json").read_text())
+    del meta["extra_state"]["prediction_mode"]
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    assert PerturbationModel.load(tmp_path).prediction_mode == "flow"
 
 
 def test_descriptors_from_a_file(view, tmp_path):

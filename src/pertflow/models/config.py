@@ -28,10 +28,11 @@ class PredictConfig:
         The flow models' ODE solver (``rk4``, ``euler``, ``midpoint``, ``dopri5``) and its fixed
         steps (RK4: 4 network calls a step). Ignored by models without a flow.
     mode
-        How a flow anchored on a baseline predicts (:data:`pertflow.models.flow_model.PREDICTION_MODES`):
+        How a model anchored on a baseline predicts (:data:`pertflow.models.prior.PREDICTION_MODES`):
         ``auto``, the way that scored best on the validation perturbations at the end of
         training (saved with the run); or ``flow``, ``prior-mean``, ``prior`` to force one (for
-        example the flow's own cells where its prior scored better). Ignored by other models.
+        example the flow's own cells where its prior scored better). The flow models and
+        ``latent-shift`` (``flow``: its predictor's cells) read it; other models ignore it.
     interval
         None (default): no intervals. A level such as 0.9: every predicted (perturbation,
         context) gets per-gene intervals of its predicted mean shift vs the context's controls, a

@@ -29,9 +29,66 @@ from pertflow.nn.perturbation import PerturbationEncoder, unknown_perturbation_d
 from pertflow.ops.kernels import mmd2_rbf
 
 
+#: The names a flow config's fields take (one home for each list).
+FlowSourceName = Literal["noise", "control"]
+CouplingName = Literal["independent", "ot"]
+TimeSamplerName = Literal["uniform", "logit-normal"]
+PriorName = Literal["none", "mean", "additive", "linear", "context-shift", "auto"]
+
+
 @dataclass(frozen=True)
-class GeneFlowConfig:
-    """The ``model`` section fields every gene-space flow model has (defaults are the SPEC's).
+class FlowConfig:
+    """The ``model`` section fields of every flow model anchored on a prior: the flow's parts
+    (:func:`flow_parts`), its prior and how it reads perturbations. The gene-space models
+    (:class:`GeneFlowConfig`) and CFM-VC's latent flow subclass it; a subclass may give a field
+    another default by declaring it again with the same type (e.g. ``source: FlowSourceName =
+    "control"``), never another meaning.
+
+    Attributes
+    ----------
+    source
+        Where the flow starts (t = 0): ``noise``, a standard normal (the SPEC), or ``control``, the
+        control cell (or its latent) plus ``source_noise`` times a standard normal: the flow then
+        transports the control distribution onto the perturbed one, a much shorter path that a
+        small budget learns well.
+    source_noise
+        Scale of the noise added to a control source.
+    coupling
+        How the B targets of a batch are paired with the B sources (:data:`pertflow.flows.COUPLINGS`):
+        ``independent`` (as drawn) or ``ot`` (minibatch optimal transport, straighter paths).
+    time_sampler
+        Where on the path training samples are taken (:data:`pertflow.flows.TIME_SAMPLERS`).
+    prior
+        The baseline the flow is anchored on (:mod:`pertflow.models.prior`): the flow starts from
+        the control cells shifted by its predicted response (with ``source: control``), so the
+        network learns only the residual; ``none`` starts from the controls themselves; ``auto``
+        picks the baseline that scores best on the split's validation perturbations.
+    max_components
+        Most components of a combination.
+    unknown_perturbation_p
+        Share of training batches whose perturbation is replaced by ``<unk>``, so that a
+        perturbation never seen in training (and without a descriptor) gets the typical
+        response instead of an untrained embedding.
+    """
+
+    source: FlowSourceName = "noise"
+    source_noise: float = 0.1
+    coupling: CouplingName = "independent"
+    time_sampler: TimeSamplerName = "uniform"
+    prior: PriorName = "none"
+    max_components: int = 2
+    unknown_perturbation_p: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.prior != "none" and self.source != "control":
+            raise ValueError(f"prior '{self.prior}' shifts where the flow starts: it needs source 'control', not '{self.source}'")
+
+
+@dataclass(frozen=True)
+class GeneFlowConfig(FlowConfig):
+    """The ``model`` section fields every gene-space flow model has (defaults are the SPEC's):
+    those of every flow (:class:`FlowConfig`: ``source``, ``source_noise``, ``coupling``,
+    ``time_sampler``, ``prior``, ``max_components``, ``unknown_perturbation_p``) and these.
 
     Attributes
     ----------
@@ -54,19 +111,6 @@ class GeneFlowConfig:
         G: random genes per training step (all genes when the data has fewer).
     gamma
         Weight of the MMD term on the one-step estimate ``x_t + (1 - t) v``.
-    max_components
-        Most components of a combination.
-    unknown_perturbation_p
-        Share of training batches whose perturbation is replaced by ``<unk>``, so that a
-        perturbation never seen in training (and without a descriptor) gets the typical
-        response instead of an untrained embedding.
-    source
-        Where the flow starts (t = 0): ``noise``, a standard normal (the SPEC), or ``control``, the
-        control cell plus ``source_noise`` times a standard normal: the flow then transports the
-        control distribution onto the perturbed one, a much shorter path that a small budget
-        learns well.
-    source_noise
-        Scale of the noise added to a control source.
     reference_cell
         With a control source, which control cell the network is conditioned on: ``own``, the
         cell the flow starts from, or ``other``, another control cell of the batch. With ``own``
@@ -80,16 +124,6 @@ class GeneFlowConfig:
         cells. The network then sees how far a cell is from its own context's controls rather
         than absolute expression, which differs from context to context; the model is exactly
         equivariant to a per-gene shift of all its inputs.
-    coupling
-        How the B targets of a batch are paired with the B sources (:data:`pertflow.flows.COUPLINGS`):
-        ``independent`` (as drawn) or ``ot`` (minibatch optimal transport, straighter paths).
-    time_sampler
-        Where on the path training samples are taken (:data:`pertflow.flows.TIME_SAMPLERS`).
-    prior
-        The baseline the flow is anchored on (:mod:`pertflow.models.prior`): the flow starts from
-        the control cells shifted by its predicted response (with ``source: control``), so the
-        network learns only the residual; ``none`` starts from the controls themselves; ``auto``
-        picks the baseline that scores best on the split's validation perturbations.
     """
 
     d_model: int = 128
@@ -103,23 +137,15 @@ class GeneFlowConfig:
     d_token: int | None = None
     genes_per_step: int = 1000
     gamma: float = 0.5
-    max_components: int = 2
-    unknown_perturbation_p: float = 0.1
-    source: Literal["noise", "control"] = "noise"
-    source_noise: float = 0.1
     reference_cell: Literal["own", "other"] = "own"
     center: bool = False
-    coupling: Literal["independent", "ot"] = "independent"
-    time_sampler: Literal["uniform", "logit-normal"] = "uniform"
-    prior: Literal["none", "mean", "additive", "linear", "context-shift", "auto"] = "none"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.genes_per_step < 2:
             raise ValueError("genes_per_step must be at least 2")
-        if self.prior != "none" and self.source != "control":
-            raise ValueError(f"prior '{self.prior}' shifts where the flow starts: it needs source 'control', not '{self.source}'")
         if self.backbone == "dense" and self.d_token not in (None, self.d_model):
             raise ValueError("the dense backbone's gene tokens are d_model wide: leave d_token unset")
         if self.token_width % self.n_heads and self.backbone == "dense":
@@ -143,7 +169,7 @@ class FlowParts:
     source: GaussianSource | AnchoredSource
 
 
-def flow_parts(config: GeneFlowConfig) -> FlowParts:
+def flow_parts(config: FlowConfig) -> FlowParts:
     """The parts named by a config."""
     source = GaussianSource() if config.source == "noise" else AnchoredSource(config.source_noise)
     return FlowParts(COUPLINGS[config.coupling], TIME_SAMPLERS[config.time_sampler], source)

@@ -5,7 +5,8 @@ A :class:`GeneFlowModel` fits its prior (:mod:`pertflow.models.prior`) before tr
 each batch the prior's leave-one-out shift; every validation it generates the split's validation
 perturbations and scores them (:mod:`pertflow.models.validation`), keeping the best checkpoint by
 that score. After training it compares the flow with its own prior on validation and predicts
-the way that scored best (``prediction_mode``):
+the way that scored best (``prediction_mode``; :func:`~pertflow.models.prior.choose_prediction_mode`,
+shared with the other models anchored on a prior):
 
 * ``flow``: the flow's cells;
 * ``prior-mean``: the flow's cells moved onto the prior's mean (the prior's shift, the flow's
@@ -36,12 +37,10 @@ from pertflow.models.config import PredictConfig
 from pertflow.models.flow import flow_parts
 from pertflow.errors import InputError
 from pertflow.models.network import NetworkModel, frozen, inference_device
-from pertflow.models.prior import UNJUDGED_COMBINATIONS, Prior
+from pertflow.models.prior import Prior, choose_prediction_mode, mode_cells
 from pertflow.models.validation import ValidationScore, ValidationSet
 from pertflow.train.config import TrainConfig
-from pertflow.train.launch import is_main_process
 
-PREDICTION_MODES = ("flow", "prior-mean", "prior")
 VALIDATION_SEED = 0
 
 
@@ -98,17 +97,9 @@ class GeneFlowModel(NetworkModel):
         super().fit(view, train_config, run_dir, resume, selector=selector)
         report = {"prior": self.prior.name, "prior_reason": self.prior.reason, "prior_scores": self.prior.scores}
         if len(validation):
-            scores = {mode: self.validation_score(self.module, validation, mode) for mode in PREDICTION_MODES}
-            self.prediction_mode = max(PREDICTION_MODES, key=lambda m: (scores[m].score, -PREDICTION_MODES.index(m)))
-            report["validation"] = {m: s.as_dict("") for m, s in scores.items()}
-            if self.prior.reason == UNJUDGED_COMBINATIONS:  # validation has none of the test's kind
-                self.prediction_mode = "prior"
-                if is_main_process():
-                    print("note: no validation combination has its singles measured, so the flow cannot be judged on the "
-                            "test's kind of combination: predicting as its additive prior.", flush=True)
-            elif self.prediction_mode != "flow" and is_main_process():
-                print(f"note: on the validation perturbations the flow scored {scores['flow'].score:.3f} and its prior "
-                      f"({self.prior.name}) {scores['prior'].score:.3f}; predicting as '{self.prediction_mode}'.", flush=True)
+            self.prediction_mode, choice = choose_prediction_mode(
+                lambda mode: self.validation_score(self.module, validation, mode), self.prior, "the flow")
+            report.update(choice)
         report["prediction_mode"] = self.prediction_mode
         self.fit_report.update(report)
 
@@ -140,19 +131,15 @@ class GeneFlowModel(NetworkModel):
     def cells(self, module: torch.nn.Module, controls: np.ndarray, perturbation: str, shift: np.ndarray,
               rng: np.random.Generator, settings: PredictConfig, mode: str, context: str | None = None) -> np.ndarray:
         """Cells of a perturbation (a condition ``drugA@1`` with a dose column) from control cells
-        (of ``context``) and the prior's (G,) shift, in one of :data:`PREDICTION_MODES`."""
-        anchor = np.clip(controls + shift[None, :], 0, None)
-        if mode == "prior":
-            return anchor
+        (of ``context``) and the prior's (G,) shift, in one of
+        :data:`~pertflow.models.prior.PREDICTION_MODES` (:func:`~pertflow.models.prior.mode_cells`)."""
         shifts = np.broadcast_to(shift[None, :], controls.shape).astype(np.float32)
         inputs = self.cell_inputs(context, len(controls))
         if self.reads_dose and self.spec.dose_col is not None:
             dose = self.spec.split_dose(perturbation)[1]
             inputs["dose"] = np.full(len(controls), dose or 0.0, dtype=np.float32)
-        cells = self.sample_cells(module, controls, perturbation, rng, settings, shift=shifts, **inputs)
-        if mode == "prior-mean":
-            cells = np.clip(cells - cells.mean(0) + anchor.mean(0), 0, None)
-        return cells
+        return mode_cells(mode, controls, shift,
+                          lambda: self.sample_cells(module, controls, perturbation, rng, settings, shift=shifts, **inputs))
 
     def cell_inputs(self, context: str | None, n: int) -> dict[str, np.ndarray]:
         """More inputs of the network's ``sample``, one row per control cell (n rows) of

@@ -30,7 +30,7 @@ cannot judge the flow on that case either).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -38,7 +38,8 @@ import torch
 from pertflow.data.view import SplitView
 from pertflow.models.baselines import DeltaModel
 from pertflow.models.registry import model_class
-from pertflow.models.validation import ValidationSet, predicts_measured_combinations
+from pertflow.models.validation import ValidationScore, ValidationSet
+from pertflow.train.launch import is_main_process
 
 #: Prior names and the baseline each one is (``none``: the controls themselves, no change).
 PRIOR_BASELINES = {"none": "no-change", "mean": "mean", "additive": "additive", "linear": "linear", "context-shift": "context-shift"}
@@ -82,7 +83,7 @@ class Prior:
         # ties (one perturbation: mean = additive = linear = context-shift) go to the first, the simplest
         best = max(candidates, key=lambda name: (round(scores[name].score, 9), -list(candidates).index(name)))
         reason = "the best validation score"
-        if not validation.of_test_kind and predicts_measured_combinations(view):
+        if not validation.of_test_kind and validation.test_kinds.measured_combinations:
             best, reason = "additive", UNJUDGED_COMBINATIONS
             print(f"note: prior 'auto' chose additive: {reason}.", flush=True)
         chosen = candidates[best]
@@ -146,3 +147,44 @@ class Prior:
         prior = cls(state["name"], baseline, state.get("scores"))
         prior.reason = state.get("reason", prior.reason)
         return prior
+
+
+# ---------------------------------------------------------------------------- prediction modes
+#: How a model anchored on a prior predicts: ``flow``, its own cells; ``prior-mean``, its cells
+#: moved onto the prior's mean (the prior's shift, the model's spread); ``prior``, the prior's
+#: own cells (the model added nothing on validation). ``predict.mode`` forces one.
+PREDICTION_MODES = ("flow", "prior-mean", "prior")
+
+
+def mode_cells(mode: str, controls: np.ndarray, shift: np.ndarray, model_cells: Callable[[], np.ndarray]) -> np.ndarray:
+    """Cells of a perturbation in one of :data:`PREDICTION_MODES`, from control cells (n, G), the
+    prior's (G,) shift and ``model_cells()``, the model's own (n, G) cells (not called for ``prior``)."""
+    anchor = np.clip(controls + shift[None, :], 0, None)
+    if mode == "prior":
+        return anchor
+    cells = model_cells()
+    if mode == "prior-mean":
+        cells = np.clip(cells - cells.mean(0) + anchor.mean(0), 0, None)
+    return cells
+
+
+def choose_prediction_mode(score: Callable[[str], ValidationScore], prior: Prior, what: str = "the flow") -> tuple[str, dict[str, Any]]:
+    """The prediction mode that scores best on validation (``score(mode)``; ties go to the first of
+    :data:`PREDICTION_MODES`), and the scores for the fit report (``{"validation": {mode: ...}}``).
+
+    So a model is never worse on validation than its own prior. Where validation cannot judge the
+    test's kind of combination (:data:`UNJUDGED_COMBINATIONS`), ``prior`` (the additive prior).
+    ``what`` names the model in the note printed when it does not predict as itself.
+    """
+    scores = {mode: score(mode) for mode in PREDICTION_MODES}
+    mode = max(PREDICTION_MODES, key=lambda m: (scores[m].score, -PREDICTION_MODES.index(m)))
+    report = {"validation": {m: s.as_dict("") for m, s in scores.items()}}
+    if prior.reason == UNJUDGED_COMBINATIONS:  # validation has none of the test's kind
+        mode = "prior"
+        if is_main_process():
+            print(f"note: no validation combination has its singles measured, so {what} cannot be judged on the "
+                  "test's kind of combination: predicting as its additive prior.", flush=True)
+    elif mode != "flow" and is_main_process():
+        print(f"note: on the validation perturbations {what} scored {scores['flow'].score:.3f} and its prior "
+              f"({prior.name}) {scores['prior'].score:.3f}; predicting as '{mode}'.", flush=True)
+    return mode, report

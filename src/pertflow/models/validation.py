@@ -55,50 +55,63 @@ class ValidationScore:
         return {f"{prefix}pearson_top20_de": self.pearson_top20_de, f"{prefix}edistance": self.edistance, f"{prefix}score": self.score}
 
 
-def _measured_singles(view: SplitView) -> dict[str, set[tuple[str, str]]]:
-    """Single perturbation -> the training groups (perturbation, context) that measure it (with a
-    dose column: the groups of its conditions, at any dose)."""
-    data = view.data
-    train = view.rows.train[~data.is_control[view.rows.train]]
-    measured: dict[str, set[tuple[str, str]]] = {}
-    for pert, ctx in view.groups(train):
-        if len(data.components(pert)) == 1:
-            measured.setdefault(data.spec.split_dose(pert)[0], set()).add((pert, ctx))
-    return measured
+Kind = tuple[int, int]  # (components, how many of them are measured as singles in training)
 
 
-def _kind(data, measured: dict[str, set[tuple[str, str]]], pert: str, group: tuple[str, str] | None) -> tuple[int, int]:
+def _kind(data, measured: dict[str, set[tuple[str, str]]], pert: str, group: tuple[str, str] | None) -> Kind:
     parts = data.components(pert)
     return len(parts), sum(bool(measured.get(c, set()) - {group}) for c in parts)
 
 
-def like_test(view: SplitView, keys: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], bool]:
-    """The validation groups of the kind the split predicts, and whether they are of its kind.
+@dataclass(frozen=True)
+class TaskKinds:
+    """The kinds of the split's test perturbations, computed once per split view.
 
     A perturbation's kind is its number of components and how many of them are measured as
     singles in training (a group never counts as measuring itself: validation predicts it left
-    out). A combination task's test combinations have both singles measured, so only validation
+    out). Only the split's test perturbation *names* are read, never a test cell.
+    """
+
+    measured: dict[str, set[tuple[str, str]]]  # single perturbation -> the training groups that measure it
+    kinds: frozenset[Kind]  # the test perturbations' kinds
+
+    @classmethod
+    def of(cls, view: SplitView) -> TaskKinds:
+        data = view.data
+        train = view.rows.train[~data.is_control[view.rows.train]]
+        measured: dict[str, set[tuple[str, str]]] = {}
+        for pert, ctx in view.groups(train):
+            if len(data.components(pert)) == 1:  # with a dose column: a single at any of its doses
+                measured.setdefault(data.spec.split_dose(pert)[0], set()).add((pert, ctx))
+        return cls(measured, frozenset(_kind(data, measured, p, None) for p in view.split.test_perturbations))
+
+    def kind(self, data, pert: str, group: tuple[str, str] | None = None) -> Kind:
+        """The kind of ``pert``, predicted as the group ``group`` left out (None: not a training group)."""
+        return _kind(data, measured=self.measured, pert=pert, group=group)
+
+    @property
+    def measured_combinations(self) -> bool:
+        """Whether every test perturbation of the split is a combination of singles measured in training."""
+        return bool(self.kinds) and all(n > 1 and seen == n for n, seen in self.kinds)
+
+
+def like_test(view: SplitView, keys: list[tuple[str, str]], kinds: TaskKinds | None = None) -> tuple[list[tuple[str, str]], bool]:
+    """The validation groups of the kind the split predicts, and whether they are of its kind.
+
+    A combination task's test combinations have both singles measured, so only validation
     combinations whose singles are measured are scored; an unseen single is scored on validation
     singles (left out, none is measured); a single transferred to a new context on validation
-    singles measured in other contexts. Where no validation group has the test's kind, those with
-    its number of components (and ``False``); where none has that either, all. Only the split's
-    test perturbation *names* are read, never a test cell.
+    singles measured in other contexts. Where no validation group has the test's kind (see
+    :class:`TaskKinds`), those with its number of components (and ``False``); where none has
+    that either, all. ``kinds``: the view's, when already computed.
     """
     data = view.data
-    measured = _measured_singles(view)
-    kinds = {_kind(data, measured, p, None) for p in view.split.test_perturbations}
-    same_kind = [k for k in keys if _kind(data, measured, k[0], k) in kinds]
-    if same_kind or not kinds:
+    kinds = kinds if kinds is not None else TaskKinds.of(view)
+    same_kind = [k for k in keys if kinds.kind(data, k[0], k) in kinds.kinds]
+    if same_kind or not kinds.kinds:
         return same_kind or keys, True
-    arity = {n for n, _ in kinds}
+    arity = {n for n, _ in kinds.kinds}
     return [k for k in keys if len(data.components(k[0])) in arity] or keys, False
-
-
-def predicts_measured_combinations(view: SplitView) -> bool:
-    """Whether every test perturbation of the split is a combination of singles measured in training."""
-    measured = _measured_singles(view)
-    kinds = {_kind(view.data, measured, p, None) for p in view.split.test_perturbations}
-    return bool(kinds) and all(n > 1 and seen == n for n, seen in kinds)
 
 
 class ValidationSet:
@@ -107,7 +120,8 @@ class ValidationSet:
     Validation cells are cells of training perturbations; where some of them are of the kind the
     split asks to predict (:func:`like_test`: as many components as its test perturbations, as
     many of them measured as singles), only those are scored, so that a choice made on validation
-    (a prior, a prediction mode) is made on the task's own kind of perturbation.
+    (a prior, a prediction mode) is made on the task's own kind of perturbation. The test
+    perturbations' kinds are kept (``test_kinds``, :class:`TaskKinds`).
 
     Parameters
     ----------
@@ -140,7 +154,8 @@ class ValidationSet:
         val = view.rows.val[~data.is_control[view.rows.val]]
         visible = view.groups(view.visible[~data.is_control[view.visible]])
         self.groups: list[ValidationGroup] = []
-        keys, self.of_test_kind = like_test(view, sorted(view.groups(val)))
+        self.test_kinds = TaskKinds.of(view)
+        keys, self.of_test_kind = like_test(view, sorted(view.groups(val)), self.test_kinds)
         if len(keys) > max_groups:
             keys = [keys[i] for i in np.sort(rng.choice(len(keys), size=max_groups, replace=False))]
         for pert, ctx in keys:

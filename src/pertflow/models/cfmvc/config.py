@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+
+from pertflow.models.flow import CouplingName, FlowConfig, FlowSourceName, PriorName
 
 
 @dataclass(frozen=True)
-class CFMVCConfig:
-    """The ``model`` section of a ``cfmvc`` run (SPEC 2.4).
+class CFMVCConfig(FlowConfig):
+    """The ``model`` section of a ``cfmvc`` run (SPEC 2.4): the fields of every flow
+    (:class:`~pertflow.models.flow.FlowConfig`: ``source``, ``source_noise``, ``coupling``,
+    ``time_sampler``, ``prior``, ``max_components``, ``unknown_perturbation_p``), read in the
+    latent space, with CFM-VC's defaults (``source: control``, ``coupling: ot``, ``prior: auto``),
+    and these.
 
     Attributes
     ----------
@@ -30,19 +35,10 @@ class CFMVCConfig:
     lambda_dist
         Weight of the distribution-matching term: the MMD between the one-step estimates
         ``z_t + (1 - t) v`` and the target latents (0: off).
-    source, source_noise, coupling, time_sampler
-        The flow parts (:func:`pertflow.models.flow.flow_parts`): where the flow starts (``control``:
-        the encoded control cell, shifted by the prior, plus ``source_noise`` noise; ``noise``: a
-        standard normal), how sources and targets pair, where on the path to train.
-    prior
-        The baseline the flow is anchored on (:mod:`pertflow.models.prior`), applied in latent
-        space: the flow starts from the latent of the control cell shifted by the prior's
-        predicted response (needs ``source: control``).
-    unknown_perturbation_p
-        Share of training batches whose perturbation is read as ``<unk>`` (what an untrained
-        perturbation is given).
-    max_components
-        Most components of a combination.
+    source, prior
+        As every flow's, in latent space: with ``source: control`` the flow starts from the
+        encoded control cell (shifted by the prior's predicted response, applied to the control
+        cell before encoding) plus ``source_noise`` noise.
     spatial_key
         ``obsm`` key of spatial coordinates the flow is conditioned on (standardised on the
         training cells; a cell without coordinates sits at their mean); None: none.
@@ -71,13 +67,10 @@ class CFMVCConfig:
     d_context: int = 64
     n_basis: int = 8
     lambda_dist: float = 0.0
-    source: Literal["noise", "control"] = "control"
-    source_noise: float = 0.1
-    coupling: Literal["independent", "ot"] = "ot"
-    time_sampler: Literal["uniform", "logit-normal"] = "uniform"
-    prior: Literal["none", "mean", "additive", "linear", "context-shift", "auto"] = "auto"
-    unknown_perturbation_p: float = 0.1
-    max_components: int = 2
+    # CFM-VC's defaults of FlowConfig's fields (same types, another default)
+    source: FlowSourceName = "control"
+    coupling: CouplingName = "ot"
+    prior: PriorName = "auto"
     spatial_key: str | None = None
     freeze_vae: bool = True
     joint_steps: int = 200
@@ -88,15 +81,11 @@ class CFMVCConfig:
     batch_names: tuple[str, ...] = ()
     spatial_dim: int = 0
 
-    #: The gene-space models' centring (GeneFlowModel reads it); a latent flow has nothing to centre.
-    center = False
-
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("n_latent", "n_tech", "hidden", "n_layers", "vae_steps", "flow_hidden", "flow_layers", "d_context", "n_basis"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.prior != "none" and self.source != "control":
-            raise ValueError(f"prior '{self.prior}' shifts where the flow starts: it needs source 'control', not '{self.source}'")
         if not self.freeze_vae and self.joint_steps < 1:
             raise ValueError("freeze_vae: false fine-tunes the VAE and the flow together for joint_steps steps: give joint_steps >= 1")
         if self.lambda_dist < 0 or self.beta < 0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pertflow.models.flow import CouplingName, PriorName, TimeSamplerName
+
 
 @dataclass(frozen=True)
 class LatentShiftConfig:
@@ -83,14 +85,14 @@ class LatentShiftConfig:
     context_summary: bool = True
     train_unknown: bool = True
     pairing: Literal["random", "ot"] = "ot"
-    prior: Literal["none", "mean", "additive", "linear", "context-shift", "auto"] = "none"
+    prior: PriorName = "none"
     hidden: int = 256
     n_layers: int = 2
     groups_per_step: int = 8
     mmd_weight: float = 1.0
     source_noise: float = 0.1
-    coupling: Literal["independent", "ot"] = "independent"
-    time_sampler: Literal["uniform", "logit-normal"] = "uniform"
+    coupling: CouplingName = "independent"
+    time_sampler: TimeSamplerName = "uniform"
     decoder_hidden: int = 256
     decoder_layers: int = 2
     decoder_steps: int = 800

@@ -16,7 +16,11 @@ test cells are never reachable):
    a covariate per pair: the perturbation's descriptor and the context's mean control embedding.
 
 A prediction encodes the context's control cells, shifts them by the prior, lets the predictor
-move them and decodes the result. Any object with ``train(ctrl_emb, pert_emb, pert_cov)`` and
+move them and decodes the result. As the flow models, after fitting the model compares its cells
+with its own prior's on validation and predicts the way that scored best (``prediction_mode``:
+``flow``, its own cells; ``prior-mean``, them moved onto the prior's mean; ``prior``, the prior's
+cells; :func:`~pertflow.models.prior.choose_prediction_mode`), so a run is never worse on
+validation than its prior; ``predict.mode`` forces one. Any object with ``train(ctrl_emb, pert_emb, pert_cov)`` and
 ``predict(ctrl_emb, pert_cov)`` can stand in for the built-in predictors
 (:meth:`LatentShift.use_predictor`); only the built-in ones are saved with a run.
 
@@ -54,8 +58,8 @@ from pertflow.models.latent_shift.embeddings import (
 )
 from pertflow.models.latent_shift.predictors import PREDICTORS, LatentPredictor, NetworkPredictor
 from pertflow.models.latent_shift.training import CellBatches, stage_dir, train_network
-from pertflow.models.prior import Prior
-from pertflow.models.validation import ValidationSet
+from pertflow.models.prior import Prior, choose_prediction_mode, mode_cells
+from pertflow.models.validation import ValidationScore, ValidationSet
 from pertflow.train.config import TrainConfig
 
 MAX_PAIRS = 256  # control cells paired with a group: at least its own size, up to this many when there are
@@ -90,6 +94,7 @@ class LatentShift(PerturbationModel):
         self.descriptors: DescriptorTable | None = None
         self.context_means: dict[str, np.ndarray] = {}
         self.prior: Prior | None = None
+        self.prediction_mode = "flow"
         self.trained_components: list[str] = []
         self._own_predictor = False
 
@@ -117,6 +122,7 @@ class LatentShift(PerturbationModel):
         run_dir = Path(run_dir)
         torch.manual_seed(train_config.seed)
         self.fit_report = {}
+        self.prediction_mode = "flow"
         self.fit_embedding(view, train_config)
         latent = self.embed_visible(view)
         self.fit_decoder(view, latent, train_config, run_dir)
@@ -300,7 +306,10 @@ class LatentShift(PerturbationModel):
         rng: np.random.Generator,
         settings: PredictConfig | None = None,
     ) -> np.ndarray:
-        return self.cells(controls, perturbation, context, self.prior.delta(perturbation, context), rng, settings or self.predict_config)
+        settings = settings or self.predict_config
+        mode = self.prediction_mode if settings.mode == "auto" else settings.mode
+        delta = self.prior.delta(perturbation, context)
+        return mode_cells(mode, controls, delta, lambda: self.cells(controls, perturbation, context, delta, rng, settings))
 
     def cells(self, controls: np.ndarray, perturbation: str, context: str, delta: np.ndarray, rng: np.random.Generator,
               settings: PredictConfig) -> np.ndarray:
@@ -344,21 +353,30 @@ class LatentShift(PerturbationModel):
         predicted = self.predict_latent(controls, latent, perturbation, context, delta, rng)
         return M.knn_purity(predicted, self.embedding.encode(real), latent, k)
 
-    def validation_report(self, validation: ValidationSet) -> dict[str, Any]:
-        """Scores of the predictions of the validation perturbations (the prior's shift left out
-        as in training): the validation score of the model and of its prior alone, and KNN purity
-        in the embedding."""
-        if not len(validation):
-            return {}
+    def validation_score(self, validation: ValidationSet, mode: str = "flow") -> ValidationScore:
+        """The validation score of the cells of one prediction mode (the prior's shift left out, as
+        in training: :meth:`Prior.held_out_delta`)."""
         rng = np.random.default_rng(VALIDATION_SEED)
-        ours = validation.score(lambda p, c, controls: self.cells(controls, p, c, self.prior.held_out_delta(p, c), rng,
-                                                                   self.predict_config))
+
+        def predict(p: str, c: str, controls: np.ndarray) -> np.ndarray:
+            delta = self.prior.held_out_delta(p, c)
+            return mode_cells(mode, controls, delta, lambda: self.cells(controls, p, c, delta, rng, self.predict_config))
+
+        return validation.score(predict)
+
+    def validation_report(self, validation: ValidationSet) -> dict[str, Any]:
+        """Chooses the prediction mode on validation (:func:`choose_prediction_mode`) and reports
+        each mode's validation score, the mode, and KNN purity in the embedding."""
+        if not len(validation):
+            return {"prediction_mode": self.prediction_mode}
+        self.prediction_mode, report = choose_prediction_mode(lambda mode: self.validation_score(validation, mode), self.prior,
+                                                              f"the {self.config.predictor} predictor")
+        rng = np.random.default_rng(VALIDATION_SEED)
         purity = [self.latent_knn_purity(g.controls, g.perturbation, g.context,
                                          g.real[rng.choice(len(g.real), size=min(len(g.real), len(g.controls)), replace=False)],
                                          rng, delta=self.prior.held_out_delta(g.perturbation, g.context))
                   for g in validation.groups]
-        return {"validation": {"model": ours.as_dict(""), "prior": self.prior.score(validation).as_dict("")},
-                "val_knn_purity_latent": float(np.mean(purity))}
+        return {**report, "prediction_mode": self.prediction_mode, "val_knn_purity_latent": float(np.mean(purity))}
 
     # ------------------------------------------------------------------ persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -384,6 +402,7 @@ class LatentShift(PerturbationModel):
             "descriptors": self.descriptors.extra_state(),
             "contexts": sorted(self.context_means),
             "prior": self.prior.extra_state(),
+            "prediction_mode": self.prediction_mode,
             "trained_components": self.trained_components,
         }
 
@@ -400,6 +419,7 @@ class LatentShift(PerturbationModel):
         self.descriptors = DescriptorTable.from_state(state["descriptors"], tensors)
         self.context_means = dict(zip(state["contexts"], tensors["context_means"].numpy()))
         self.prior = Prior.from_state(state["prior"], tensors, self)
+        self.prediction_mode = state.get("prediction_mode", "flow")  # runs saved before the modes predict as the model
         self.trained_components = list(state["trained_components"])
         self.predictor = self.build_predictor()
         self.predictor.load_state_tensors(part("predictor."))
