@@ -21,7 +21,7 @@ class LatentShiftConfig:
     embedding
         The embedding space, fitted on the split's training cells only: ``pca`` (principal
         components of the log1p expression), ``scgpt`` (cell embeddings of the frozen scGPT in
-        the folder ``scgpt_checkpoint``) or ``cfm-vc`` (the CFM-VC latent; not available yet).
+        the folder ``scgpt_checkpoint``) or ``cfm-vc`` (the CFM-VC latent; not wired to this model yet).
     n_components
         Principal components of the ``pca`` embedding.
     scgpt_checkpoint
@@ -110,8 +110,9 @@ class LatentShiftConfig:
         if self.mmd_weight < 0 or self.source_noise < 0 or self.decoder_lr <= 0:
             raise ValueError("mmd_weight and source_noise must be >= 0 and decoder_lr > 0")
         if self.embedding == "cfm-vc":
-            raise ValueError("the CFM-VC latent (embedding 'cfm-vc') is not available yet: pertflow has no CFM-VC model "
-                             "(issue 15). Use model.embedding=pca, or scgpt with model.scgpt_checkpoint=FOLDER")
+            raise ValueError("the CFM-VC latent (embedding 'cfm-vc') is not wired to latent-shift yet (CFM-VC itself is "
+                             "`--model cfmvc`, with its own flow in that latent). Use model.embedding=pca, or scgpt "
+                             "with model.scgpt_checkpoint=FOLDER")
         if self.embedding == "scgpt" and not self.scgpt_checkpoint:
             raise ValueError("embedding 'scgpt' needs a scGPT folder: set model.scgpt_checkpoint=FOLDER (a public "
                              "scGPT model, or one made by `pertflow pretrain`)")
