@@ -444,7 +444,7 @@ def latent_space(run: str | Path | PerturbationModel, genes: list[str]) -> Calla
     return lambda x: model.embed(np.asarray(x)[:, columns])
 
 
-EVALUATION_FILES = ("results.csv", "agg_results.csv", "ceiling.csv")
+EVALUATION_FILES = ("results.csv", "agg_results.csv")
 
 
 # ---------------------------------------------------------------------------- bigger jobs
