@@ -85,6 +85,8 @@ def test_demo_end_to_end_with_tiny_flow_models(tmp_path, monkeypatch, capsys):
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "# pertflow demo" in report and "| cfm |" in report and "| ccfm |" in report and "| additive |" in report
     assert "| *ceiling* |" in report and "synthetic-combo-seen2_metrics.png" in report
+    # validation holds no combination of measured singles: both flows say they predict as their additive prior
+    assert "- cfm predicts as its prior, additive" in report and "- ccfm predicts as its prior, additive" in report
     bench = tmp_path / "demo" / "benchmark"
     results = pd.read_csv(bench / "results.csv")
     assert set(results["model"]) == {"no-change", "additive", "cfm", "ccfm", "ceiling"}

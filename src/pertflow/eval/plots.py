@@ -175,7 +175,7 @@ def _case_grids(results: pd.DataFrame, out: Path, models: list[str], kind: str, 
                     ax = axes[row, col]
                     ax.tick_params(labelsize=5)
                     if col == 0:
-                        label = case["perturbation"] + ("" if case["context"] == SINGLE_CONTEXT else f"\n{case['context']}")
+                        label = str(case["perturbation"]) + ("" if case["context"] == SINGLE_CONTEXT else f"\n{case['context']}")
                         ax.set_ylabel(f"{label}\n{ylabel}", fontsize=6)
                     fold = case["fold"]
                     split_name = task if fold in ("", None) or pd.isna(fold) else f"{task}__{fold}"
