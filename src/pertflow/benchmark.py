@@ -253,7 +253,7 @@ def _sample(rows: np.ndarray, seed: int) -> np.ndarray:
 
 def _write_real_embedding(split_dir: Path, inputs: EvaluationInputs) -> None:
     """Per held-out (context, perturbation): the 2-D PCA of its real cells, the context's controls
-    and the perturbation's cells (:func:`pertflow.eval.plots.shared_pca`), with their coordinates
+    and the perturbation's cells, on its most shifted genes (:func:`pertflow.eval.plots.shared_pca`), with their coordinates
     (``kind`` 0: control, 1: perturbed) into ``embedding.npz``; a model's cells go into the same PCA."""
     from pertflow.io import atomic_path
 
@@ -266,9 +266,9 @@ def _write_real_embedding(split_dir: Path, inputs: EvaluationInputs) -> None:
         for pert in sorted(set(perts[ctxs == ctx]) - {inputs.control}):
             perturbed = _sample(np.flatnonzero((ctxs == ctx) & (perts == pert)), seed=len(cases["context"]) + 1)
             x = _dense(real.X[np.concatenate([controls, perturbed])])
-            if x.shape[0] < 3:
+            if x.shape[0] < 3 or not len(perturbed):
                 continue  # too few cells for a 2-D PCA: the panel stays empty
-            projection = shared_pca(x)
+            projection = shared_pca(x[:len(controls)], x[len(controls):])
             cases["kind"].append(np.r_[np.zeros(len(controls), np.int8), np.ones(len(perturbed), np.int8)])
             cases["case"].append(np.full(len(x), len(cases["context"])))
             cases["xy"].append(project(x, projection).astype(np.float32))

@@ -143,10 +143,10 @@ def prediction_modes(runs: Path, models: tuple[str, ...]) -> list[str]:
         mode, prior = report.get("prediction_mode"), report.get("prior")
         if mode is None:
             continue
-        if mode == "flow":
-            lines.append(f"{model} predicts its own cells (it beat its prior, {prior}, on validation).")
-        else:
-            why = UNJUDGED_COMBINATIONS if report.get("prior_reason") == UNJUDGED_COMBINATIONS else \
-                "its prior scored better on validation"
-            lines.append(f"{model} predicts as its prior, {prior} ({mode}): {why}.")
+        why = UNJUDGED_COMBINATIONS if report.get("prior_reason") == UNJUDGED_COMBINATIONS else \
+            "its prior scored better on validation than its own cells"
+        lines.append({
+            "flow": f"{model} predicts its own cells (they beat its prior, {prior}, on validation).",
+            "prior-mean": f"{model} predicts its own cells moved onto its prior's ({prior}) mean shift: {why}.",
+        }.get(mode, f"{model} predicts its prior's cells ({prior}): {why}."))
     return lines

@@ -21,19 +21,30 @@ def _cells(synthetic, context: str, label: str) -> np.ndarray:
 def test_the_embedding_is_the_real_cells_pca_and_a_prediction_is_projected_not_refitted(synthetic):
     from sklearn.decomposition import PCA
 
-    real = np.vstack([_cells(synthetic, "c1", CONTROL), _cells(synthetic, "c1", "A")]).astype(np.float64)
-    projection = shared_pca(real)
-    coords = project(real, projection)
-    # the real cells' coordinates are their own first two principal components (up to each axis' sign)
-    reference = PCA(n_components=2).fit_transform(real)
-    signs = np.sign((coords * reference).sum(axis=0))
-    np.testing.assert_allclose(coords * signs, reference, atol=1e-6)
-    assert coords[:, 0].var() >= coords[:, 1].var()
-    # other cells land where the real cells' PCA puts them: a prediction shifted by a vector moves
-    # by that vector's projection on the real cells' axes
-    shift = np.linspace(-1, 1, real.shape[1])
-    moved = project(real + shift, projection)
-    np.testing.assert_allclose(moved - coords, np.broadcast_to(shift @ projection.components.T, coords.shape), atol=1e-9)
+    control, perturbed = _cells(synthetic, "c1", CONTROL), _cells(synthetic, "c1", "A")
+    real = np.vstack([control, perturbed]).astype(np.float64)
+    for n_genes in (None, 12):
+        projection = shared_pca(control, perturbed, n_genes=n_genes)
+        coords = project(real, projection)
+        # the real cells' coordinates are their own first two principal components (up to each
+        # axis' sign), on the genes with the largest mean shift (A moves 10 of the 60)
+        genes = np.arange(real.shape[1]) if n_genes is None else \
+            np.argsort(-np.abs(perturbed.mean(0) - control.mean(0)))[:n_genes]
+        reference = PCA(n_components=2).fit_transform(real[:, genes])
+        signs = np.sign((coords * reference).sum(axis=0))
+        np.testing.assert_allclose(coords * signs, reference, atol=1e-6)
+        assert coords[:, 0].var() >= coords[:, 1].var()
+        assert np.count_nonzero(np.abs(projection.components).sum(axis=0)) == len(genes)
+        # other cells land where the real cells' PCA puts them: a prediction shifted by a vector
+        # moves by that vector's projection on the real cells' axes
+        shift = np.linspace(-1, 1, real.shape[1])
+        moved = project(real + shift, projection)
+        np.testing.assert_allclose(moved - coords, np.broadcast_to(shift @ projection.components.T, coords.shape),
+                                   atol=1e-9)
+    # on the shifted genes the perturbed cells stand apart from the controls
+    xy = project(real, shared_pca(control, perturbed))
+    gap = np.linalg.norm(xy[:len(control)].mean(0) - xy[len(control):].mean(0))
+    assert gap > 2 * np.sqrt(xy[:len(control)].var(0).sum())
 
 
 def test_benchmark_writes_the_shared_embedding_and_predicted_real_cells_land_on_the_real_ones(synthetic, tmp_path):
