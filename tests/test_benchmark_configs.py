@@ -26,3 +26,17 @@ def test_benchmark_config_builds(path):
 
 def test_there_are_benchmark_configs():
     assert {p.name for p in CONFIGS} >= {"cfm-cpu.yaml", "scgpt-generator-cpu.yaml"}
+
+
+@pytest.mark.parametrize("name", ["cfm", "ccfm"])
+def test_demo_configs_build(name):
+    from pertflow.demo import DEMO_CONFIGS
+
+    sections = DEMO_CONFIGS[name]
+    model = model_class(name)
+    config = build(model.config_class, sections["model"], "model")
+    train = build(TrainConfig, sections["train"], "train")
+    predict = build(PredictConfig, {**to_dict(model.default_predict_config), **sections["predict"]}, "predict")
+    assert config.d_model == 32 and train.max_steps == 150 and predict.ode_steps == 2
+    if name == "ccfm":  # its foundation is pretrained in the run, small and short
+        assert config.foundation is None and config.foundation_steps <= 50

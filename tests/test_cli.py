@@ -65,39 +65,58 @@ def test_demo_end_to_end_with_a_tiny_flow_model(tmp_path, monkeypatch, capsys):
     import pandas as pd
 
     import pertflow.demo
-    from pertflow.demo import DEMO_CFM, run_demo
+    from pertflow.demo import DEMO_CONFIGS, run_demo
 
-    tiny = {"model": {**DEMO_CFM["model"], "d_model": 16, "n_layers": 1}, "predict": {**DEMO_CFM["predict"], "ode_steps": 2},
-            "train": {**DEMO_CFM["train"], "max_steps": 4, "val_every": 2, "checkpoint_every": 2}}
-    monkeypatch.setattr(pertflow.demo, "run_demo", functools.partial(run_demo, models=("no-change", "additive", "cfm"), cfm_config=tiny))
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--threads", "1"]) == 0
+    def tiny(model: str) -> dict:
+        config = DEMO_CONFIGS[model]
+        return {"model": {**config["model"], "d_model": 16}, "predict": config["predict"],
+                "train": {**config["train"], "max_steps": 4, "val_every": 2, "checkpoint_every": 2, "log_every": 1}}
+
+    # ccfm runs through the same benchmark code; its demo config is checked in test_benchmark_configs
+    monkeypatch.setattr(pertflow.demo, "run_demo", functools.partial(run_demo, configs={"cfm": tiny("cfm")}))
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--threads", "1", "--models", "no-change,additive,cfm"]) == 0
     printed = capsys.readouterr()
     lines = (printed.out + printed.err).splitlines()
     # Quiet: pertflow's own lines only (no cell-eval bars), ending with what was written where.
     assert len(lines) < 100 and not any("Iterating over perturbations" in line for line in lines), lines
-    assert lines[-1].startswith("wrote ") and "report.md" in lines[-1]
-    assert any("cfm" in line and "strongest baseline, additive" in line for line in lines)
+    assert printed.out.splitlines()[-1].startswith("wrote ") and "report.md" in printed.out.splitlines()[-1]
+    assert any(": cfm " in line and "strongest baseline, additive" in line for line in lines)
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "# pertflow demo" in report and "| cfm |" in report and "| additive |" in report
     assert "| *ceiling* |" in report and "synthetic-combo-seen2_metrics.png" in report
+    # validation holds no combination of measured singles: the flow says it predicts as its additive prior
+    assert "- cfm predicts its prior's cells (additive): the split predicts combinations" in report
     bench = tmp_path / "demo" / "benchmark"
     results = pd.read_csv(bench / "results.csv")
     assert set(results["model"]) == {"no-change", "additive", "cfm", "ceiling"}
     assert len(set(results["perturbation"])) == 5
-    assert (bench / "plots" / "synthetic-combo-seen2_deltas.png").is_file()
-    assert (bench / "plots" / "synthetic-combo-seen2_metrics.png").is_file()
+    figures = ["synthetic-combo-seen2_deltas.png", "synthetic-combo-seen2_metrics.png", "synthetic-combo-seen2_embedding.png",
+               "synthetic-combo-seen2_cfm_training.png"]
+    for name in figures:
+        assert (bench / "plots" / name).is_file(), name
+        if "metrics" not in name:
+            assert f"(benchmark/plots/{name})" in report, name  # shown in the report
+    assert not (bench / "plots" / "synthetic-combo-seen2_additive_training.png").exists()  # a baseline does not train
     assert (bench / "runs" / "synthetic-combo-seen2" / "cfm" / "pred.h5ad").is_file()
+
+
+def test_demo_refuses_an_unknown_model_before_any_work(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--models", "additive,nope"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_command_is_wired(monkeypatch, tmp_path, capsys):
     import pertflow.demo
 
-    def fake(out, seed=0, threads=1):
+    def fake(out, seed=0, threads=1, models=None):
         (out / "report.md").parent.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(f"# pertflow demo {seed}\n\n## Verdict\n\n- threads {threads}\n")
+        (out / "report.md").write_text(f"# pertflow demo {seed}\n\n## Verdict\n\n- threads {threads}\n- models {models}\n")
         return out / "report.md"
 
     monkeypatch.setattr(pertflow.demo, "run_demo", fake)
     assert main(["demo", "--out", str(tmp_path), "--seed", "3", "--threads", "2"]) == 0
     out = capsys.readouterr().out
-    assert "- threads 2" in out and f"wrote {tmp_path / 'report.md'}" in out
+    assert "- threads 2" in out and "- models None" in out and f"wrote {tmp_path / 'report.md'}" in out
+    assert main(["demo", "--out", str(tmp_path), "--models", "additive,ccfm"]) == 0
+    assert "- models ('additive', 'ccfm')" in capsys.readouterr().out

@@ -447,7 +447,7 @@ def latent_space(run: str | Path | PerturbationModel, genes: list[str]) -> Calla
     return lambda x: model.embed(np.asarray(x)[:, columns])
 
 
-EVALUATION_FILES = ("results.csv", "agg_results.csv", "ceiling.csv")
+EVALUATION_FILES = ("results.csv", "agg_results.csv")
 
 
 # ---------------------------------------------------------------------------- bigger jobs
@@ -513,13 +513,20 @@ def pretrain(data: str | Path, out: str | Path, config: str | Path | None = None
         return run_pretrain(dataset, out, model_config, train_config, resume=resume)
 
 
-def demo(out: str | Path = "pertflow-demo", seed: int = 0, threads: int = 1) -> Path:
+def demo(out: str | Path = "pertflow-demo", seed: int = 0, threads: int = 1, models: list[str] | None = None) -> Path:
     """The main job on built-in synthetic data; returns the path of the report.
 
     Like :func:`benchmark`, it continues in an existing ``out`` where it stopped. ``threads`` go
-    to cell-eval's DE tests (torch's: :func:`set_threads`).
+    to cell-eval's DE tests (torch's: :func:`set_threads`). ``models``: default the baselines and
+    ``cfm`` (:data:`pertflow.demo.DEMO_MODELS`); add ``ccfm`` for the cascaded flow, with the
+    small demo configs of :data:`pertflow.demo.DEMO_CONFIGS`.
     """
     from pertflow.demo import run_demo
 
+    if models is not None:
+        for name in models:
+            model_class(name)  # an unknown name fails before any work
+        if not models:
+            raise InputError("--models is empty: give comma-separated model names, e.g. additive,cfm,ccfm.")
     check_writable(out)
-    return run_demo(Path(out), seed=seed, threads=threads)
+    return run_demo(Path(out), seed=seed, threads=threads, models=tuple(models) if models else None)

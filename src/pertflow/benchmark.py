@@ -12,7 +12,13 @@ Everything lands under ``out/``:
   fold's noise ceiling (:mod:`pertflow.eval.ceiling`: half of the real cells scored against the
   other half, in ``runs/<split>/ceiling/eval/``), never marked best;
 * ``plots/<task>_metrics.png``: key metrics per model; ``plots/<task>_deltas.png``: predicted vs
-  real mean shift (vs control) of every held-out perturbation, one panel per model.
+  real mean shift (vs control) of every held-out perturbation, one panel per model;
+  ``plots/<task>_embedding.png``: per held-out perturbation, its context's real cells (controls and
+  perturbed) in their own 2-D PCA and each model's predicted cells projected into it (the
+  coordinates in ``runs/<split>/embedding.npz`` and ``runs/<split>/<model>/embedding.npz``); both
+  grids a page of perturbations per file (``_2.png`` ...);
+* ``plots/<split>_<model>_training.png``: a trained run's losses (CCFM: both streams, and its
+  foundation's pretraining).
 
 An interrupted benchmark continues where it stopped: finished steps are read back from disk, an
 interrupted training run is resumed from its checkpoint. So ``out`` is the one output that is not
@@ -33,7 +39,7 @@ from pertflow.data.splits import Split
 from pertflow.data.tasks import Task
 from pertflow.eval.evaluator import context_labels
 from pertflow.eval.metrics import group_means
-from pertflow.eval.plots import plot_deltas, plot_metrics
+from pertflow.eval.plots import EMBED_CELLS, plot_deltas, plot_embeddings, plot_metrics, plot_training, project, shared_pca
 from pertflow.errors import InputError
 from pertflow.io import write_text
 
@@ -117,6 +123,8 @@ def run_benchmark(
                 inputs = evaluation_inputs(view)
                 split_name = view.split.name
                 de_cache = out / "cache" / "de" / split_name
+                if not (out / "runs" / split_name / "embedding.npz").is_file():
+                    _write_real_embedding(out / "runs" / split_name, inputs)
                 for model in models:
                     run_dir = out / "runs" / split_name / model
                     config = configs_dir / f"{model}{config_suffix}" if configs_dir else None
@@ -135,10 +143,17 @@ def run_benchmark(
                         predict(run_dir, view, None, pred_path, progress=True)
                         timing["predict_seconds"] = time.perf_counter() - start
                     _write_timing(run_dir, timing)
+                    training_plot = out / "plots" / f"{split_name}_{model}_training.png"
+                    if not training_plot.is_file():
+                        plot_training(run_dir, training_plot, f"{split_name}: {model}, training")
+                    pred = None
+                    if not (run_dir / "embedding.npz").is_file():
+                        pred = ad.read_h5ad(pred_path)
+                        _write_pred_embedding(run_dir, inputs, pred)
                     results_path = run_dir / "eval" / "results.csv"
                     if not results_path.is_file():
                         log(f"[{split_name}] evaluating {model}")
-                        pred = ad.read_h5ad(pred_path)
+                        pred = pred if pred is not None else ad.read_h5ad(pred_path)
                         evaluate_split(None, None, pred, out=run_dir / "eval", de_cache=de_cache, config=eval_config, inputs=inputs,
                                        overwrite=True, progress=True,  # overwrite: an evaluation interrupted before results.csv
                                        run=run_dir if hasattr(model_class(model), "embed") else None)  # knn_purity_latent
@@ -223,6 +238,75 @@ def _write_deltas(run_dir: Path, inputs: EvaluationInputs, pred: ad.AnnData) -> 
             pred=np.array([predicted[k] for k in keys]),
             **bounds,
         )
+
+
+def _dense(x: Any) -> np.ndarray:
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+
+
+def _sample(rows: np.ndarray, seed: int) -> np.ndarray:
+    """At most :data:`EMBED_CELLS` of ``rows``, drawn with a fixed seed, in their order."""
+    if rows.size <= EMBED_CELLS:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, EMBED_CELLS, replace=False))
+
+
+def _write_real_embedding(split_dir: Path, inputs: EvaluationInputs) -> None:
+    """Per held-out (context, perturbation): the 2-D PCA of its real cells, the context's controls
+    and the perturbation's cells, on its most shifted genes (:func:`pertflow.eval.plots.shared_pca`), with their coordinates
+    (``kind`` 0: control, 1: perturbed) into ``embedding.npz``; a model's cells go into the same PCA."""
+    from pertflow.io import atomic_path
+
+    real = inputs.real
+    perts = real.obs[inputs.pert_col].astype(str).to_numpy()
+    ctxs = context_labels(real, inputs.context_col)
+    cases: dict[str, list] = {k: [] for k in ("context", "perturbation", "mean", "components", "xy", "case", "kind")}
+    for ctx in pd.unique(ctxs):
+        controls = _sample(np.flatnonzero((ctxs == ctx) & (perts == inputs.control)), seed=0)
+        for pert in sorted(set(perts[ctxs == ctx]) - {inputs.control}):
+            perturbed = _sample(np.flatnonzero((ctxs == ctx) & (perts == pert)), seed=len(cases["context"]) + 1)
+            x = _dense(real.X[np.concatenate([controls, perturbed])])
+            if x.shape[0] < 3 or not len(perturbed):
+                continue  # too few cells for a 2-D PCA: the panel stays empty
+            projection = shared_pca(x[:len(controls)], x[len(controls):])
+            cases["kind"].append(np.r_[np.zeros(len(controls), np.int8), np.ones(len(perturbed), np.int8)])
+            cases["case"].append(np.full(len(x), len(cases["context"])))
+            cases["xy"].append(project(x, projection).astype(np.float32))
+            cases["context"].append(str(ctx))
+            cases["perturbation"].append(pert)
+            cases["mean"].append(projection.mean.astype(np.float32))
+            cases["components"].append(projection.components.astype(np.float32))
+    if not cases["context"]:
+        return
+    with atomic_path(split_dir / "embedding.npz") as tmp:
+        np.savez(tmp, **{k: np.array(v) if k in ("context", "perturbation") else np.stack(v) if k in ("mean", "components")
+                         else np.concatenate(v) for k, v in cases.items()})
+
+
+def _write_pred_embedding(run_dir: Path, inputs: EvaluationInputs, pred: ad.AnnData) -> None:
+    """A model's predicted cells of each held-out perturbation projected into that perturbation's
+    PCA of the real cells (``../embedding.npz``; not refitted), into ``embedding.npz``."""
+    from pertflow.eval.plots import Projection
+    from pertflow.io import atomic_path
+
+    found = run_dir.parent / "embedding.npz"
+    if not found.is_file():
+        return
+    with np.load(found) as real:
+        contexts, names, means, components = real["context"], real["perturbation"], real["mean"], real["components"]
+    if list(pred.var_names) != list(inputs.real.var_names):
+        pred = pred[:, inputs.real.var_names]
+    perts = pred.obs[inputs.pert_col].astype(str).to_numpy()
+    ctxs = context_labels(pred, inputs.context_col)
+    xy, case = [], []
+    for i, (ctx, pert) in enumerate(zip(contexts, names)):
+        rows = _sample(np.flatnonzero((ctxs == ctx) & (perts == pert)), seed=i + 1)
+        if rows.size:
+            xy.append(project(_dense(pred.X[rows]), Projection(means[i], components[i])).astype(np.float32))
+            case.append(np.full(rows.size, i))
+    with atomic_path(run_dir / "embedding.npz") as tmp:
+        np.savez(tmp, context=contexts, perturbation=names, xy=np.concatenate(xy) if xy else np.zeros((0, 2), np.float32),
+                 case=np.concatenate(case) if case else np.zeros(0, int))
 
 
 # ---------------------------------------------------------------------------- report
@@ -318,3 +402,4 @@ def write_report(results: pd.DataFrame, out: Path, models: list[str]) -> None:
 
     plot_metrics(summary, out / "plots", baselines=tuple(BASELINES))
     plot_deltas(results, out, models)
+    plot_embeddings(results, out, models)

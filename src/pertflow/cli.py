@@ -399,6 +399,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="pertflow-demo", help="output folder (default ./pertflow-demo); an existing one is continued")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument("--models", help="comma-separated models (default: the five baselines and cfm; add ccfm for the "
+                                    "cascaded flow: no-change,mean,additive,linear,context-shift,cfm,ccfm)")
     add_threads_flag(p)
 
 
@@ -406,7 +408,8 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pertflow.api import demo
 
-    report = demo(args.out, seed=args.seed, threads=args.threads)
+    models = None if args.models is None else [m for m in args.models.split(",") if m]
+    report = demo(args.out, seed=args.seed, threads=args.threads, models=models)
     lines = report.read_text().splitlines()
     start = lines.index("## Verdict") if "## Verdict" in lines else 0
     verdict = [line for line in lines[start + 1:] if line.startswith("- ")]

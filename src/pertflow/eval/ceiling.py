@@ -89,7 +89,7 @@ def noise_ceiling(
         write_tables(Path(outdir), table, aggregate)
     note = ("noise ceiling: two disjoint random halves of the real cells (controls too) scored against each other; "
             "Pearson deltas Spearman-Brown corrected to full depth, other metrics at half depth")
-    return EvalResult(table, aggregate, result.ceiling, (note, *result.notes))
+    return EvalResult(per_perturbation=table, aggregate=aggregate, notes=(note, *result.notes))
 
 
 def spearman_brown(table: pd.DataFrame, top_k_de: int = 20) -> pd.DataFrame:

@@ -84,12 +84,6 @@ def run_cell_eval(
         results, _ = evaluator.compute(
             profile=cfg.cell_eval_profile, skip_metrics=skip or None, write_csv=False
         )
-        ceiling = None
-        if cfg.noise_ceiling:
-            _, agg = evaluator.compute_ceiling(
-                profile=cfg.cell_eval_profile, skip_metrics=skip or None, write_csv=False, seed=cfg.seed
-            )
-            ceiling = _polars_to_pandas(agg)
     for message in errors.messages:
         # cell-eval logs a failing metric and leaves its column out; say so instead of hiding it.
         warnings.warn(f"cell-eval: {message}", UserWarning, stacklevel=5)
@@ -100,7 +94,7 @@ def run_cell_eval(
         significant = evaluator.de_comparison.real.filter_to_significant(fdr_threshold=0.05)
         counts = significant.group_by("target").len()
         n_sig_real = {str(t): int(n) for t, n in counts.iter_rows()}
-    return CellEvalOutput(table=_polars_to_pandas(results), ceiling=ceiling, n_sig_real=n_sig_real)
+    return CellEvalOutput(table=_polars_to_pandas(results), n_sig_real=n_sig_real)
 
 
 def numba_threads(wanted: int) -> int:
@@ -115,10 +109,9 @@ def numba_threads(wanted: int) -> int:
 
 @dataclass(frozen=True)
 class CellEvalOutput:
-    """cell-eval's per-perturbation table, its ceiling row, and real significant-gene counts."""
+    """cell-eval's per-perturbation table and the real significant-gene counts."""
 
     table: pd.DataFrame
-    ceiling: pd.DataFrame | None
     n_sig_real: dict[str, int] | None
 
 

@@ -29,9 +29,6 @@ class EvalConfig:
     skip_cell_eval_metrics
         cell-eval metric names to skip (``clustering_agreement`` costs seconds of numba
         compilation and means little with few perturbations).
-    noise_ceiling
-        Also run cell-eval's ``compute_ceiling`` (a disjoint split-half of the real data with a
-        Spearman-Brown correction; computes two more DE tables per context).
     mask_undefined
         Report NaN, not cell-eval's placeholder, where a cell-eval metric is undefined:
         ``discrimination_score_*`` in a context with one perturbation (cell-eval gives 1.0 to any
@@ -55,7 +52,6 @@ class EvalConfig:
     num_threads: int = 1
     cell_eval_profile: Literal["full", "minimal", "vcc", "de", "anndata", "pds"] = "full"
     skip_cell_eval_metrics: tuple[str, ...] = ()
-    noise_ceiling: bool = False
     mask_undefined: bool = True
     flat_correlation_is_zero: bool = True
     seed: int = 0

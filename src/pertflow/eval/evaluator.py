@@ -97,16 +97,15 @@ class EvalResult:
         ``25%``, ``50%``, ``75%``, ``max``), one column per metric (cell-eval's, then pertflow's),
         over all rows of ``per_perturbation``; NaN values count as missing (``null_count``).
         ``aggregate.loc["mean", "pearson_delta"]`` is a model's mean Pearson delta.
-    ceiling
-        cell-eval's noise ceiling per context (one row per context, Spearman-Brown corrected,
-        NaN where cell-eval defines none), or ``None`` unless ``EvalConfig.noise_ceiling``.
     notes
         Decisions and warnings worth keeping with the numbers (fallbacks, degenerate inputs).
+
+    The noise ceiling (the real cells, half against half, scored the same way) is
+    :func:`pertflow.eval.ceiling.noise_ceiling`, the ``ceiling`` row of every benchmark table.
     """
 
     per_perturbation: pd.DataFrame
     aggregate: pd.DataFrame
-    ceiling: pd.DataFrame | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -184,7 +183,7 @@ def evaluate(
         the PCA of the distribution metrics and for the Systema reference. Without it the PCA is
         fitted on the real control cells and the Systema metrics are NaN.
     outdir
-        If given: ``results.csv`` (per perturbation), ``agg_results.csv`` (and ``ceiling.csv``) are written
+        If given: ``results.csv`` (per perturbation) and ``agg_results.csv`` are written
         there, and cell-eval's DE tables under ``cell_eval/<context>/``.
     de_cache
         Directory caching the real DE table per context (reused across models on the same real
@@ -242,11 +241,11 @@ def evaluate(
     n_perts = {c: len(set(pred_pert[pred_ctx == c]) - {control}) for c in contexts}
     bar = progress_bar(sum(n_perts.values()), "evaluating", "perturbation", enabled=progress)
     try:
-        tables, ceilings = [], []
+        tables = []
         used_dirs: set[str] = set()
         for context in contexts:
             ctx_dir = cell_eval_root / _unique_dir_name(context, used_dirs)
-            table, ceiling = _evaluate_context(
+            table = _evaluate_context(
                 context=context,
                 real=real,
                 pred=pred,
@@ -268,8 +267,6 @@ def evaluate(
             )
             tables.append(table)
             bar.update(n_perts[context])
-            if ceiling is not None:
-                ceilings.append(ceiling)
     finally:
         bar.close()
         if tmp_dir is not None:
@@ -277,14 +274,9 @@ def evaluate(
 
     per_pert = _ordered_columns(pd.concat(tables, ignore_index=True), cfg.top_k_de)
     aggregate = aggregate_table(per_pert)
-    ceiling_table = pd.concat(ceilings, ignore_index=True) if cfg.noise_ceiling else None
     if outdir is not None:
         write_tables(Path(outdir), per_pert, aggregate)
-        if ceiling_table is not None:
-            _write_csv(ceiling_table, Path(outdir) / "ceiling.csv", index=False)
-    return EvalResult(
-        per_perturbation=per_pert, aggregate=aggregate, ceiling=ceiling_table, notes=tuple(notes)
-    )
+    return EvalResult(per_perturbation=per_pert, aggregate=aggregate, notes=tuple(notes))
 
 
 def _ordered_columns(table: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -405,7 +397,7 @@ def _evaluate_context(
     notes: list[str],
     embed: Callable[[np.ndarray], np.ndarray] | None = None,
     check_controls: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+) -> pd.DataFrame:
     where = "" if context == SINGLE_CONTEXT else f" in context '{context}'"
     logger.info("evaluating%s", where or " (no context column)")
     r_idx, p_idx = np.flatnonzero(real_mask), np.flatnonzero(pred_mask)
@@ -475,10 +467,7 @@ def _evaluate_context(
         mask_undefined(table, perts, cell_eval_out.n_sig_real, where, notes)
     if cfg.flat_correlation_is_zero:
         zero_flat_correlations(table, perts, x_pred, p_lab, control, where, notes)
-    ceiling = cell_eval_out.ceiling
-    if ceiling is not None:
-        ceiling.insert(0, "context", context)
-    return table, ceiling
+    return table
 
 
 def _unique_dir_name(context: str, used: set[str]) -> str:
