@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for steps.csv, steps.png and cost.json")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--probe-steps", type=int, default=100, help="training steps of the training probe")
-    p.add_argument("--no-probes", action="store_true", help="only the steps curve and the run's own record")
+    p.add_argument("--probes", default="train,predict", help="which probes to run (comma-separated; empty: none)")
     p.add_argument("--steps", default="1,2,4,8,20", help="steps per stage of every solver (comma-separated)")
     p.add_argument("--probe", choices=("train", "predict"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -156,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark_timing": timing,
         "latent_memory": latent_memory(meta, config),
     }
-    if not args.no_probes:
-        cost["probes"] = {kind: run_probe(kind, args) for kind in ("train", "predict")}
+    probes = [kind for kind in args.probes.split(",") if kind]
+    if set(probes) - {"train", "predict"}:
+        raise SystemExit(f"--probes: train and/or predict, not {args.probes}")
+    if probes:
+        cost["probes"] = {kind: run_probe(kind, args) for kind in probes}
         print(cost["probes"], flush=True)
     with fold_view(run, tasks, data_dir) as view:
         table = pd.DataFrame(solver_scores(run, view, grid))
