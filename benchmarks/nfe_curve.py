@@ -14,12 +14,16 @@ run chose on validation: a run that predicts with its prior's cells does not dep
 from __future__ import annotations
 
 import argparse
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
 from pertflow.api import EvalConfig, evaluate_split, evaluation_inputs, predict, split_view
 from pertflow.benchmark import fold_split
+from pertflow.data.view import SplitView
 from pertflow.data.tasks import find_tasks, resolve_data_dir
 from pertflow.flows import EVALUATIONS_PER_STEP
 from pertflow.io import atomic_path
@@ -39,20 +43,8 @@ def main() -> None:
     tasks = find_tasks(args.tasks_dir)
     rows = []
     for run in map(Path, args.runs):
-        split_name, model = run.parent.name, run.name
-        task_name, _, fold = split_name.partition("__")
-        task = tasks[task_name]
-        with task.open_data(data_dir) as data:
-            view = split_view(data, fold_split(task, data, fold or None, data_dir / "splits"))
-            inputs = evaluation_inputs(view)
-            for method, steps_list in GRID.items():
-                for steps in steps_list:
-                    pred = predict(run, view, None, sets=[f"predict.ode_method={method}", f"predict.ode_steps={steps}", "predict.mode=flow"])
-                    result = evaluate_split(None, None, pred, inputs=inputs, config=EvalConfig(cell_eval_profile="anndata"))
-                    agg = result.aggregate.loc["mean"]
-                    rows.append({"split": split_name, "model": model, "method": method, "steps": steps,
-                                 "nfe": steps * EVALUATIONS_PER_STEP[method], **{m: agg[m] for m in METRICS}})
-                    print(rows[-1], flush=True)
+        with fold_view(run, tasks, data_dir) as view:
+            rows += solver_scores(run, view, GRID)
     table = pd.DataFrame(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +53,39 @@ def main() -> None:
     plot(table, out / "nfe.png")
 
 
-def plot(table: pd.DataFrame, path: Path) -> None:
+@contextmanager
+def fold_view(run: Path, tasks: dict, data_dir: Path) -> Iterator[SplitView]:
+    """The split view of a benchmark run folder ``<out>/runs/<task>[__<fold>]/<model>``."""
+    task_name, _, fold = run.parent.name.partition("__")
+    if task_name not in tasks:
+        raise SystemExit(f"{run}: '{task_name}' is not a task of the tasks folder (a run folder is <out>/runs/<task>[__<fold>]/<model>)")
+    task = tasks[task_name]
+    with task.open_data(data_dir) as data:
+        yield split_view(data, fold_split(task, data, fold or None, data_dir / "splits"))
+
+
+def solver_scores(run: Path, view: SplitView, grid: dict[str, tuple[int, ...]], sets: tuple[str, ...] = ()) -> list[dict]:
+    """One row per (solver, steps) of ``grid``: the run's own flow cells of the split's test
+    perturbations (``predict.mode=flow``), scored by the evaluator, with the seconds the
+    prediction took (model loading included) and the cells it predicted."""
+    inputs = evaluation_inputs(view)
+    rows = []
+    for method, steps_list in grid.items():
+        for steps in steps_list:
+            start = time.perf_counter()
+            pred = predict(run, view, None, sets=[f"predict.ode_method={method}", f"predict.ode_steps={steps}", "predict.mode=flow", *sets])
+            seconds = time.perf_counter() - start
+            cells = int((pred.obs[inputs.pert_col].astype(str) != inputs.control).sum())
+            result = evaluate_split(None, None, pred, inputs=inputs, config=EvalConfig(cell_eval_profile="anndata"))
+            agg = result.aggregate.loc["mean"]
+            rows.append({"split": run.parent.name, "model": run.name, "method": method, "steps": steps,
+                         "nfe": steps * EVALUATIONS_PER_STEP[method], **{m: agg[m] for m in METRICS},
+                         "predict_seconds": seconds, "predicted_cells": cells})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def plot(table: pd.DataFrame, path: Path, xlabel: str = "network evaluations per sample") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +100,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
             for method, part in block.groupby("method"):
                 ax.plot(part["nfe"], part[metric], marker="o", label=method)
             ax.set_xscale("log")
-            ax.set_xlabel("network evaluations per sample")
+            ax.set_xlabel(xlabel)
             ax.set_title(f"{split}: {metric}", fontsize=9)
             ax.legend(fontsize=7)
     fig.tight_layout()

@@ -86,3 +86,24 @@ def test_pretrain_runs_on_each_shared_dataset(shared_data, tmp_path, name):
             "model.max_seq_len=32", "model.d_model=16", "model.d_hid=32"]
     assert main(["pretrain", "--data", str(shared_data / name), "--out", str(tmp_path / "pre"), *[a for s in sets for a in ("--set", s)]]) == 0
     assert load_pretrained(tmp_path / "pre").config.ntoken > 3
+
+
+def test_pretraining_batches_are_padded_to_their_longest_cell(synthetic_adata):
+    from pertflow.data.view import ExpressionCache
+    from pertflow.models.scgpt.pretrain import MaskedCellBatches, PretrainConfig
+
+    data = PerturbationData.from_anndata(synthetic_adata)
+    rows = np.arange(40)
+    expr = ExpressionCache(data, rows, np.arange(data.adata.n_vars)).get(rows)
+    expr[:, 30:] = 0  # every cell has at most 30 non-zero genes: a 61-long sequence would be half padding
+    cache = type("Cache", (), {"get": lambda self, r: expr[np.searchsorted(rows, r)]})()
+    config = PretrainConfig(d_model=16, nhead=2, d_hid=16, max_seq_len=61)
+    scgpt = config.architecture(ntoken=data.adata.n_vars + 3, pad_token_id=0, cls_token_id=1)
+    batch = MaskedCellBatches(cache, rows, np.arange(3, data.adata.n_vars + 3), config, scgpt, 8, seed=0).next_batch()
+    longest = 1 + max(int((expr[r] > 0).sum()) for r in range(40))
+    assert batch["gene_ids"].shape[1] <= longest <= 31
+    padding = batch["src_key_padding_mask"]
+    assert not padding[:, 0].any() and (~padding).sum(1).max() == batch["gene_ids"].shape[1]  # the longest cell fills it
+    short = PretrainConfig(d_model=16, nhead=2, d_hid=16, max_seq_len=11)  # cells with more genes are still sampled down
+    batch = MaskedCellBatches(cache, rows, np.arange(3, data.adata.n_vars + 3), short, scgpt, 8, seed=0).next_batch()
+    assert batch["gene_ids"].shape[1] == 11

@@ -30,6 +30,11 @@ class CCFMConfig(GeneFlowConfig):
         Width of the ``LatentEmbedder``'s bottleneck (D -> bottleneck -> token width).
     dh_depth
         AdaLN self-attention blocks of the ``LatentDecoder``.
+    dh_heads
+        Attention heads of those blocks (None: ``n_heads``). They attend over the genes at the
+        token width, which the ``latent`` backbone makes narrow (``d_model // 4``): at d_model 64
+        and 4 heads a head is 4 wide, and on CPU the attention's backward then costs more than the
+        rest of a step; one 16-wide head is what the CPU config uses.
     choose_latent_p
         Share of training samples that train the latent stream (t_expr = 0); the others train the
         expression stream with the true latent (t_latent = 1).
@@ -56,6 +61,7 @@ class CCFMConfig(GeneFlowConfig):
     n_bins: int | None = 51
     bottleneck_dim: int = 128
     dh_depth: int = 2
+    dh_heads: int | None = None
     choose_latent_p: float = 0.4
     latent_weight: float = 1.0
     latent_augment: float = 0.0
@@ -71,3 +77,5 @@ class CCFMConfig(GeneFlowConfig):
             raise ValueError(f"latent_augment must be in [0, 1), got {self.latent_augment}")
         if self.dh_depth < 1:
             raise ValueError(f"dh_depth must be at least 1, got {self.dh_depth}")
+        if self.dh_heads is not None and self.dh_heads < 1:
+            raise ValueError(f"dh_heads must be at least 1 (or null: n_heads), got {self.dh_heads}")

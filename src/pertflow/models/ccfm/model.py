@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,11 @@ from pertflow.models.flow_model import GeneFlowModel
 from pertflow.train.config import TrainConfig
 
 FEATURE_CHUNK = 128  # cells per pass of the frozen encoder
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes on disk of a feature cache's features and mask."""
+    return sum((cache.folder / cache.index[key]).stat().st_size for key in ("features_file", "mask_file"))
 
 
 class LatentRows:
@@ -67,15 +73,25 @@ class CCFM(GeneFlowModel):
     # ------------------------------------------------------------------ fitting
     def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False, selector: Any = None) -> None:
         run_dir = Path(run_dir)
+        start = time.perf_counter()
         extractor = self.frozen_extractor(view, train_config, run_dir)
+        foundation_s = time.perf_counter() - start
         width = int(extractor.config.d_model)
         if self.config.latent_dim not in (None, width):
             raise InputError(f"model.latent_dim is {self.config.latent_dim} but the foundation's features are {width} wide; "
                              "leave latent_dim unset (it is read off the foundation).")
         self.config = dataclasses.replace(self.config, latent_dim=width)
+        start = time.perf_counter()
         self._latent_rows = self.latent_targets(view, extractor, run_dir)
+        features_s = time.perf_counter() - start
+        cache = self._latent_rows.cache
         super().fit(view, train_config, run_dir, resume, selector)
         self._latent_rows = None  # the foundation and its features are not part of the trained model
+        # what the two steps before the flow cost in this call (near 0 when a resumed run found them)
+        self.fit_report["foundation_seconds"] = round(foundation_s, 2)
+        self.fit_report["features_seconds"] = round(features_s, 2)
+        self.fit_report["feature_cache"] = {"cells": cache.n_cells, "genes": len(cache.genes), "width": cache.d_model,
+                                            "dtype": "float16", "bytes": cache_bytes(cache)}
 
     def batch_arrays(self, view: SplitView) -> dict[str, Any]:
         return {**super().batch_arrays(view), "target_arrays": {TARGET_LATENT: self._latent_rows}}

@@ -111,12 +111,14 @@ class CCFMModule(GeneFlowNetwork):
                  pad_id: int, unk_id: int, latent_dim: int, descriptors: Tensor | None = None):
         super().__init__(config, parts, gene_tokens, n_tokens, first_other_token, pad_id, unk_id, descriptors)
         d, d_t = config.d_model, config.token_width
-        if d_t % config.n_heads:
-            raise ValueError(f"the latent decoder attends over genes at the token width {d_t}: it must divide by n_heads {config.n_heads}")
+        heads = config.dh_heads or config.n_heads
+        if d_t % heads:
+            raise ValueError(f"the latent decoder attends over genes at the token width {d_t}: it must divide by its heads "
+                             f"(dh_heads, else n_heads) {heads}")
         self.latent_dim = latent_dim
         self.latent_embedder = LatentEmbedder(latent_dim, config.bottleneck_dim, d_t)
         self.latent_time_embedder = TimestepEmbedder(d)
-        self.latent_decoder = LatentDecoder(d, d_t, latent_dim, config.n_heads, config.dh_depth, config.mlp_ratio)
+        self.latent_decoder = LatentDecoder(d, d_t, latent_dim, heads, config.dh_depth, config.mlp_ratio)
 
     def streams(self, t_expr: Tensor, t_latent: Tensor, x_t: Tensor, z_t: Tensor, ctx: FieldContext) -> tuple[Tensor, Tensor, Tensor]:
         """The backbone's tokens of both streams' state at times ``t_expr``, ``t_latent`` (B,):

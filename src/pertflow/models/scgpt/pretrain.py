@@ -87,19 +87,24 @@ class MaskedCellBatches(SeededStream):
         cfg, sc = self.config, self.scgpt
         rows = self.rng.choice(self.rows, size=self.batch_size, replace=len(self.rows) < self.batch_size)
         expr = self.cache.get(rows)
-        length = cfg.max_seq_len
-        ids = np.full((len(rows), length), sc.pad_token_id, dtype=np.int64)
-        values = np.full((len(rows), length), sc.pad_value, dtype=np.float32)
-        ids[:, 0], values[:, 0] = sc.cls_token_id, sc.pad_value  # scGPT gives <cls> the pad value
         seed = int(self.rng.integers(2**31 - 1))
         generator = torch.Generator().manual_seed(seed)
         cell_values = torch.from_numpy(expr)
         if cfg.n_bins:
             cell_values = bin_expression(cell_values, cfg.n_bins, generator)
+        chosen = []
         for i in range(len(rows)):
             genes = np.arange(expr.shape[1]) if cfg.include_zero_genes else np.flatnonzero(expr[i] > 0)
-            if len(genes) > length - 1:
-                genes = np.sort(self.rng.choice(genes, size=length - 1, replace=False))
+            if len(genes) > cfg.max_seq_len - 1:
+                genes = np.sort(self.rng.choice(genes, size=cfg.max_seq_len - 1, replace=False))
+            chosen.append(genes)
+        # padded to the batch's longest cell, not to max_seq_len: padding is masked out, and with
+        # many genes (max_seq_len 2001 for 2000) most of a full-length sequence would be padding
+        length = 1 + max(len(g) for g in chosen)
+        ids = np.full((len(rows), length), sc.pad_token_id, dtype=np.int64)
+        values = np.full((len(rows), length), sc.pad_value, dtype=np.float32)
+        ids[:, 0], values[:, 0] = sc.cls_token_id, sc.pad_value  # scGPT gives <cls> the pad value
+        for i, genes in enumerate(chosen):
             ids[i, 1 : 1 + len(genes)] = self.gene_tokens[genes]
             values[i, 1 : 1 + len(genes)] = cell_values[i, genes].numpy()
         values_t = torch.from_numpy(values)
