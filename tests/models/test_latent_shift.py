@@ -212,7 +212,7 @@ def test_scgpt_embedding_and_gene_descriptor(view, tmp_path):
 
 
 def test_unavailable_embeddings_are_refused_clearly():
-    with pytest.raises(ValueError, match="CFM-VC.*not available"):
+    with pytest.raises(ValueError, match="CFM-VC.*not wired"):
         LatentShiftConfig(embedding="cfm-vc")
     with pytest.raises(ValueError, match="scgpt_checkpoint"):
         LatentShiftConfig(embedding="scgpt")

@@ -1,0 +1,54 @@
+"""One row per fold of a trained model's benchmark runs: the prior it chose, the prediction mode
+chosen on validation (and the validation scores of each mode), the best step and the seconds
+of training and prediction, read from ``OUT/runs/<split>/<model>/`` (``model.json``'s fit report
+and ``timing.csv``).
+
+    python benchmarks/run_records.py OUT cfmvc --out benchmarks/results/cfmvc/runs.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from pertflow.io import write_text
+
+
+def run_records(out: Path, model: str) -> pd.DataFrame:
+    rows = []
+    for run in sorted((out / "runs").glob(f"*/{model}")):
+        report = json.loads((run / "model.json").read_text()).get("fit_report", {})
+        timing = pd.read_csv(run / "timing.csv").iloc[0] if (run / "timing.csv").is_file() else {}
+        validation = report.get("validation", {})
+        rows.append({
+            "split": run.parent.name,
+            "prior": report.get("prior"),
+            "prior_reason": report.get("prior_reason"),
+            "prediction_mode": report.get("prediction_mode"),
+            "best_step": report.get("best_step"),
+            **{f"val_score_{mode.replace('-', '_')}": round(s["score"], 3) for mode, s in validation.items()},
+            "train_s": round(float(timing.get("train_seconds", float("nan"))), 0),
+            "predict_s": round(float(timing.get("predict_seconds", float("nan"))), 1),
+        })
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bench", type=Path, help="a `pertflow benchmark --out` folder")
+    p.add_argument("model")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    table = run_records(args.bench, args.model)
+    if table.empty:
+        raise SystemExit(f"no runs of {args.model} under {args.bench / 'runs'}")
+    write_text(args.out, table.to_csv(index=False))
+    print(table.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
