@@ -20,6 +20,8 @@ from pertflow.io import write_text
 def run_records(out: Path, model: str) -> pd.DataFrame:
     rows = []
     for run in sorted((out / "runs").glob(f"*/{model}")):
+        if not (run / "model.json").is_file():  # not trained yet (or still training)
+            continue
         report = json.loads((run / "model.json").read_text()).get("fit_report", {})
         timing = pd.read_csv(run / "timing.csv").iloc[0] if (run / "timing.csv").is_file() else {}
         validation = report.get("validation", {})
