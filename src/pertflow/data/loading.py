@@ -147,8 +147,8 @@ def normalize_log1p(block: np.ndarray | sp.spmatrix, target_sum: float) -> np.nd
 
     Both steps act on each row alone, so a block of rows gives exactly what the whole matrix
     would. The row sums must be over all genes of the file: normalise before choosing genes.
-    Computed directly (a row of zeros stays zeros, as in scanpy): through an AnnData and scanpy
-    it cost ~10 ms per training batch of 64 cells, a third of an out-of-core step's read cost.
+    Computed directly (a row of zeros stays zeros, as in scanpy), without building an AnnData
+    per block: 0.27 ms instead of 2.5 ms on a 64 x 2000 block (benchmarks/normalize_speed.py).
     """
     if sp.issparse(block):
         block = sp.csr_matrix(block, dtype=np.float32, copy=True)
