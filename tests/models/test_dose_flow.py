@@ -16,6 +16,7 @@ from pertflow.data.synthetic import make_synthetic
 from pertflow.data.view import SplitView
 from pertflow.errors import InputError
 from pertflow.eval.evaluator import _dose_conditions
+from pertflow.models import registry
 from pertflow.models.base import PerturbationModel
 from pertflow.models.baselines import Additive, Linear
 from pertflow.models.ccfm.config import CCFMConfig
@@ -129,10 +130,18 @@ def test_baselines_interpolate_an_unmeasured_dose_in_log_dose(dosed):
     np.testing.assert_allclose(linear.predicted_delta("drug_00@1", CTX), linear.predicted_delta("drug_00@0.3", CTX))
 
 
-def test_flow_models_that_do_not_read_dose_refuse_it_and_predictions_must_agree_on_it(dosed):
+def test_models_that_do_not_read_dose_refuse_it_and_predictions_must_agree_on_it(dosed):
     view = dosed[0]
     with pytest.raises(InputError, match="does not condition on dose"):
         CCFM.from_view(view, CCFMConfig(d_model=16, n_heads=2, n_layers=1, foundation_d_model=16, foundation_layers=1))
+    # every registered model either reads dose or refuses it (latent-shift and scgpt-generator
+    # once read drugA@1 as a drug of its own): only cfm and the baselines read it
+    readers = {name for name in registry.model_names() if registry.model_class(name).reads_dose}
+    assert readers == {"cfm", *registry.BASELINES}
+    for name in registry.model_names():
+        if name not in readers:
+            with pytest.raises(InputError, match="does not condition on dose"):
+                registry.model_class(name).from_view(view)
     data = view.data
     plain = PerturbationData.from_anndata(data.adata, spec=data.spec.replace(dose_col=None))
     undosed = CFM.from_view(SplitView(plain, make_split(plain, "random")), CFMConfig(d_model=16, n_heads=2, n_layers=1))

@@ -49,6 +49,10 @@ class PerturbationModel:
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
     default_predict_config: ClassVar[PredictConfig] = PredictConfig()
+    #: whether the model tells a perturbation's doses apart (data with a dose column, whose
+    #: conditions are ``drugA@1``); a model that does not refuses such data instead of reading
+    #: ``drugA@1`` as a perturbation of its own or mixing its doses
+    reads_dose: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -56,6 +60,12 @@ class PerturbationModel:
             registry.register(cls)
 
     def __init__(self, config: Any, genes: list[str], vocab: Vocabulary, spec: DataSpec, predict_config: PredictConfig | None = None):
+        if spec.dose_col is not None and not self.reads_dose:
+            raise InputError(
+                f"model '{self.name}' does not condition on dose, but the data has a dose column "
+                f"('{spec.dose_col}'), so its conditions are perturbation@dose. Train cfm or a baseline, which read "
+                "dose, or remove or rename the dose column in the data to model every dose of a perturbation alike."
+            )
         self.config = config
         self.genes = list(genes)
         self.vocab = vocab

@@ -74,6 +74,7 @@ class DeltaModel(PerturbationModel):
     """Control cells plus a learnt shift: the common part of the baselines."""
 
     config_class = NoOptions
+    reads_dose = True  # every baseline works per condition (see the module docstring)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

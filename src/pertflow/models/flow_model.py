@@ -19,14 +19,14 @@ Dose: where the data spec has a dose column, a condition is (perturbation, dose)
 ``drugA@1`` (:class:`~pertflow.data.spec.DataSpec`); the prior works per condition (a baseline's
 shift of an unmeasured dose: :mod:`pertflow.models.baselines`), and a model whose network reads
 dose (``reads_dose``: ``cfm``) conditions on it through the perturbation encoder's log-dose
-embedding in its loss, its sampling and :meth:`GeneFlowModel.generate`. A flow model that does
-not read dose refuses such data instead of mixing its doses.
+embedding in its loss, its sampling and :meth:`GeneFlowModel.generate`. A model that does not
+read dose refuses such data (:class:`~pertflow.models.base.PerturbationModel`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,17 +54,8 @@ class GeneFlowModel(NetworkModel):
     with ``dose``, sampling with ``dose=`` (n,)) sets ``reads_dose``.
     """
 
-    #: whether the network conditions on a condition's dose (see the module docstring)
-    reads_dose: ClassVar[bool] = False
-
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if self.spec.dose_col is not None and not self.reads_dose:
-            raise InputError(
-                f"model '{self.name}' does not condition on dose, but the data has a dose column "
-                f"('{self.spec.dose_col}'), so its conditions are perturbation@dose. Train cfm, which conditions on "
-                "dose, or remove or rename the dose column in the data to model every dose of a perturbation alike."
-            )
         self.prior: Prior | None = None
         self.prediction_mode = "flow"
 
