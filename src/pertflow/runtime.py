@@ -2,6 +2,8 @@
 
 * :func:`set_threads`: the threads torch computes with (default: the cores this process may
   use, capped), so that torch does not oversubscribe a shared machine.
+* :func:`torch_threads_kept`: torch's thread count restored after code that changes it behind
+  torch's back (numba's OpenMP layer, which cell-eval's DE tests run on).
 * :func:`progress_bar`: a tqdm bar on a terminal; where stderr is a file or a pipe (a log file,
   a batch job) the same bar as plain lines, at most one every :data:`LOG_INTERVAL` seconds
   and one at the end, so that progress reaches logs without carriage returns. Stages too short
@@ -56,6 +58,25 @@ def set_threads(threads: int | None = None) -> int:
     n = threads or min(available_cores(), MAX_DEFAULT_THREADS)
     torch.set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Restore torch's thread count when the block ends.
+
+    numba's OpenMP threading layer (pdex's DE tests in cell-eval run on it) uses the libgomp
+    torch loaded and sets its thread count to numba's (``NUMBA_NUM_THREADS``: the machine's
+    cores), which is also torch's: after one evaluation a process set to ``--threads 1`` trained
+    with every core, two such processes on two cores fought for them, and its timings were not
+    one thread's.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 _real_stderr: list[TextIO] = []  # the stderr saved by quiet_libraries (innermost last)

@@ -350,3 +350,16 @@ def test_undefined_cell_eval_values_become_nan(synthetic):
     # Metrics that need two perturbations are skipped quietly instead of failing inside cell-eval.
     assert not any("Error computing metric" in n for n in masked.notes + raw.notes)
     assert np.isnan(m["centroid_accuracy"]).all()
+
+
+def test_evaluation_leaves_torch_threads_as_they_were(synthetic, noisy_pred):
+    # cell-eval's DE tests run on numba's OpenMP layer, which shares torch's libgomp: it once set
+    # torch, at one thread (--threads 1), to every core for the rest of the process
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        evaluate(synthetic.real, noisy_pred, config=FAST, **KW)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -20,6 +20,7 @@ import scipy.sparse as sp
 
 from pertflow.eval.config import EvalConfig
 from pertflow.io import atomic_path
+from pertflow.runtime import torch_threads_kept
 
 # cell-eval metrics that compare perturbations with each other.
 NEED_TWO_PERTURBATIONS = ("pearson_edistance", "clustering_agreement")
@@ -60,7 +61,7 @@ def run_cell_eval(
         cache_path = de_cache / f"real_de_{real_de_key(real_ad, pert_col, control)}.parquet"
         if cache_path.is_file():
             de_real = pl.read_parquet(cache_path)
-    with warnings.catch_warnings(), _CellEvalErrors() as errors:
+    with warnings.catch_warnings(), _CellEvalErrors() as errors, torch_threads_kept():
         # cell-eval 0.8.2 calls polars' string cache, deprecated in polars 2: noise users cannot act on.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="cell_eval")
         evaluator = MetricsEvaluator(
