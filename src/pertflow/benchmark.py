@@ -135,7 +135,9 @@ def run_benchmark(
                         resume = any((run_dir / name).exists() for name in RUN_FILES)  # a run started before
                         train(model, view, None, run_dir, config=config if config and config.is_file() else None,
                               resume=resume)
-                        timing["train_seconds"] = time.perf_counter() - start
+                        # a resumed run adds this call's seconds to those recorded before it
+                        timing["train_seconds"] = timing.get("train_seconds", 0.0) + time.perf_counter() - start
+                        _write_timing(run_dir, timing)  # kept if the prediction is interrupted
                     pred_path = run_dir / "pred.h5ad"
                     if not pred_path.is_file():
                         log(f"[{split_name}] predicting {model}")
