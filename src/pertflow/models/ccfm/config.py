@@ -23,6 +23,12 @@ class CCFMConfig(GeneFlowConfig):
         Size and budget of that pretrained scGPT. Its width is the latent's feature width D: the
         latent is G x D per cell, so D is also what the feature cache costs
         (cells x genes x D x 2 bytes, float16, on disk and memory-mapped).
+    foundation_max_seq_len
+        Longest sequence of that pretraining, ``<cls>`` included: a cell with more expressed genes
+        is sampled down to this many, as scGPT's own pretraining does (1200 there). Its attention
+        costs the square of it: on kang (2000 genes, up to ~1500 expressed) a step of 16 cells
+        took 3.2 s on one CPU thread at the full length. The features are extracted over all the
+        genes whatever this is (scGPT has no positional limit).
     n_bins
         Value bins of the foundation's input (51 for the released models and for pertflow's
         pretraining); None feeds log1p values.
@@ -58,6 +64,7 @@ class CCFMConfig(GeneFlowConfig):
     foundation_layers: int = 2
     foundation_steps: int = 300
     foundation_batch_size: int = 16
+    foundation_max_seq_len: int = 1200
     n_bins: int | None = 51
     bottleneck_dim: int = 128
     dh_depth: int = 2
@@ -75,6 +82,8 @@ class CCFMConfig(GeneFlowConfig):
             raise ValueError(f"choose_latent_p must be in (0, 1): both streams train, got {self.choose_latent_p}")
         if not 0.0 <= self.latent_augment < 1.0:
             raise ValueError(f"latent_augment must be in [0, 1), got {self.latent_augment}")
+        if self.foundation_max_seq_len < 2:
+            raise ValueError(f"foundation_max_seq_len must be at least 2 (<cls> and a gene), got {self.foundation_max_seq_len}")
         if self.dh_depth < 1:
             raise ValueError(f"dh_depth must be at least 1, got {self.dh_depth}")
         if self.dh_heads is not None and self.dh_heads < 1:

@@ -109,7 +109,9 @@ class CCFM(GeneFlowModel):
                              "with args.json, vocab.json and best_model.pt, or leave foundation unset to pretrain one.")
         loaded = load_pretrained(folder)
         symbols = view.vocab.expression_genes
-        max_len = min(len(symbols) + 1, int(loaded.config.max_seq_len))
+        # every gene's features: the run's own foundation was pretrained on sampled sequences but
+        # has no positional limit; a given folder keeps the length it was trained for
+        max_len = len(symbols) + 1 if self.config.foundation is None else min(len(symbols) + 1, int(loaded.config.max_seq_len))
         extractor = FrozenScGPTExtractor(loaded.model, loaded.vocab, max_seq_len=max_len, n_bins=self.config.n_bins,
                                          warmup_batches=self.config.warmup_batches, target_std=self.config.target_std,
                                          seed=train_config.seed, chunk_size=32)
@@ -122,7 +124,7 @@ class CCFM(GeneFlowModel):
         cfg = self.config
         config = PretrainConfig(d_model=cfg.foundation_d_model, nhead=4 if cfg.foundation_d_model % 4 == 0 else 1,
                                 d_hid=2 * cfg.foundation_d_model, nlayers=cfg.foundation_layers,
-                                max_seq_len=min(len(view.genes) + 1, 2048), n_bins=cfg.n_bins)
+                                max_seq_len=min(len(view.genes) + 1, cfg.foundation_max_seq_len), n_bins=cfg.n_bins)
         steps = cfg.foundation_steps
         schedule = TrainConfig(max_steps=steps, batch_size=cfg.foundation_batch_size, lr=1e-3, warmup_steps=min(50, steps // 5),
                                val_every=max(1, steps // 2), checkpoint_every=max(1, steps // 2), seed=train_config.seed,
