@@ -1,6 +1,8 @@
 """CCFM: the cascade's times, a tiny model that learns, inference without the foundation, the
 feature cache, and runs that save, load and resume."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -95,6 +97,26 @@ def test_features_are_cached_and_recomputed_when_the_foundation_changes(view, tr
     model.latent_targets(view, extractor, run)
     assert calls["n"] > 0  # ... gets its own features
     assert first.shape == (4, len(view.genes), 16) and np.isfinite(first).all()
+
+
+def test_features_in_blocks_are_another_cache_unless_one_block_holds_every_gene(view, trained, tmp_path):
+    model, run = trained
+    extractor = model.frozen_extractor(view, TrainConfig(progress=False, seed=1), run)
+    genes = view.vocab.expression_genes
+    config = model.config
+    try:
+        plain = model.fingerprint(extractor, genes)
+        model.config = dataclasses.replace(config, feature_block=len(genes))
+        assert model.fingerprint(extractor, genes) == plain
+        model.config = dataclasses.replace(config, feature_block=len(genes) // 2)
+        assert model.fingerprint(extractor, genes) != plain
+        rows = view.rows.train[:3]
+        expr = torch.from_numpy(view.expression.get(rows))
+        halves = model.raw_features(extractor, expr, genes)
+        first = extractor.extract(expr[:, : len(genes) // 2], genes[: len(genes) // 2], normalize=False)
+        assert torch.allclose(halves.features[:, : len(genes) // 2], first.features, atol=1e-6)
+    finally:
+        model.config = config
 
 
 def test_runs_save_load_and_resume(synthetic_file, tmp_path, monkeypatch):

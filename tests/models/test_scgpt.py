@@ -666,6 +666,22 @@ def test_extractor_shapes_masks_and_scatter(extractor_model):
         ex.extract(expr[:, :5], genes)
 
 
+def test_extractor_in_blocks_encodes_each_block_on_its_own(extractor_model):
+    genes = gene_names(8) + ["NOT_A_GENE", "G20"]
+    expr = torch.rand(3, len(genes))
+    ex = FrozenScGPTExtractor(extractor_model, make_vocab())
+    whole = ex.extract(expr, genes, normalize=False)
+    one_block = ex.extract_in_blocks(expr, genes, block=len(genes))
+    assert torch.allclose(one_block.features, whole.features) and torch.equal(one_block.mask, whole.mask)
+    blocks = ex.extract_in_blocks(expr, genes, block=4)  # genes 0-3, 4-7, then NOT_A_GENE and G20
+    assert blocks.features.shape == whole.features.shape and torch.equal(blocks.mask, whole.mask)
+    for start in (0, 4, 8):
+        alone = ex.extract(expr[:, start:start + 4], genes[start:start + 4], normalize=False)
+        assert torch.allclose(blocks.features[:, start:start + 4], alone.features, atol=1e-6)
+    # a gene's features see its own block only: not those of the whole sequence
+    assert not torch.allclose(blocks.features[:, :4], whole.features[:, :4], atol=1e-4)
+
+
 def test_extractor_samples_when_genes_do_not_fit(extractor_model):
     genes = gene_names(30)  # 30 + 1 > max_seq_len = 12
     expr = torch.rand(2, 30)

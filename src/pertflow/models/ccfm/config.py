@@ -29,6 +29,11 @@ class CCFMConfig(GeneFlowConfig):
         costs the square of it: on kang (2000 genes, up to ~1500 expressed) a step of 16 cells
         took 3.2 s on one CPU thread at the full length. The features are extracted over all the
         genes whatever this is (scGPT has no positional limit).
+    feature_block
+        Genes per sequence when the features are extracted: the genes are cut into consecutive
+        blocks of this many, each encoded on its own (a gene's features then see its block's
+        genes only), so the foundation's attention costs cells x G x block instead of
+        cells x G x G. None: all genes in one sequence. Part of the cache's fingerprint.
     n_bins
         Value bins of the foundation's input (51 for the released models and for pertflow's
         pretraining); None feeds log1p values.
@@ -65,6 +70,7 @@ class CCFMConfig(GeneFlowConfig):
     foundation_steps: int = 300
     foundation_batch_size: int = 16
     foundation_max_seq_len: int = 1200
+    feature_block: int | None = None
     n_bins: int | None = 51
     bottleneck_dim: int = 128
     dh_depth: int = 2
@@ -84,6 +90,8 @@ class CCFMConfig(GeneFlowConfig):
             raise ValueError(f"latent_augment must be in [0, 1), got {self.latent_augment}")
         if self.foundation_max_seq_len < 2:
             raise ValueError(f"foundation_max_seq_len must be at least 2 (<cls> and a gene), got {self.foundation_max_seq_len}")
+        if self.feature_block is not None and self.feature_block < 1:
+            raise ValueError(f"feature_block must be at least 1 gene (or null: all genes at once), got {self.feature_block}")
         if self.dh_depth < 1:
             raise ValueError(f"dh_depth must be at least 1, got {self.dh_depth}")
         if self.dh_heads is not None and self.dh_heads < 1:

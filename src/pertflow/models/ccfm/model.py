@@ -149,7 +149,7 @@ class CCFM(GeneFlowModel):
                 for start in range(0, len(rows), FEATURE_CHUNK):
                     chunk = rows[start : start + FEATURE_CHUNK]
                     expr = torch.from_numpy(view.expression.get(chunk))
-                    writer.write(np.arange(start, start + len(chunk)), extractor.extract(expr, symbols, normalize=False))
+                    writer.write(np.arange(start, start + len(chunk)), self.raw_features(extractor, expr, symbols))
             cache = FeatureCache(folder, symbols)
         train = np.isin(rows, view.rows.train)
         order = np.flatnonzero(train)  # the normalisation's statistics come from training cells, in a fixed order
@@ -160,12 +160,20 @@ class CCFM(GeneFlowModel):
             extractor.normalize(raw, update_stats=True)
         return LatentRows(cache, rows, extractor.normalizer)
 
+    def raw_features(self, extractor: Any, expr: torch.Tensor, symbols: list[str]) -> Any:
+        """The unnormalised features of some cells, over all genes or in ``feature_block`` blocks."""
+        if self.config.feature_block is None:
+            return extractor.extract(expr, symbols, normalize=False)
+        return extractor.extract_in_blocks(expr, symbols, self.config.feature_block)
+
     def fingerprint(self, extractor: Any, genes: list[str]) -> str:
         """What the cached features depend on: the foundation's weights, its input binning, the genes."""
         digest = hashlib.sha256()
         for name, tensor in sorted(extractor.model.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        digest.update(f"n_bins={self.config.n_bins};max_seq_len={extractor.max_seq_len};seed={extractor.seed}".encode())
+        block = self.config.feature_block
+        block = f";feature_block={block}" if block is not None and block < len(genes) else ""  # one block: all genes
+        digest.update(f"n_bins={self.config.n_bins};max_seq_len={extractor.max_seq_len};seed={extractor.seed}{block}".encode())
         digest.update("\x1f".join(genes).encode())
         return digest.hexdigest()[:16]

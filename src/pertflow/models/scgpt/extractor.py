@@ -336,6 +336,18 @@ class FrozenScGPTExtractor:
             return raw
         return GeneFeatures(self.normalizer(raw.features, raw.mask, update=update_stats), raw.mask)
 
+    @torch.no_grad()
+    def extract_in_blocks(self, expr: Tensor, genes: GeneSpec, block: int) -> GeneFeatures:
+        """Unnormalised per-gene features, the genes cut into consecutive blocks of ``block``,
+        each encoded as a sequence of its own (``<cls>`` + the block's genes): a gene attends to
+        its block only, and the attention costs ``G x block`` per cell instead of ``G x G``
+        (kang's 2000 genes in blocks of 512: 4 x 513^2 attention scores instead of 2001^2, 3.8x
+        fewer; its full-length extraction took 185 s for 1863 cells on one CPU thread). Features ``(B, G, d)``, mask ``(G,)``."""
+        symbols = genes if isinstance(genes, Tensor) else list(genes)
+        parts = [self._extract_raw(expr[:, start:start + block], symbols[start:start + block])
+                 for start in range(0, expr.shape[1], block)]
+        return GeneFeatures(torch.cat([p.features for p in parts], 1), torch.cat([p.mask for p in parts], 0))
+
     def _extract_raw(self, expr: Tensor, genes: GeneSpec) -> GeneFeatures:
         if expr.dim() != 2:
             raise InputError(f"expr must be (cells, genes), got shape {tuple(expr.shape)}.")
