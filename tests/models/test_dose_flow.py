@@ -4,6 +4,8 @@ do not read dose refuse such data; prediction files and the evaluator keep one g
 
 from __future__ import annotations
 
+import json
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -147,6 +149,25 @@ def test_models_that_do_not_read_dose_refuse_it_and_predictions_must_agree_on_it
     undosed = CFM.from_view(SplitView(plain, make_split(plain, "random")), CFMConfig(d_model=16, n_heads=2, n_layers=1))
     with pytest.raises(InputError, match="dose column"):
         predict_split(undosed, view)
+
+
+def test_a_run_saved_before_doses_were_modelled_loads_without_them(dosed, tmp_path):
+    # pertflow recorded any column named dose in the run's spec before it modelled doses (norman's
+    # dose column holds '1' and '1+1'); such a run's network has no dose embedding
+    data = dosed[0].data
+    plain = PerturbationData.from_anndata(data.adata, spec=data.spec.replace(dose_col=None))
+    view = SplitView(plain, make_split(plain, "random"))
+    model = CFM.from_view(view, CFMConfig(d_model=16, n_heads=2, n_layers=1))
+    model.fit(view, TrainConfig(max_steps=2, batch_size=16, val_every=10**6, checkpoint_every=10**6, progress=False), tmp_path)
+    model.save(tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    meta["spec"]["dose_col"] = "dose"
+    (tmp_path / "run" / "model.json").write_text(json.dumps(meta))
+    again = PerturbationModel.load(tmp_path / "run")
+    assert again.spec.dose_col is None
+    controls = view.expression.get(view.control_rows(CTX)[:10])
+    np.testing.assert_array_equal(model.generate(controls, "drug_01", CTX, np.random.default_rng(3), FLOW),
+                                  again.generate(controls, "drug_01", CTX, np.random.default_rng(3), FLOW))
 
 
 def test_the_evaluator_scores_each_dose_as_its_own_group():

@@ -153,6 +153,12 @@ class PerturbationModel:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
+    @classmethod
+    def trained_with_dose(cls, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether a saved run of this model whose spec names a dose column was trained on
+        conditions (perturbation@dose); False for a run of a pertflow that did not model doses."""
+        return cls.reads_dose
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if tensors:
             raise InputError(f"model '{self.name}' holds no tensors but the run folder has {len(tensors)}.")
@@ -207,14 +213,20 @@ class PerturbationModel:
                 "train the model again."
             )
         cls = registry.model_class(meta["model"])
+        spec = DataSpec.from_dict(meta["spec"])
+        tensors = load_tensors(run_dir / "model.safetensors")
+        if spec.dose_col is not None and not cls.trained_with_dose(tensors):
+            # pertflow recorded a dose column (any column named dose) before it modelled doses:
+            # such a run was trained on plain perturbations
+            spec = spec.replace(dose_col=None)
         model = cls(
             build(cls.config_class, meta["config"], "model"),
             meta["genes"],
             Vocabulary.from_dict(meta["vocab"]),
-            DataSpec.from_dict(meta["spec"]),
+            spec,
             build(PredictConfig, meta["predict_config"], "predict"),
         )
-        model.load_state_tensors(load_tensors(run_dir / "model.safetensors"))
+        model.load_state_tensors(tensors)
         model.load_extra_state(meta.get("extra_state", {}))
         model.fit_report = meta.get("fit_report", {})
         return model

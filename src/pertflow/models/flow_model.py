@@ -59,6 +59,11 @@ class GeneFlowModel(NetworkModel):
         self.prior: Prior | None = None
         self.prediction_mode = "flow"
 
+    @classmethod
+    def trained_with_dose(cls, tensors: dict[str, torch.Tensor]) -> bool:
+        """A flow trained on doses saved its log-dose embedding (``perturbation_encoder.dose``)."""
+        return cls.reads_dose and any(key.startswith("perturbation_encoder.dose.") for key in tensors)
+
     def network_inputs(self) -> dict[str, Any]:
         """What a :class:`~pertflow.models.flow.GeneFlowNetwork` is built from besides its config:
         the flow parts and the vocabulary's genes, special tokens and descriptors (keywords)."""
