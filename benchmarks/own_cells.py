@@ -50,8 +50,8 @@ def main() -> None:
             continue
         with fold_view(todo[0], tasks, data_dir) as view:
             for run in todo:
-                report = read_json(run / "model.json").get("fit_report", {})
-                solver = read_json(run / "model.json")["predict_config"]
+                meta = read_json(run / "model.json")
+                report, solver = meta.get("fit_report", {}), meta["predict_config"]
                 scores = solver_scores(run, view, {solver["ode_method"]: (solver["ode_steps"],)})[0]
                 validation = report.get("validation", {})
                 rows.append({**scores, "prior": report.get("prior"), "prediction_mode": report.get("prediction_mode"),

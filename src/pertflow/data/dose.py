@@ -34,17 +34,22 @@ def parse_dose_label(label: str) -> tuple[str, float | None]:
         return label, None
 
 
+def _as_numbers(values: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """A column's values (as objects: categorical columns too), them as float64 (NaN where not a
+    number), and the mask of the non-empty values that are not numbers."""
+    values = pd.Series(np.asarray(values, dtype=object))
+    found = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    return values, found, pd.isna(found) & values.notna().to_numpy()
+
+
 def all_numbers(values: pd.Series) -> bool:
     """Whether every non-empty value of a column is a number."""
-    values = pd.Series(np.asarray(values, dtype=object))
-    return not (pd.to_numeric(values, errors="coerce").isna() & values.notna()).any()
+    return not _as_numbers(values)[2].any()
 
 
 def numeric_doses(values: pd.Series, col: str) -> np.ndarray:
     """A dose column as float64 (NaN where empty); :class:`InputError` naming values that are not numbers."""
-    values = pd.Series(np.asarray(values, dtype=object))  # categorical columns too
-    found = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-    bad = pd.isna(found) & values.notna().to_numpy()
+    values, found, bad = _as_numbers(values)
     if bad.any():
         shown = sorted(map(str, pd.unique(values[bad])))[:5]
         raise InputError(
