@@ -132,7 +132,7 @@ def main() -> None:
             # the flow's end points in z_int
             ids = model.perturbation_ids(key[0], n)
             context = module.context_encoder(module.multi_hot(ids), ccov[:, 0], ccov[:, 1], module.standardise(None, n, controls.device))
-            z_flow = module.integrate(module.parts.source(cpost.int_mu, gen), context, settings)
+            z_flow = module.integrate(module.flow.start(cpost.int_mu, gen), context, settings)
             latent_error.append(float(((z_flow.mean(0) - post.int_mu.mean(0)) ** 2).sum()))
             latent_base.append(float(((cpost.int_mu.mean(0) - post.int_mu.mean(0)) ** 2).sum()))
     for mode in PREDICTION_MODES:

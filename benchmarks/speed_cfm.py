@@ -37,7 +37,7 @@ from pertflow.configs import build
 from pertflow.models.cfm.config import CFMConfig
 from pertflow.models.cfm.module import CFMModule
 from pertflow.models.config import PredictConfig
-from pertflow.models.flow import flow_parts
+from pertflow.models.flow import flow_matching
 
 REPO = Path(__file__).resolve().parents[1]
 SCDFM = {"d_model": 512, "n_layers": 4, "n_heads": 8, "dropout": 0.1, "genes_per_step": 500, "gamma": 0.5}
@@ -46,7 +46,7 @@ SCDFM_BATCH, SCDFM_VOCAB, SCDFM_EVAL_CELLS = 32, 5029, 128
 
 def make_module(config: CFMConfig, n_genes: int, device: torch.device) -> CFMModule:
     torch.manual_seed(0)
-    return CFMModule(config, flow_parts(config), torch.arange(2, n_genes + 2), n_tokens=n_genes + 2,
+    return CFMModule(config, flow_matching(config), torch.arange(2, n_genes + 2), n_tokens=n_genes + 2,
                      first_other_token=n_genes + 2, pad_id=0, unk_id=1).to(device)
 
 

@@ -83,3 +83,15 @@ def test_layers_import_only_downward(path):
 def test_no_source_file_is_too_long_to_read():
     long = {str(p.relative_to(PACKAGE)): n for p in sources() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+#: what only the flow-matching object (flows/) may write: the velocity target, the one-step
+#: estimate, the ODE solver and its guard
+FLOW_MATCHING_ONLY = ("ODESolver(", "solve_ode(", "odeint(", "FiniteVelocity(", "target_estimate(", ".dx_t")
+
+
+@pytest.mark.parametrize("path", [p for p in sources() if layer_of(p) != "flows"], ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_flow_matching_lives_only_in_flows(path):
+    text = path.read_text()
+    found = [s for s in FLOW_MATCHING_ONLY if s in text]
+    assert not found, f"{path.relative_to(PACKAGE)} writes flow matching itself ({found}): use pertflow.flows.FlowMatching"

@@ -16,7 +16,7 @@ from pertflow.models.config import PredictConfig
 from pertflow.models.cfm.config import CFMConfig
 from pertflow.models.cfm.model import CFM
 from pertflow.models.cfm.module import CFMModule
-from pertflow.models.flow import flow_parts
+from pertflow.models.flow import flow_matching
 from pertflow.nn.attention import DifferentialAttention
 from pertflow.train import TrainConfig
 
@@ -25,7 +25,7 @@ FOUR_STEPS = PredictConfig(ode_steps=4)
 
 
 def make_module(config: CFMConfig, gene_tokens, n_tokens, first_other, pad, unk) -> CFMModule:
-    return CFMModule(config, flow_parts(config), gene_tokens, n_tokens, first_other, pad, unk)
+    return CFMModule(config, flow_matching(config), gene_tokens, n_tokens, first_other, pad, unk)
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +184,9 @@ def test_control_source_starts_the_flow_at_the_control_cells():
     config = CFMConfig(d_model=16, n_heads=2, n_layers=1, source="control", source_noise=0.0, coupling="ot")
     module = make_module(config, torch.arange(2, 12), 14, 12, 0, 1)
     control = torch.rand(4, 10)
-    torch.testing.assert_close(module.parts.source(control, torch.Generator().manual_seed(0)), control)
+    torch.testing.assert_close(module.flow.start(control, torch.Generator().manual_seed(0)), control)
     noisy = make_module(CFMConfig(d_model=16, n_heads=2, n_layers=1), torch.arange(2, 12), 14, 12, 0, 1)
-    assert not torch.allclose(noisy.parts.source(control, torch.Generator().manual_seed(0)), control)
+    assert not torch.allclose(noisy.flow.start(control, torch.Generator().manual_seed(0)), control)
     out = module.loss({"target": torch.rand(4, 10), "control": control, "pert_ids": torch.tensor([[3, 0]] * 4)})
     assert torch.isfinite(out.loss)
 

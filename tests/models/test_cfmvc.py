@@ -51,7 +51,7 @@ SAVED_BEFORE = {"n_latent": 16, "n_tech": 4, "hidden": 128, "n_layers": 2, "drop
 
 def test_the_flow_fields_live_in_flow_config_and_saved_runs_still_load():
     from pertflow.configs import build, to_dict
-    from pertflow.models.flow import FlowConfig, GeneFlowConfig, flow_parts
+    from pertflow.models.flow import FlowConfig, GeneFlowConfig, flow_matching
 
     config = build(CFMVCConfig, SAVED_BEFORE, "model")
     assert to_dict(config) == SAVED_BEFORE and config == dataclasses.replace(CFMVCConfig(), context_names=("a",), batch_names=("all",))
@@ -66,7 +66,7 @@ def test_the_flow_fields_live_in_flow_config_and_saved_runs_still_load():
     assert (GeneFlowConfig().source, GeneFlowConfig().coupling, GeneFlowConfig().prior) == ("noise", "independent", "none")
     with pytest.raises(ValueError, match="needs source 'control'"):
         CFMVCConfig(source="noise")
-    assert flow_parts(CFMVCConfig(source_noise=0.3)).source.noise_scale == 0.3
+    assert flow_matching(CFMVCConfig(source_noise=0.3)).source.noise_scale == 0.3
 
 
 # ---------------------------------------------------------------------------- the likelihood

@@ -108,7 +108,7 @@ def test_the_flow_reads_the_dose_in_its_loss_and_its_sampling(dosed):
     torch.nn.init.normal_(dose_net[-1].weight)  # a trained dose embedding: another dose, other cells
     controls = view.expression.get(view.control_rows(CTX)[:8])
     shift = np.zeros(len(model.genes), np.float32)
-    cells = {v: model.cells(module, controls, f"drug_00@{v:g}", shift, np.random.default_rng(0), model.predict_config, "flow")
+    cells = {v: model.own_cells(controls, f"drug_00@{v:g}", CTX, shift, np.random.default_rng(0), model.predict_config, module=module)
              for v in (0.3, 3.0)}
     assert np.abs(cells[0.3] - cells[3.0]).mean() > 1e-3
 

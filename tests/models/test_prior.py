@@ -151,7 +151,7 @@ def test_an_additive_combination_needs_almost_no_residual(tmp_path):
     for combo, context in view.test_groups():
         controls = view.expression.get(view.control_rows(context))
         shift = model.prior.delta(combo, context)
-        cells = model.cells(model.module, controls, combo, shift, rng, model.predict_config, "flow")
+        cells = model.own_cells(controls, combo, context, shift, rng, model.predict_config)
         residual = cells.mean(0) - np.clip(controls + shift, 0, None).mean(0)
         assert np.linalg.norm(residual) < 0.25 * np.linalg.norm(shift), (combo, np.linalg.norm(residual), np.linalg.norm(shift))
 

@@ -5,6 +5,7 @@ Each is a small callable a model is given (CellFlow's ``match_fn`` / ``time_samp
 """
 
 from pertflow.flows.coupling import COUPLINGS, Coupling, independent_coupling, ot_coupling, ot_permutation
+from pertflow.flows.matching import FlowMatching
 from pertflow.flows.path import CondOTPath, PathSample
 from pertflow.flows.solver import EVALUATIONS_PER_STEP, SOLVERS, FiniteVelocity, ODESolver, VelocityField, solve_ode
 from pertflow.flows.source import AnchoredSource, GaussianSource
@@ -18,6 +19,7 @@ __all__ = [
     "AnchoredSource",
     "CondOTPath",
     "FiniteVelocity",
+    "FlowMatching",
     "Coupling",
     "GaussianSource",
     "ODESolver",

@@ -26,11 +26,14 @@ class PathSample:
         Points on the path, same shape as the data (B, ...).
     dx_t
         Target velocities, same shape as ``x_t``.
+    x_1
+        The targets (data) the path leads to, same shape as ``x_t``.
     """
 
     t: torch.Tensor
     x_t: torch.Tensor
     dx_t: torch.Tensor
+    x_1: torch.Tensor
 
 
 def _broadcast_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -53,7 +56,7 @@ class CondOTPath:
         if x_0.shape != x_1.shape:
             raise ValueError(f"x_0 {tuple(x_0.shape)} and x_1 {tuple(x_1.shape)} must have the same shape")
         t_b = _broadcast_time(t, x_1)
-        return PathSample(t=t, x_t=(1 - t_b) * x_0 + t_b * x_1, dx_t=x_1 - x_0)
+        return PathSample(t=t, x_t=(1 - t_b) * x_0 + t_b * x_1, dx_t=x_1 - x_0, x_1=x_1)
 
     @staticmethod
     def target_estimate(x_t: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ class PerturbationModel:
 
     Subclasses set ``name`` (the registry key) and ``config_class`` (a frozen dataclass, the
     ``model`` section) and implement :meth:`fit`, :meth:`generate`, and, when they hold tensors,
-    :meth:`state_tensors` and :meth:`load_state_tensors`.
+    :meth:`state_tensors`, :meth:`extra_state` and the one load hook :meth:`load_state`.
 
     Attributes
     ----------
@@ -159,16 +159,15 @@ class PerturbationModel:
         conditions (perturbation@dose); False for a run of a pertflow that did not model doses."""
         return cls.reads_dose
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        if tensors:
-            raise InputError(f"model '{self.name}' holds no tensors but the run folder has {len(tensors)}.")
-
     def extra_state(self) -> dict[str, Any]:
         """JSON-ready state besides tensors (e.g. the keys of a table of deltas)."""
         return {}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+    def load_state(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        """Restore what :meth:`state_tensors` and :meth:`extra_state` saved (the one load hook: a
+        subclass takes its own part of both and hands the rest to its parent)."""
+        if tensors:
+            raise InputError(f"model '{self.name}' holds no tensors but the run folder has {len(tensors)}.")
 
     # ------------------------------------------------------------------ helpers
     def components(self, perturbation: str) -> tuple[str, ...]:
@@ -226,7 +225,6 @@ class PerturbationModel:
             spec,
             build(PredictConfig, meta["predict_config"], "predict"),
         )
-        model.load_state_tensors(tensors)
-        model.load_extra_state(meta.get("extra_state", {}))
+        model.load_state(tensors, meta.get("extra_state", {}))
         model.fit_report = meta.get("fit_report", {})
         return model

@@ -157,14 +157,12 @@ class DeltaModel(PerturbationModel):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"responses": torch.from_numpy(self.responses)}
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.responses = tensors["responses"].numpy()
-
     def extra_state(self) -> dict[str, Any]:
         return {"keys": [list(k) for k in self.keys]}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.keys = [tuple(k) for k in state["keys"]]
+    def load_state(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        self.responses = tensors["responses"].numpy()
+        self.keys = [tuple(k) for k in extra["keys"]]
 
 
 class NoChange(DeltaModel):
@@ -268,15 +266,12 @@ class Linear(DeltaModel):
             "offset": torch.from_numpy(self.offset),
         }
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().load_state_tensors(tensors)
-        self.gene_embedding = tensors["gene_embedding"].numpy()
-        self.weights = tensors["weights"].numpy()
-        self.offset = tensors["offset"].numpy()
-
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "feature_tokens": self.feature_tokens}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        super().load_extra_state(state)
-        self.feature_tokens = list(state["feature_tokens"])
+    def load_state(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        super().load_state(tensors, extra)
+        self.gene_embedding = tensors["gene_embedding"].numpy()
+        self.weights = tensors["weights"].numpy()
+        self.offset = tensors["offset"].numpy()
+        self.feature_tokens = list(extra["feature_tokens"])

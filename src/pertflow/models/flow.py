@@ -5,8 +5,8 @@ is built on (per-gene tokens, perturbation and time conditioning, the backbone, 
 head) with where a flow starts (the anchor), its coordinates and its gene subsets.
 
 A new flow model's config subclasses :class:`GeneFlowConfig` (and adds only its own fields); its
-network subclasses :class:`GeneFlowNetwork` and is given the parts of :func:`flow_parts` instead
-of reading strings.
+network subclasses :class:`GeneFlowNetwork` and is given the :class:`~pertflow.flows.FlowMatching` of
+:func:`flow_matching` (its loss and sampler) instead of reading strings.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from pertflow.data.keys import BATCH_KEYS
-from pertflow.flows import COUPLINGS, TIME_SAMPLERS, AnchoredSource, CondOTPath, Coupling, GaussianSource, ODESolver, TimeSampler
+from pertflow.flows import COUPLINGS, TIME_SAMPLERS, AnchoredSource, FlowMatching, GaussianSource
 from pertflow.models.config import PredictConfig
 from pertflow.nn import ExprDecoder, GeneEncoder
 from pertflow.nn.backbone import ExpressionTokens, GeneFlowBackbone
 from pertflow.nn.conditioning import TimestepEmbedder
 from pertflow.nn.latent import LatentFlowBackbone
 from pertflow.nn.perturbation import PerturbationEncoder, unknown_perturbation_dropout
-from pertflow.ops.kernels import mmd2_rbf
 
 
 #: The names a flow config's fields take (one home for each list).
@@ -39,7 +38,7 @@ PriorName = Literal["none", "mean", "additive", "linear", "context-shift", "auto
 @dataclass(frozen=True)
 class FlowConfig:
     """The ``model`` section fields of every flow model anchored on a prior: the flow's parts
-    (:func:`flow_parts`), its prior and how it reads perturbations. The gene-space models
+    (:func:`flow_matching`), its prior and how it reads perturbations. The gene-space models
     (:class:`GeneFlowConfig`) and CFM-VC's latent flow subclass it; a subclass may give a field
     another default by declaring it again with the same type (e.g. ``source: FlowSourceName =
     "control"``), never another meaning.
@@ -159,20 +158,10 @@ class GeneFlowConfig(FlowConfig):
         return self.d_model if self.backbone == "dense" else max(8, self.d_model // 4)
 
 
-@dataclass(frozen=True)
-class FlowParts:
-    """The parts a flow network is given: how sources and targets pair, where on the path to
-    train, and where the flow starts."""
-
-    coupling: Coupling
-    time_sampler: TimeSampler
-    source: GaussianSource | AnchoredSource
-
-
-def flow_parts(config: FlowConfig) -> FlowParts:
-    """The parts named by a config."""
+def flow_matching(config: FlowConfig) -> FlowMatching:
+    """The flow-matching object (:class:`~pertflow.flows.FlowMatching`) a config's fields name."""
     source = GaussianSource() if config.source == "noise" else AnchoredSource(config.source_noise)
-    return FlowParts(COUPLINGS[config.coupling], TIME_SAMPLERS[config.time_sampler], source)
+    return FlowMatching(COUPLINGS[config.coupling], TIME_SAMPLERS[config.time_sampler], source)
 
 
 @dataclass
@@ -233,8 +222,8 @@ class GeneFlowNetwork(nn.Module):
     ----------
     config
         Architecture and loss settings.
-    parts
-        Coupling, time sampler and source of the flow.
+    flow
+        The flow matching (path, coupling, time sampler, source): loss and sampling go through it.
     gene_tokens
         (G_full,) vocabulary ids of the model's genes, in column order.
     n_tokens, first_other_token, pad_id, unk_id
@@ -250,7 +239,7 @@ class GeneFlowNetwork(nn.Module):
     def __init__(
         self,
         config: GeneFlowConfig,
-        parts: FlowParts,
+        flow: FlowMatching,
         gene_tokens: Tensor,
         n_tokens: int,
         first_other_token: int,
@@ -261,7 +250,7 @@ class GeneFlowNetwork(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.parts = parts
+        self.flow = flow
         self.pad_id, self.unk_id = pad_id, unk_id
         d, d_t = config.d_model, config.token_width
         self.register_buffer("gene_tokens", gene_tokens.long())
@@ -277,7 +266,6 @@ class GeneFlowNetwork(nn.Module):
             self.backbone = LatentFlowBackbone(d, d_t, config.n_heads, config.n_layers, config.n_latents, config.mlp_ratio,
                                                config.differential_attention)
         self.decoder = ExprDecoder(2 * d_t, d_t)
-        self.path = CondOTPath()
 
     @property
     def n_genes(self) -> int:
@@ -335,13 +323,6 @@ class GeneFlowNetwork(nn.Module):
     def expression_velocity(self, x: Tensor, pert_tokens: Tensor) -> Tensor:
         """(B, G) velocity of the expression from the backbone's tokens."""
         return self.decoder(torch.cat([x, pert_tokens], dim=-1)).pred
-
-    def mmd_term(self, x_t: Tensor, v: Tensor, t: Tensor, x_1: Tensor) -> Tensor | None:
-        """``MMD(x_t + (1 - t) v, x_1)``, the distribution term of the loss (weighted by
-        ``gamma`` by the caller), or None when ``gamma`` is 0 or fewer than two samples."""
-        if self.config.gamma <= 0 or x_1.shape[0] < 2:
-            return None
-        return mmd2_rbf(self.path.target_estimate(x_t, v, t).float(), x_1.float())
 
     # ------------------------------------------------------------------ where the flow starts
     def prepare(self, batch: dict[str, Tensor]) -> FlowBatch:
@@ -415,7 +396,7 @@ class GeneFlowNetwork(nn.Module):
         (``dose``: (B,) the condition's dose, for a network with dose)."""
         offset = self.control_offset(control)
         anchor = self.anchor(control, shift) - offset
-        start = self.parts.source(anchor, generator)
+        start = self.flow.start(anchor, generator)
         reference = self.reference_cells(anchor)
         out = torch.empty_like(anchor)
         for idx in self.gene_chunks(settings.gene_chunk, generator):
@@ -430,4 +411,4 @@ class GeneFlowNetwork(nn.Module):
 
     def integrate(self, field: Callable[[Tensor, Tensor], Tensor], x_0: Tensor, settings: PredictConfig) -> Tensor:
         """``x(1)`` of ``dx/dt = field(t, x)`` from ``x(0) = x_0`` with the settings' solver."""
-        return ODESolver(field).sample(x_0, settings.ode_method, settings.ode_steps)
+        return self.flow.solve(field, x_0, settings.ode_method, settings.ode_steps, type(self).__name__)

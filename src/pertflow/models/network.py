@@ -180,11 +180,9 @@ class NetworkModel(PerturbationModel):
     def extra_state(self) -> dict[str, Any]:
         return {"trained_components": self.trained_components}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.trained_components = list(state.get("trained_components", []))
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         self.module.load_state_dict(tensors)
+        self.trained_components = list(extra.get("trained_components", []))

@@ -141,8 +141,7 @@ class Prior:
         baseline = model_class(PRIOR_BASELINES[state["name"]])(
             model_class(PRIOR_BASELINES[state["name"]]).config_class(), model.genes, model.vocab, model.spec
         )
-        baseline.load_state_tensors({k.removeprefix("prior."): v for k, v in tensors.items() if k.startswith("prior.")})
-        baseline.load_extra_state(state["baseline"])
+        baseline.load_state({k.removeprefix("prior."): v for k, v in tensors.items() if k.startswith("prior.")}, state["baseline"])
         prior = cls(state["name"], baseline, state.get("scores"))
         prior.reason = state.get("reason", prior.reason)
         return prior

@@ -71,7 +71,7 @@ class CCFM(GeneFlowModel):
         return CCFMModule(self.config, latent_dim=self.latent_dim, **self.network_inputs())
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False, selector: Any = None) -> None:
+    def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False) -> None:
         run_dir = Path(run_dir)
         start = time.perf_counter()
         extractor = self.frozen_extractor(view, train_config, run_dir)
@@ -85,7 +85,7 @@ class CCFM(GeneFlowModel):
         self._latent_rows = self.latent_targets(view, extractor, run_dir)
         features_s = time.perf_counter() - start
         cache = self._latent_rows.cache
-        super().fit(view, train_config, run_dir, resume, selector)
+        super().fit(view, train_config, run_dir, resume)
         self._latent_rows = None  # the foundation and its features are not part of the trained model
         # what the two steps before the flow cost in this call (near 0 when a resumed run found them)
         self.fit_report["foundation_seconds"] = round(foundation_s, 2)

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from pertflow.models.ccfm.config import CCFMConfig
 from pertflow.models.config import PredictConfig
-from pertflow.models.flow import FieldContext, FlowParts, GeneFlowNetwork
+from pertflow.flows import FlowMatching
+from pertflow.models.flow import FieldContext, GeneFlowNetwork
 from pertflow.nn.attention import AdaLNAttentionBlock
 from pertflow.nn.conditioning import TimestepEmbedder
 from pertflow.nn.loss import LossOutput
@@ -107,9 +108,9 @@ class CCFMModule(GeneFlowNetwork):
         As :class:`~pertflow.models.flow.GeneFlowNetwork`.
     """
 
-    def __init__(self, config: CCFMConfig, parts: FlowParts, gene_tokens: Tensor, n_tokens: int, first_other_token: int,
+    def __init__(self, config: CCFMConfig, flow: FlowMatching, gene_tokens: Tensor, n_tokens: int, first_other_token: int,
                  pad_id: int, unk_id: int, latent_dim: int, descriptors: Tensor | None = None):
-        super().__init__(config, parts, gene_tokens, n_tokens, first_other_token, pad_id, unk_id, descriptors)
+        super().__init__(config, flow, gene_tokens, n_tokens, first_other_token, pad_id, unk_id, descriptors)
         d, d_t = config.d_model, config.token_width
         heads = config.dh_heads or config.n_heads
         if d_t % heads:
@@ -148,26 +149,17 @@ class CCFMModule(GeneFlowNetwork):
         z_1 = batch[TARGET_LATENT]
         if b.gene_idx is not None:
             z_1 = z_1[:, b.gene_idx]
-        x_0 = self.parts.source(b.anchor)
-        pairs = self.parts.coupling(x_0, b.target)
-        x_1, z_1 = b.target[pairs], z_1[pairs]
-        times = cascaded_times(x_1.shape[0], self.config.choose_latent_p, self.parts.time_sampler, x_1.device,
+        x_0, order = self.flow.couple(b.anchor, b.target)
+        x_1, z_1 = b.target[order], z_1[order]
+        times = cascaded_times(x_1.shape[0], self.config.choose_latent_p, self.flow.time_sampler, x_1.device,
                                self.config.latent_augment)
-        expr_path = self.path.sample(times.t_expr, x_0, x_1)
-        latent_path = self.path.sample(times.t_latent, torch.randn_like(z_1), z_1)
+        expr_path = self.flow.interpolate(x_0, x_1, times.t_expr)
+        latent_path = self.flow.interpolate(torch.randn_like(z_1), z_1, times.t_latent)
         ctx = self.context(self.reference_cells(b.anchor), b.pert_ids, b.gene_idx)
         v_expr, v_latent = self.velocities(times.t_expr, times.t_latent, expr_path.x_t, latent_path.x_t, ctx)
-        expr = ~times.latent
-        zero = v_expr.sum() * 0.0
-        loss_expr = ((v_expr[expr].float() - expr_path.dx_t[expr].float()) ** 2).mean() if expr.any() else zero
-        loss_latent = ((v_latent[times.latent].float() - latent_path.dx_t[times.latent].float()) ** 2).mean() if times.latent.any() else zero
-        loss = loss_expr + self.config.latent_weight * loss_latent
-        metrics = {"mse_expr": float(loss_expr.detach()), "mse_latent": float(loss_latent.detach())}
-        mmd = self.mmd_term(expr_path.x_t[expr], v_expr[expr], times.t_expr[expr], x_1[expr])
-        if mmd is not None:
-            loss = loss + self.config.gamma * mmd
-            metrics["mmd"] = float(mmd.detach())
-        return LossOutput(loss=loss, metrics=metrics)
+        loss_expr, metrics = self.flow.objective(v_expr, expr_path, self.config.gamma, mask=~times.latent, name="mse_expr")
+        loss_latent, latent_metrics = self.flow.objective(v_latent, latent_path, mask=times.latent, name="mse_latent")
+        return LossOutput(loss=loss_expr + self.config.latent_weight * loss_latent, metrics={**metrics, **latent_metrics})
 
     @torch.no_grad()
     def sample(self, control: Tensor, pert_ids: Tensor, settings: PredictConfig, generator: torch.Generator | None = None,

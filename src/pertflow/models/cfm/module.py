@@ -28,18 +28,10 @@ class CFMModule(GeneFlowNetwork):
     def loss(self, batch: dict[str, Tensor]) -> LossOutput:
         """Flow-matching loss on a random gene subset (see :meth:`GeneFlowNetwork.prepare` for the batch)."""
         b = self.prepare(batch)
-        x_0 = self.parts.source(b.anchor)
-        x_1 = b.target[self.parts.coupling(x_0, b.target)]
-        t = self.parts.time_sampler(x_1.shape[0], x_1.device)
-        path = self.path.sample(t, x_0, x_1)
-        v = self.velocity(t, path.x_t, self.context(self.reference_cells(b.anchor), b.pert_ids, b.gene_idx, b.dose))
-        mse = ((v.float() - path.dx_t.float()) ** 2).mean()
-        loss = mse
-        metrics = {"mse": float(mse.detach())}
-        mmd = self.mmd_term(path.x_t, v, t, x_1)
-        if mmd is not None:
-            loss = loss + self.config.gamma * mmd
-            metrics["mmd"] = float(mmd.detach())
+        x_0, order = self.flow.couple(b.anchor, b.target)
+        path = self.flow.interpolate(x_0, b.target[order])
+        v = self.velocity(path.t, path.x_t, self.context(self.reference_cells(b.anchor), b.pert_ids, b.gene_idx, b.dose))
+        loss, metrics = self.flow.objective(v, path, self.config.gamma)
         return LossOutput(loss=loss, metrics=metrics)
 
     @torch.no_grad()

@@ -9,7 +9,7 @@ in, and a stage that trained anew makes the later stages start again:
    context's control cells (a held-out context's controls are visible and must be encoded well);
    the best step by the validation ELBO is kept.
 2. ``flow``: ``train.max_steps`` steps, the VAE frozen; selection on validation metrics, as every
-   flow model (:class:`~pertflow.models.flow_model.GeneFlowModel`).
+   model anchored on a prior (:class:`~pertflow.models.anchored.AnchoredNetwork`).
 3. ``joint`` (``freeze_vae: false``): ``model.joint_steps`` steps of joint fine-tuning.
 
 The prior (:mod:`pertflow.models.prior`) is applied in latent space: the flow starts from the
@@ -45,8 +45,8 @@ from pertflow.models.cfmvc.module import (
     CFMVCModule,
 )
 from pertflow.models.config import PredictConfig
-from pertflow.models.flow import flow_parts
-from pertflow.models.flow_model import GeneFlowModel
+from pertflow.models.flow import flow_matching
+from pertflow.models.anchored import AnchoredNetwork
 from pertflow.models.network import frozen, inference_device
 from pertflow.train.checkpoint import CheckpointDir, stage_dir
 from pertflow.train.config import TrainConfig
@@ -64,7 +64,7 @@ class RowTable:
         return self.table[np.asarray(rows)]
 
 
-class CFMVC(GeneFlowModel):
+class CFMVC(AnchoredNetwork):
     """CFM-VC (SPEC 2.4); see the module docstring and :mod:`pertflow.models.cfmvc.module`."""
 
     name = "cfmvc"
@@ -94,16 +94,13 @@ class CFMVC(GeneFlowModel):
         return super().from_view(view, dataclasses.replace(config, **changes), predict_config)
 
     def build_module(self) -> CFMVCModule:
-        return CFMVCModule(self.config, flow_parts(self.config), len(self.genes), len(self.vocab), self.vocab.pad_id,
+        return CFMVCModule(self.config, flow_matching(self.config), len(self.genes), len(self.vocab), self.vocab.pad_id,
                            self.vocab.unk_id, self.spec.target_sum)
 
     def known_components(self, perturbation: str) -> list[str]:
         """Components as the flow reads them: one not trained on is ``<unk>`` (its multi-hot column was never trained)."""
         trained = set(self.trained_components)
         return [c if c in trained else UNK for c in self.components(perturbation)]
-
-    def control_embedding(self, controls: torch.Tensor) -> torch.Tensor:
-        return PerturbationModel.control_embedding(self, controls)  # not adaptable (no per-gene tokens)
 
     # ------------------------------------------------------------------ covariates
     def covariate_table(self, view: SplitView) -> np.ndarray:
@@ -240,7 +237,7 @@ class CFMVC(GeneFlowModel):
             raise InputError(f"unknown batch {batch!r}; the model knows {names}.")
         return names.index(batch)
 
-    def cell_inputs(self, context: str | None, n: int) -> dict[str, np.ndarray]:
+    def cell_inputs(self, perturbation: str, context: str | None, n: int) -> dict[str, np.ndarray]:
         """Every generated cell of ``context`` gets the context and its most common training batch."""
         cov = np.array([[self.batch_index(None, context), self.context_index(context)]], dtype=np.int64)
         return {"covariates": np.repeat(cov, n, axis=0)}
@@ -302,6 +299,6 @@ class CFMVC(GeneFlowModel):
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "context_batch": self.context_batch}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        super().load_extra_state(state)
-        self.context_batch = dict(state.get("context_batch", {}))
+    def load_state(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        super().load_state(tensors, extra)
+        self.context_batch = dict(extra.get("context_batch", {}))

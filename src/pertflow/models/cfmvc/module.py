@@ -23,21 +23,18 @@ mean or a count sample, normalised as the data's expression.
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
 from torch import Tensor, nn
 
 from pertflow.data.keys import BATCH_KEYS
-from pertflow.flows import CondOTPath, FiniteVelocity, ODESolver
+from pertflow.flows import FlowMatching
 from pertflow.models.cfmvc.config import CFMVCConfig
 from pertflow.models.cfmvc.vae import CountVAE, mlp
 from pertflow.models.config import PredictConfig
-from pertflow.models.flow import FlowParts
 from pertflow.nn.conditioning import TimestepEmbedder
 from pertflow.nn.loss import LossOutput
 from pertflow.nn.perturbation import unknown_perturbation_dropout
-from pertflow.ops.kernels import mmd2_rbf
 
 # Names of the per-cell arrays of a CFM-VC batch (besides BATCH_KEYS).
 TARGET_COUNTS, CONTROL_COUNTS = "target_counts", "control_counts"  # (B, G + 1) counts, then the rest of the library
@@ -95,8 +92,8 @@ class CFMVCModule(nn.Module):
     ----------
     config
         The model section.
-    parts
-        Coupling, time sampler and source of the flow.
+    flow
+        The latent flow's matching (path, coupling, time sampler, source): its loss and sampler.
     n_genes
         G.
     n_tokens, pad_id, unk_id
@@ -105,10 +102,10 @@ class CFMVCModule(nn.Module):
         The data's normalisation target: cells are written ``log1p(c / L * target_sum)``.
     """
 
-    def __init__(self, config: CFMVCConfig, parts: FlowParts, n_genes: int, n_tokens: int, pad_id: int, unk_id: int,
+    def __init__(self, config: CFMVCConfig, flow: FlowMatching, n_genes: int, n_tokens: int, pad_id: int, unk_id: int,
                  target_sum: float):
         super().__init__()
-        self.config, self.parts = config, parts
+        self.config, self.flow = config, flow
         self.n_tokens, self.pad_id, self.unk_id = n_tokens, pad_id, unk_id
         self.target_sum = float(target_sum)
         n_batch, n_context = max(1, len(config.batch_names)), max(1, len(config.context_names))
@@ -116,7 +113,6 @@ class CFMVCModule(nn.Module):
                             config.dropout)
         self.context_encoder = ContextEncoder(n_tokens, n_batch, n_context, config.spatial_dim, config.d_context)
         self.field = LatentVelocity(config.n_latent, config.d_context, config.flow_hidden, config.flow_layers, config.n_basis)
-        self.path = CondOTPath()
         # per context: log-library location and scale (count samples), the control cells' latent
         # (z_int, z_tech) mean and spread (generation without control cells); spatial standardisation
         self.register_buffer("library_loc", torch.zeros(n_context))
@@ -126,7 +122,6 @@ class CFMVCModule(nn.Module):
         self.register_buffer("spatial_loc", torch.zeros(config.spatial_dim))
         self.register_buffer("spatial_scale", torch.ones(config.spatial_dim))
         self.stage = "vae"
-        self.nonfinite_velocities = 0  # velocity values replaced during sampling, over the module's life
 
     # ------------------------------------------------------------------ stages
     def set_stage(self, stage: str) -> None:
@@ -204,21 +199,14 @@ class CFMVCModule(nn.Module):
         pert_ids = batch[BATCH_KEYS.PERT_IDS]
         if self.training:
             pert_ids = unknown_perturbation_dropout(pert_ids, self.pad_id, self.unk_id, self.config.unknown_perturbation_p)
-        x_0 = self.parts.source(anchor)
-        perm = self.parts.coupling(x_0, z_1)
-        x_1, target_cov = z_1[perm], target_cov[perm]
+        x_0, order = self.flow.couple(anchor, z_1)
+        x_1, target_cov = z_1[order], target_cov[order]
         spatial = batch.get(TARGET_SPATIAL)
-        spatial = self.standardise(None if spatial is None else spatial[perm], len(x_1), x_1.device)
+        spatial = self.standardise(None if spatial is None else spatial[order], len(x_1), x_1.device)
         context = self.context_encoder(self.multi_hot(pert_ids), target_cov[:, 0], target_cov[:, 1], spatial)
-        t = self.parts.time_sampler(x_1.shape[0], x_1.device)
-        path = self.path.sample(t, x_0, x_1)
-        v = self.field(t, path.x_t, context)
-        mse = ((v - path.dx_t) ** 2).mean()
-        loss, metrics = mse, {"flow_mse": float(mse.detach())}
-        if self.config.lambda_dist > 0 and x_1.shape[0] > 1:
-            mmd = mmd2_rbf(self.path.target_estimate(path.x_t, v, t), x_1)
-            loss = loss + self.config.lambda_dist * mmd
-            metrics["mmd"] = float(mmd.detach())
+        path = self.flow.interpolate(x_0, x_1)
+        v = self.field(path.t, path.x_t, context)
+        loss, metrics = self.flow.objective(v, path, self.config.lambda_dist, name="flow_mse")
         return LossOutput(loss, metrics)
 
     # ------------------------------------------------------------------ sampling
@@ -259,7 +247,7 @@ class CFMVCModule(nn.Module):
         own = self.vae.encode(control, batch_idx, context_idx)
         anchor = own.int_mu if shift is None else self.vae.encode((control + shift).clamp(min=0), batch_idx, context_idx).int_mu
         context = self.context_encoder(self.multi_hot(pert_ids), batch_idx, context_idx, self.standardise(spatial, n, control.device))
-        z_1 = self.integrate(self.parts.source(anchor, generator), context, settings)
+        z_1 = self.integrate(self.flow.start(anchor, generator), context, settings)
         rho = self.vae.decode(z_1, own.tech_mu, batch_idx)
         if self.config.predict_mean if use_mean is None else use_mean:
             return self.vae.to_expression(rho, self.target_sum)
@@ -268,15 +256,13 @@ class CFMVCModule(nn.Module):
         return self.vae.to_expression(rho, self.target_sum, library, generator)
 
     def integrate(self, x_0: Tensor, context: Tensor, settings: PredictConfig) -> Tensor:
-        """``z(1)`` of the flow from ``x_0``; non-finite velocities are replaced by 0 and reported
-        (a warning, and :attr:`nonfinite_velocities`), never passed on."""
-        guarded = FiniteVelocity(lambda t, z: self.field(t, z, context))
-        z_1 = ODESolver(guarded).sample(x_0, settings.ode_method, settings.ode_steps)
-        if guarded.replaced:
-            self.nonfinite_velocities += guarded.replaced
-            warnings.warn(f"cfmvc: {guarded.replaced} non-finite velocity values during integration (first at t = "
-                          f"{guarded.first_time:.3f}) were replaced by 0", RuntimeWarning, stacklevel=2)
-        return z_1
+        """``z(1)`` of the flow from ``x_0`` (non-finite velocities guarded: :meth:`FlowMatching.solve`)."""
+        return self.flow.solve(lambda t, z: self.field(t, z, context), x_0, settings.ode_method, settings.ode_steps, "cfmvc")
+
+    @property
+    def nonfinite_velocities(self) -> int:
+        """Velocity values replaced by 0 during sampling, over the module's life."""
+        return self.flow.nonfinite
 
     @torch.no_grad()
     def control_latents(self, n: int, context_idx: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

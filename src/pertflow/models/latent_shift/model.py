@@ -16,11 +16,9 @@ test cells are never reachable):
    a covariate per pair: the perturbation's descriptor and the context's mean control embedding.
 
 A prediction encodes the context's control cells, shifts them by the prior, lets the predictor
-move them and decodes the result. As the flow models, after fitting the model compares its cells
-with its own prior's on validation and predicts the way that scored best (``prediction_mode``:
-``flow``, its own cells; ``prior-mean``, them moved onto the prior's mean; ``prior``, the prior's
-cells; :func:`~pertflow.models.prior.choose_prediction_mode`), so a run is never worse on
-validation than its prior; ``predict.mode`` forces one. Any object with ``train(ctrl_emb, pert_emb, pert_cov)`` and
+move them and decodes the result. The model is anchored on its prior as the flow models are
+(:class:`~pertflow.models.anchored.AnchoredModel`: the same validation chooses the prior and the
+prediction mode, ``flow`` being the predictor's own cells); ``predict.mode`` forces one. Any object with ``train(ctrl_emb, pert_emb, pert_cov)`` and
 ``predict(ctrl_emb, pert_cov)`` can stand in for the built-in predictors
 (:meth:`LatentShift.use_predictor`); only the built-in ones are saved with a run.
 
@@ -44,7 +42,7 @@ from pertflow.data.view import SplitView
 from pertflow.errors import InputError
 from pertflow.eval import metrics as M
 from pertflow.flows import ot_permutation
-from pertflow.models.base import PerturbationModel
+from pertflow.models.anchored import PRIOR_PREFIX, VALIDATION_SEED, AnchoredModel
 from pertflow.models.config import PredictConfig
 from pertflow.models.latent_shift.config import LatentShiftConfig
 from pertflow.models.latent_shift.descriptors import DescriptorTable, build_descriptors
@@ -58,13 +56,12 @@ from pertflow.models.latent_shift.embeddings import (
 )
 from pertflow.models.latent_shift.predictors import PREDICTORS, LatentPredictor, NetworkPredictor
 from pertflow.models.latent_shift.training import CellBatches, stage_dir, train_network
-from pertflow.models.prior import Prior, choose_prediction_mode, mode_cells
-from pertflow.models.validation import ValidationScore, ValidationSet
+from pertflow.models.prior import Prior
+from pertflow.models.validation import ValidationSet
 from pertflow.train.config import TrainConfig
 
 MAX_PAIRS = 256  # control cells paired with a group: at least its own size, up to this many when there are
 OT_BLOCK = 1024  # larger groups are matched by optimal transport in random blocks of this size
-VALIDATION_SEED = 0
 KNN_K = 10
 
 
@@ -79,7 +76,7 @@ class LatentCells:
         return self.latent[self.position.loc[np.asarray(rows)].to_numpy()]
 
 
-class LatentShift(PerturbationModel):
+class LatentShift(AnchoredModel):
     """A predictor in an embedding space and a frozen decoder (see the module docstring)."""
 
     name = "latent-shift"
@@ -93,8 +90,6 @@ class LatentShift(PerturbationModel):
         self.predictor: LatentPredictor | None = None
         self.descriptors: DescriptorTable | None = None
         self.context_means: dict[str, np.ndarray] = {}
-        self.prior: Prior | None = None
-        self.prediction_mode = "flow"
         self.trained_components: list[str] = []
         self._own_predictor = False
 
@@ -116,20 +111,21 @@ class LatentShift(PerturbationModel):
         return self.descriptors.dim + (self.latent_dim if self.config.context_summary else 0)
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False) -> None:
-        """Fit the four stages (see the module docstring); ``resume`` is implied by the stages'
-        checkpoint folders."""
-        run_dir = Path(run_dir)
+    @property
+    def what(self) -> str:
+        return f"the {self.config.predictor} predictor"
+
+    def fit_anchored(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool,
+                     validation: ValidationSet) -> None:
+        """Fit the embedding, the decoder and the predictor, the prior fitted (see the module
+        docstring); ``resume`` is implied by the stages' checkpoint folders."""
         torch.manual_seed(train_config.seed)
-        self.fit_report = {}
-        self.prediction_mode = "flow"
         self.fit_embedding(view, train_config)
         latent = self.embed_visible(view)
         self.fit_decoder(view, latent, train_config, run_dir)
-        validation = ValidationSet(view, seed=VALIDATION_SEED)
-        self.prior = Prior.fit(self.config.prior, view, validation)
         self.fit_predictor(view, latent, train_config, run_dir)
-        self.fit_report.update(self.validation_report(validation))
+        if len(validation):
+            self.fit_report["val_knn_purity_latent"] = self.validation_knn_purity(validation)
 
     def fit_embedding(self, view: SplitView, train_config: TrainConfig) -> None:
         """Stage 1: the embedding space, on the training cells."""
@@ -197,7 +193,6 @@ class LatentShift(PerturbationModel):
         else:
             self.predictor.train(source, target, cov)
             self.fit_report["predictor"] = {"pairs": len(source), "class": type(self.predictor).__name__}
-        self.fit_report["prior"] = self.prior.name
 
     def build_predictor(self, train_config: TrainConfig | None = None) -> NetworkPredictor:
         """The config's predictor, for this model's embedding and covariate widths."""
@@ -298,24 +293,11 @@ class LatentShift(PerturbationModel):
         return [c for c in self.components(perturbation) if self.descriptors.knows(c)]
 
     # ------------------------------------------------------------------ prediction
-    def generate(
-        self,
-        controls: np.ndarray,
-        perturbation: str,
-        context: str,
-        rng: np.random.Generator,
-        settings: PredictConfig | None = None,
-    ) -> np.ndarray:
-        settings = settings or self.predict_config
-        mode = self.prediction_mode if settings.mode == "auto" else settings.mode
-        delta = self.prior.delta(perturbation, context)
-        return mode_cells(mode, controls, delta, lambda: self.cells(controls, perturbation, context, delta, rng, settings))
-
-    def cells(self, controls: np.ndarray, perturbation: str, context: str, delta: np.ndarray, rng: np.random.Generator,
-              settings: PredictConfig) -> np.ndarray:
+    def own_cells(self, controls: np.ndarray, perturbation: str, context: str, shift: np.ndarray,
+                  rng: np.random.Generator, settings: PredictConfig) -> np.ndarray:
         """Decoded cells of a perturbation from control cells and the prior's (G,) shift."""
         latent = self.embedding.encode(controls)
-        predicted = self.predict_latent(controls, latent, perturbation, context, delta, rng, settings)
+        predicted = self.predict_latent(controls, latent, perturbation, context, shift, rng, settings)
         return self.decode(predicted, controls, latent)
 
     def predict_latent(self, controls: np.ndarray, latent: np.ndarray, perturbation: str, context: str, delta: np.ndarray,
@@ -353,30 +335,14 @@ class LatentShift(PerturbationModel):
         predicted = self.predict_latent(controls, latent, perturbation, context, delta, rng)
         return M.knn_purity(predicted, self.embedding.encode(real), latent, k)
 
-    def validation_score(self, validation: ValidationSet, mode: str = "flow") -> ValidationScore:
-        """The validation score of the cells of one prediction mode (the prior's shift left out, as
-        in training: :meth:`Prior.held_out_delta`)."""
+    def validation_knn_purity(self, validation: ValidationSet) -> float:
+        """Mean KNN purity in the embedding over the validation groups (the prior's shift left out)."""
         rng = np.random.default_rng(VALIDATION_SEED)
-
-        def predict(p: str, c: str, controls: np.ndarray) -> np.ndarray:
-            delta = self.prior.held_out_delta(p, c)
-            return mode_cells(mode, controls, delta, lambda: self.cells(controls, p, c, delta, rng, self.predict_config))
-
-        return validation.score(predict)
-
-    def validation_report(self, validation: ValidationSet) -> dict[str, Any]:
-        """Chooses the prediction mode on validation (:func:`choose_prediction_mode`) and reports
-        each mode's validation score, the mode, and KNN purity in the embedding."""
-        if not len(validation):
-            return {"prediction_mode": self.prediction_mode}
-        self.prediction_mode, report = choose_prediction_mode(lambda mode: self.validation_score(validation, mode), self.prior,
-                                                              f"the {self.config.predictor} predictor")
-        rng = np.random.default_rng(VALIDATION_SEED)
-        purity = [self.latent_knn_purity(g.controls, g.perturbation, g.context,
-                                         g.real[rng.choice(len(g.real), size=min(len(g.real), len(g.controls)), replace=False)],
-                                         rng, delta=self.prior.held_out_delta(g.perturbation, g.context))
-                  for g in validation.groups]
-        return {**report, "prediction_mode": self.prediction_mode, "val_knn_purity_latent": float(np.mean(purity))}
+        return float(np.mean([
+            self.latent_knn_purity(g.controls, g.perturbation, g.context,
+                                   g.real[rng.choice(len(g.real), size=min(len(g.real), len(g.controls)), replace=False)],
+                                   rng, delta=self.prior.held_out_delta(g.perturbation, g.context))
+            for g in validation.groups]))
 
     # ------------------------------------------------------------------ persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -390,37 +356,29 @@ class LatentShift(PerturbationModel):
         out.update({f"predictor.{k}": v for k, v in self.predictor.state_tensors().items()})
         out.update(self.descriptors.state_tensors())
         out["context_means"] = torch.from_numpy(np.stack([self.context_means[c] for c in sorted(self.context_means)]).astype(np.float32))
-        out.update(self.prior.state_tensors())
-        return out
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._tensors = tensors  # everything is rebuilt in load_extra_state, which knows the shapes
+        return {**out, **super().state_tensors()}
 
     def extra_state(self) -> dict[str, Any]:
         return {
+            **super().extra_state(),
             "embedding": self.embedding.extra_state(),
             "descriptors": self.descriptors.extra_state(),
             "contexts": sorted(self.context_means),
-            "prior": self.prior.extra_state(),
-            "prediction_mode": self.prediction_mode,
             "trained_components": self.trained_components,
         }
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        tensors = self._tensors
+    def load_state(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        super().load_state({k: v for k, v in tensors.items() if k.startswith(PRIOR_PREFIX)}, extra)  # prior and mode
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
-        self.embedding = embedding_from_state(state["embedding"], part("embedding."))
+        self.embedding = embedding_from_state(extra["embedding"], part("embedding."))
         self.decoder = LatentDecoder(self.embedding.dim, len(self.genes), self.config.decoder_hidden, self.config.decoder_layers)
         self.decoder.load_state_dict(part("decoder."))
         self.decoder.freeze()
-        self.descriptors = DescriptorTable.from_state(state["descriptors"], tensors)
-        self.context_means = dict(zip(state["contexts"], tensors["context_means"].numpy()))
-        self.prior = Prior.from_state(state["prior"], tensors, self)
-        self.prediction_mode = state.get("prediction_mode", "flow")  # runs saved before the modes predict as the model
-        self.trained_components = list(state["trained_components"])
+        self.descriptors = DescriptorTable.from_state(extra["descriptors"], tensors)
+        self.context_means = dict(zip(extra["contexts"], tensors["context_means"].numpy()))
+        self.trained_components = list(extra["trained_components"])
         self.predictor = self.build_predictor()
         self.predictor.load_state_tensors(part("predictor."))
-        del self._tensors

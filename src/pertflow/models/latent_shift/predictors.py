@@ -39,9 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pertflow.flows import COUPLINGS, TIME_SAMPLERS, AnchoredSource, CondOTPath, ODESolver, independent_coupling
+from pertflow.flows import COUPLINGS, TIME_SAMPLERS, AnchoredSource, FlowMatching
 from pertflow.models.config import PredictConfig
-from pertflow.models.flow import FlowParts
 from pertflow.models.latent_shift.training import GroupBatches, train_network
 from pertflow.nn.conditioning import TimestepEmbedder
 from pertflow.nn.loss import LossOutput
@@ -120,16 +119,15 @@ class LatentFlow(nn.Module):
 
     Parameters
     ----------
-    parts
-        The coupling (applied within each group of a batch), time sampler and source (the control
-        embeddings plus noise) of :class:`~pertflow.models.flow.FlowParts`.
+    flow
+        The flow matching: its coupling (applied within each group of a batch), time sampler and
+        source (the control embeddings plus noise).
     """
 
-    def __init__(self, latent_dim: int, cov_dim: int, parts: FlowParts, hidden: int = 256, n_layers: int = 2,
+    def __init__(self, latent_dim: int, cov_dim: int, flow: FlowMatching, hidden: int = 256, n_layers: int = 2,
                  time_dim: int = 32):
         super().__init__()
-        self.parts = parts
-        self.path = CondOTPath()
+        self.flow = flow
         self.time = TimestepEmbedder(time_dim, freq_dim=64)
         self.net = _mlp(2 * latent_dim + time_dim + cov_dim, hidden, n_layers, latent_dim)
 
@@ -137,19 +135,16 @@ class LatentFlow(nn.Module):
         return self.net(torch.cat([z_t, self.time(t), cov, z_0], dim=-1))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
-        z_0 = self.parts.source(batch["source"])
-        z_1 = batch["target"]
-        if self.parts.coupling is not independent_coupling:  # pair within each group, never across
-            z_1 = torch.cat([b[self.parts.coupling(a, b)] for a, b in zip(_by_group(z_0, batch["group"]), _by_group(z_1, batch["group"]))])
-        t = self.parts.time_sampler(len(z_0), z_0.device)
-        sample = self.path.sample(t, z_0, z_1)
-        mse = (self.velocity(sample.t, sample.x_t, batch["cov"], z_0) - sample.dx_t).pow(2).mean()
-        return LossOutput(loss=mse, metrics={"velocity_mse": float(mse.detach())})
+        groups = int(batch["group"].max()) + 1  # pair within each group, never across
+        z_0, order = self.flow.couple(batch["source"], batch["target"], groups)
+        path = self.flow.interpolate(z_0, batch["target"][order])
+        loss, metrics = self.flow.objective(self.velocity(path.t, path.x_t, batch["cov"], z_0), path, name="velocity_mse")
+        return LossOutput(loss=loss, metrics=metrics)
 
     @torch.no_grad()
     def sample(self, anchor: torch.Tensor, cov: torch.Tensor, generator: torch.Generator | None, method: str, steps: int) -> torch.Tensor:
-        z_0 = self.parts.source(anchor, generator)
-        return ODESolver(lambda t, z: self.velocity(t, z, cov, z_0)).sample(z_0, method=method, steps=steps)
+        z_0 = self.flow.start(anchor, generator)
+        return self.flow.solve(lambda t, z: self.velocity(t, z, cov, z_0), z_0, method, steps, "the latent flow predictor")
 
 
 # ============================================================================ predictors
@@ -273,11 +268,11 @@ class FlowPredictor(NetworkPredictor):
 
     def __init__(self, latent_dim: int, cov_dim: int, *, source_noise: float = 0.1, coupling: str = "independent",
                  time_sampler: str = "uniform", **kwargs: Any):
-        self.parts = FlowParts(COUPLINGS[coupling], TIME_SAMPLERS[time_sampler], AnchoredSource(source_noise))
+        self.flow = FlowMatching(COUPLINGS[coupling], TIME_SAMPLERS[time_sampler], AnchoredSource(source_noise))
         super().__init__(latent_dim, cov_dim, **kwargs)
 
     def build_network(self) -> LatentFlow:
-        return LatentFlow(self.latent_dim, self.cov_dim, self.parts, self.hidden, self.n_layers)
+        return LatentFlow(self.latent_dim, self.cov_dim, self.flow, self.hidden, self.n_layers)
 
     def _predict(self, latent, cov, generator, settings):
         return self.network.sample(latent, cov, generator, settings.ode_method, settings.ode_steps)
