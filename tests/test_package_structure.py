@@ -87,7 +87,7 @@ def test_no_source_file_is_too_long_to_read():
 
 #: what only the flow-matching object (flows/) may write: the velocity target, the one-step
 #: estimate, the ODE solver and its guard
-FLOW_MATCHING_ONLY = ("ODESolver(", "solve_ode(", "odeint(", "FiniteVelocity(", "target_estimate(", ".dx_t")
+FLOW_MATCHING_ONLY = ("ODESolver(", "solve_ode(", "odeint(", "FiniteVelocity(", "target_estimate(", ".dx_t", "CondOTPath(")
 
 
 @pytest.mark.parametrize("path", [p for p in sources() if layer_of(p) != "flows"], ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -6,6 +6,10 @@ with :func:`pertflow.eval.evaluator.evaluate`, sharing the real data's DE table 
 Everything lands under ``out/``:
 
 * ``runs/<split>/<model>/``: the run folder, ``pred.h5ad``, ``eval/results.csv``;
+
+A model may be named with a variant, ``family@variant`` (``latent-shift@flow``): the family's
+model trained with the config ``family@variant<suffix>``, so that two settings of one model are
+benchmarked side by side under their own names.
 * ``results.csv``: one row per (task, fold, model, context, perturbation), one column per metric;
 * ``summary.csv`` / ``summary.md``: per task and model, the mean over perturbations within a
   fold, then over folds; the best value of each column is marked; the row ``ceiling`` is the
@@ -72,6 +76,11 @@ def fold_split(task: Task, data: Any, fold: str | None, splits_dir: Path | None)
     return split
 
 
+def model_family(name: str) -> str:
+    """The registered model of a benchmark model name (``latent-shift@flow`` -> ``latent-shift``)."""
+    return name.split("@", 1)[0]
+
+
 def run_benchmark(
     models: list[str],
     tasks: list[Task],
@@ -89,7 +98,7 @@ def run_benchmark(
     Parameters
     ----------
     models
-        Registered model names.
+        Registered model names, or ``family@variant`` (see the module docstring).
     tasks
         Tasks to run, all their folds.
     data_dir
@@ -110,7 +119,10 @@ def run_benchmark(
     from pertflow.models.registry import model_class
 
     for name in models:
-        model_class(name)  # unknown names fail before any work
+        model_class(model_family(name))  # unknown names fail before any work
+        if "@" in name and not (configs_dir and (configs_dir / f"{name}{config_suffix}").is_file()):
+            raise InputError(f"model variant '{name}' has no config {name}{config_suffix} in {configs_dir}; "
+                             "write one there (a variant is its family's model trained with its own config).")
     eval_config = EvalConfig(num_threads=threads)
     tables = []
     for task in tasks:
@@ -133,7 +145,7 @@ def run_benchmark(
                         log(f"[{split_name}] training {model}")
                         start = time.perf_counter()
                         resume = any((run_dir / name).exists() for name in RUN_FILES)  # a run started before
-                        train(model, view, None, run_dir, config=config if config and config.is_file() else None,
+                        train(model_family(model), view, None, run_dir, config=config if config and config.is_file() else None,
                               resume=resume)
                         # a resumed run adds this call's seconds to those recorded before it
                         timing["train_seconds"] = timing.get("train_seconds", 0.0) + time.perf_counter() - start
@@ -158,7 +170,7 @@ def run_benchmark(
                         pred = pred if pred is not None else ad.read_h5ad(pred_path)
                         evaluate_split(None, None, pred, out=run_dir / "eval", de_cache=de_cache, config=eval_config, inputs=inputs,
                                        overwrite=True, progress=True,  # overwrite: an evaluation interrupted before results.csv
-                                       run=run_dir if hasattr(model_class(model), "embed") else None)  # knn_purity_latent
+                                       run=run_dir if hasattr(model_class(model_family(model)), "embed") else None)  # knn_purity_latent
                         _write_deltas(run_dir, inputs, pred)
                     table = pd.read_csv(results_path)
                     table.insert(0, "model", model)

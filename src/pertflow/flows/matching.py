@@ -95,10 +95,15 @@ class FlowMatching:
         mse = ((v.float() - path.dx_t.float()) ** 2).mean()
         loss, metrics = mse, {name: float(mse.detach())}
         if mmd_weight > 0 and v.shape[0] >= 2:
-            mmd = mmd2_rbf(self.path.target_estimate(path.x_t, v, path.t).float(), path.x_1.float())
+            mmd = mmd2_rbf(self.estimate(v, path).float(), path.x_1.float())
             loss = loss + mmd_weight * mmd
             metrics["mmd"] = float(mmd.detach())
         return loss, metrics
+
+    def estimate(self, v: Tensor, path: PathSample) -> Tensor:
+        """The one-step estimates of the targets from velocities ``v`` on ``path``: ``x_t + (1 - t) v``
+        (exact on the path for the true velocity)."""
+        return self.path.target_estimate(path.x_t, v, path.t)
 
     # ------------------------------------------------------------------ sampling
     def start(self, anchor: Tensor, generator: torch.Generator | None = None) -> Tensor:

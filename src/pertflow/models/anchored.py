@@ -5,11 +5,13 @@ A model anchored on a prior (the gene-space flows, CFM-VC, latent-shift) starts 
 baseline's predicted shift (:mod:`pertflow.models.prior`) and learns what the baseline misses.
 :meth:`AnchoredModel.fit` is the one sequence they share::
 
-    validation = self.validation_set(view)          # the perturbations that judge (test cells never read)
-    self.prior = Prior.fit(config.prior, view, validation)
-    self.fit_anchored(view, ..., validation)         # the family's own training (checkpoints
+    inner = inner_split(view, config.validation)    # cells held out as the test holds out its own
+    validation = ValidationSet(inner.view)          # the perturbations that judge (test cells never read)
+    self.prior = Prior.fit(config.prior, inner.view, validation)
+    self.fit_anchored(inner.view, ..., validation)   # the family's own training (checkpoints
                                                      # may be chosen with self.validation_score)
     self.prediction_mode = choose on validation      # flow / prior-mean / prior
+    self.prior = the chosen prior refitted on view   # (and the model trained again with refit)
 
 A family implements :meth:`fit_anchored` and :meth:`own_cells` (its own cells of a perturbation
 from control cells and the prior's shift); prediction (:meth:`generate`), validation scoring and
@@ -41,6 +43,7 @@ from pertflow.data.keys import BATCH_KEYS
 from pertflow.data.view import SplitView
 from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
+from pertflow.models.inner_split import inner_split
 from pertflow.models.network import NetworkModel, inference_device
 from pertflow.models.prior import Prior, choose_prediction_mode, mode_cells
 from pertflow.models.validation import ValidationScore, ValidationSet
@@ -48,6 +51,7 @@ from pertflow.train.config import TrainConfig
 
 VALIDATION_SEED = 0
 PRIOR_PREFIX = "prior."
+REFIT_DIR = "refit"  # where the model trained again on every training cell keeps its checkpoints
 
 
 class AnchoredModel(PerturbationModel):
@@ -67,9 +71,11 @@ class AnchoredModel(PerturbationModel):
 
     # ------------------------------------------------------------------ to implement
     def fit_anchored(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool,
-                     validation: ValidationSet) -> None:
-        """Train the model's own part, :attr:`prior` fitted; write what it reports into
-        :attr:`fit_report`. ``validation`` may choose checkpoints (:meth:`validation_score`)."""
+                     validation: ValidationSet | None) -> None:
+        """Train the model's own part on ``view``'s training cells, :attr:`prior` fitted; write what
+        it reports into :attr:`fit_report`. ``validation`` may choose checkpoints
+        (:meth:`validation_score`); None when the model is trained again on every training cell
+        after the choices were made (``refit``)."""
         raise NotImplementedError
 
     def own_cells(self, controls: np.ndarray, perturbation: str, context: str, shift: np.ndarray,
@@ -82,23 +88,29 @@ class AnchoredModel(PerturbationModel):
     # ------------------------------------------------------------------ the one fit sequence
     def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False) -> None:
         """Validation, prior, the model's own training, then the prediction mode (see the module
-        docstring); the fit report says what was chosen and why."""
+        docstring); the fit report says what was chosen, on what, and why."""
+        run_dir = Path(run_dir)
         self.fit_report = {}
         self.prediction_mode = "flow"
-        validation = self.validation_set(view)
-        self.prior = Prior.fit(self.config.prior, view, validation)
-        self.fit_anchored(view, train_config, Path(run_dir), resume, validation)
-        self.fit_report.update({"prior": self.prior.name, "prior_reason": self.prior.reason,
-                                "prior_scores": self.prior.scores})
+        inner = inner_split(view, self.config.validation, self.config.validation_held_out, VALIDATION_SEED)
+        validation = ValidationSet(inner.view, seed=VALIDATION_SEED)
+        self.prior = Prior.fit(self.config.prior, inner.view, validation)
+        self.fit_anchored(inner.view, train_config, run_dir, resume, validation)
+        chosen: dict[str, Any] = {"validation_split": {**inner.describe(), "groups": len(validation)}}
         if len(validation):
             self.prediction_mode, choice = choose_prediction_mode(
                 lambda mode: self.validation_score(validation, mode), self.prior, self.what)
-            self.fit_report.update(choice)
-        self.fit_report["prediction_mode"] = self.prediction_mode
-
-    def validation_set(self, view: SplitView) -> ValidationSet:
-        """The perturbations that judge the prior, the checkpoints and the mode."""
-        return ValidationSet(view, seed=VALIDATION_SEED)
+            chosen.update(choice)
+        if inner.held_out:
+            self.prior = self.prior.refitted(view)  # the chosen baseline, on every training cell
+            if self.config.refit:
+                inner_report = self.fit_report
+                self.fit_anchored(view, train_config, run_dir / REFIT_DIR, resume, None)
+                self.fit_report["inner_fit"] = inner_report
+            chosen["validation_split"]["model_trained_on"] = "all training cells" if self.config.refit else (
+                "the training cells without the held-out ones (refit: false)")
+        self.fit_report.update({"prior": self.prior.name, "prior_reason": self.prior.reason,
+                                "prior_scores": self.prior.scores, **chosen, "prediction_mode": self.prediction_mode})
 
     def validation_score(self, validation: ValidationSet, mode: str = "flow", **how: Any) -> ValidationScore:
         """The validation score of the cells of one prediction mode; every shift is the prior's
@@ -154,9 +166,9 @@ class AnchoredNetwork(AnchoredModel, NetworkModel):
         return {"group_arrays": {BATCH_KEYS.PRIOR_DELTA: self.prior.training_delta}}
 
     def fit_anchored(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool,
-                     validation: ValidationSet) -> None:
+                     validation: ValidationSet | None) -> None:
         selector = None
-        if len(validation):
+        if validation is not None and len(validation):
             selector = lambda module: self.validation_score(validation, module=module).as_dict()  # noqa: E731
         NetworkModel.fit(self, view, train_config, run_dir, resume, selector=selector)
 

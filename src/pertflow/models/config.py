@@ -1,7 +1,7 @@
 """Settings of prediction, kept apart from a model's architecture and training settings.
 
 A run's configuration has three sections: ``model`` (the family's frozen dataclass: what the
-weights are), ``train`` (:class:`pertflow.train.TrainConfig`: how they were learnt) and
+weights are; a model anchored on a prior builds on :class:`AnchoredConfig`), ``train`` (:class:`pertflow.train.TrainConfig`: how they were learnt) and
 ``predict`` (:class:`PredictConfig`: how cells are generated from them). Only the last can change
 after training: ``pertflow predict --set predict.ode_steps=4``.
 """
@@ -64,3 +64,40 @@ class PredictConfig:
             raise ValueError(f"interval must be a level between 0 and 1 (e.g. 0.9) or null, got {self.interval}")
         if self.n_seeds < 1 or self.n_bootstrap < 10:
             raise ValueError(f"n_seeds must be at least 1 and n_bootstrap at least 10, got {self.n_seeds}, {self.n_bootstrap}")
+
+
+#: The baselines a model can be anchored on (``auto``: the one that scores best on validation).
+PriorName = Literal["none", "mean", "additive", "linear", "context-shift", "auto"]
+#: What validation holds out (:mod:`pertflow.models.inner_split`).
+ValidationKind = Literal["auto", "cells", "contexts", "perturbations"]
+
+
+@dataclass(frozen=True)
+class AnchoredConfig:
+    """The ``model`` section fields of every model anchored on a prior
+    (:class:`~pertflow.models.anchored.AnchoredModel`); a family's config subclasses it.
+
+    Attributes
+    ----------
+    prior
+        The baseline the model starts from (:mod:`pertflow.models.prior`); ``none``: the control
+        cells themselves; ``auto``: the baseline that scores best on validation.
+    validation
+        What the validation that chooses the prior, the checkpoint and the prediction mode holds
+        out of the training cells (:mod:`pertflow.models.inner_split`): ``contexts``, all
+        perturbed cells of training contexts (as a context-transfer test does); ``perturbations``,
+        training perturbations and the combinations that contain them (as an unseen-perturbation
+        test does); ``cells``, the split's own validation cells (a share of the training groups'
+        cells, which the model has fitted); ``auto``: the kind of the split's test.
+    validation_held_out
+        Contexts or perturbations held out (0: about a fifth of them, at least one).
+    refit
+        After the choices are made on the inner split, train the model again on every training
+        cell (twice the training time); otherwise the model keeps what it learnt without the
+        held-out cells (its prior is always refitted on every training cell).
+    """
+
+    prior: PriorName = "none"
+    validation: ValidationKind = "auto"
+    validation_held_out: int = 0
+    refit: bool = False

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pertflow.data.keys import BATCH_KEYS
 from pertflow.flows import COUPLINGS, TIME_SAMPLERS, AnchoredSource, FlowMatching, GaussianSource
-from pertflow.models.config import PredictConfig
+from pertflow.models.config import AnchoredConfig, PredictConfig
 from pertflow.nn import ExprDecoder, GeneEncoder
 from pertflow.nn.backbone import ExpressionTokens, GeneFlowBackbone
 from pertflow.nn.conditioning import TimestepEmbedder
@@ -32,11 +32,10 @@ from pertflow.nn.perturbation import PerturbationEncoder, unknown_perturbation_d
 FlowSourceName = Literal["noise", "control"]
 CouplingName = Literal["independent", "ot"]
 TimeSamplerName = Literal["uniform", "logit-normal"]
-PriorName = Literal["none", "mean", "additive", "linear", "context-shift", "auto"]
 
 
 @dataclass(frozen=True)
-class FlowConfig:
+class FlowConfig(AnchoredConfig):
     """The ``model`` section fields of every flow model anchored on a prior: the flow's parts
     (:func:`flow_matching`), its prior and how it reads perturbations. The gene-space models
     (:class:`GeneFlowConfig`) and CFM-VC's latent flow subclass it; a subclass may give a field
@@ -57,11 +56,10 @@ class FlowConfig:
         ``independent`` (as drawn) or ``ot`` (minibatch optimal transport, straighter paths).
     time_sampler
         Where on the path training samples are taken (:data:`pertflow.flows.TIME_SAMPLERS`).
-    prior
-        The baseline the flow is anchored on (:mod:`pertflow.models.prior`): the flow starts from
-        the control cells shifted by its predicted response (with ``source: control``), so the
-        network learns only the residual; ``none`` starts from the controls themselves; ``auto``
-        picks the baseline that scores best on the split's validation perturbations.
+    prior, validation, validation_held_out, refit
+        Those of every anchored model (:class:`~pertflow.models.config.AnchoredConfig`): the flow
+        starts from the control cells shifted by the prior's predicted response (with ``source:
+        control``), so the network learns only the residual.
     max_components
         Most components of a combination.
     unknown_perturbation_p
@@ -74,7 +72,6 @@ class FlowConfig:
     source_noise: float = 0.1
     coupling: CouplingName = "independent"
     time_sampler: TimeSamplerName = "uniform"
-    prior: PriorName = "none"
     max_components: int = 2
     unknown_perturbation_p: float = 0.1
 

@@ -90,6 +90,13 @@ class Prior:
         chosen.reason = reason
         return chosen
 
+    def refitted(self, view: SplitView) -> Prior:
+        """The same baseline fitted on ``view``'s training cells (after it was chosen on an inner
+        split), keeping its validation scores and the reason it was chosen."""
+        prior = Prior(self.name, self._baseline(self.name, view), self.scores)
+        prior.reason = self.reason
+        return prior
+
     @staticmethod
     def _baseline(name: str, view: SplitView) -> DeltaModel:
         baseline = model_class(PRIOR_BASELINES[name]).from_view(view)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pertflow.models.flow import CouplingName, FlowConfig, FlowSourceName, PriorName
+from pertflow.models.config import PriorName
+from pertflow.models.flow import CouplingName, FlowConfig, FlowSourceName
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pertflow.models.flow import CouplingName, PriorName, TimeSamplerName
+from pertflow.models.config import AnchoredConfig
+from pertflow.models.flow import CouplingName, TimeSamplerName
 
 
 @dataclass(frozen=True)
-class LatentShiftConfig:
+class LatentShiftConfig(AnchoredConfig):
     """A perturbation predictor in an embedding space, decoded by a frozen decoder (SPEC 2.5).
 
     The predictor itself is trained with the run's ``train`` section (``max_steps``,
@@ -51,11 +52,10 @@ class LatentShiftConfig:
     pairing
         How a group's perturbed cells are paired with control cells: ``random`` or ``ot``
         (optimal transport over the group, in the embedding).
-    prior
-        The baseline whose shift, carried into the embedding, moves the control cells before the
-        predictor sees them (:mod:`pertflow.models.prior`): the predictor learns the residual.
-        ``none`` starts from the controls; ``auto`` picks the baseline that scores best on the
-        split's validation perturbations.
+    prior, validation, validation_held_out, refit
+        Those of every anchored model (:class:`~pertflow.models.config.AnchoredConfig`): the
+        prior's shift, carried into the embedding, moves the control cells before the predictor
+        sees them, and the predictor learns the residual.
     hidden, n_layers
         Width and hidden layers of the predictor's network.
     groups_per_step
@@ -65,6 +65,9 @@ class LatentShiftConfig:
     source_noise, coupling, time_sampler
         Flow predictor: the noise added to the (shifted) control embeddings where the flow starts,
         the minibatch coupling applied within each group, and where on the path to train.
+    mean_weight
+        Flow predictor: weight of the squared error of each group's mean one-step estimate
+        against its real mean, beside the velocity loss (the MLP's mean term, for the flow).
     decoder_hidden, decoder_layers, decoder_steps, decoder_lr, decoder_batch_size
         The decoder (embedding -> expression, non-negative output), trained once on the training
         cells and then frozen.
@@ -85,7 +88,6 @@ class LatentShiftConfig:
     context_summary: bool = True
     train_unknown: bool = True
     pairing: Literal["random", "ot"] = "ot"
-    prior: PriorName = "none"
     hidden: int = 256
     n_layers: int = 2
     groups_per_step: int = 8
@@ -93,6 +95,7 @@ class LatentShiftConfig:
     source_noise: float = 0.1
     coupling: CouplingName = "independent"
     time_sampler: TimeSamplerName = "uniform"
+    mean_weight: float = 0.0
     decoder_hidden: int = 256
     decoder_layers: int = 2
     decoder_steps: int = 800
@@ -107,8 +110,8 @@ class LatentShiftConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.scgpt_max_seq_len < 2:
             raise ValueError("scgpt_max_seq_len must be at least 2 (<cls> and one gene)")
-        if self.mmd_weight < 0 or self.source_noise < 0 or self.decoder_lr <= 0:
-            raise ValueError("mmd_weight and source_noise must be >= 0 and decoder_lr > 0")
+        if self.mmd_weight < 0 or self.mean_weight < 0 or self.source_noise < 0 or self.decoder_lr <= 0:
+            raise ValueError("mmd_weight, mean_weight and source_noise must be >= 0 and decoder_lr > 0")
         if self.embedding == "cfm-vc":
             raise ValueError("the CFM-VC latent (embedding 'cfm-vc') is not wired to latent-shift yet (CFM-VC itself is "
                              "`--model cfmvc`, with its own flow in that latent). Use model.embedding=pca, or scgpt "

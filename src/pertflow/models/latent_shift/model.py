@@ -116,7 +116,7 @@ class LatentShift(AnchoredModel):
         return f"the {self.config.predictor} predictor"
 
     def fit_anchored(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool,
-                     validation: ValidationSet) -> None:
+                     validation: ValidationSet | None) -> None:
         """Fit the embedding, the decoder and the predictor, the prior fitted (see the module
         docstring); ``resume`` is implied by the stages' checkpoint folders."""
         torch.manual_seed(train_config.seed)
@@ -124,7 +124,7 @@ class LatentShift(AnchoredModel):
         latent = self.embed_visible(view)
         self.fit_decoder(view, latent, train_config, run_dir)
         self.fit_predictor(view, latent, train_config, run_dir)
-        if len(validation):
+        if validation is not None and len(validation):
             self.fit_report["val_knn_purity_latent"] = self.validation_knn_purity(validation)
 
     def fit_embedding(self, view: SplitView, train_config: TrainConfig) -> None:
@@ -202,7 +202,8 @@ class LatentShift(AnchoredModel):
         if cfg.predictor == "mlp":
             options["mmd_weight"] = cfg.mmd_weight
         else:
-            options.update(source_noise=cfg.source_noise, coupling=cfg.coupling, time_sampler=cfg.time_sampler)
+            options.update(source_noise=cfg.source_noise, coupling=cfg.coupling, time_sampler=cfg.time_sampler,
+                           mean_weight=cfg.mean_weight)
         return PREDICTORS[cfg.predictor](self.latent_dim, self.cov_dim, **options)
 
     def training_pairs(self, view: SplitView, latent: LatentCells, rng: np.random.Generator

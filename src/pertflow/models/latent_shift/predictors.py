@@ -125,9 +125,10 @@ class LatentFlow(nn.Module):
     """
 
     def __init__(self, latent_dim: int, cov_dim: int, flow: FlowMatching, hidden: int = 256, n_layers: int = 2,
-                 time_dim: int = 32):
+                 time_dim: int = 32, mean_weight: float = 0.0):
         super().__init__()
         self.flow = flow
+        self.mean_weight = mean_weight
         self.time = TimestepEmbedder(time_dim, freq_dim=64)
         self.net = _mlp(2 * latent_dim + time_dim + cov_dim, hidden, n_layers, latent_dim)
 
@@ -138,7 +139,13 @@ class LatentFlow(nn.Module):
         groups = int(batch["group"].max()) + 1  # pair within each group, never across
         z_0, order = self.flow.couple(batch["source"], batch["target"], groups)
         path = self.flow.interpolate(z_0, batch["target"][order])
-        loss, metrics = self.flow.objective(self.velocity(path.t, path.x_t, batch["cov"], z_0), path, name="velocity_mse")
+        v = self.velocity(path.t, path.x_t, batch["cov"], z_0)
+        loss, metrics = self.flow.objective(v, path, name="velocity_mse")
+        if self.mean_weight > 0:  # each group's mean one-step estimate on its real mean (the MLP's mean term)
+            estimate, real = _by_group(self.flow.estimate(v, path), batch["group"]), _by_group(path.x_1, batch["group"])
+            mean_error = (estimate.mean(1) - real.mean(1)).pow(2).mean()
+            loss = loss + self.mean_weight * mean_error
+            metrics["mean_mse"] = float(mean_error.detach())
         return LossOutput(loss=loss, metrics=metrics)
 
     @torch.no_grad()
@@ -261,18 +268,20 @@ class FlowPredictor(NetworkPredictor):
     ``source_noise``: scale of the Gaussian noise added to the control embeddings where the flow
     starts; ``coupling`` and ``time_sampler``: names in :data:`pertflow.flows.COUPLINGS` and
     :data:`pertflow.flows.TIME_SAMPLERS`. Prediction integrates with ``settings.ode_method`` and
-    ``settings.ode_steps``.
+    ``settings.ode_steps``. ``mean_weight``: weight of the squared error between each group's mean
+    one-step estimate (``z_t + (1 - t) v``) and its real mean, beside the velocity loss.
     """
 
     name = "flow"
 
     def __init__(self, latent_dim: int, cov_dim: int, *, source_noise: float = 0.1, coupling: str = "independent",
-                 time_sampler: str = "uniform", **kwargs: Any):
+                 time_sampler: str = "uniform", mean_weight: float = 0.0, **kwargs: Any):
+        self.mean_weight = mean_weight
         self.flow = FlowMatching(COUPLINGS[coupling], TIME_SAMPLERS[time_sampler], AnchoredSource(source_noise))
         super().__init__(latent_dim, cov_dim, **kwargs)
 
     def build_network(self) -> LatentFlow:
-        return LatentFlow(self.latent_dim, self.cov_dim, self.flow, self.hidden, self.n_layers)
+        return LatentFlow(self.latent_dim, self.cov_dim, self.flow, self.hidden, self.n_layers, mean_weight=self.mean_weight)
 
     def _predict(self, latent, cov, generator, settings):
         return self.network.sample(latent, cov, generator, settings.ode_method, settings.ode_steps)

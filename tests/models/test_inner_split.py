@@ -1,0 +1,105 @@
+"""The validation that imitates the test (pertflow.models.inner_split) and the anchored contract on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pertflow.data.dataset import PerturbationData
+from pertflow.data.splits import make_split
+from pertflow.data.synthetic import make_synthetic
+from pertflow.data.view import SplitView
+from pertflow.models.inner_split import inner_split, kind_of_test
+from pertflow.models.latent_shift.config import LatentShiftConfig
+from pertflow.models.latent_shift.model import LatentShift
+from pertflow.models.validation import ValidationSet
+from pertflow.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def data():
+    adata = make_synthetic(n_genes=40, n_singles=6, n_combos=3, n_contexts=4, cells_per_group=15,
+                           controls_per_context=40, n_effect_genes=8, seed=3)
+    return PerturbationData.from_anndata(adata)
+
+
+def _perturbed(view, rows):
+    return rows[~view.data.is_control[rows]]
+
+
+def test_a_context_transfer_is_validated_on_a_held_out_training_context(data):
+    view = SplitView(data, make_split(data, "context", test_context="line_A"))
+    assert kind_of_test(view)[0] == "contexts"
+    inner = inner_split(view, "auto")
+    assert inner.kind == "contexts" and len(inner.held_out) == 1 and inner.held_out[0] != "line_A"
+    held = inner.held_out[0]
+    contexts = data.contexts
+    # no perturbed cell of the held-out context is trained on; all of them (train and val) validate
+    assert not (contexts[_perturbed(view, inner.view.rows.train)] == held).any()
+    val = _perturbed(view, inner.view.rows.val)
+    assert set(contexts[val]) == {held}
+    outer_visible = _perturbed(view, view.visible)
+    assert len(val) == int((contexts[outer_visible] == held).sum())
+    # its controls stay visible, so it can be predicted from them; the outer view is untouched
+    assert len(inner.view.control_rows(held)) == len(view.control_rows(held))
+    assert (contexts[_perturbed(view, view.rows.train)] == held).any()
+    np.testing.assert_array_equal(inner.view.rows.test, view.rows.test)
+    # the held-out context is the training context whose controls are nearest the test context's
+    means = {c: view.expression.get(view.control_rows(c)).mean(0) for c in ("line_A", "line_B", "line_C", "line_D")}
+    nearest = min(("line_B", "line_C", "line_D"), key=lambda c: np.linalg.norm(means[c] - means["line_A"]))
+    assert held == nearest
+    # validation then scores exactly the held-out context's groups
+    validation = ValidationSet(inner.view)
+    assert len(validation) and {g.context for g in validation.groups} == {held}
+
+
+def test_unseen_perturbations_are_validated_on_held_out_training_perturbations(data):
+    split = make_split(data, "perturbations", n_test=2, seed=0)
+    view = SplitView(data, split)
+    assert kind_of_test(view)[0] == "perturbations"
+    inner = inner_split(view, "auto", n_held_out=1)
+    assert inner.kind == "perturbations"
+    singles = [p for p in inner.held_out if len(data.components(p)) == 1]
+    assert len(singles) == 1
+    single = singles[0]
+    trained = set(data.perturbations[_perturbed(view, inner.view.rows.train)])
+    # the single and every combination containing it leave training together
+    assert not any(single in data.components(p) for p in trained)
+    assert {p for p in set(data.perturbations[_perturbed(view, view.rows.train)]) if single in data.components(p)} \
+        == set(inner.held_out)
+    assert set(data.perturbations[_perturbed(view, inner.view.rows.val)]) == set(inner.held_out)
+
+
+def test_combinations_of_measured_singles_keep_the_splits_own_validation(data):
+    view = SplitView(data, make_split(data, "combinations", seen=[2], fraction=0.5, seed=1))
+    inner = inner_split(view, "auto")
+    assert inner.kind == "cells" and inner.held_out == [] and inner.view is view
+    forced = inner_split(view, "perturbations", n_held_out=1)
+    assert forced.kind == "perturbations" and forced.held_out
+
+
+def test_an_anchored_model_chooses_on_the_inner_split_and_refits_its_prior_on_every_cell(data, tmp_path):
+    view = SplitView(data, make_split(data, "context", test_context="line_A"))
+    config = LatentShiftConfig(n_components=8, hidden=32, decoder_hidden=32, decoder_steps=20, groups_per_step=4,
+                               prior="context-shift")
+    model = LatentShift.from_view(view, config)
+    model.fit(view, TrainConfig(max_steps=20, batch_size=16, val_every=20, checkpoint_every=20, progress=False), tmp_path)
+    report = model.fit_report["validation_split"]
+    assert report["kind"] == "contexts" and report["groups"] > 0
+    held = report["held_out"][0]
+    assert "without the held-out" in report["model_trained_on"]
+    # the prior that predicts the test read every training cell, the held-out context's too
+    assert any(ctx == held for _, ctx in model.prior.baseline.keys)
+    assert model.prediction_mode in ("flow", "prior-mean", "prior")
+    assert set(model.fit_report["validation"]) == {"flow", "prior-mean", "prior"}  # every mode scored on it
+
+
+def test_refit_trains_again_on_every_training_cell(data, tmp_path):
+    view = SplitView(data, make_split(data, "context", test_context="line_A"))
+    config = LatentShiftConfig(n_components=8, hidden=32, decoder_hidden=32, decoder_steps=20, groups_per_step=4,
+                               prior="context-shift", refit=True)
+    model = LatentShift.from_view(view, config)
+    model.fit(view, TrainConfig(max_steps=20, batch_size=16, val_every=20, checkpoint_every=20, progress=False), tmp_path)
+    assert model.fit_report["validation_split"]["model_trained_on"] == "all training cells"
+    assert "inner_fit" in model.fit_report
+    assert (tmp_path / "refit").is_dir()
