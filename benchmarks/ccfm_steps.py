@@ -37,7 +37,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from nfe_curve import fold_view, plot, solver_scores
+from nfe_curve import plot, solver_scores
+from pertflow.benchmark import fold_view
 from pertflow.api import predict, train
 from pertflow.data.tasks import find_tasks, resolve_data_dir
 from pertflow.io import atomic_path, read_json, write_json

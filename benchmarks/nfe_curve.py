@@ -14,15 +14,11 @@ run chose on validation: a run that predicts with its prior's cells does not dep
 from __future__ import annotations
 
 import argparse
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 
-from pertflow.api import EvalConfig, evaluate_split, evaluation_inputs, predict, split_view
-from pertflow.benchmark import fold_split
+from pertflow.benchmark import fold_view, rescore
 from pertflow.data.view import SplitView
 from pertflow.data.tasks import find_tasks, resolve_data_dir
 from pertflow.flows import EVALUATIONS_PER_STEP
@@ -53,34 +49,17 @@ def main() -> None:
     plot(table, out / "nfe.png")
 
 
-@contextmanager
-def fold_view(run: Path, tasks: dict, data_dir: Path) -> Iterator[SplitView]:
-    """The split view of a benchmark run folder ``<out>/runs/<task>[__<fold>]/<model>``."""
-    task_name, _, fold = run.parent.name.partition("__")
-    if task_name not in tasks:
-        raise SystemExit(f"{run}: '{task_name}' is not a task of the tasks folder (a run folder is <out>/runs/<task>[__<fold>]/<model>)")
-    task = tasks[task_name]
-    with task.open_data(data_dir) as data:
-        yield split_view(data, fold_split(task, data, fold or None, data_dir / "splits"))
-
-
 def solver_scores(run: Path, view: SplitView, grid: dict[str, tuple[int, ...]], sets: tuple[str, ...] = ()) -> list[dict]:
     """One row per (solver, steps) of ``grid``: the run's own flow cells of the split's test
     perturbations (``predict.mode=flow``), scored by the evaluator, with the seconds the
     prediction took (model loading included) and the cells it predicted."""
-    inputs = evaluation_inputs(view)
     rows = []
     for method, steps_list in grid.items():
         for steps in steps_list:
-            start = time.perf_counter()
-            pred = predict(run, view, None, sets=[f"predict.ode_method={method}", f"predict.ode_steps={steps}", "predict.mode=flow", *sets])
-            seconds = time.perf_counter() - start
-            cells = int((pred.obs[inputs.pert_col].astype(str) != inputs.control).sum())
-            result = evaluate_split(None, None, pred, inputs=inputs, config=EvalConfig(cell_eval_profile="anndata"))
-            agg = result.aggregate.loc["mean"]
+            scores = rescore(run, view, [f"predict.ode_method={method}", f"predict.ode_steps={steps}", "predict.mode=flow", *sets],
+                             METRICS)
             rows.append({"split": run.parent.name, "model": run.name, "method": method, "steps": steps,
-                         "nfe": steps * EVALUATIONS_PER_STEP[method], **{m: agg[m] for m in METRICS},
-                         "predict_seconds": seconds, "predicted_cells": cells})
+                         "nfe": steps * EVALUATIONS_PER_STEP[method], **scores})
             print(rows[-1], flush=True)
     return rows
 

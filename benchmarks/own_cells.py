@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from nfe_curve import fold_view, solver_scores
+from nfe_curve import solver_scores
+from pertflow.benchmark import fold_view
 from pertflow.data.tasks import find_tasks, resolve_data_dir
 from pertflow.io import atomic_path, read_json
 from pertflow.runtime import set_threads

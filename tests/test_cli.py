@@ -76,25 +76,25 @@ def test_demo_end_to_end_with_a_tiny_flow_model(tmp_path, monkeypatch, capsys):
     # ccfm runs through the same benchmark code; its demo config is checked in test_benchmark_configs
     monkeypatch.setattr(pertflow.demo, "run_demo", functools.partial(run_demo, configs={"cfm": tiny("cfm")}))
     # first interrupted in cfm's prediction: the rerun predicts again and keeps the training's seconds
-    import pertflow.api
+    import pertflow.benchmark
 
     class Interrupted(Exception):
         pass
 
-    real_predict = pertflow.api.predict
+    real_predict = pertflow.benchmark.predict
 
     def interrupted(run_dir, *args, **kwargs):
         if Path(run_dir).name == "cfm":
             raise Interrupted
         return real_predict(run_dir, *args, **kwargs)
 
-    monkeypatch.setattr(pertflow.api, "predict", interrupted)
+    monkeypatch.setattr(pertflow.benchmark, "predict", interrupted)
     with pytest.raises(Interrupted):
         main(["demo", "--out", str(tmp_path / "demo"), "--threads", "1", "--models", "no-change,additive,cfm"])
     timing = tmp_path / "demo" / "benchmark" / "runs" / "synthetic-combo-seen2" / "cfm" / "timing.csv"
     trained = pd.read_csv(timing).iloc[0].to_dict()
     assert trained["train_seconds"] > 0 and "predict_seconds" not in trained
-    monkeypatch.setattr(pertflow.api, "predict", real_predict)
+    monkeypatch.setattr(pertflow.benchmark, "predict", real_predict)
     capsys.readouterr()
     assert main(["demo", "--out", str(tmp_path / "demo"), "--threads", "1", "--models", "no-change,additive,cfm"]) == 0
     rerun = pd.read_csv(timing).iloc[0]

@@ -27,8 +27,9 @@ FORBIDDEN = {
     "eval": {"models", "train", "adapt", *TOP_LEVEL},
     "models": {"eval", "adapt", *TOP_LEVEL},  # eval.metrics (pure functions) is allowed
     "adapt": {"eval", "eval.metrics", *TOP_LEVEL},  # the adapter: data, models, ops, train below it
+    "api": {"benchmark", "demo", "cli"},  # the bigger jobs use the API, never the reverse
 }
-CLI_MAY_IMPORT = {"api", "errors", "__version__"}
+CLI_MAY_IMPORT = {"api", "benchmark", "demo", "errors", "__version__"}
 MAX_LINES = 600
 
 

@@ -27,7 +27,7 @@ from pertflow.data.splits import SPLIT_KINDS, Split, make_split
 from pertflow.data.view import SplitView, read_gene_list
 from pertflow.errors import InputError
 from pertflow.eval.config import EvalConfig
-from pertflow.io import atomic_path, check_output, check_writable, remove_outputs, write_h5ad
+from pertflow.io import atomic_path, check_output, remove_outputs, write_h5ad
 from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
 from pertflow.models.predict import interval_table, prediction_means, predict_split
@@ -46,8 +46,6 @@ __all__ = [
     "EvalConfig",
     "EvaluationInputs",
     "adapt",
-    "benchmark",
-    "demo",
     "evaluate_split",
     "generate_expression",
     "evaluation_inputs",
@@ -451,42 +449,6 @@ EVALUATION_FILES = ("results.csv", "agg_results.csv")
 
 
 # ---------------------------------------------------------------------------- bigger jobs
-def benchmark(models: list[str], tasks: str | list[str], out: str | Path, *, folds: list[str] | None = None,
-              tasks_dir: str | Path | None = None, data_dir: str | Path | None = None,
-              splits_dir: str | Path | None = None, configs_dir: str | Path | None = None,
-              config_suffix: str = "-cpu.yaml", threads: int = 1) -> Path:
-    """Run models x tasks x folds (``tasks="all"`` for every task); returns the path of ``summary.md``.
-
-    ``tasks_dir`` and ``configs_dir`` default to the task files and model configs that ship with
-    pertflow (``pertflow/resources/tasks``, ``pertflow/resources/configs``), so it runs from any folder.
-
-    An existing ``out`` is not refused: a benchmark continues where it stopped (finished runs,
-    predictions and evaluations under ``out/runs`` are read back, not recomputed).
-    """
-    check_writable(out)
-    from pertflow.benchmark import run_benchmark
-    from pertflow.data.tasks import find_tasks, resolve_data_dir
-
-    from pertflow.data.tasks import TASKS_DIR
-    from pertflow.io import package_dir
-
-    tasks_dir = tasks_dir or TASKS_DIR
-    configs_dir = configs_dir or package_dir("configs")
-    data_dir = resolve_data_dir(data_dir)
-    found = find_tasks(tasks_dir)
-    names = sorted(found) if tasks == "all" else list(tasks)
-    unknown = [t for t in names if t not in found]
-    if unknown:
-        raise InputError(f"unknown tasks {unknown}; tasks in {tasks_dir}: {sorted(found)}.")
-    if splits_dir is None and (data_dir / "splits").is_dir():
-        splits_dir = data_dir / "splits"
-    out = Path(out)
-    run_benchmark(models, [found[t] for t in names], data_dir, out, splits_dir=Path(splits_dir) if splits_dir else None,
-                  folds=folds, configs_dir=Path(configs_dir) if configs_dir else None, config_suffix=config_suffix,
-                  threads=threads)
-    return out / "summary.md"
-
-
 def pretrain(data: str | Path, out: str | Path, config: str | Path | None = None, sets: list[str] | None = None,
              resume: bool = False, overwrite: bool = False, **read_args: Any):
     """Pretrain a small scGPT-compatible model (MLM) on any ``.h5ad`` file; write a public scGPT folder.
@@ -511,22 +473,3 @@ def pretrain(data: str | Path, out: str | Path, config: str | Path | None = None
         remove_outputs(existing)
     with _dataset(data, unlabelled_ok=True, **read_args) as dataset:
         return run_pretrain(dataset, out, model_config, train_config, resume=resume)
-
-
-def demo(out: str | Path = "pertflow-demo", seed: int = 0, threads: int = 1, models: list[str] | None = None) -> Path:
-    """The main job on built-in synthetic data; returns the path of the report.
-
-    Like :func:`benchmark`, it continues in an existing ``out`` where it stopped. ``threads`` go
-    to cell-eval's DE tests (torch's: :func:`set_threads`). ``models``: default the baselines and
-    ``cfm`` (:data:`pertflow.demo.DEMO_MODELS`); add ``ccfm`` for the cascaded flow, with the
-    small demo configs of :data:`pertflow.demo.DEMO_CONFIGS`.
-    """
-    from pertflow.demo import run_demo
-
-    if models is not None:
-        for name in models:
-            model_class(name)  # an unknown name fails before any work
-        if not models:
-            raise InputError("--models is empty: give comma-separated model names, e.g. additive,cfm,ccfm.")
-    check_writable(out)
-    return run_demo(Path(out), seed=seed, threads=threads, models=tuple(models) if models else None)

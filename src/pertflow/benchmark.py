@@ -32,23 +32,26 @@ refused when it exists (see :func:`pertflow.io.check_output`).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
+from pertflow.api import (RUN_FILES, EvalConfig, EvaluationInputs, evaluate_split, evaluation_inputs, predict, split_view,
+                          train)
 from pertflow.data.splits import Split
-from pertflow.data.tasks import Task
+from pertflow.data.tasks import TASKS_DIR, Task, find_tasks, resolve_data_dir
 from pertflow.eval.evaluator import context_labels
 from pertflow.eval.metrics import group_means
 from pertflow.eval.plots import EMBED_CELLS, plot_deltas, plot_embeddings, plot_metrics, plot_training, project, shared_pca
 from pertflow.errors import InputError
-from pertflow.io import write_text
+from pertflow.io import check_writable, package_dir, write_text
 
 if TYPE_CHECKING:
-    from pertflow.api import EvaluationInputs
+    from pertflow.data.view import SplitView
 
 KEY_METRICS = (
     "pearson_delta",
@@ -74,6 +77,65 @@ def fold_split(task: Task, data: Any, fold: str | None, splits_dir: Path | None)
     split = Split.load(reference) if reference and reference.is_file() else task.build(data, fold)
     split.name = split.name or name
     return split
+
+
+def benchmark(models: list[str], tasks: str | list[str], out: str | Path, *, folds: list[str] | None = None,
+              tasks_dir: str | Path | None = None, data_dir: str | Path | None = None,
+              splits_dir: str | Path | None = None, configs_dir: str | Path | None = None,
+              config_suffix: str = "-cpu.yaml", threads: int = 1) -> Path:
+    """Run models x tasks x folds (``tasks="all"`` for every task); returns the path of ``summary.md``
+    (the Python form of ``pertflow benchmark``).
+
+    ``tasks_dir`` and ``configs_dir`` default to the task files and model configs that ship with
+    pertflow (``pertflow/resources/tasks``, ``pertflow/resources/configs``), so it runs from any folder.
+
+    An existing ``out`` is not refused: a benchmark continues where it stopped (finished runs,
+    predictions and evaluations under ``out/runs`` are read back, not recomputed).
+    """
+    check_writable(out)
+
+    tasks_dir = tasks_dir or TASKS_DIR
+    configs_dir = configs_dir or package_dir("configs")
+    data_dir = resolve_data_dir(data_dir)
+    found = find_tasks(tasks_dir)
+    names = sorted(found) if tasks == "all" else list(tasks)
+    unknown = [t for t in names if t not in found]
+    if unknown:
+        raise InputError(f"unknown tasks {unknown}; tasks in {tasks_dir}: {sorted(found)}.")
+    if splits_dir is None and (data_dir / "splits").is_dir():
+        splits_dir = data_dir / "splits"
+    out = Path(out)
+    run_benchmark(models, [found[t] for t in names], data_dir, out, splits_dir=Path(splits_dir) if splits_dir else None,
+                  folds=folds, configs_dir=Path(configs_dir) if configs_dir else None, config_suffix=config_suffix,
+                  threads=threads)
+    return out / "summary.md"
+
+
+@contextmanager
+def fold_view(run: Path, tasks: dict[str, Task], data_dir: Path) -> Iterator[SplitView]:
+    """The split view of a benchmark run folder ``<out>/runs/<task>[__<fold>]/<model>`` (the
+    analyses of ``benchmarks/`` re-predict a finished run with it)."""
+    task_name, _, fold = Path(run).parent.name.partition("__")
+    if task_name not in tasks:
+        raise InputError(f"{run}: '{task_name}' is not a task of the tasks folder (a run folder is "
+                         "<out>/runs/<task>[__<fold>]/<model>)")
+    task = tasks[task_name]
+    with task.open_data(data_dir) as data:
+        yield split_view(data, fold_split(task, data, fold or None, data_dir / "splits"))
+
+
+def rescore(run: Path, view: SplitView, sets: list[str], metrics: tuple[str, ...]) -> dict[str, float]:
+    """A finished run's test cells predicted again with ``--set`` overrides (e.g.
+    ``predict.mode=flow``) and scored by pertflow's metrics (cell-eval's DE-based ones skipped):
+    the mean of ``metrics`` over the test perturbations, with the seconds the prediction took."""
+    inputs = evaluation_inputs(view)
+    start = time.perf_counter()
+    pred = predict(run, view, None, sets=sets)
+    seconds = time.perf_counter() - start
+    result = evaluate_split(None, None, pred, inputs=inputs, config=EvalConfig(cell_eval_profile="anndata"))
+    agg = result.aggregate.loc["mean"]
+    cells = int((pred.obs[inputs.pert_col].astype(str) != inputs.control).sum())
+    return {**{m: float(agg[m]) for m in metrics}, "predict_seconds": seconds, "predicted_cells": cells}
 
 
 def model_family(name: str) -> str:
@@ -114,8 +176,6 @@ def run_benchmark(
     folds
         Run only these folds of tasks that have folds (all when None).
     """
-    from pertflow.api import RUN_FILES, evaluate_split, evaluation_inputs, predict, split_view, train
-    from pertflow.eval.config import EvalConfig
     from pertflow.models.registry import model_class
 
     for name in models:

@@ -363,7 +363,7 @@ def _benchmark_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("benchmark", "run models on the benchmark tasks: results table, summary, plots", _benchmark_arguments)
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from pertflow.api import benchmark
+    from pertflow.benchmark import benchmark
 
     tasks = "all" if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
     folds = [f for f in args.folds.split(",") if f] if args.folds else None
@@ -406,7 +406,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("demo", "the main job on built-in synthetic data: make it, split it, and report", _demo_arguments)
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pertflow.api import demo
+    from pertflow.demo import demo
 
     models = None if args.models is None else [m for m in args.models.split(",") if m]
     report = demo(args.out, seed=args.seed, threads=args.threads, models=models)

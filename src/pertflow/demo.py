@@ -16,8 +16,9 @@ from pertflow.benchmark import run_benchmark, summarize, verdict_lines
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.synthetic import make_synthetic
 from pertflow.data.tasks import Task
-from pertflow.io import write_h5ad, write_text
-from pertflow.models.registry import BASELINES
+from pertflow.errors import InputError
+from pertflow.io import check_writable, write_h5ad, write_text
+from pertflow.models.registry import BASELINES, model_class
 
 DEMO_MODELS = (*BASELINES, "cfm")
 #: The flow models' CPU-sized demo configs (``configs/<model>-demo.yaml``); a model not here trains
@@ -150,3 +151,20 @@ def prediction_modes(runs: Path, models: tuple[str, ...]) -> list[str]:
             "prior-mean": f"{model} predicts its own cells moved onto its prior's ({prior}) mean shift: {why}.",
         }.get(mode, f"{model} predicts its prior's cells ({prior}): {why}."))
     return lines
+
+
+def demo(out: str | Path = "pertflow-demo", seed: int = 0, threads: int = 1, models: list[str] | None = None) -> Path:
+    """The main job on built-in synthetic data; returns the path of the report.
+
+    The Python form of ``pertflow demo``; like :func:`pertflow.benchmark.benchmark`, it continues in an existing ``out`` where it stopped. ``threads`` go
+    to cell-eval's DE tests (torch's: :func:`set_threads`). ``models``: default the baselines and
+    ``cfm`` (:data:`DEMO_MODELS`); add ``ccfm`` for the cascaded flow, with the
+    small demo configs of :data:`DEMO_CONFIGS`.
+    """
+    if models is not None:
+        for name in models:
+            model_class(name)  # an unknown name fails before any work
+        if not models:
+            raise InputError("--models is empty: give comma-separated model names, e.g. additive,cfm,ccfm.")
+    check_writable(out)
+    return run_demo(Path(out), seed=seed, threads=threads, models=tuple(models) if models else None)

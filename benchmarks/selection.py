@@ -1,0 +1,89 @@
+"""The selection table: per fold, which prediction mode validation chose and which was better on the test.
+
+A model anchored on a prior (cfm, ccfm, cfmvc, latent-shift) predicts with its own cells
+(``flow``), them moved onto its prior's mean (``prior-mean``) or its prior's cells (``prior``),
+whichever scored best on validation (``prediction_mode`` in ``model.json``; what validation held
+out is ``validation_split``). This predicts every fold's test perturbations again in each of the
+three modes, scores them with the evaluator (top-20 DE Pearson delta, E-distance) and ranks them
+with validation's own formula::
+
+    score = top-20 DE Pearson delta - E-distance / E-distance of no change
+
+(no change's E-distance from the same fold's ``no-change`` run). A row says whether validation
+chose the mode that is best on the test. It is an analysis of the test set, never a way to
+choose: the benchmark's choice stays validation's.
+
+    python benchmarks/selection.py OUT --models latent-shift,latent-shift@flow --data-dir ../shared/data \\
+        --out benchmarks/results/selection/latent-shift.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from pertflow.benchmark import fold_view, rescore
+from pertflow.data.tasks import find_tasks, resolve_data_dir
+from pertflow.io import atomic_path, read_json
+from pertflow.runtime import set_threads
+
+MODES = ("flow", "prior-mean", "prior")
+METRICS = ("pearson_delta_top20_de", "edistance_pca")
+
+
+def no_change_edistance(bench: Path, split: str) -> float:
+    table = pd.read_csv(bench / "runs" / split / "no-change" / "eval" / "results.csv")
+    return float(table["edistance_pca"].mean())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bench", help="a pertflow benchmark output folder (its runs/<split>/<model>, with no-change)")
+    p.add_argument("--models", required=True, help="anchored models to score (comma-separated benchmark names)")
+    p.add_argument("--data-dir", help="the datasets (default: $PERTFLOW_DATA_DIR)")
+    p.add_argument("--tasks-dir", default=str(Path(__file__).parent / "tasks"))
+    p.add_argument("--out", required=True, help="the CSV to write (rows already there are kept, not redone)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    set_threads(args.threads)
+    bench, data_dir, tasks = Path(args.bench), resolve_data_dir(args.data_dir), find_tasks(args.tasks_dir)
+    out = Path(args.out)
+    done = pd.read_csv(out) if out.is_file() else pd.DataFrame(columns=["split", "model"])
+    rows = done.to_dict("records")
+    for split in sorted(p.name for p in (bench / "runs").iterdir() if p.is_dir()):
+        runs = [bench / "runs" / split / m for m in args.models.split(",") if m]
+        todo = [r for r in runs if (r / "model.json").is_file() and not ((done["split"] == split) & (done["model"] == r.name)).any()]
+        if not todo:
+            continue
+        e_none = no_change_edistance(bench, split)
+        with fold_view(todo[0], tasks, data_dir) as view:
+            for run in todo:
+                report = read_json(run / "model.json").get("fit_report", {})
+                row = {"split": split, "model": run.name, "prior": report.get("prior"),
+                       "validation": report.get("validation_split", {}).get("kind", "cells"),
+                       "held_out": ";".join(report.get("validation_split", {}).get("held_out", [])),
+                       "chosen": report.get("prediction_mode")}
+                test_score = {}
+                for mode in MODES:
+                    scores = rescore(run, view, [f"predict.mode={mode}"], METRICS)
+                    key = mode.replace("-", "_")
+                    row[f"top20_{key}"] = round(scores["pearson_delta_top20_de"], 4)
+                    row[f"edist_{key}"] = round(scores["edistance_pca"], 4)
+                    test_score[mode] = scores["pearson_delta_top20_de"] - scores["edistance_pca"] / e_none
+                    val = report.get("validation", {}).get(mode, {})
+                    row[f"val_score_{key}"] = round(val["score"], 4) if "score" in val else None
+                best = max(MODES, key=lambda m: (test_score[m], -MODES.index(m)))
+                row.update({"best_on_test": best, "right": row["chosen"] == best,
+                            "test_loss_of_choice": round(test_score[best] - test_score[row["chosen"]], 4)})
+                rows.append(row)
+                print(row, flush=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(out) as tmp:  # after every run: an interrupted pass keeps what it scored
+                    pd.DataFrame(rows).to_csv(tmp, index=False)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
