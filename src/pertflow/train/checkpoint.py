@@ -10,11 +10,15 @@ A resumable checkpoint is a folder ``checkpoints/step-00000250/`` with
 
 The folder is written under a temporary name and renamed; ``checkpoints/latest.json`` then
 points at it (also replaced atomically), so an interrupted write never leaves a half
-checkpoint behind as the latest one.
+checkpoint behind as the latest one. ``state.json`` records the SHA-256 of both tensor files,
+checked when a checkpoint is read: a damaged checkpoint (truncated, emptied, its tensors
+replaced) is never resumed from. Resuming falls back to the newest complete one and says so, or
+stops with one line naming the damaged file when none is left.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -30,6 +34,8 @@ FORMAT_VERSION = 1
 #: The folder of a run trained in stages (one engine run each): ``<run>/stages/<n>-<name>/``, each
 #: with its own ``checkpoints/`` and ``history.csv``, and the stage's name in every checkpoint.
 STAGES_DIR = "stages"
+#: The tensor files of a checkpoint folder, whose checksums ``state.json`` records.
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 
 
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
@@ -52,9 +58,23 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing or unreadable (damaged) file raises an error naming it."""
     if not path.is_file():
         raise InputError(f"{path}: missing weights file. The run folder is incomplete; train again or resume.")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors' own error type for a truncated or corrupt file
+        raise InputError(f"{path} is damaged: it cannot be read as safetensors ({err}). Train the run again, or "
+                         "resume it from an earlier checkpoint.") from err
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -120,11 +140,18 @@ class CheckpointDir:
         return self.root / "best.safetensors"
 
     def exists(self) -> bool:
-        return self.latest_pointer.is_file()
+        return self.latest_pointer.is_file() or bool(self.step_folders())
+
+    def step_folders(self) -> list[Path]:
+        """The checkpoint folders, newest first (a half-written ``.step-*.tmp`` is not one)."""
+        return sorted(self.root.glob("step-*"), reverse=True) if self.root.is_dir() else []
 
     def latest_step(self) -> int:
         """The step of the latest checkpoint (there must be one: :meth:`exists`)."""
-        return int(read_json(self.latest_pointer)["step"])
+        try:
+            return int(read_json(self.latest_pointer)["step"])
+        except (InputError, KeyError, TypeError, ValueError):  # a damaged pointer: the newest folder
+            return int(self.step_folders()[0].name.removeprefix("step-"))
 
     def save(
         self,
@@ -144,7 +171,9 @@ class CheckpointDir:
         opt_tensors, opt_meta = optimizer_to_flat(optimizer_state)
         save_tensors(tmp / "model.safetensors", model_state)
         save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, **rng_tensors()})
-        write_json(tmp / "state.json", {"format_version": FORMAT_VERSION, "step": step, "optimizer": opt_meta, **state})
+        checksums = {name: file_digest(tmp / name) for name in TENSOR_FILES}
+        write_json(tmp / "state.json", {"format_version": FORMAT_VERSION, "step": step, "optimizer": opt_meta,
+                                        "checksums": checksums, **state})
         final = self.root / name
         if final.exists():
             shutil.rmtree(final)
@@ -154,15 +183,49 @@ class CheckpointDir:
             shutil.rmtree(old)
         return final
 
-    def load_latest(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-        """``(model_state, optimizer_state, rng_tensors, state)`` of the latest checkpoint."""
-        pointer = read_json(self.latest_pointer)
-        folder = self.root / pointer["dir"]
+    def load_latest(self, note: Any = print) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+        """``(model_state, optimizer_state, rng_tensors, state)`` of the newest complete checkpoint.
+
+        The one ``latest.json`` points at, else (it is damaged) the newest folder that verifies;
+        each damaged one passed over is named through ``note``. None complete: an error naming
+        the damaged file of the newest.
+        """
+        try:
+            first = [self.root / read_json(self.latest_pointer)["dir"]]
+        except (InputError, KeyError, TypeError) as err:
+            note(f"note: {self.latest_pointer} is damaged ({err}); looking for the newest complete checkpoint.")
+            first = []
+        candidates = first + [f for f in self.step_folders() if f not in first]
+        problems = []
+        for folder in candidates:
+            try:
+                loaded = self._load(folder)
+            except InputError as err:
+                problems.append(str(err))
+                continue
+            if problems:
+                note(f"note: resuming from {folder.name}, the newest complete checkpoint; passed over: " + "; ".join(problems))
+            return loaded
+        if not candidates:
+            raise InputError(f"{self.root} holds no checkpoint to resume from. Start the run again without --resume.")
+        raise InputError(f"no complete checkpoint in {self.root} to resume from: {problems[0]}. Start the run again "
+                         "(--overwrite), or restore the file.")
+
+    def _load(self, folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+        """One checkpoint folder, verified against the checksums its ``state.json`` records."""
         state = read_json(folder / "state.json")
+        if not isinstance(state, dict) or "step" not in state:
+            raise InputError(f"{folder / 'state.json'} is damaged: it holds no checkpoint state")
         if state.get("format_version", 0) > FORMAT_VERSION:
             raise InputError(
                 f"{folder} was written by a newer pertflow (checkpoint format {state['format_version']}); upgrade pertflow."
             )
+        for name, digest in state.pop("checksums", {}).items():  # checkpoints written before checksums: not checked
+            path = folder / name
+            if not path.is_file():
+                raise InputError(f"{path} is missing")
+            if file_digest(path) != digest:
+                raise InputError(f"{path} is damaged: its contents differ from what was written (checksum)")
         extra = load_tensors(folder / "optimizer.safetensors")
         optimizer_state = optimizer_from_flat(extra, state.pop("optimizer"))
         rng = {k: v for k, v in extra.items() if k.startswith("rng.")}

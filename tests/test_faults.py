@@ -1,0 +1,121 @@
+"""Faults a training system must survive (issue 30): damaged checkpoints and run records.
+
+A checkpoint records the SHA-256 of its tensor files; resuming verifies them, falls back to the
+newest complete checkpoint and says so, or stops with one line naming the damaged file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from pertflow.cli import main
+from pertflow.models.base import PerturbationModel
+
+TINY_CFM = [
+    "model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.genes_per_step=20", "predict.ode_steps=2",
+    "train.batch_size=8", "train.checkpoint_every=3", "train.val_every=3", "train.val_batches=2", "train.progress=false",
+]
+
+
+def sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith(f"pertflow {command}:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def split_file(synthetic_file, tmp_path_factory):
+    path = tmp_path_factory.mktemp("split") / "split.json"
+    assert main(["split", "--data", str(synthetic_file), "--kind", "combinations", "--seen", "2", "--out", str(path)]) == 0
+    return path
+
+
+def six_steps(synthetic_file, split_file, run):
+    """A finished 6-step run: checkpoints at steps 3 and 6."""
+    args = ["train", "--model", "cfm", "--data", str(synthetic_file), "--split", str(split_file), "--out", str(run)]
+    assert main([*args, *sets([*TINY_CFM, "train.max_steps=6"])]) == 0
+    return run / "checkpoints" / "step-00000006"
+
+
+@pytest.fixture(scope="module")
+def unbroken(synthetic_file, split_file, tmp_path_factory):
+    """The weights of the 6-step run extended to 9 steps from its intact step-3 checkpoint (the
+    step-6 one removed cleanly): what a resume that passes over a damaged step 6 must give."""
+    run = tmp_path_factory.mktemp("unbroken") / "run"
+    newest = six_steps(synthetic_file, split_file, run)
+    shutil.rmtree(newest)
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 3, "dir": "step-00000003"}))
+    assert main(["train", "--resume", "--out", str(run), "--set", "train.max_steps=9"]) == 0
+    return PerturbationModel.load(run).state_tensors()
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def empty(path):
+    path.write_bytes(b"")
+
+
+def other_tensors(path):
+    shutil.copy(path.parents[1] / "step-00000003" / path.name, path)  # valid safetensors, the wrong ones
+
+
+@pytest.mark.parametrize("damage", [truncate, empty, other_tensors], ids=lambda f: f.__name__)
+def test_resume_passes_over_a_damaged_checkpoint_and_says_so(synthetic_file, split_file, tmp_path, capsys, unbroken, damage):
+    newest = six_steps(synthetic_file, split_file, tmp_path / "run")
+    damage(newest / "model.safetensors")
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--set", "train.max_steps=9"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from step-00000003, the newest complete checkpoint" in out and str(newest / "model.safetensors") in out
+    # resumed from step 3: the weights of the same run resumed from an intact step 3
+    for name, value in PerturbationModel.load(tmp_path / "run").state_tensors().items():
+        torch.testing.assert_close(value, unbroken[name], rtol=0, atol=0)
+
+
+def test_a_damaged_latest_pointer_falls_back_to_the_newest_folder(synthetic_file, split_file, tmp_path, capsys):
+    six_steps(synthetic_file, split_file, tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "latest.json").write_text('{"step": 6, "di')
+    assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--set", "train.max_steps=9"]) == 0
+    assert "latest.json is damaged" in capsys.readouterr().out
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    steps = [int(line.split(",")[0]) for line in history[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] == 9  # continued from step 6, nothing trained twice
+
+
+def test_no_complete_checkpoint_stops_with_one_line_naming_the_file(synthetic_file, split_file, tmp_path, capsys):
+    newest = six_steps(synthetic_file, split_file, tmp_path / "run")
+    truncate(newest / "optimizer.safetensors")
+    empty(newest.parent / "step-00000003" / "model.safetensors")
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--set", "train.max_steps=9"]) == 2
+    line = one_error_line(capsys, "train")
+    assert "no complete checkpoint" in line and str(newest / "optimizer.safetensors") in line
+
+
+def test_a_damaged_run_record_or_weights_file_is_named_when_read(synthetic_file, split_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    six_steps(synthetic_file, split_file, run)
+    predict = ["predict", "--run", str(run), "--data", str(synthetic_file), "--split", str(split_file)]
+    truncate(run / "model.safetensors")
+    assert main([*predict, "--out", str(tmp_path / "a.h5ad")]) == 2
+    assert f"{run / 'model.safetensors'} is damaged" in one_error_line(capsys, "predict")
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps(meta)[:100])
+    assert main([*predict, "--out", str(tmp_path / "b.h5ad")]) == 2
+    assert f"{run / 'model.json'} is not valid JSON" in one_error_line(capsys, "predict")
+    (run / "run.json").write_text("{")
+    assert main(["train", "--resume", "--out", str(run), "--set", "train.max_steps=9"]) == 2
+    assert str(run / "run.json") in one_error_line(capsys, "train")
