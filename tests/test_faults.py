@@ -119,3 +119,39 @@ def test_a_damaged_run_record_or_weights_file_is_named_when_read(synthetic_file,
     (run / "run.json").write_text("{")
     assert main(["train", "--resume", "--out", str(run), "--set", "train.max_steps=9"]) == 2
     assert str(run / "run.json") in one_error_line(capsys, "train")
+
+
+# ---------------------------------------------------------------------------- one writer per run folder
+def test_a_second_writer_of_a_run_folder_stops_at_once_naming_the_holder(synthetic_file, split_file, tmp_path, capsys):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from pertflow.io import LOCK_FILE, folder_lock
+
+    run = tmp_path / "run"
+    six_steps(synthetic_file, split_file, run)
+    assert not (run / LOCK_FILE).exists()  # released when the run ended
+    # a live holder (another process of this host): the resume stops at once, naming it
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "since": "now"}))
+        assert main(["train", "--resume", "--out", str(run), "--set", "train.max_steps=9"]) == 2
+        line = one_error_line(capsys, "train")
+        assert f"{run} is in use" in line and f"pid {holder.pid}" in line
+        assert json.loads((run / "model.json").read_text())["fit_report"]["steps"] == 6  # nothing trained
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its stale lock is taken over with a note, and the resume trains
+    assert main(["train", "--resume", "--out", str(run), "--set", "train.max_steps=9"]) == 0
+    assert f"pid {holder.pid}, which no longer runs; taking it over" in capsys.readouterr().out
+    assert json.loads((run / "model.json").read_text())["fit_report"]["steps"] == 9
+    assert not (run / LOCK_FILE).exists()
+    # within one process the lock is exclusive too, and is released on an error
+    with folder_lock(tmp_path / "other"):
+        with pytest.raises(Exception, match=f"pid {os.getpid()}"):
+            with folder_lock(tmp_path / "other"):
+                pass
+    assert not (tmp_path / "other" / LOCK_FILE).exists()

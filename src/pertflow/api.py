@@ -27,7 +27,7 @@ from pertflow.data.splits import SPLIT_KINDS, Split, make_split
 from pertflow.data.view import SplitView, read_gene_list
 from pertflow.errors import InputError
 from pertflow.eval.config import EvalConfig
-from pertflow.io import atomic_path, check_output, remove_outputs, write_h5ad
+from pertflow.io import atomic_path, check_output, folder_lock, remove_outputs, write_h5ad
 from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
 from pertflow.models.predict import interval_table, prediction_means, predict_split
@@ -199,14 +199,17 @@ def train(
     if isinstance(genes, (str, Path)):
         genes = read_gene_list(genes)
     config = shipped_config(model, config)
-    run = start_run(model, data, split, Path(out), config, sets, resume, genes, overwrite, read_args,
-                    write=is_main_process())
-    if processes > 1:
-        if not isinstance(run.data, (str, Path)):
-            raise InputError("training in several processes opens the data in each: give it as a file path, not an object.")
-        run_processes(processes, fit_run, run)
-        return PerturbationModel.load(run.out)
-    return fit_run(run)
+    out = Path(out)
+    # one writer per run folder: a second train (or resume) of it stops at once, naming the holder
+    with folder_lock(out) if is_main_process() and not out.is_file() else contextlib.nullcontext():
+        run = start_run(model, data, split, out, config, sets, resume, genes, overwrite, read_args,
+                        write=is_main_process())
+        if processes > 1:
+            if not isinstance(run.data, (str, Path)):
+                raise InputError("training in several processes opens the data in each: give it as a file path, not an object.")
+            run_processes(processes, fit_run, run)
+            return PerturbationModel.load(run.out)
+        return fit_run(run)
 
 
 def fit_run(run: TrainRun) -> PerturbationModel:
@@ -344,13 +347,15 @@ def adapt(
     read_args = {**read_args, "backed": True}
     sources = list(source_data) if isinstance(source_data, (list, tuple)) else [source_data]
     with contextlib.ExitStack() as stack:
+        if out is not None:  # one writer per adapter folder
+            stack.enter_context(folder_lock(out, "adapter folder"))
         source = [stack.enter_context(_dataset(s, backed=True, spec=source_spec or model.spec)) for s in sources]
         target = stack.enter_context(_dataset(data, **read_args))
         adapter = learn_adapter(model, source, target, config, source_contexts, contexts, progress=progress)
-    adapter.info["run"] = None if isinstance(run, PerturbationModel) else str(run)
-    if out is not None:
-        remove_outputs(existing)
-        adapter.save(out)
+        adapter.info["run"] = None if isinstance(run, PerturbationModel) else str(run)
+        if out is not None:
+            remove_outputs(existing)
+            adapter.save(out)
     return adapter
 
 
@@ -469,7 +474,8 @@ def pretrain(data: str | Path, out: str | Path, config: str | Path | None = None
         raise InputError("pretraining takes model.* and train.* settings, not predict.*.")
     model_config = build(PretrainConfig, sections["model"], "model")
     train_config = build(TrainConfig, sections["train"], "train")
-    if overwrite:
-        remove_outputs(existing)
-    with _dataset(data, unlabelled_ok=True, **read_args) as dataset:
-        return run_pretrain(dataset, out, model_config, train_config, resume=resume)
+    with folder_lock(out, "pretraining folder"):  # one writer per folder
+        if overwrite:
+            remove_outputs(existing)
+        with _dataset(data, unlabelled_ok=True, **read_args) as dataset:
+            return run_pretrain(dataset, out, model_config, train_config, resume=resume)

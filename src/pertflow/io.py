@@ -1,6 +1,6 @@
 """Files: atomic writes (a reader never sees a half-written file, an interrupted write loses
-nothing), the one check of an output path before any computing, and JSON / YAML reading that
-names the file, line and column of a syntax error."""
+nothing), the one check of an output path before any computing, JSON / YAML reading that
+names the file, line and column of a syntax error, and one writer per folder (:func:`folder_lock`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -185,3 +187,70 @@ def package_dir(name: str) -> Path:
     from importlib.resources import files
 
     return Path(str(files("pertflow") / "resources" / name))
+
+
+# ---------------------------------------------------------------------------- one writer per folder
+LOCK_FILE = ".pertflow.lock"
+
+
+def _lock_holder(path: Path) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) and "pid" in holder else None
+    except (OSError, ValueError):
+        return None
+
+
+def _holder_is_gone(holder: dict[str, Any] | None) -> bool:
+    """Whether the process that wrote a lock no longer runs (only knowable on this host)."""
+    if holder is None:
+        return True  # unreadable: never fully written, its writer died at once
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it runs, as another user
+    return False
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "run folder", note: Any = print) -> Iterator[None]:
+    """Hold ``folder`` for this process alone while the block runs (``<folder>/.pertflow.lock``,
+    holding the pid and host; created atomically, removed at the end).
+
+    A second process stops at once with an error naming the holder; a lock left by a process
+    that no longer runs (on this host) is taken over with a note.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot write to {folder}: {err.strerror or err}. Choose another folder.") from None
+    path = folder / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if not _holder_is_gone(holder):
+                raise InputError(
+                    f"{folder} is in use: another pertflow process writes this {what} (pid {holder['pid']} on "
+                    f"{holder.get('host')}, since {holder.get('since')}). Wait for it to finish, or use another folder; "
+                    f"if that process is gone, remove {path}."
+                ) from None
+            if holder is not None:
+                note(f"note: {folder} was held by pid {holder['pid']}, which no longer runs; taking it over.")
+            path.unlink(missing_ok=True)  # two takers: the exclusive create decides
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        if (_lock_holder(path) or {}).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)
