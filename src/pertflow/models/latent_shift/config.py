@@ -68,6 +68,9 @@ class LatentShiftConfig(AnchoredConfig):
     mean_weight
         Flow predictor: weight of the squared error of each group's mean one-step estimate
         against its real mean, beside the velocity loss (the MLP's mean term, for the flow).
+    flow_reads_start
+        Flow predictor: the velocity field also reads where its trajectory started (the noised
+        control embedding), not only the current point, the covariate and the time.
     decoder_hidden, decoder_layers, decoder_steps, decoder_lr, decoder_batch_size
         The decoder (embedding -> expression, non-negative output), trained once on the training
         cells and then frozen.
@@ -96,6 +99,7 @@ class LatentShiftConfig(AnchoredConfig):
     coupling: CouplingName = "independent"
     time_sampler: TimeSamplerName = "uniform"
     mean_weight: float = 0.0
+    flow_reads_start: bool = True
     decoder_hidden: int = 256
     decoder_layers: int = 2
     decoder_steps: int = 800

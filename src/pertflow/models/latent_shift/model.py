@@ -203,7 +203,7 @@ class LatentShift(AnchoredModel):
             options["mmd_weight"] = cfg.mmd_weight
         else:
             options.update(source_noise=cfg.source_noise, coupling=cfg.coupling, time_sampler=cfg.time_sampler,
-                           mean_weight=cfg.mean_weight)
+                           mean_weight=cfg.mean_weight, reads_start=cfg.flow_reads_start)
         return PREDICTORS[cfg.predictor](self.latent_dim, self.cov_dim, **options)
 
     def training_pairs(self, view: SplitView, latent: LatentCells, rng: np.random.Generator

@@ -110,12 +110,14 @@ class ConditionalMLP(nn.Module):
 
 
 class LatentFlow(nn.Module):
-    """A velocity field ``v(t, z_t, cov, z_0)`` in the embedding space, trained by flow matching.
+    """A velocity field ``v(t, z_t, cov[, z_0])`` in the embedding space, trained by flow matching.
 
-    The field also reads the point its trajectory started from (the noised control embedding),
-    so the flow learns how each control cell moves and carries that to cells it never saw (a new
-    context). Read without it, on a held-out cell line the flow carried the cells onto the
-    training lines' spread (E-distance 2.3 against 0.27 for no change).
+    With ``reads_start`` the field also reads the point its trajectory started from (the noised
+    control embedding), so the flow learns how each control cell moves. That helped on a held-out
+    glioblastoma line (read without it the flow carried the cells onto the training lines'
+    spread: E-distance 2.3 against 0.27 for no change), and hurt on kang's held-out cell types,
+    where a field of ``z_t`` alone with more source noise transferred far better (CD14+Mono:
+    E-distance 1.26 against 7.65; ``benchmarks/results/README.md``).
 
     Parameters
     ----------
@@ -125,15 +127,17 @@ class LatentFlow(nn.Module):
     """
 
     def __init__(self, latent_dim: int, cov_dim: int, flow: FlowMatching, hidden: int = 256, n_layers: int = 2,
-                 time_dim: int = 32, mean_weight: float = 0.0):
+                 time_dim: int = 32, mean_weight: float = 0.0, reads_start: bool = True):
         super().__init__()
         self.flow = flow
         self.mean_weight = mean_weight
+        self.reads_start = reads_start
         self.time = TimestepEmbedder(time_dim, freq_dim=64)
-        self.net = _mlp(2 * latent_dim + time_dim + cov_dim, hidden, n_layers, latent_dim)
+        self.net = _mlp((2 if reads_start else 1) * latent_dim + time_dim + cov_dim, hidden, n_layers, latent_dim)
 
     def velocity(self, t: torch.Tensor, z_t: torch.Tensor, cov: torch.Tensor, z_0: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([z_t, self.time(t), cov, z_0], dim=-1))
+        inputs = [z_t, self.time(t), cov, z_0] if self.reads_start else [z_t, self.time(t), cov]
+        return self.net(torch.cat(inputs, dim=-1))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
         groups = int(batch["group"].max()) + 1  # pair within each group, never across
@@ -269,19 +273,21 @@ class FlowPredictor(NetworkPredictor):
     starts; ``coupling`` and ``time_sampler``: names in :data:`pertflow.flows.COUPLINGS` and
     :data:`pertflow.flows.TIME_SAMPLERS`. Prediction integrates with ``settings.ode_method`` and
     ``settings.ode_steps``. ``mean_weight``: weight of the squared error between each group's mean
-    one-step estimate (``z_t + (1 - t) v``) and its real mean, beside the velocity loss.
+    one-step estimate (``z_t + (1 - t) v``) and its real mean, beside the velocity loss;
+    ``reads_start``: whether the velocity field also reads the point its trajectory started from.
     """
 
     name = "flow"
 
     def __init__(self, latent_dim: int, cov_dim: int, *, source_noise: float = 0.1, coupling: str = "independent",
-                 time_sampler: str = "uniform", mean_weight: float = 0.0, **kwargs: Any):
-        self.mean_weight = mean_weight
+                 time_sampler: str = "uniform", mean_weight: float = 0.0, reads_start: bool = True, **kwargs: Any):
+        self.mean_weight, self.reads_start = mean_weight, reads_start
         self.flow = FlowMatching(COUPLINGS[coupling], TIME_SAMPLERS[time_sampler], AnchoredSource(source_noise))
         super().__init__(latent_dim, cov_dim, **kwargs)
 
     def build_network(self) -> LatentFlow:
-        return LatentFlow(self.latent_dim, self.cov_dim, self.flow, self.hidden, self.n_layers, mean_weight=self.mean_weight)
+        return LatentFlow(self.latent_dim, self.cov_dim, self.flow, self.hidden, self.n_layers, mean_weight=self.mean_weight,
+                          reads_start=self.reads_start)
 
     def _predict(self, latent, cov, generator, settings):
         return self.network.sample(latent, cov, generator, settings.ode_method, settings.ode_steps)
