@@ -33,7 +33,7 @@ from pertflow.models.config import PredictConfig
 from pertflow.models.predict import interval_table, prediction_means, predict_split
 from pertflow.models.registry import BASELINES, model_class, model_names
 from pertflow.runs import RUN_FILES, DataArg, SplitArg, TrainRun, shipped_config, split_of, start_run  # noqa: F401  (benchmark reads RUN_FILES here)
-from pertflow.runtime import quiet_libraries, set_threads
+from pertflow.runtime import check_threads, quiet_libraries, set_threads
 from pertflow.train.config import TrainConfig
 from pertflow.train.launch import is_main_process, run_processes
 
@@ -56,6 +56,7 @@ __all__ = [
     "predict",
     "pretrain",
     "quiet_libraries",
+    "check_threads",
     "set_threads",
     "split",
     "split_view",
@@ -196,6 +197,8 @@ def train(
         ``accelerate launch`` or ``torchrun`` leave it at 1: every launched process calls
         ``train`` and process 0 alone checks and writes the run folder.
     """
+    if model is not None:
+        model_class(model)  # a misspelled name fails first, with what was meant
     if isinstance(genes, (str, Path)):
         genes = read_gene_list(genes)
     config = shipped_config(model, config)

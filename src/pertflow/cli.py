@@ -210,7 +210,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     from pertflow.api import model_names
 
-    p.add_argument("--model", choices=model_names(), help="which model to train (with --resume: the run's)")
+    p.add_argument("--model", help=f"which model to train, one of {', '.join(model_names())} (with --resume: the run's)")
     p.add_argument("--data", help="an .h5ad file (with --resume: the run's)")
     p.add_argument("--split", help="a split JSON, pertflow split's or another tool's (with --resume: the run's)")
     p.add_argument("--out", required=True, help="the run folder to write")
@@ -445,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         with api.quiet_libraries(args.verbose):
             if args.command in THREADED:
                 args.threads = api.set_threads(args.threads)
+            elif getattr(args, "threads", None) is not None:  # evaluate's go to cell-eval: the same bounds
+                api.check_threads(args.threads)
             return COMMANDS[args.command][1](args)
     except InputError as err:
         return fail(args.command, str(err))

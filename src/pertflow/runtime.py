@@ -44,6 +44,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def check_threads(threads: int) -> int:
+    """``threads`` if it is between 1 and the cores this process may use, else an error saying so
+    (more threads than cores runs many times slower, never faster)."""
+    cores = available_cores()
+    if threads < 1 or threads > cores:
+        raise InputError(f"--threads must be between 1 and the {cores} cores this process may use, got {threads}: "
+                         f"more threads than cores runs many times slower. Give at most {cores}.")
+    return threads
+
+
 def set_threads(threads: int | None = None) -> int:
     """Set the threads torch computes with (``pertflow ... --threads N``); returns the number set.
 
@@ -53,9 +63,7 @@ def set_threads(threads: int | None = None) -> int:
     """
     import torch
 
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be at least 1, got {threads}.")
-    n = threads or min(available_cores(), MAX_DEFAULT_THREADS)
+    n = check_threads(threads) if threads is not None else min(available_cores(), MAX_DEFAULT_THREADS)
     torch.set_num_threads(n)
     return n
 

@@ -40,6 +40,33 @@ CONTEXT_JOIN = "|"
 COUNT_LAYERS = ("counts", "counts_reconstructed", "raw_counts", "raw")
 
 
+def check_labels(values: pd.Series, col: str, what: str) -> None:
+    """Refuse labels pertflow would otherwise guess at: missing ones (NaN, None or empty), which
+    would become a label named "nan", and labels that differ only by surrounding spaces or by
+    case, which would be read as different perturbations or contexts."""
+    missing = values.isna() | (values.astype(str).str.strip() == "")
+    if missing.any():
+        raise InputError(
+            f"{int(missing.sum())} cells have no {what} label (NaN or empty) in obs['{col}']. Drop those cells "
+            f"(adata = adata[adata.obs['{col}'].notna()]) or give them a label, then run again."
+        )
+    names = pd.Series(pd.unique(values.astype(str)))
+    spaced = names[names != names.str.strip()]
+    if len(spaced):
+        raise InputError(
+            f"{len(spaced)} {what} labels in obs['{col}'] have leading or trailing spaces (e.g. {list(spaced[:3])}), "
+            f"so ' A' and 'A' would be two {what}s. Strip them (adata.obs['{col}'] = adata.obs['{col}'].astype(str)"
+            ".str.strip()), then run again."
+        )
+    folded = names.groupby(names.str.lower()).agg(list)
+    clashes = [group for group in folded if len(group) > 1]
+    if clashes:
+        raise InputError(
+            f"{what} labels in obs['{col}'] differ only by case ({clashes[:3]}): pertflow would read them as different "
+            f"{what}s. Write each one the same way, then run again."
+        )
+
+
 class PerturbationData:
     """Cells, their perturbation and context labels, and their expression as log1p values.
 
@@ -85,6 +112,9 @@ class PerturbationData:
         self.path = path
         self._file = file
         self._check_names()
+        check_labels(adata.obs[spec.pert_col], spec.pert_col, "perturbation")
+        for col in spec.context_cols:
+            check_labels(adata.obs[col], col, "context")
         labels = adata.obs[spec.pert_col].astype(str).to_numpy()
         self._components: dict[str, tuple[str, ...]] = {}
         canonical_of_label: dict[str, str] = {}

@@ -48,5 +48,9 @@ def model_class(name: str) -> type:
     if name not in _REGISTERED:
         _import_all()
     if name not in _REGISTERED:
-        raise InputError(f"unknown model '{name}'; models: {sorted(_REGISTERED)}.")
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(_REGISTERED), n=1, cutoff=0.6)
+        hint = f", did you mean '{close[0]}'?" if close else ";"
+        raise InputError(f"unknown model '{name}'{hint} models: {sorted(_REGISTERED)}.")
     return _REGISTERED[name]

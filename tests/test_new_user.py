@@ -1,0 +1,74 @@
+"""What a new user met on their own data (issue 31): each problem reproduced, and the answer now."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pertflow.cli import main
+from pertflow.data.dataset import PerturbationData
+from pertflow.errors import InputError
+from pertflow.models.registry import model_class
+from pertflow.runtime import available_cores
+
+
+def one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith(f"pertflow {command}:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_nan_perturbation_labels_stop_with_a_count_and_the_fix(synthetic_adata):
+    adata = synthetic_adata.copy()
+    col = "perturbation"
+    labels = adata.obs[col].astype(object).to_numpy()
+    labels[:7] = np.nan
+    labels[7:9] = ""
+    adata.obs[col] = labels
+    with pytest.raises(InputError, match=r"9 cells have no perturbation label \(NaN or empty\) in obs\['perturbation'\]"):
+        PerturbationData.from_anndata(adata, pert_col=col)
+
+
+def test_labels_with_spaces_or_another_case_are_not_silently_two_perturbations(synthetic_adata):
+    adata = synthetic_adata.copy()
+    labels = adata.obs["perturbation"].astype(str).to_numpy().copy()
+    first = next(p for p in labels if p != "ctrl")
+    spaced = labels.copy()
+    spaced[np.flatnonzero(labels == first)[:3]] = first + " "
+    adata.obs["perturbation"] = spaced
+    with pytest.raises(InputError, match="leading or trailing spaces"):
+        PerturbationData.from_anndata(adata, pert_col="perturbation")
+    cased = labels.copy()
+    cased[np.flatnonzero(labels == first)[:3]] = first.lower() if first != first.lower() else first.upper()
+    adata.obs["perturbation"] = cased
+    with pytest.raises(InputError, match="differ only by case"):
+        PerturbationData.from_anndata(adata, pert_col="perturbation")
+
+
+def test_a_context_column_with_missing_values_stops_too(synthetic_adata):
+    adata = synthetic_adata.copy()
+    contexts = adata.obs["cell_type"].astype(object).to_numpy()
+    contexts[-4:] = None
+    adata.obs["cell_type"] = contexts
+    with pytest.raises(InputError, match=r"4 cells have no context label"):
+        PerturbationData.from_anndata(adata, pert_col="perturbation", context_cols=["cell_type"])
+
+
+def test_threads_outside_the_cores_are_refused_on_every_command(synthetic_file, tmp_path, capsys):
+    too_many = available_cores() + 1
+    for args in (["train", "--model", "mean", "--data", str(synthetic_file), "--split", "x.json", "--out", str(tmp_path / "r")],
+                 ["evaluate", "--data", str(synthetic_file), "--split", "x.json", "--pred", "p.h5ad", "--out", str(tmp_path / "e")]):
+        for bad in (0, too_many):
+            assert main([*args, "--threads", str(bad)]) == 2
+            line = one_error_line(capsys, args[0])
+            assert f"--threads must be between 1 and the {available_cores()} cores" in line and f"got {bad}" in line
+
+
+def test_a_misspelled_model_says_what_was_meant(synthetic_file, tmp_path, capsys):
+    with pytest.raises(InputError, match="unknown model 'latentshift', did you mean 'latent-shift'"):
+        model_class("latentshift")
+    assert main(["train", "--model", "latentshift", "--data", str(synthetic_file), "--split", "x.json",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "did you mean 'latent-shift'" in one_error_line(capsys, "train")
