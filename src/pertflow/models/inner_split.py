@@ -38,6 +38,8 @@ from pertflow.data.view import SplitView
 
 #: the most control cells of a context read for its mean (a seeded subsample above it)
 MEAN_CELLS = 2000
+#: what an inner split can hold out (``auto``, in a config, picks one by the test's kind)
+KINDS = ("cells", "contexts", "perturbations")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 # What a resumed run may set differently: the progress bar, the length (a longer max_steps
 # extends even a finished run; the cosine schedule is then recomputed for the new length, so the
@@ -108,3 +108,17 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+#: The settings of how the engine runs (not what it optimises): a stage of a run keeps the run's.
+ENGINE_FIELDS = ("grad_clip", "nonfinite", "max_nonfinite", "nan_check_interval", "keep_checkpoints", "seed", "accumulate",
+                 "mixed_precision", "device", "progress")
+
+
+def stage_config(run: TrainConfig, **schedule: Any) -> TrainConfig:
+    """The settings of one stage of a run trained in stages (a decoder, a VAE, a foundation): the
+    stage's own schedule (``max_steps``, ``lr``, ``batch_size``, ...; the rest at their defaults)
+    with the run's engine settings (:data:`ENGINE_FIELDS`: gradient clipping, the non-finite
+    policy, accumulation, seed, device, precision, progress), so that ``--set train.grad_clip=...``
+    reaches every stage. The one helper for stage overrides."""
+    return TrainConfig(**{**{name: getattr(run, name) for name in ENGINE_FIELDS}, **schedule})

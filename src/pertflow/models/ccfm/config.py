@@ -19,7 +19,7 @@ class CCFMConfig(GeneFlowConfig):
         ``best_model.pt``) whose frozen per-gene features are the latent stream's target. None:
         a small scGPT is pretrained on the split's training cells first (``pertflow pretrain``'s
         code), into the run folder, where a resumed or repeated run finds it.
-    foundation_d_model, foundation_layers, foundation_steps, foundation_batch_size
+    foundation_d_model, foundation_layers, foundation_steps, foundation_batch_size, foundation_lr
         Size and budget of that pretrained scGPT. Its width is the latent's feature width D: the
         latent is G x D per cell, so D is also what the feature cache costs
         (cells x genes x D x 2 bytes, float16, on disk and memory-mapped).
@@ -69,6 +69,7 @@ class CCFMConfig(GeneFlowConfig):
     foundation_layers: int = 2
     foundation_steps: int = 300
     foundation_batch_size: int = 16
+    foundation_lr: float = 1e-3
     foundation_max_seq_len: int = 1200
     feature_block: int | None = None
     n_bins: int | None = 51

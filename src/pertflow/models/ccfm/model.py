@@ -32,7 +32,7 @@ from pertflow.errors import InputError
 from pertflow.models.ccfm.config import CCFMConfig
 from pertflow.models.ccfm.module import TARGET_LATENT, CCFMModule
 from pertflow.models.flow_model import GeneFlowModel
-from pertflow.train.config import TrainConfig
+from pertflow.train.config import TrainConfig, stage_config
 
 FEATURE_CHUNK = 128  # cells per pass of the frozen encoder
 
@@ -126,9 +126,9 @@ class CCFM(GeneFlowModel):
                                 d_hid=2 * cfg.foundation_d_model, nlayers=cfg.foundation_layers,
                                 max_seq_len=min(len(view.genes) + 1, cfg.foundation_max_seq_len), n_bins=cfg.n_bins)
         steps = cfg.foundation_steps
-        schedule = TrainConfig(max_steps=steps, batch_size=cfg.foundation_batch_size, lr=1e-3, warmup_steps=min(50, steps // 5),
-                               val_every=max(1, steps // 2), checkpoint_every=max(1, steps // 2), seed=train_config.seed,
-                               progress=train_config.progress, device=train_config.device)
+        schedule = stage_config(train_config, max_steps=steps, batch_size=cfg.foundation_batch_size, lr=cfg.foundation_lr,
+                                warmup_steps=min(50, steps // 5), val_every=max(1, steps // 2),
+                                checkpoint_every=max(1, steps // 2))
         resume = (folder / "checkpoints" / "latest.json").is_file()
         pretrain(view.data, folder, config, schedule, resume=resume, rows=view.rows.train)
 

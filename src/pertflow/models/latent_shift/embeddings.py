@@ -34,7 +34,7 @@ from pertflow.eval import metrics as M
 from pertflow.models.latent_shift.config import LatentShiftConfig
 from pertflow.nn.loss import LossOutput
 from pertflow.errors import InputError
-from pertflow.train.config import TrainConfig
+from pertflow.train.config import TrainConfig, stage_config
 
 ENCODE_CHUNK = 4096
 
@@ -282,12 +282,12 @@ class LatentDecoder(nn.Module):
 
 
 def decoder_train_config(config: LatentShiftConfig, train_config: TrainConfig) -> TrainConfig:
-    """The decoder's training settings: the ``decoder_*`` fields, the run's seed, device and progress;
-    validation on the validation cells every tenth of the steps (the best step's weights are kept)."""
+    """The decoder's training settings: the ``decoder_*`` fields over the run's engine settings
+    (:func:`~pertflow.train.config.stage_config`); validation on the validation cells every tenth
+    of the steps (the best step's weights are kept)."""
     steps = config.decoder_steps
-    return TrainConfig(
-        max_steps=steps, batch_size=config.decoder_batch_size, lr=config.decoder_lr, warmup_steps=min(100, steps // 10),
-        min_lr_ratio=0.05, val_every=max(1, steps // 10), checkpoint_every=min(steps, max(1, train_config.checkpoint_every)),
-        log_every=max(1, min(train_config.log_every, steps)), seed=train_config.seed, device=train_config.device,
-        mixed_precision=train_config.mixed_precision, progress=train_config.progress,
+    return stage_config(
+        train_config, max_steps=steps, batch_size=config.decoder_batch_size, lr=config.decoder_lr,
+        warmup_steps=min(100, steps // 10), min_lr_ratio=0.05, val_every=max(1, steps // 10),
+        checkpoint_every=min(steps, max(1, train_config.checkpoint_every)), log_every=max(1, min(train_config.log_every, steps)),
     )
