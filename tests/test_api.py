@@ -38,8 +38,19 @@ def test_a_perfect_prediction_beats_a_baseline_through_the_files(data_split, tmp
     real = SplitView(data, split).real_test_anndata()
     perfect = real.copy()
     perfect.obs_names = [f"p{i}" for i in range(perfect.n_obs)]
-    scored = evaluate_split(data, split, tmp_path / "pred.h5ad", out=tmp_path / "eval", config=FAST)
-    best = evaluate_split(data, split, perfect, config=FAST)
+    scored = evaluate_split(data, split, tmp_path / "pred.h5ad", out=tmp_path / "eval", config=FAST, de_cache=tmp_path / "de")
+    best = evaluate_split(data, split, perfect, config=FAST, de_cache=tmp_path / "de")
     assert (tmp_path / "eval" / "results.csv").is_file() and (tmp_path / "eval" / "agg_results.csv").is_file()
     for metric, better in (("pearson_delta", np.greater), ("edistance_pca", np.less)):
         assert better(best.aggregate.loc["mean", metric], scored.aggregate.loc["mean", metric]), metric
+    # each result beside its yardstick: the baselines and the ceiling on the same cells (cached per split)
+    table = scored.yardstick
+    assert set(table.index) == {"no-change", "mean", "additive", "linear", "context-shift", "ceiling"}
+    assert table.loc["additive", "pearson_delta"] == pytest.approx(scored.aggregate.loc["mean", "pearson_delta"], abs=1e-6)
+    assert any("ties with the strongest baseline" in line for line in scored.verdict)  # additive is a baseline
+    assert any("beats every baseline" in line and "E-distance" in line and "lower is better" in line for line in best.verdict)
+    written = (tmp_path / "eval" / "yardstick.csv").read_text()
+    assert "E-distance (lower is better)" in written and "ceiling" in written
+    assert len(list((tmp_path / "de").glob("yardstick-*.csv"))) == 1  # the second call read the first's
+    plain = evaluate_split(data, split, perfect, config=FAST, baselines=False)
+    assert plain.yardstick is None and plain.verdict == ()

@@ -72,3 +72,26 @@ def test_a_misspelled_model_says_what_was_meant(synthetic_file, tmp_path, capsys
     assert main(["train", "--model", "latentshift", "--data", str(synthetic_file), "--split", "x.json",
                  "--out", str(tmp_path / "r")]) == 2
     assert "did you mean 'latent-shift'" in one_error_line(capsys, "train")
+
+
+def test_evaluate_shows_the_result_beside_the_baselines_and_the_ceiling(synthetic_file, tmp_path, capsys):
+    data = str(synthetic_file)
+    split = tmp_path / "split.json"
+    assert main(["split", "--data", data, "--kind", "combinations", "--seen", "2", "--out", str(split)]) == 0
+    assert main(["train", "--model", "mean", "--data", data, "--split", str(split), "--out", str(tmp_path / "run")]) == 0
+    assert main(["predict", "--run", str(tmp_path / "run"), "--data", data, "--split", str(split),
+                 "--out", str(tmp_path / "pred.h5ad")]) == 0
+    capsys.readouterr()
+    args = ["evaluate", "--data", data, "--split", str(split), "--pred", str(tmp_path / "pred.h5ad")]
+    assert main([*args, "--out", str(tmp_path / "eval"), "--de-cache", str(tmp_path / "de")]) == 0
+    out = capsys.readouterr().out
+    assert "beside the baselines and the noise ceiling" in out and "E-distance (lower is better)" in out
+    for name in ("no-change", "additive", "linear", "context-shift", "ceiling"):
+        assert name in out
+    assert out.count("- the prediction ") == 2 and "is better; rank " in out  # a verdict per headline metric
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "eval" / "yardstick.csv", index_col=0)
+    pd.testing.assert_series_equal(table.loc["prediction"], table.loc["mean"], check_names=False, atol=1e-6)  # it is the mean
+    assert main([*args, "--out", str(tmp_path / "alone"), "--no-baselines"]) == 0
+    assert "beside the baselines" not in capsys.readouterr().out and not (tmp_path / "alone" / "yardstick.csv").exists()

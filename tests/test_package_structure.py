@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pertflow"
-TOP_LEVEL = ("api", "cli", "benchmark", "demo", "runs")
+TOP_LEVEL = ("api", "cli", "benchmark", "demo", "runs", "yardstick")
 
 ANNDATA = {"!anndata", "!scanpy"}  # outside packages are written "!name"
 # layer -> what it may not import

@@ -12,6 +12,7 @@ and shared by all three verbs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -401,6 +402,14 @@ def evaluation_inputs(data: DataArg, split: SplitArg = None, **read_args: Any) -
         )
 
 
+def table_with_directions(scores: Any, table: Any, model: str = "model") -> Any:
+    """A model's mean scores over the baselines' and the ceiling's, the columns named with their
+    direction (:func:`pertflow.yardstick.table_with_directions`)."""
+    from pertflow.yardstick import table_with_directions as with_directions
+
+    return with_directions(scores, table, model)
+
+
 def evaluate_split(
     data: DataArg | None,
     split: SplitArg,
@@ -412,6 +421,7 @@ def evaluate_split(
     overwrite: bool = False,
     run: str | Path | PerturbationModel | None = None,
     progress: bool = False,
+    baselines: bool = True,
     **read_args: Any,
 ):
     """Score a prediction file of a split's test cells (pertflow's or another tool's).
@@ -421,6 +431,9 @@ def evaluate_split(
     folder that holds them is refused unless ``overwrite``). ``inputs`` (from
     :func:`evaluation_inputs`) skips rebuilding the real side. ``run``: a trained model with a
     latent space (``latent-shift``); adds ``knn_purity_latent``, KNN purity in its embedding.
+    ``baselines`` (given ``data`` and ``split``): also score the five baselines and the noise
+    ceiling on the same cells (:mod:`pertflow.yardstick`; ``result.yardstick``, ``result.verdict``,
+    and ``yardstick.csv`` in ``out``), cached in ``de_cache`` per split.
     """
     from pertflow.eval.evaluator import evaluate
 
@@ -433,10 +446,22 @@ def evaluate_split(
         from pertflow.eval.checks import read_anndata
 
         pred = read_anndata(pred, "pred")
-    return evaluate(
+    config = config or EvalConfig()
+    result = evaluate(
         inputs.real, pred, pert_col=inputs.pert_col, control=inputs.control, context_col=inputs.context_col,
-        dose_col=inputs.dose_col, train=inputs.train, outdir=out, de_cache=de_cache, config=config or EvalConfig(), embed=embed, progress=progress,
+        dose_col=inputs.dose_col, train=inputs.train, outdir=out, de_cache=de_cache, config=config, embed=embed, progress=progress,
     )
+    if not baselines or data is None:
+        return result
+    from pertflow.yardstick import table_with_directions, verdict, yardstick
+
+    with _view(data, split, **read_args) as view:
+        table = yardstick(view, inputs, config, de_cache=de_cache, progress=progress)
+    scores = result.aggregate.loc["mean"]
+    if out is not None:
+        with atomic_path(Path(out) / "yardstick.csv") as tmp:
+            table_with_directions(scores, table, "prediction").to_csv(tmp)
+    return dataclasses.replace(result, yardstick=table, verdict=tuple(verdict("the prediction", scores, table)))
 
 
 def latent_space(run: str | Path | PerturbationModel, genes: list[str]) -> Callable[[np.ndarray], np.ndarray]:
@@ -453,7 +478,7 @@ def latent_space(run: str | Path | PerturbationModel, genes: list[str]) -> Calla
     return lambda x: model.embed(np.asarray(x)[:, columns])
 
 
-EVALUATION_FILES = ("results.csv", "agg_results.csv")
+EVALUATION_FILES = ("results.csv", "agg_results.csv", "yardstick.csv")
 
 
 # ---------------------------------------------------------------------------- bigger jobs

@@ -324,6 +324,9 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--de-cache", help="folder caching the real data's DE tables across models")
     p.add_argument("--threads", type=int, default=1, help="threads for cell-eval's DE tests")
     p.add_argument("--run", help="a trained model with a latent space (latent-shift): adds knn_purity_latent, KNN purity in its embedding")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="score the prediction alone (default: also the five baselines and the noise ceiling on the same "
+                        "cells, for a yardstick; cached in --de-cache per split)")
     add_overwrite_flag(p)
     add_spec_flags(p)
 
@@ -334,15 +337,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_split(args.data, args.split, args.pred, out=args.out, de_cache=args.de_cache,
                             config=EvalConfig(num_threads=args.threads), overwrite=args.overwrite, progress=True, run=args.run,
-                            **read_args(args))
+                            baselines=not args.no_baselines, **read_args(args))
     keys = [k for k in ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "overlap_at_N",
                         "knn_purity_pca", "knn_purity_latent") if k in result.aggregate.columns]
     shown = result.aggregate.loc[["mean", "50%", "count"], keys].T.rename(columns={"50%": "median"})
     print(shown.to_string(float_format=lambda v: f"{v:.4f}"))
+    if result.yardstick is not None:
+        from pertflow.api import table_with_directions
+
+        print("\nbeside the baselines and the noise ceiling, on the same cells (means over the test perturbations; "
+              "the ceiling is half of the real cells against the other half: at half depth its E-distance is noisier, "
+              "a reference rather than a bound):")
+        print(table_with_directions(result.aggregate.loc["mean"], result.yardstick, "prediction").to_string(
+            float_format=lambda v: f"{v:.3f}"))
+        print("verdict:\n" + "\n".join(f"- {line}" for line in result.verdict))
     for note in result.notes:
         print(f"note: {note}")
+    extra = f", {Path(args.out) / 'yardstick.csv'} (the baselines and the ceiling)" if result.yardstick is not None else ""
     print(f"wrote {Path(args.out) / 'results.csv'} (per perturbation) and {Path(args.out) / 'agg_results.csv'} "
-          "(cell-eval's layout)")
+          f"(cell-eval's layout){extra}")
     return 0
 
 

@@ -228,9 +228,9 @@ def test_train_predict_evaluate_through_the_api(synthetic_file, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "predictor" / "history.csv").is_file()
     pred = predict(tmp_path / "run", data, split, tmp_path / "pred.h5ad")
     assert pred.n_obs == len(split.test) + int((pred.obs["perturbation"] == "control").sum())
-    result = evaluate_split(data, split, pred, config=FAST_EVAL, run=tmp_path / "run")
+    result = evaluate_split(data, split, pred, config=FAST_EVAL, run=tmp_path / "run", baselines=False)
     purity = result.per_perturbation["knn_purity_latent"]
     assert purity.notna().all() and purity.between(0, 1).all()
     train("mean", data, split, tmp_path / "mean")
     with pytest.raises(InputError, match="no latent space"):  # refused before any scoring
-        evaluate_split(data, split, pred, config=FAST_EVAL, run=tmp_path / "mean")
+        evaluate_split(data, split, pred, config=FAST_EVAL, run=tmp_path / "mean", baselines=False)

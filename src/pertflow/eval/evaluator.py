@@ -99,6 +99,10 @@ class EvalResult:
         ``aggregate.loc["mean", "pearson_delta"]`` is a model's mean Pearson delta.
     notes
         Decisions and warnings worth keeping with the numbers (fallbacks, degenerate inputs).
+    yardstick, verdict
+        With :func:`pertflow.api.evaluate_split`'s ``baselines``: the baselines' and the noise
+        ceiling's mean scores on the same cells (:func:`pertflow.yardstick.yardstick`), and the
+        sentences reading the model against them.
 
     The noise ceiling (the real cells, half against half, scored the same way) is
     :func:`pertflow.eval.ceiling.noise_ceiling`, the ``ceiling`` row of every benchmark table.
@@ -107,6 +111,8 @@ class EvalResult:
     per_perturbation: pd.DataFrame
     aggregate: pd.DataFrame
     notes: tuple[str, ...] = field(default_factory=tuple)
+    yardstick: pd.DataFrame | None = None
+    verdict: tuple[str, ...] = field(default_factory=tuple)
 
 
 def metric_direction(name: str, *, top_k_de: int = 20) -> Literal["higher", "lower", "none"]:
