@@ -103,3 +103,17 @@ def test_refit_trains_again_on_every_training_cell(data, tmp_path):
     assert model.fit_report["validation_split"]["model_trained_on"] == "all training cells"
     assert "inner_fit" in model.fit_report
     assert (tmp_path / "refit").is_dir()
+
+
+def test_validation_weighs_each_kind_as_the_test_does(data):
+    view = SplitView(data, make_split(data, "perturbations", n_test=2, seed=0))
+    inner = inner_split(view, "perturbations", n_held_out=2)
+    validation = ValidationSet(inner.view)
+    shares = validation.test_kinds.shares
+    kinds = [validation.test_kinds.kind(data, g.perturbation, (g.perturbation, g.context)) for g in validation.groups]
+    assert len(set(kinds)) >= 2 and set(kinds) <= set(shares)  # held-out singles and combinations with one of them
+    total = sum(shares[k] for k in set(kinds))
+    for kind in set(kinds):  # a kind weighs its share of the test perturbations, however many groups it has
+        weight = sum(w for w, k in zip(validation.weights, kinds) if k == kind)
+        assert weight == pytest.approx(shares[kind] / total)
+    assert validation.weights.sum() == pytest.approx(1.0)

@@ -20,7 +20,7 @@ evaluator counts a prediction without a shift).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -74,6 +74,7 @@ class TaskKinds:
 
     measured: dict[str, set[tuple[str, str]]]  # single perturbation -> the training groups that measure it
     kinds: frozenset[Kind]  # the test perturbations' kinds
+    shares: dict[Kind, float] = field(default_factory=dict)  # each kind's share of the test perturbations
 
     @classmethod
     def of(cls, view: SplitView) -> TaskKinds:
@@ -83,7 +84,9 @@ class TaskKinds:
         for pert, ctx in view.groups(train):
             if len(data.components(pert)) == 1:  # with a dose column: a single at any of its doses
                 measured.setdefault(data.spec.split_dose(pert)[0], set()).add((pert, ctx))
-        return cls(measured, frozenset(_kind(data, measured, p, None) for p in view.split.test_perturbations))
+        kinds = [_kind(data, measured, p, None) for p in view.split.test_perturbations]
+        shares = {k: kinds.count(k) / len(kinds) for k in set(kinds)}
+        return cls(measured, frozenset(kinds), shares)
 
     def kind(self, data, pert: str, group: tuple[str, str] | None = None) -> Kind:
         """The kind of ``pert``, predicted as the group ``group`` left out (None: not a training group)."""
@@ -157,7 +160,7 @@ class ValidationSet:
         self.test_kinds = TaskKinds.of(view)
         keys, self.of_test_kind = like_test(view, sorted(view.groups(val)), self.test_kinds)
         if len(keys) > max_groups:
-            keys = [keys[i] for i in np.sort(rng.choice(len(keys), size=max_groups, replace=False))]
+            keys = self._choose(view, keys, max_groups, rng)
         for pert, ctx in keys:
             rows = visible[(pert, ctx)]
             if len(rows) < min_cells:
@@ -178,14 +181,44 @@ class ValidationSet:
                 pert, ctx, real, all_controls[chosen], all_controls.mean(0),
                 M.top_de_genes(real, all_controls, top_k), self.pca.transform(real),
             ))
+        self.weights = self._kind_weights(view)
         self._no_change = self._edistance(lambda p, c, controls: controls) if self.groups else float("nan")
 
     def __len__(self) -> int:
         return len(self.groups)
 
+    def _choose(self, view: SplitView, keys: list[tuple[str, str]], n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+        """``n`` of the groups (seeded), each test kind's number in proportion to its share of the
+        test perturbations (at least one each), so that no kind the test asks for is left out."""
+        by_kind: dict[Kind, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_kind.setdefault(self.test_kinds.kind(view.data, key[0], key), []).append(i)
+        shares = self.test_kinds.shares
+        if not self.of_test_kind or any(k not in shares for k in by_kind):
+            return [keys[i] for i in np.sort(rng.choice(len(keys), size=n, replace=False))]
+        total = sum(shares[k] for k in by_kind)
+        quota = {k: min(len(rows), max(1, int(round(n * shares[k] / total)))) for k, rows in by_kind.items()}
+        chosen = [i for k in sorted(by_kind) for i in rng.choice(by_kind[k], size=quota[k], replace=False)]
+        return [keys[i] for i in sorted(chosen)]
+
+    def _kind_weights(self, view: SplitView) -> np.ndarray:
+        """Each group's weight in the means: a kind weighs as its share of the test perturbations
+        (norman-unseen-single: 5 unseen singles, 4 combinations with one unseen component), split
+        evenly among the validation groups of that kind; equal weights where the groups are not of
+        the test's kinds."""
+        if not self.groups:
+            return np.zeros(0)
+        kinds = [self.test_kinds.kind(view.data, g.perturbation, (g.perturbation, g.context)) for g in self.groups]
+        shares = self.test_kinds.shares
+        if not self.of_test_kind or not shares or any(k not in shares for k in kinds):
+            return np.full(len(kinds), 1.0 / len(kinds))
+        present = {k: kinds.count(k) for k in set(kinds)}
+        total = sum(shares[k] for k in present)
+        return np.array([shares[k] / total / present[k] for k in kinds])
+
     def _edistance(self, predict: Predictor) -> float:
-        return float(np.mean([M.edistance(self.pca.transform(predict(g.perturbation, g.context, g.controls)), g.real_pcs)
-                              for g in self.groups]))
+        return float(np.average([M.edistance(self.pca.transform(predict(g.perturbation, g.context, g.controls)), g.real_pcs)
+                                 for g in self.groups], weights=self.weights))
 
     def score(self, predict: Predictor) -> ValidationScore:
         """Score a predictor of validation cells (see the module docstring)."""
@@ -195,5 +228,5 @@ class ValidationSet:
             r = M.pearson_delta_vs_reference(cells.mean(0), g.real.mean(0), g.control_mean, g.de_genes)
             pearsons.append(0.0 if np.isnan(r) else r)
             distances.append(M.edistance(self.pca.transform(cells), g.real_pcs))
-        pearson, distance = float(np.mean(pearsons)), float(np.mean(distances))
+        pearson, distance = float(np.average(pearsons, weights=self.weights)), float(np.average(distances, weights=self.weights))
         return ValidationScore(pearson, distance, pearson - distance / max(self._no_change, 1e-12))
