@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -101,8 +103,10 @@ def test_refit_trains_again_on_every_training_cell(data, tmp_path):
     model = LatentShift.from_view(view, config)
     model.fit(view, TrainConfig(max_steps=20, batch_size=16, val_every=20, checkpoint_every=20, progress=False), tmp_path)
     assert model.fit_report["validation_split"]["model_trained_on"] == "all training cells"
-    assert "inner_fit" in model.fit_report
+    assert "inner_fit" in model.fit_report and "decoder" in model.fit_report["inner_fit"]
     assert (tmp_path / "refit").is_dir()
+    model.save(tmp_path / "saved")  # the report of both fits is a plain record
+    assert "inner_fit" in json.loads((tmp_path / "saved" / "model.json").read_text())["fit_report"]
 
 
 def test_validation_weighs_each_kind_as_the_test_does(data):

@@ -104,7 +104,7 @@ class AnchoredModel(PerturbationModel):
         if inner.held_out:
             self.prior = self.prior.refitted(view)  # the chosen baseline, on every training cell
             if self.config.refit:
-                inner_report = self.fit_report
+                inner_report, self.fit_report = self.fit_report, {}
                 self.fit_anchored(view, train_config, run_dir / REFIT_DIR, resume, None)
                 self.fit_report["inner_fit"] = inner_report
             chosen["validation_split"]["model_trained_on"] = "all training cells" if self.config.refit else (
