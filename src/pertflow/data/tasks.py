@@ -6,7 +6,8 @@ A task file (``<name>.yaml``; the benchmark's ship with the package, :data:`TASK
     question: carry the interferon response to a new cell type
     dataset: kang18_pbmc_ifnb.h5ad          # a file name inside the data folder
     kind: context                           # a split kind of pertflow.data.splits
-    folds: [B, CD14+Mono, ...]              # optional; for `context` a fold is the test context
+    folds: [B, CD14+Mono, ...]              # optional; for `context` a fold is the test context,
+                                            # for other kinds a mapping: fold name -> its options
     spec: {}                                # optional data spec keys (pert_col, control, ...)
     options: {context_col: cell_type, n_top_genes: 2000}
 
@@ -43,6 +44,7 @@ class Task:
     folds: tuple[str, ...] = ()
     spec: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    fold_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> Task:
@@ -60,12 +62,22 @@ class Task:
             raise InputError(f"{path}: the task needs the keys {missing}.")
         if data["kind"] not in SPLIT_KINDS:
             raise InputError(f"{path}: unknown kind '{data['kind']}'; choose one of {list(SPLIT_KINDS)}.")
+        folds = data.get("folds") or ()
+        fold_options: dict[str, dict[str, Any]] = {}
+        if isinstance(folds, dict):  # fold name -> the builder's options of that fold
+            if not all(isinstance(v, dict) for v in folds.values()):
+                raise InputError(f"{path}: folds given as a mapping need options per fold (name: {{option: value}}).")
+            fold_options = {str(k): dict(v) for k, v in folds.items()}
+        elif folds and data["kind"] != "context":
+            raise InputError(f"{path}: a list of folds names test contexts, which a task of kind '{data['kind']}' has "
+                             "not; give the folds as a mapping of fold name to options (e.g. test_perturbations).")
         return cls(
             name=data["name"],
             dataset=data["dataset"],
             kind=data["kind"],
             question=data.get("question", ""),
-            folds=tuple(str(f) for f in data.get("folds") or ()),
+            folds=tuple(str(f) for f in folds),
+            fold_options=fold_options,
             spec=dict(data.get("spec") or {}),
             options=dict(data.get("options") or {}),
         )
@@ -89,9 +101,10 @@ class Task:
             raise InputError(f"task {self.name} has no folds; leave out --fold.")
         options = dict(self.options)
         if fold is not None:
-            if self.kind != "context":
-                raise InputError(f"folds are test contexts; task {self.name} of kind '{self.kind}' cannot have folds.")
-            options["test_context"] = fold
+            if fold in self.fold_options:
+                options.update(self.fold_options[fold])
+            else:
+                options["test_context"] = fold
         split = make_split(data, self.kind, **options)
         split.name, split.task, split.fold = self.split_name(fold), self.name, fold
         return split
