@@ -155,3 +155,37 @@ def test_a_second_writer_of_a_run_folder_stops_at_once_naming_the_holder(synthet
             with folder_lock(tmp_path / "other"):
                 pass
     assert not (tmp_path / "other" / LOCK_FILE).exists()
+
+
+# ---------------------------------------------------------------------------- a full disk
+def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_the_run_resumes(synthetic_file, split_file, tmp_path,
+                                                                                  monkeypatch, capsys):
+    import errno
+
+    import pertflow.train.checkpoint as checkpoint
+
+    args = ["train", "--model", "cfm", "--data", str(synthetic_file), "--split", str(split_file)]
+    assert main([*args, "--out", str(tmp_path / "unbroken"), *sets([*TINY_CFM, "train.max_steps=6"])]) == 0
+    real_save = checkpoint.save_file
+    calls = {"n": 0}
+
+    def full_disk(tensors, filename, metadata=None):
+        calls["n"] += 1
+        if "step-00000006" in filename:  # the second checkpoint: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main([*args, "--out", str(run), *sets([*TINY_CFM, "train.max_steps=6"])]) == 2
+    line = one_error_line(capsys, "train")
+    assert "No space left on device" in line and "free space" in line and str(run / "checkpoints") in line
+    # no partial checkpoint under a final name; the earlier one intact and pointed at
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000003"]
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 3
+    monkeypatch.undo()  # space freed: the run resumes and ends as the one that never met a full disk
+    assert main(["train", "--resume", "--out", str(run)]) == 0
+    unbroken = PerturbationModel.load(tmp_path / "unbroken").state_tensors()
+    for name, value in PerturbationModel.load(run).state_tensors().items():
+        torch.testing.assert_close(value, unbroken[name], rtol=0, atol=0)
