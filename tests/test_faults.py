@@ -189,3 +189,49 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_the_run_resumes
     unbroken = PerturbationModel.load(tmp_path / "unbroken").state_tensors()
     for name, value in PerturbationModel.load(run).state_tensors().items():
         torch.testing.assert_close(value, unbroken[name], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- bad input that was silent
+def test_a_file_whose_later_cells_break_the_transform_is_caught_in_the_whole_pass(tmp_path):
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    from pertflow.data.dataset import PerturbationData
+    from pertflow.errors import InputError
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    counts = rng.poisson(1.0, size=(n, 20)).astype(np.float32)
+    adata = ad.AnnData(sp.csr_matrix(counts))
+    adata.obs_names = [f"c{i}" for i in range(n)]
+    adata.var_names = [f"G{i}" for i in range(20)]
+    adata.obs["perturbation"] = np.where(np.arange(n) % 3 == 0, "control", np.where(np.arange(n) % 3 == 1, "G1", "G2"))
+    sampled = set(np.random.default_rng(0).choice(n, size=2000, replace=False))  # the cells the detection reads
+    broken = max(set(range(n)) - sampled)
+    x = adata.X.tolil()
+    x[broken, 3] = 2.5  # a corrected value in one cell the sample does not read
+    adata.X = x.tocsr()
+    with pytest.raises(InputError, match=rf"not a whole number: 2.5 in cell 'c{broken}'"):
+        PerturbationData.from_anndata(adata, pert_col="perturbation", control="control", is_counts=True).validate()
+
+
+def test_a_split_that_names_a_cell_twice_or_in_two_parts_is_refused(synthetic_adata):
+    from pertflow.data.dataset import PerturbationData
+    from pertflow.data.splits import make_split
+    from pertflow.errors import InputError
+
+    data = PerturbationData.from_anndata(synthetic_adata)
+    split = make_split(data, "random", test_fraction=0.2)
+    twice = dataclasses_replace(split, train=split.train + split.train[:2])
+    with pytest.raises(InputError, match="names 2 cells twice in 'train'"):
+        twice.rows(data)
+    both = dataclasses_replace(split, val=split.val + split.train[:3])
+    with pytest.raises(InputError, match="3 cells are both in train and in val"):
+        both.rows(data)
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)

@@ -47,6 +47,16 @@ def test_labels_with_spaces_or_another_case_are_not_silently_two_perturbations(s
         PerturbationData.from_anndata(adata, pert_col="perturbation")
 
 
+def test_labels_of_mixed_types_that_read_the_same_are_refused(synthetic_adata):
+    adata = synthetic_adata.copy()
+    labels = adata.obs["perturbation"].astype(str).to_numpy().astype(object)
+    labels[labels == "control"] = "0"
+    labels[np.flatnonzero(labels == "0")[:5]] = 0  # the same control label, once as a number
+    adata.obs["perturbation"] = labels
+    with pytest.raises(InputError, match=r"mix types \(int, str\) that read as the same label"):
+        PerturbationData.from_anndata(adata, pert_col="perturbation", control="0")
+
+
 def test_a_context_column_with_missing_values_stops_too(synthetic_adata):
     adata = synthetic_adata.copy()
     contexts = adata.obs["cell_type"].astype(object).to_numpy()

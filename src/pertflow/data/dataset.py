@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 from pertflow.data.dose import numeric_doses, with_doses
 from pertflow.data.loading import DEFAULT_CHUNK, ExpressionSource, H5adFile, normalize_log1p, stored_values
 from pertflow.data.spec import (
+    LOG_MAX,
     SPEC_FIELDS,
+    WHOLE_TOLERANCE,
     DataSpec,
     Detection,
     ValueEvidence,
@@ -51,6 +53,13 @@ def check_labels(values: pd.Series, col: str, what: str) -> None:
             f"(adata = adata[adata.obs['{col}'].notna()]) or give them a label, then run again."
         )
     names = pd.Series(pd.unique(values.astype(str)))
+    raw = pd.unique(values.dropna().to_numpy(dtype=object)) if values.dtype == object else names
+    if len(raw) > len(names):
+        kinds = sorted({type(v).__name__ for v in raw})
+        raise InputError(
+            f"{what} labels in obs['{col}'] mix types ({', '.join(kinds)}) that read as the same label (e.g. 1 and '1'). "
+            f"Write them all as text (adata.obs['{col}'] = adata.obs['{col}'].astype(str)), then run again."
+        )
     spaced = names[names != names.str.strip()]
     if len(spaced):
         raise InputError(
@@ -265,6 +274,7 @@ class PerturbationData:
         perturbation must have at least ``spec.min_cells`` cells in each context where it occurs.
         """
         source = self.source
+        unfit: tuple[int, float] | None = None  # the first value that does not fit the declared transform
         chunks = source.iter_chunks(DEFAULT_CHUNK)
         n_chunks = -(-source.shape[0] // DEFAULT_CHUNK)
         if progress and n_chunks > 4:
@@ -287,7 +297,21 @@ class PerturbationData:
                     f"'{self.adata.obs_names[row]}'). pertflow needs counts or log1p-normalised expression: "
                     "pass a layer with counts (--layer) or undo scaling/centring."
                 )
-        check_transform(self.spec, ValueEvidence.sample(source), self._how_transform_was_set(), self._layer_names())
+            if unfit is None:  # the whole file, not only the sampled cells, must fit the transform
+                wrong = np.abs(values - np.round(values)) > WHOLE_TOLERANCE if self.spec.is_counts else values > LOG_MAX
+                if wrong.any():
+                    unfit = (start + _first_row_where(block, wrong), float(values[wrong][0]))
+        how = self._how_transform_was_set()
+        check_transform(self.spec, ValueEvidence.sample(source), how, self._layer_names())
+        if unfit is not None:
+            row, value = unfit
+            kind = (f"read as raw counts ({how}) but holds a value that is not a whole number" if self.spec.is_counts
+                    else f"read as log-normalised ({how}) but holds a value far above what log1p expression reaches")
+            raise InputError(
+                f"{source.name} is {kind}: {value:.6g} in cell '{self.adata.obs_names[row]}' (row {row}), although the "
+                "sampled cells looked right. Part of the file was stored another way: repair those cells, or choose "
+                "another expression source (--layer)."
+            )
         if not self.is_control.any():
             raise InputError(
                 f"no control cells: no cell of obs['{self.spec.pert_col}'] is labelled '{self.spec.control}'. "

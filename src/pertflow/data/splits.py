@@ -25,6 +25,7 @@ Split kinds
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 import hashlib
 import inspect
 import json
@@ -148,6 +149,16 @@ class Split:
                 "the split's test set is empty, so there is nothing to predict or evaluate. "
                 "Rebuild the split with held-out cells (pertflow split)."
             )
+        for part in ("train", "val", "test"):
+            names = getattr(self, part)
+            if len(set(names)) != len(names):
+                twice = sorted(n for n, k in Counter(names).items() if k > 1)
+                raise InputError(f"the split names {len(twice)} cells twice in '{part}' (e.g. {twice[:3]}). Name each cell "
+                                 "once: fix the split.")
+        both = set(self.train) & set(self.val)
+        if both:
+            raise InputError(f"{len(both)} cells are both in train and in val (e.g. {sorted(both)[:3]}). A cell belongs to "
+                             "one part of a split: fix the split.")
         overlap = set(self.test) & (set(self.train) | set(self.val))
         if overlap:
             raise InputError(
