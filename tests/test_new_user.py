@@ -105,3 +105,20 @@ def test_evaluate_shows_the_result_beside_the_baselines_and_the_ceiling(syntheti
     pd.testing.assert_series_equal(table.loc["prediction"], table.loc["mean"], check_names=False, atol=1e-6)  # it is the mean
     assert main([*args, "--out", str(tmp_path / "alone"), "--no-baselines"]) == 0
     assert "beside the baselines" not in capsys.readouterr().out and not (tmp_path / "alone" / "yardstick.csv").exists()
+
+
+def test_the_split_file_is_the_source_of_truth_for_its_control_label(synthetic_adata, tmp_path, capsys):
+    adata = synthetic_adata.copy()
+    labels = adata.obs["perturbation"].astype(str)
+    adata.obs["perturbation"] = labels.where(labels != "control", "zero").to_numpy()  # a label detection does not know
+    path = tmp_path / "data.h5ad"
+    adata.write_h5ad(path)
+    split = tmp_path / "split.json"
+    assert main(["split", "--data", str(path), "--kind", "combinations", "--seen", "2", "--control", "zero",
+                 "--out", str(split)]) == 0
+    # later commands read the control label from the split: no --control again
+    assert main(["train", "--model", "mean", "--data", str(path), "--split", str(split), "--out", str(tmp_path / "run")]) == 0
+    assert main(["predict", "--run", str(tmp_path / "run"), "--data", str(path), "--split", str(split),
+                 "--out", str(tmp_path / "pred.h5ad")]) == 0
+    assert main(["evaluate", "--data", str(path), "--split", str(split), "--pred", str(tmp_path / "pred.h5ad"),
+                 "--out", str(tmp_path / "eval"), "--no-baselines"]) == 0

@@ -108,8 +108,18 @@ def _view(data: DataArg, split: SplitArg, genes: list[str] | None = None, **read
         yield data
         return
     split = split_of(data, split)
-    with _dataset(data, **read_args) as dataset:
+    with _dataset(data, **recorded_spec(split, read_args)) as dataset:
         yield split_view(dataset, split, genes)
+
+
+def recorded_spec(split: Split, read_args: dict[str, Any]) -> dict[str, Any]:
+    """The read arguments, with the perturbation column and control label the split file records
+    where none were given: the split is the source of truth for them, so a later command on the
+    same file needs no ``--control`` again."""
+    if read_args.get("spec") is not None:
+        return read_args
+    recorded = {"pert_col": split.pert_col, "control": split.control}
+    return {**{k: v for k, v in recorded.items() if v is not None}, **{k: v for k, v in read_args.items() if v is not None}}
 
 
 def inspect(path: str | Path, save_spec: str | Path | None = None, overwrite: bool = False, **read_args: Any) -> dict[str, Any]:
