@@ -122,3 +122,21 @@ def test_the_split_file_is_the_source_of_truth_for_its_control_label(synthetic_a
                  "--out", str(tmp_path / "pred.h5ad")]) == 0
     assert main(["evaluate", "--data", str(path), "--split", str(split), "--pred", str(tmp_path / "pred.h5ad"),
                  "--out", str(tmp_path / "eval"), "--no-baselines"]) == 0
+
+
+def test_training_ends_with_a_short_readable_summary(synthetic_file, tmp_path, capsys):
+    data = str(synthetic_file)
+    split = tmp_path / "split.json"
+    assert main(["split", "--data", data, "--kind", "context", "--test-context", "line_A", "--out", str(split)]) == 0
+    capsys.readouterr()
+    sets = ["model.n_components=8", "model.hidden=16", "model.decoder_hidden=16", "model.decoder_steps=10",
+            "train.max_steps=10", "train.val_every=10", "train.checkpoint_every=10", "train.progress=false"]
+    args = ["train", "--model", "latent-shift", "--data", data, "--split", str(split), "--out", str(tmp_path / "run")]
+    assert main([*args, *[a for s in sets for a in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert "validation: the perturbed cells of the training context(s) line_" in out and "context transfer" in out
+    assert "predicts with " in out and "higher is better" in out
+    assert "{" not in out and "0.0000000" not in out  # no raw Python record, no unrounded floats
+    assert main(["train", "--model", "mean", "--data", data, "--split", str(split), "--out", str(tmp_path / "mean")]) == 0
+    out = capsys.readouterr().out
+    assert "no network: nothing to checkpoint" in out and "checkpoints of a network" not in out

@@ -33,7 +33,7 @@ from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
 from pertflow.models.predict import interval_table, prediction_means, predict_split
 from pertflow.models.registry import BASELINES, model_class, model_names
-from pertflow.runs import RUN_FILES, DataArg, SplitArg, TrainRun, shipped_config, split_of, start_run  # noqa: F401  (benchmark reads RUN_FILES here)
+from pertflow.runs import RUN_FILES, DataArg, SplitArg, TrainRun, fit_summary, shipped_config, split_of, start_run  # noqa: F401  (benchmark reads RUN_FILES here)
 from pertflow.runtime import check_threads, quiet_libraries, set_threads
 from pertflow.train.config import TrainConfig
 from pertflow.train.launch import is_main_process, run_processes
@@ -58,6 +58,7 @@ __all__ = [
     "pretrain",
     "quiet_libraries",
     "check_threads",
+    "fit_summary",
     "set_threads",
     "split",
     "split_view",

@@ -228,14 +228,15 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("train", "train a model on a split's training cells", _train_arguments)
 def cmd_train(args: argparse.Namespace) -> int:
-    from pertflow.api import train
+    from pertflow.api import fit_summary, train
 
     model = train(args.model, args.data, args.split, args.out, config=args.config, sets=args.set, resume=args.resume,
                   genes=args.genes, overwrite=args.overwrite, processes=args.processes, **read_args(args))
-    report = ", ".join(f"{k} {v}" for k, v in model.fit_report.items() if not isinstance(v, list))
-    print(f"trained {model.name}" + (f": {report}" if report else ""))
-    print(f"wrote the run folder {args.out} (model.json, model.safetensors, run.json; training history and checkpoints "
-          f"of a network). Predict with: pertflow predict --run {args.out} ...")
+    print("\n".join(fit_summary(model)))
+    trained = (Path(args.out) / "history.csv").is_file()
+    kept = "; the training history and checkpoints" if trained else " (no network: nothing to checkpoint)"
+    print(f"wrote the run folder {args.out} (model.json, model.safetensors, run.json{kept}); the full record is "
+          f"fit_report in model.json. Predict with: pertflow predict --run {args.out} ...")
     return 0
 
 

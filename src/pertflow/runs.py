@@ -202,3 +202,37 @@ def shipped_config(model: str | None, config: str | Path | None) -> str | Path |
         names = sorted(p.name for p in package_dir("configs").glob(f"{model}-*.yaml"))
         raise InputError(f"no config file '{config}' and no shipped config '{path.name}' (shipped for {model}: {names}).")
     return path
+
+
+# ---------------------------------------------------------------------------- what a run chose, in words
+MODE_WORDS = {"flow": "its own cells", "prior-mean": "its own cells moved onto its prior's mean", "prior": "its prior's cells"}
+
+
+def fit_summary(model: Any) -> list[str]:
+    """A few rounded lines saying what training did and chose and why (the raw record stays in
+    ``model.json``'s ``fit_report``)."""
+    report = model.fit_report
+    lines = []
+    steps = report.get("steps")
+    what = f"trained {model.name}" + (f": {steps} steps" if steps else "")
+    if report.get("best_step") not in (None, steps):
+        what += f", the weights of step {report['best_step']} kept"
+    lines.append(what)
+    split = report.get("validation_split")
+    if split:
+        held = ", ".join(split.get("held_out", [])[:5])
+        kind = {"contexts": f"the perturbed cells of the training context(s) {held}",
+                "perturbations": f"the training perturbation(s) {held}"}.get(split.get("kind"), "the split's validation cells")
+        lines.append(f"validation: {kind} ({split.get('reason', '')}); {split.get('groups', 0)} groups scored")
+        if split.get("model_trained_on"):
+            lines.append(f"  the model was then trained on {split['model_trained_on']}; its prior refitted on every training cell")
+    if report.get("prior"):
+        lines.append(f"prior: {report['prior']} ({report.get('prior_reason', '')})")
+    scores = report.get("validation")
+    if isinstance(scores, dict) and scores:
+        shown = ", ".join(f"{MODE_WORDS.get(m, m)} {s['pearson_top20_de']:.3f} / {s['edistance']:.3g}"
+                          for m, s in scores.items() if isinstance(s, dict) and "pearson_top20_de" in s)
+        lines.append(f"on validation (top-20 DE Pearson delta, higher is better / E-distance, lower is better): {shown}")
+    if report.get("prediction_mode"):
+        lines.append(f"predicts with {MODE_WORDS.get(report['prediction_mode'], report['prediction_mode'])}")
+    return lines
