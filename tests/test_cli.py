@@ -121,6 +121,9 @@ def test_demo_end_to_end_with_a_tiny_flow_model(tmp_path, monkeypatch, capsys):
         if "metrics" not in name:
             assert f"(benchmark/plots/{name})" in report, name  # shown in the report
     assert not (bench / "plots" / "synthetic-combo-seen2_additive_training.png").exists()  # a baseline does not train
+    manifest = json.loads((bench / "manifest.json").read_text())  # what made the results folder
+    assert manifest["models"] == ["no-change", "additive", "cfm"] and manifest["seconds"] > 0
+    assert {"commit", "command", "configs", "machine"} <= set(manifest) and manifest["machine"]["threads"] == 1
     assert (bench / "runs" / "synthetic-combo-seen2" / "cfm" / "pred.h5ad").is_file()
 
 

@@ -31,6 +31,7 @@ refused when it exists (see :func:`pertflow.io.check_output`).
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +54,9 @@ from pertflow.io import check_writable, package_dir, write_text
 if TYPE_CHECKING:
     from pertflow.data.view import SplitView
 
+CEILING_NOTE = ("*ceiling*: half of the real cells scored against the other half. Its Pearson deltas (corrected to full "
+                "depth) are what the data's sampling noise allows; its other metrics are measured at half depth, so its "
+                "E-distance is a noisier reference, not a bound (a model may score below it).\n\n")
 KEY_METRICS = (
     "pearson_delta",
     "pearson_delta_top20_de",
@@ -184,6 +188,7 @@ def run_benchmark(
             raise InputError(f"model variant '{name}' has no config {name}{config_suffix} in {configs_dir}; "
                              "write one there (a variant is its family's model trained with its own config).")
     eval_config = EvalConfig(num_threads=threads)
+    started = time.perf_counter()
     tables = []
     for task in tasks:
         data = task.open_data(data_dir)
@@ -246,6 +251,7 @@ def run_benchmark(
         raise InputError("nothing was benchmarked: give at least one model and one task.")
     results = pd.concat(tables, ignore_index=True)
     write_report(results, out, models)
+    write_manifest(out, models, configs_dir, config_suffix, time.perf_counter() - started, threads)
     return results
 
 
@@ -394,7 +400,8 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown_table(summary: pd.DataFrame, metrics: tuple[str, ...] = KEY_METRICS) -> str:
-    """One table per task, the best model of each column in bold (direction from the metric).
+    """One table per task, each column's direction (↑ higher, ↓ lower is better) in its header and
+    its best model in bold.
 
     Values are compared as shown (3 decimals): models a reader sees tie are bold together, and
     float noise below the shown precision decides nothing."""
@@ -405,7 +412,9 @@ def markdown_table(summary: pd.DataFrame, metrics: tuple[str, ...] = KEY_METRICS
     for task, block in summary.groupby(level="task", sort=False):
         block = block.droplevel("task")
         cols = [m for m in metrics if m in block.columns and block[m].notna().any()]
-        lines += [f"### {task}", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        arrows = {"higher": " ↑", "lower": " ↓"}
+        header = [m + arrows.get(metric_direction(m), "") for m in cols]
+        lines += [f"### {task}", "", "| model | " + " | ".join(header) + " |", "|---" * (len(cols) + 1) + "|"]
         best: dict[str, set[str]] = {}
         for m in cols:
             direction = metric_direction(m)
@@ -460,6 +469,45 @@ def verdict_lines(summary: pd.DataFrame, baselines: tuple[str, ...], metric: str
     return lines
 
 
+def write_manifest(out: Path, models: list[str], configs_dir: Path | None, config_suffix: str, seconds: float,
+                   threads: int, command: str | None = None) -> None:
+    """``out/manifest.json``: what made the results folder: the commit, the command, each model's
+    config file and its SHA-256, the machine and the seconds of the call that wrote it."""
+    import hashlib
+    import platform
+    import subprocess
+    import sys
+
+    import torch
+
+    from pertflow.runtime import available_cores
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    configs = {}
+    for model in models:
+        path = configs_dir / f"{model}{config_suffix}" if configs_dir else None
+        if path is not None and path.is_file():
+            configs[model] = {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+    manifest = {
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "command": command or " ".join(["pertflow", *sys.argv[1:]]),
+        "models": models,
+        "configs": configs,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "cores": available_cores(), "threads": threads},
+        "seconds": round(seconds, 1),
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+
 def write_report(results: pd.DataFrame, out: Path, models: list[str]) -> None:
     from pertflow.io import atomic_path
 
@@ -470,8 +518,7 @@ def write_report(results: pd.DataFrame, out: Path, models: list[str]) -> None:
     with atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp)
     write_text(out / "summary.md", "Mean over perturbations within a fold, then over folds; best model per column in bold; "
-               "*ceiling*: half of the real cells scored against the other half (the best reachable given the "
-               "data's sampling noise, at half depth).\n\n" + markdown_table(summary))
+               + CEILING_NOTE + markdown_table(summary))
     from pertflow.models.registry import BASELINES
 
     plot_metrics(summary, out / "plots", baselines=tuple(BASELINES))

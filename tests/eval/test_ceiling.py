@@ -90,3 +90,4 @@ def test_benchmark_table_has_a_ceiling_row_never_marked_best():
     table = markdown_table(summary)
     assert "| additive | **0.600** | **0.300** |" in table
     assert "| *ceiling* | *0.900* | *0.100* |" in table
+    assert "| model | pearson_delta ↑ | edistance_pca ↓ |" in table  # each column says which way is better
