@@ -64,6 +64,9 @@ def test_unseen_perturbations_are_validated_on_held_out_training_perturbations(d
     singles = [p for p in inner.held_out if len(data.components(p)) == 1]
     assert len(singles) == 1
     single = singles[0]
+    # the test holds combinations with an unseen component: so does validation
+    assert any(len(data.components(p)) > 1 for p in view.split.test_perturbations)
+    assert any(len(data.components(p)) > 1 for p in inner.held_out)
     trained = set(data.perturbations[_perturbed(view, inner.view.rows.train)])
     # the single and every combination containing it leave training together
     assert not any(single in data.components(p) for p in trained)

@@ -155,10 +155,16 @@ def _nearest_contexts(view: SplitView, candidates: list[str], n: int, rng: np.ra
 
 
 def _held_out_perturbations(view: SplitView, perturbed: np.ndarray, n_held_out: int, rng: np.random.Generator) -> list[str]:
-    """Training singles (seeded) and every training perturbation that contains one of them."""
+    """Training singles (seeded) and every training perturbation that contains one of them. Where the
+    test holds combinations with an unseen component, the singles are drawn among those that are
+    components of training combinations, so that validation has that kind too."""
     data = view.data
     names = sorted(set(map(str, data.perturbations[perturbed])))
     singles = sorted({data.components(p)[0] for p in names if len(data.components(p)) == 1})
+    in_combos = sorted({c for p in names if len(data.components(p)) > 1 for c in data.components(p)} & set(singles))
+    test_has_combos = any(len(data.components(p)) > 1 for p in view.split.test_perturbations)
+    if test_has_combos and in_combos:
+        singles = in_combos
     n = _count(n_held_out, len(singles))
     if n == 0:
         return []
