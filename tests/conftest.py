@@ -39,3 +39,13 @@ def synthetic_file(tmp_path_factory, synthetic_adata) -> Path:
     path = tmp_path_factory.mktemp("synthetic") / "synthetic.h5ad"
     synthetic_adata.write_h5ad(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def split_file(synthetic_file, tmp_path_factory) -> Path:
+    """A combinations split (both singles measured) of the synthetic file, written by the CLI."""
+    from pertflow.cli import main
+
+    path = tmp_path_factory.mktemp("split") / "split.json"
+    assert main(["split", "--data", str(synthetic_file), "--kind", "combinations", "--seen", "2", "--out", str(path)]) == 0
+    return path

@@ -10,14 +10,8 @@ from pertflow.data.dataset import PerturbationData
 from pertflow.errors import InputError
 from pertflow.models.registry import model_class
 from pertflow.runtime import available_cores
+from cli_helpers import one_error_line
 
-
-def one_error_line(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith(f"pertflow {command}:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_nan_perturbation_labels_stop_with_a_count_and_the_fix(synthetic_adata):

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 
-import pytest
 import torch
 
 import pertflow.api
@@ -21,6 +20,7 @@ from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import Split
 from pertflow.data.synthetic import make_synthetic
 from pertflow.models.base import PerturbationModel
+from cli_helpers import one_error_line, sets
 
 TINY_CFM = [
     "model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.genes_per_step=20", "predict.ode_steps=2",
@@ -29,23 +29,7 @@ TINY_CFM = [
 ]
 
 
-def sets(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
 
-
-def one_error_line(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith(f"pertflow {command}:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def split_file(synthetic_file, tmp_path_factory):
-    path = tmp_path_factory.mktemp("split") / "split.json"
-    assert main(["split", "--data", str(synthetic_file), "--kind", "combinations", "--seen", "2", "--out", str(path)]) == 0
-    return path
 
 
 def train_args(synthetic_file, split_file, out, model="cfm"):
