@@ -220,3 +220,86 @@ def dataclasses_replace(obj, **changes):
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
+
+
+# ---------------------------------------------------------------------------- kill -9 at any moment
+def killed(args: list[str], point: str, cwd=None) -> int:
+    """Run ``pertflow ARGS`` in a subprocess that kills itself (SIGKILL) at a crash point."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PERTFLOW_CRASH_AT": point}
+    done = subprocess.run([sys.executable, "-m", "pertflow.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    return done.returncode
+
+
+@pytest.fixture(scope="module")
+def nine_steps(synthetic_file, split_file, tmp_path_factory):
+    """The weights of a 9-step run (checkpoints at 3, 6, 9) trained without a fault."""
+    run = tmp_path_factory.mktemp("nine") / "run"
+    args = ["train", "--model", "cfm", "--data", str(synthetic_file), "--split", str(split_file), "--out", str(run)]
+    assert main([*args, *sets([*TINY_CFM, "train.max_steps=9"]), "--threads", "1"]) == 0  # threads: as the killed runs
+    return PerturbationModel.load(run).state_tensors()
+
+
+@pytest.mark.parametrize("point", ["train-step:2", "checkpoint-write:2", "validation:2"])
+def test_train_killed_at_any_moment_resumes_to_the_uninterrupted_weights(synthetic_file, split_file, tmp_path, nine_steps,
+                                                                         point):
+    import signal
+
+    run = tmp_path / "run"
+    args = ["train", "--model", "cfm", "--data", str(synthetic_file), "--split", str(split_file), "--out", str(run),
+            *sets([*TINY_CFM, "train.max_steps=9"])]
+    assert killed([*args, "--threads", "1"], point) == -signal.SIGKILL
+    assert not (run / "model.json").exists()  # it died before the end
+    # the next resume continues from the last complete checkpoint (none: from step 0), lock taken over
+    assert main(["train", "--resume", "--out", str(run), "--threads", "1"]) == 0
+    for name, value in PerturbationModel.load(run).state_tensors().items():
+        torch.testing.assert_close(value, nine_steps[name], rtol=0, atol=0)
+
+
+DEMO_SCRIPT = """
+import sys
+from pathlib import Path
+from pertflow.demo import DEMO_CONFIGS, run_demo
+from pertflow.runtime import set_threads
+
+set_threads(1)
+cfm = DEMO_CONFIGS["cfm"]
+tiny = {"model": {**cfm["model"], "d_model": 16}, "predict": cfm["predict"],
+        "train": {**cfm["train"], "max_steps": 4, "val_every": 2, "checkpoint_every": 2, "log_every": 1, "progress": False}}
+run_demo(Path(sys.argv[1]), models=("no-change", "cfm"), configs={"cfm": tiny}, threads=1)
+"""
+
+
+def test_a_benchmark_killed_while_predicting_finishes_on_a_rerun_with_the_same_cells(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import anndata as ad
+    import numpy as np
+
+    from pertflow.api import predict, split_view
+    from pertflow.data.dataset import PerturbationData
+    from pertflow.data.tasks import Task
+
+    out = tmp_path / "demo"
+    run = out / "benchmark" / "runs" / "synthetic-combo-seen2" / "cfm"
+    # no-change predicts the 15 test groups (5 combinations x 3 contexts) first: the 17th is one of cfm's
+    env = {**os.environ, "PERTFLOW_CRASH_AT": "predict:17"}
+    first = subprocess.run([sys.executable, "-c", DEMO_SCRIPT, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    assert (run / "model.json").is_file() and not (run / "pred.h5ad").exists()  # trained, killed while predicting
+    rerun = subprocess.run([sys.executable, "-c", DEMO_SCRIPT, str(out)], capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (out / "report.md").is_file() and not list(run.glob(".pred*"))  # no half-written prediction left
+    # the prediction the rerun wrote is the one the run gives with the same seed
+    task = Task(name="synthetic-combo-seen2", dataset="synthetic.h5ad", kind="combinations", options={"seen": [2]})
+    with PerturbationData.read(out / "synthetic.h5ad") as data:
+        again = predict(run, split_view(data, task.build(data)), None, seed=0)
+    written = ad.read_h5ad(run / "pred.h5ad")
+    np.testing.assert_array_equal(np.asarray(written.X), np.asarray(again.X))

@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from pertflow.faults import crash_point
 from pertflow.data.view import SplitView
 from pertflow.errors import InputError
 from pertflow.models.base import PerturbationModel
@@ -110,6 +111,7 @@ def predict_split(
         controls = own = view.expression.get(chosen)[:, to_model]
         if control_shift is not None:
             controls = np.clip(own + control_shift, 0, None)
+        crash_point("predict")
         pred = model.generate(controls, pert, ctx, model_rng, settings)
         if pred.shape != (len(group), len(model.genes)) or not np.isfinite(pred).all():
             raise RuntimeError(f"model '{model.name}' returned a bad prediction for {pert} in {ctx}: shape {pred.shape}")

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pertflow.errors import InputError
+from pertflow.faults import crash_point
 from pertflow.io import atomic_path, read_json, write_json
 
 FORMAT_VERSION = 1
@@ -170,6 +171,7 @@ class CheckpointDir:
         tmp.mkdir()
         opt_tensors, opt_meta = optimizer_to_flat(optimizer_state)
         save_tensors(tmp / "model.safetensors", model_state)
+        crash_point("checkpoint-write")
         save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, **rng_tensors()})
         checksums = {name: file_digest(tmp / name) for name in TENSOR_FILES}
         write_json(tmp / "state.json", {"format_version": FORMAT_VERSION, "step": step, "optimizer": opt_meta,

@@ -34,6 +34,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from pertflow.errors import InputError, TrainingInterrupted
+from pertflow.faults import crash_point
 from pertflow.io import write_text
 from pertflow.runtime import progress_bar
 from pertflow.train.checkpoint import CheckpointDir, load_tensors, restore_rng
@@ -301,6 +302,7 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices), self._evaluated_weights():
             torch.manual_seed(VAL_SEED)
+            crash_point("validation")
             out = dict(self.selector(self.network))
         self.network.train()
         return out
@@ -407,9 +409,10 @@ class Trainer:
                     f"{self.run_dir} already holds a training run. Resume it with --resume, or choose a new --out."
                 )
             self._resume()
-        elif resume:
-            raise InputError(f"nothing to resume in {self.run_dir}: no checkpoint was written there.")
         else:
+            if resume:  # stopped (killed) before its first checkpoint: nothing was lost but those steps
+                print(f"note: no checkpoint was written in {self.run_dir} before the run stopped; training starts from "
+                      "step 0.", flush=True)
             torch.manual_seed(cfg.seed)
         self._seed_process(self.step)
         self._announce()
@@ -466,6 +469,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.nan_check_interval == 0:
                     self._check_weights()
+                crash_point("train-step")
                 val, selected = None, {}
                 if self.step % cfg.val_every == 0 or self.step == cfg.max_steps:
                     val_started = time.perf_counter()
