@@ -303,3 +303,37 @@ def test_a_benchmark_killed_while_predicting_finishes_on_a_rerun_with_the_same_c
         again = predict(run, split_view(data, task.build(data)), None, seed=0)
     written = ad.read_h5ad(run / "pred.h5ad")
     np.testing.assert_array_equal(np.asarray(written.X), np.asarray(again.X))
+
+
+# ---------------------------------------------------------------------------- same seed, same cells
+FAMILIES = {
+    "mean": [],
+    "cfm": ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.genes_per_step=30", "predict.ode_steps=2"],
+    "ccfm": ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.genes_per_step=30", "model.foundation_d_model=8",
+             "model.foundation_layers=1", "model.foundation_steps=4", "model.foundation_batch_size=8", "model.bottleneck_dim=8",
+             "model.dh_depth=1", "model.warmup_batches=2", "predict.ode_steps=1", "predict.ode_method=euler"],
+    "cfmvc": ["model.n_latent=4", "model.n_tech=2", "model.hidden=16", "model.n_layers=1", "model.flow_hidden=16",
+              "model.d_context=8", "model.n_basis=4", "model.vae_steps=4", "model.prior=none", "predict.ode_steps=2"],
+    "latent-shift": ["model.n_components=6", "model.hidden=16", "model.decoder_hidden=16", "model.decoder_steps=4"],
+    "scgpt-generator": ["model.d_model=16", "model.nhead=2", "model.d_hid=32", "model.nlayers=1", "model.genes_per_step=30"],
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_same_seed_gives_the_same_weights_and_cells(synthetic_file, split_file, tmp_path, family):
+    import numpy as np
+
+    from pertflow.api import predict
+
+    common = ["train.max_steps=4", "train.batch_size=8", "train.val_every=2", "train.checkpoint_every=2", "train.progress=false"]
+    preds, weights = [], []
+    for name in ("a", "b"):
+        args = ["train", "--model", family, "--data", str(synthetic_file), "--split", str(split_file), "--out",
+                str(tmp_path / name), "--threads", "1", *sets([*common, *FAMILIES[family]])]
+        assert main(args) == 0
+        weights.append(PerturbationModel.load(tmp_path / name).state_tensors())
+        preds.append(predict(tmp_path / name, str(synthetic_file), split_file, seed=3))
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0)
+    np.testing.assert_array_equal(np.asarray(preds[0].X), np.asarray(preds[1].X))  # bit for bit
