@@ -337,3 +337,52 @@ def test_the_same_seed_gives_the_same_weights_and_cells(synthetic_file, split_fi
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0)
     np.testing.assert_array_equal(np.asarray(preds[0].X), np.asarray(preds[1].X))  # bit for bit
+
+
+def test_a_prediction_into_a_full_disk_stops_with_one_line_and_leaves_no_file(synthetic_file, split_file, tmp_path,
+                                                                              monkeypatch, capsys):
+    import errno
+
+    import anndata as ad
+
+    args = ["--data", str(synthetic_file), "--split", str(split_file)]
+    assert main(["train", "--model", "mean", *args, "--out", str(tmp_path / "run")]) == 0
+
+    def full_disk(self, filename, *rest, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 1024)  # part of the file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", full_disk)
+    capsys.readouterr()
+    out = tmp_path / "preds" / "pred.h5ad"
+    assert main(["predict", "--run", str(tmp_path / "run"), *args, "--out", str(out)]) == 2
+    line = one_error_line(capsys, "predict")
+    assert "No space left on device" in line and "free space" in line
+    assert not out.exists() and not list(out.parent.glob("*.h5ad")) and not list(out.parent.glob(".*"))  # nothing left
+
+
+def test_pretrain_killed_mid_run_resumes_to_the_uninterrupted_weights(synthetic_file, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pertflow.models.scgpt import load_pretrained
+
+    flags = ["--data", str(synthetic_file), *sets(["train.max_steps=6", "train.batch_size=8", "train.val_every=3",
+                                                     "train.checkpoint_every=3", "train.progress=false", "model.max_seq_len=32",
+                                                     "model.d_model=16", "model.d_hid=32"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every process
+
+    def pretrain(out, *more, crash=None):
+        run_env = {**env, **({"PERTFLOW_CRASH_AT": crash} if crash else {})}
+        return subprocess.run([sys.executable, "-m", "pertflow.cli", "pretrain", *flags, "--out", str(out), *more],
+                              env=run_env, capture_output=True, text=True, timeout=600).returncode
+
+    assert pretrain(tmp_path / "unbroken") == 0
+    assert pretrain(tmp_path / "run", crash="train-step:5") == -signal.SIGKILL
+    assert pretrain(tmp_path / "run", "--resume") == 0
+    expected = load_pretrained(tmp_path / "unbroken").model.state_dict()
+    for name, value in load_pretrained(tmp_path / "run").model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0)

@@ -215,6 +215,8 @@ def fit_summary(model: Any) -> list[str]:
     lines = []
     steps = report.get("steps")
     what = f"trained {model.name}" + (f": {steps} steps" if steps else "")
+    if (report.get("processes") or 1) > 1:
+        what += f" (processes {report['processes']})"
     if report.get("best_step") not in (None, steps):
         what += f", the weights of step {report['best_step']} kept"
     lines.append(what)
