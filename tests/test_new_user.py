@@ -134,3 +134,16 @@ def test_training_ends_with_a_short_readable_summary(synthetic_file, tmp_path, c
     assert main(["train", "--model", "mean", "--data", data, "--split", str(split), "--out", str(tmp_path / "mean")]) == 0
     out = capsys.readouterr().out
     assert "no network: nothing to checkpoint" in out and "checkpoints of a network" not in out
+
+
+def test_a_file_with_no_control_cells_or_no_bytes_is_told_so(synthetic_adata, tmp_path, capsys):
+    adata = synthetic_adata[synthetic_adata.obs["perturbation"].astype(str) != "control"].copy()
+    path = tmp_path / "no_controls.h5ad"
+    adata.write_h5ad(path)
+    assert main(["inspect", str(path)]) == 2
+    assert "if the file holds no control cells at all, add them" in one_error_line(capsys, "inspect")
+    empty = tmp_path / "empty.h5ad"
+    empty.write_bytes(b"")
+    assert main(["inspect", str(empty)]) == 2
+    line = one_error_line(capsys, "inspect")
+    assert "is empty (0 bytes)" in line and "signature" not in line

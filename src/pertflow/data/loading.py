@@ -174,6 +174,9 @@ class H5adFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such file. Check the path.")
+        if self.path.stat().st_size == 0:
+            raise InputError(f"{self.path} is empty (0 bytes): it holds no data, perhaps an interrupted copy or download. "
+                             "Copy or write the .h5ad file again.")
         self.backed = backed
         self._h5: h5py.File | None = None
         try:

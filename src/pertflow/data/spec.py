@@ -232,8 +232,9 @@ def _detect_pert_col(obs: pd.DataFrame, control: str | None) -> tuple[str, str]:
         which = f"the control label '{control}'" if control else f"a known control label ({list(CONTROL_LABELS)})"
         raise InputError(
             f"no control cells found: obs['{named[0]}'] looks like the perturbation column but {which} does not occur "
-            f"in it; its most frequent values are {common}. Name the control label with control=... (CLI: --control), "
-            "and the column with pert_col=... (--pert-col) if it is another one."
+            f"in it; its most frequent values are {common}. If one of them is the control, name it with control=... "
+            "(CLI: --control), and the column with pert_col=... (--pert-col) if it is another one; if the file holds "
+            "no control cells at all, add them: pertflow predicts from control cells."
         )
     if not hits:
         candidates = [c for c in _label_columns(obs) if 1 < obs[c].nunique() < len(obs)]
@@ -261,7 +262,8 @@ def _detect_control(values: pd.Series, pert_col: str) -> str:
     if not found:
         raise InputError(
             f"no known control label in obs['{pert_col}'] (looked for {list(CONTROL_LABELS)}); its most "
-            f"frequent values are {common}. Name it with control=... (CLI: --control)."
+            f"frequent values are {common}. If one of them is the control, name it with control=... (CLI: --control); "
+            "if the file holds no control cells at all, add them: pertflow predicts from control cells."
         )
     raise InputError(
         f"obs['{pert_col}'] holds several control-like labels {found}. Name the control with control=... "
