@@ -262,8 +262,7 @@ def _detect_control(values: pd.Series, pert_col: str) -> str:
     if not found:
         raise InputError(
             f"no known control label in obs['{pert_col}'] (looked for {list(CONTROL_LABELS)}); its most "
-            f"frequent values are {common}. If one of them is the control, name it with control=... (CLI: --control); "
-            "if the file holds no control cells at all, add them: pertflow predicts from control cells."
+            f"frequent values are {common}. Name it with control=... (CLI: --control)."
         )
     raise InputError(
         f"obs['{pert_col}'] holds several control-like labels {found}. Name the control with control=... "
