@@ -8,6 +8,7 @@ of the cells a model may see (training and validation cells, never test cells) i
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -218,6 +219,17 @@ class SplitView:
         if max_cache_bytes is None:
             max_cache_bytes = 0 if data.source.on_disk else DEFAULT_CACHE_BYTES
         self.expression = ExpressionCache(data, self.visible, self.gene_idx, max_cache_bytes)
+
+    def with_rows(self, train: np.ndarray, val: np.ndarray) -> SplitView:
+        """The same view (data, split, genes, vocabulary, cached expression) with other training
+        and validation rows, all of them visible here: an inner split of the visible cells."""
+        outside = np.setdiff1d(np.concatenate([train, val]), self.visible)
+        if len(outside):
+            raise ValueError(f"{len(outside)} rows of the inner split are not visible cells of the view")
+        inner = copy.copy(self)
+        inner.rows = SplitRows(np.asarray(train), np.asarray(val), self.rows.test)
+        inner.visible = np.concatenate([inner.rows.train, inner.rows.val])
+        return inner
 
     def __repr__(self) -> str:
         return (

@@ -27,13 +27,11 @@ held-out cells, which the fit report says.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from pertflow.data.splits import SplitRows
 from pertflow.data.view import SplitView
 
 #: the most control cells of a context read for its mean (a seeded subsample above it)
@@ -126,9 +124,7 @@ def inner_split(view: SplitView, kind: str = "auto", n_held_out: int = 0, seed: 
     held_rows = visible_perturbed[out]
     inner_train = np.setdiff1d(train, held_rows, assume_unique=True)
     val_controls = view.rows.val[data.is_control[view.rows.val]]
-    inner = copy.copy(view)
-    inner.rows = SplitRows(inner_train, np.sort(np.concatenate([held_rows, val_controls])), view.rows.test)
-    inner.visible = np.concatenate([inner.rows.train, inner.rows.val])
+    inner = view.with_rows(inner_train, np.sort(np.concatenate([held_rows, val_controls])))
     return InnerSplit(inner, kind, held, reason)
 
 
@@ -150,7 +146,8 @@ def _nearest_contexts(view: SplitView, candidates: list[str], n: int, rng: np.ra
         return []
     tests = sorted({c for _, c in view.test_groups()})
     test_means = [_control_mean(view, c, rng) for c in tests]
-    distance = {c: min(float(np.linalg.norm(_control_mean(view, c, rng) - m)) for m in test_means) for c in candidates}
+    means = {c: _control_mean(view, c, rng) for c in candidates}  # each context's controls read once
+    distance = {c: min(float(np.linalg.norm(means[c] - m)) for m in test_means) for c in candidates}
     return sorted(candidates, key=lambda c: (distance[c], c))[:n]
 
 
