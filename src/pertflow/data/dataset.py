@@ -42,17 +42,19 @@ CONTEXT_JOIN = "|"
 COUNT_LAYERS = ("counts", "counts_reconstructed", "raw_counts", "raw")
 
 
-def check_labels(values: pd.Series, col: str, what: str) -> None:
-    """Refuse labels pertflow would otherwise guess at: missing ones (NaN, None or empty), which
-    would become a label named "nan", and labels that differ only by surrounding spaces or by
-    case, which would be read as different perturbations or contexts."""
-    missing = values.isna() | (values.astype(str).str.strip() == "")
+def checked_labels(values: pd.Series, col: str, what: str) -> np.ndarray:
+    """The labels of a column as text, once checked: refuses labels pertflow would otherwise guess
+    at: missing ones (NaN, None or empty), which would become a label named "nan", and labels
+    that differ only by surrounding spaces, by case or by type, which would be read as different
+    perturbations or contexts (or one)."""
+    text = values.astype(str)
+    missing = values.isna() | (text.str.strip() == "")
     if missing.any():
         raise InputError(
             f"{int(missing.sum())} cells have no {what} label (NaN or empty) in obs['{col}']. Drop those cells "
             f"(adata = adata[adata.obs['{col}'].notna()]) or give them a label, then run again."
         )
-    names = pd.Series(pd.unique(values.astype(str)))
+    names = pd.Series(pd.unique(text))
     raw = pd.unique(values.dropna().to_numpy(dtype=object)) if values.dtype == object else names
     if len(raw) > len(names):
         kinds = sorted({type(v).__name__ for v in raw})
@@ -74,6 +76,7 @@ def check_labels(values: pd.Series, col: str, what: str) -> None:
             f"{what} labels in obs['{col}'] differ only by case ({clashes[:3]}): pertflow would read them as different "
             f"{what}s. Write each one the same way, then run again."
         )
+    return text.to_numpy()
 
 
 class PerturbationData:
@@ -121,10 +124,7 @@ class PerturbationData:
         self.path = path
         self._file = file
         self._check_names()
-        check_labels(adata.obs[spec.pert_col], spec.pert_col, "perturbation")
-        for col in spec.context_cols:
-            check_labels(adata.obs[col], col, "context")
-        labels = adata.obs[spec.pert_col].astype(str).to_numpy()
+        labels = checked_labels(adata.obs[spec.pert_col], spec.pert_col, "perturbation")
         self._components: dict[str, tuple[str, ...]] = {}
         canonical_of_label: dict[str, str] = {}
         name_of_set: dict[frozenset[str], str] = {}
@@ -145,7 +145,7 @@ class PerturbationData:
             self.perturbations, dosed = with_doses(self.perturbations, found, ~self.is_control)
             self.doses[dosed] = found[dosed]
         if spec.context_cols:
-            parts = [adata.obs[c].astype(str).to_numpy() for c in spec.context_cols]
+            parts = [checked_labels(adata.obs[c], c, "context") for c in spec.context_cols]
             self.contexts = np.array([CONTEXT_JOIN.join(v) for v in zip(*parts)], dtype=object)
         else:
             self.contexts = np.full(adata.n_obs, SINGLE_CONTEXT, dtype=object)
