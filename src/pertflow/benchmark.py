@@ -142,6 +142,12 @@ def rescore(run: Path, view: SplitView, sets: list[str], metrics: tuple[str, ...
     return {**{m: float(agg[m]) for m in metrics}, "predict_seconds": seconds, "predicted_cells": cells}
 
 
+def config_file(configs_dir: Path | None, model: str, suffix: str) -> Path | None:
+    """The config file of a benchmark model name, ``<configs_dir>/<model><suffix>``, where it exists."""
+    path = configs_dir / f"{model}{suffix}" if configs_dir else None
+    return path if path is not None and path.is_file() else None
+
+
 def model_family(name: str) -> str:
     """The registered model of a benchmark model name (``latent-shift@flow`` -> ``latent-shift``)."""
     return name.split("@", 1)[0]
@@ -184,7 +190,7 @@ def run_benchmark(
 
     for name in models:
         model_class(model_family(name))  # unknown names fail before any work
-        if "@" in name and not (configs_dir and (configs_dir / f"{name}{config_suffix}").is_file()):
+        if "@" in name and config_file(configs_dir, name, config_suffix) is None:
             raise InputError(f"model variant '{name}' has no config {name}{config_suffix} in {configs_dir}; "
                              "write one there (a variant is its family's model trained with its own config).")
     eval_config = EvalConfig(num_threads=threads)
@@ -204,13 +210,13 @@ def run_benchmark(
                     _write_real_embedding(out / "runs" / split_name, inputs)
                 for model in models:
                     run_dir = out / "runs" / split_name / model
-                    config = configs_dir / f"{model}{config_suffix}" if configs_dir else None
+                    config = config_file(configs_dir, model, config_suffix)
                     timing = _read_timing(run_dir)
                     if not (run_dir / "model.json").is_file():
                         log(f"[{split_name}] training {model}")
                         start = time.perf_counter()
                         resume = any((run_dir / name).exists() for name in RUN_FILES)  # a run started before
-                        train(model_family(model), view, None, run_dir, config=config if config and config.is_file() else None,
+                        train(model_family(model), view, None, run_dir, config=config,
                               resume=resume)
                         # a resumed run adds this call's seconds to those recorded before it
                         timing["train_seconds"] = timing.get("train_seconds", 0.0) + time.perf_counter() - start
@@ -443,9 +449,8 @@ def verdict_lines(summary: pd.DataFrame, baselines: tuple[str, ...], metric: str
     """One line per task and non-baseline model: the model against the strongest baseline of the
     task on ``metric`` (differences within ``tie`` are a tie), with the noise ceiling beside it."""
     from pertflow.eval.ceiling import CEILING
-    from pertflow.eval.evaluator import metric_direction
+    from pertflow.eval.evaluator import strongest
 
-    higher = metric_direction(metric) == "higher"
     lines = []
     for task, block in summary.groupby(level="task", sort=False):
         block = block.droplevel("task")
@@ -461,11 +466,11 @@ def verdict_lines(summary: pd.DataFrame, baselines: tuple[str, ...], metric: str
             if base.empty:
                 lines.append(f"{task}: {model} {metric} {values[model]:.3f} (no baseline to compare with{reach})")
                 continue
-            best = base.idxmax() if higher else base.idxmin()
-            gain = (values[model] - base[best]) * (1 if higher else -1)
+            best, reference, sign = strongest(base, metric)
+            gain = (values[model] - reference) * sign
             word = "ties with" if abs(gain) <= tie else "beats" if gain > 0 else "falls short of"
             lines.append(f"{task}: {model} {word} the strongest baseline, {best}: {metric} "
-                         f"{values[model]:.3f} vs {base[best]:.3f}{reach}")
+                         f"{values[model]:.3f} vs {reference:.3f}{reach}")
     return lines
 
 
@@ -491,8 +496,8 @@ def write_manifest(out: Path, models: list[str], configs_dir: Path | None, confi
 
     configs = {}
     for model in models:
-        path = configs_dir / f"{model}{config_suffix}" if configs_dir else None
-        if path is not None and path.is_file():
+        path = config_file(configs_dir, model, config_suffix)
+        if path is not None:
             configs[model] = {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
     manifest = {
         "commit": git("rev-parse", "HEAD"),

@@ -25,7 +25,7 @@ import pandas as pd
 from pertflow.data.view import SplitView
 from pertflow.eval.ceiling import CEILING, noise_ceiling
 from pertflow.eval.config import EvalConfig
-from pertflow.eval.evaluator import evaluate, metric_direction
+from pertflow.eval.evaluator import evaluate, metric_direction, strongest
 from pertflow.io import atomic_path
 from pertflow.models.predict import predict_split
 from pertflow.models.registry import BASELINES, model_class
@@ -76,15 +76,14 @@ def verdict(model: str, scores: pd.Series, table: pd.DataFrame) -> list[str]:
     for metric, words in HEADLINE.items():
         if metric not in scores or metric not in table.columns or pd.isna(scores[metric]):
             continue
-        higher = metric_direction(metric) == "higher"
         base = table.loc[baselines, metric].astype(float).dropna()
         if base.empty:
             continue
-        best = base.idxmax() if higher else base.idxmin()
-        value, reference = float(scores[metric]), float(base[best])
-        gain = (value - reference) * (1 if higher else -1)
-        rank = 1 + int(np.sum((base.to_numpy() > value) if higher else (base.to_numpy() < value)))
-        way = "higher" if higher else "lower"
+        best, reference, sign = strongest(base, metric)
+        value = float(scores[metric])
+        gain = (value - reference) * sign
+        rank = 1 + int(np.sum((base.to_numpy() - value) * sign > 0))  # baselines better than the prediction
+        way = "higher" if sign > 0 else "lower"
         if abs(gain) <= TIE:
             said = f"ties with the strongest baseline, {best}"
         elif gain > 0:

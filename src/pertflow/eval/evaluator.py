@@ -115,6 +115,15 @@ class EvalResult:
     verdict: tuple[str, ...] = field(default_factory=tuple)
 
 
+def strongest(values: pd.Series, metric: str) -> tuple[str, float, float]:
+    """The best of ``values`` (one per model, NaN skipped) on ``metric`` in its direction, its value,
+    and the sign that turns a difference into a gain (``(x - best) * sign > 0``: ``x`` is better)."""
+    sign = 1.0 if metric_direction(metric) == "higher" else -1.0
+    values = values.astype(float).dropna()
+    best = values.idxmax() if sign > 0 else values.idxmin()
+    return str(best), float(values[best]), sign
+
+
 def metric_direction(name: str, *, top_k_de: int = 20) -> Literal["higher", "lower", "none"]:
     """Whether a higher or a lower value of a metric column is better.
 
