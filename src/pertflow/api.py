@@ -450,23 +450,25 @@ def evaluate_split(
 
     if out is not None:
         check_output(out, "evaluation folder", overwrite, holds=EVALUATION_FILES)
-    if inputs is None:
-        inputs = evaluation_inputs(data, split, **read_args)
-    embed = None if run is None else latent_space(run, list(map(str, inputs.real.var_names)))
-    if not isinstance(pred, ad.AnnData):
-        from pertflow.eval.checks import read_anndata
+    # with baselines the data is opened once, for the real side and the baselines both
+    with _view(data, split, **read_args) if baselines and data is not None else contextlib.nullcontext() as view:
+        if inputs is None:
+            inputs = evaluation_inputs(view) if view is not None else evaluation_inputs(data, split, **read_args)
+        embed = None if run is None else latent_space(run, list(map(str, inputs.real.var_names)))
+        if not isinstance(pred, ad.AnnData):
+            from pertflow.eval.checks import read_anndata
 
-        pred = read_anndata(pred, "pred")
-    config = config or EvalConfig()
-    result = evaluate(
-        inputs.real, pred, pert_col=inputs.pert_col, control=inputs.control, context_col=inputs.context_col,
-        dose_col=inputs.dose_col, train=inputs.train, outdir=out, de_cache=de_cache, config=config, embed=embed, progress=progress,
-    )
-    if not baselines or data is None:
-        return result
-    from pertflow.yardstick import table_with_directions, verdict, yardstick
+            pred = read_anndata(pred, "pred")
+        config = config or EvalConfig()
+        result = evaluate(
+            inputs.real, pred, pert_col=inputs.pert_col, control=inputs.control, context_col=inputs.context_col,
+            dose_col=inputs.dose_col, train=inputs.train, outdir=out, de_cache=de_cache, config=config, embed=embed,
+            progress=progress,
+        )
+        if view is None:
+            return result
+        from pertflow.yardstick import table_with_directions, verdict, yardstick
 
-    with _view(data, split, **read_args) as view:
         table = yardstick(view, inputs, config, de_cache=de_cache, progress=progress)
     scores = result.aggregate.loc["mean"]
     if out is not None:
