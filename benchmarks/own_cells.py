@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
 
 from nfe_curve import solver_scores
-from pertflow.benchmark import fold_view
+from pertflow.benchmark import score_runs
 from pertflow.data.tasks import find_tasks, resolve_data_dir
-from pertflow.io import atomic_path, read_json
+from pertflow.io import read_json
 from pertflow.runtime import set_threads
 
 
@@ -41,25 +40,16 @@ def main() -> None:
     data_dir, tasks = resolve_data_dir(args.data_dir), find_tasks(args.tasks_dir)
     models = [m for m in args.models.split(",") if m]
     out = Path(args.out)
-    done = pd.read_csv(out) if out.is_file() else pd.DataFrame(columns=["split", "model"])
-    rows = done.to_dict("records")
-    splits = sorted(p.name for p in (Path(args.bench) / "runs").iterdir() if p.is_dir())
-    for split in [s for s in splits if not args.splits or s in args.splits.split(",")]:
-        runs = [Path(args.bench) / "runs" / split / m for m in models]
-        todo = [r for r in runs if (r / "model.json").is_file() and not ((done["split"] == split) & (done["model"] == r.name)).any()]
-        if not todo:
-            continue
-        with fold_view(todo[0], tasks, data_dir) as view:
-            for run in todo:
-                meta = read_json(run / "model.json")
-                report, solver = meta.get("fit_report", {}), meta["predict_config"]
-                scores = solver_scores(run, view, {solver["ode_method"]: (solver["ode_steps"],)})[0]
-                validation = report.get("validation", {})
-                rows.append({**scores, "prior": report.get("prior"), "prediction_mode": report.get("prediction_mode"),
-                             **{f"val_score_{mode.replace('-', '_')}": round(v["score"], 4) for mode, v in validation.items()}})
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(out) as tmp:  # after every run: an interrupted pass keeps what it scored
-                    pd.DataFrame(rows).to_csv(tmp, index=False)
+
+    def score(run: Path, view) -> dict:
+        meta = read_json(run / "model.json")
+        report, solver = meta.get("fit_report", {}), meta["predict_config"]
+        scores = solver_scores(run, view, {solver["ode_method"]: (solver["ode_steps"],)})[0]
+        validation = report.get("validation", {})
+        return {**scores, "prior": report.get("prior"), "prediction_mode": report.get("prediction_mode"),
+                **{f"val_score_{mode.replace('-', '_')}": round(v["score"], 4) for mode, v in validation.items()}}
+
+    score_runs(Path(args.bench), models, tasks, data_dir, out, score, args.splits.split(",") if args.splits else None)
     print(f"wrote {out}")
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pertflow.benchmark import fold_view, rescore
+from pertflow.benchmark import rescore, score_runs
 from pertflow.data.tasks import find_tasks, resolve_data_dir
-from pertflow.io import atomic_path, read_json
+from pertflow.io import read_json
 from pertflow.runtime import set_threads
 
 MODES = ("flow", "prior-mean", "prior")
@@ -50,38 +50,27 @@ def main() -> None:
     set_threads(args.threads)
     bench, data_dir, tasks = Path(args.bench), resolve_data_dir(args.data_dir), find_tasks(args.tasks_dir)
     out = Path(args.out)
-    done = pd.read_csv(out) if out.is_file() else pd.DataFrame(columns=["split", "model"])
-    rows = done.to_dict("records")
-    for split in sorted(p.name for p in (bench / "runs").iterdir() if p.is_dir()):
-        runs = [bench / "runs" / split / m for m in args.models.split(",") if m]
-        todo = [r for r in runs if (r / "model.json").is_file() and not ((done["split"] == split) & (done["model"] == r.name)).any()]
-        if not todo:
-            continue
-        e_none = no_change_edistance(bench, split)
-        with fold_view(todo[0], tasks, data_dir) as view:
-            for run in todo:
-                report = read_json(run / "model.json").get("fit_report", {})
-                row = {"split": split, "model": run.name, "prior": report.get("prior"),
-                       "validation": report.get("validation_split", {}).get("kind", "cells"),
-                       "held_out": ";".join(report.get("validation_split", {}).get("held_out", [])),
-                       "chosen": report.get("prediction_mode")}
-                test_score = {}
-                for mode in MODES:
-                    scores = rescore(run, view, [f"predict.mode={mode}"], METRICS)
-                    key = mode.replace("-", "_")
-                    row[f"top20_{key}"] = round(scores["pearson_delta_top20_de"], 4)
-                    row[f"edist_{key}"] = round(scores["edistance_pca"], 4)
-                    test_score[mode] = scores["pearson_delta_top20_de"] - scores["edistance_pca"] / e_none
-                    val = report.get("validation", {}).get(mode, {})
-                    row[f"val_score_{key}"] = round(val["score"], 4) if "score" in val else None
-                best = max(MODES, key=lambda m: (test_score[m], -MODES.index(m)))
-                row.update({"best_on_test": best, "right": row["chosen"] == best,
-                            "test_loss_of_choice": round(test_score[best] - test_score[row["chosen"]], 4)})
-                rows.append(row)
-                print(row, flush=True)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(out) as tmp:  # after every run: an interrupted pass keeps what it scored
-                    pd.DataFrame(rows).to_csv(tmp, index=False)
+
+    def score(run: Path, view) -> dict:
+        e_none = no_change_edistance(bench, run.parent.name)
+        report = read_json(run / "model.json").get("fit_report", {})
+        row = {"prior": report.get("prior"), "validation": report.get("validation_split", {}).get("kind", "cells"),
+               "held_out": ";".join(report.get("validation_split", {}).get("held_out", [])),
+               "chosen": report.get("prediction_mode")}
+        test_score = {}
+        for mode in MODES:
+            scores = rescore(run, view, [f"predict.mode={mode}"], METRICS)
+            key = mode.replace("-", "_")
+            row[f"top20_{key}"] = round(scores["pearson_delta_top20_de"], 4)
+            row[f"edist_{key}"] = round(scores["edistance_pca"], 4)
+            test_score[mode] = scores["pearson_delta_top20_de"] - scores["edistance_pca"] / e_none
+            val = report.get("validation", {}).get(mode, {})
+            row[f"val_score_{key}"] = round(val["score"], 4) if "score" in val else None
+        best = max(MODES, key=lambda m: (test_score[m], -MODES.index(m)))
+        return {**row, "best_on_test": best, "right": row["chosen"] == best,
+                "test_loss_of_choice": round(test_score[best] - test_score[row["chosen"]], 4)}
+
+    score_runs(bench, [m for m in args.models.split(",") if m], tasks, data_dir, out, score)
     print(f"wrote {out}")
 
 

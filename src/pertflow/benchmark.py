@@ -35,7 +35,7 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import anndata as ad
 import numpy as np
@@ -49,7 +49,7 @@ from pertflow.eval.evaluator import context_labels
 from pertflow.eval.metrics import group_means
 from pertflow.eval.plots import EMBED_CELLS, plot_deltas, plot_embeddings, plot_metrics, plot_training, project, shared_pca
 from pertflow.errors import InputError
-from pertflow.io import check_writable, package_dir, write_text
+from pertflow.io import atomic_path, check_writable, package_dir, write_text
 
 if TYPE_CHECKING:
     from pertflow.data.view import SplitView
@@ -140,6 +140,30 @@ def rescore(run: Path, view: SplitView, sets: list[str], metrics: tuple[str, ...
     agg = result.aggregate.loc["mean"]
     cells = int((pred.obs[inputs.pert_col].astype(str) != inputs.control).sum())
     return {**{m: float(agg[m]) for m in metrics}, "predict_seconds": seconds, "predicted_cells": cells}
+
+
+def score_runs(bench: Path, models: list[str], tasks: dict[str, Task], data_dir: Path, out: Path,
+               score: Callable[[Path, SplitView], dict[str, Any]], splits: list[str] | None = None) -> None:
+    """An analysis of a finished benchmark: ``score(run, view)`` -> a row, for every trained run
+    of ``models`` in ``bench/runs`` (``splits``: only these), written to the CSV ``out`` after each
+    run. Rows already in ``out`` (by split and model) are kept and not redone, so an interrupted
+    pass continues; a row gets ``split`` and ``model`` unless ``score`` gives them."""
+    done = pd.read_csv(out) if out.is_file() else pd.DataFrame(columns=["split", "model"])
+    rows = done.to_dict("records")
+    for split in sorted(p.name for p in (bench / "runs").iterdir() if p.is_dir()):
+        if splits and split not in splits:
+            continue
+        runs = [bench / "runs" / split / m for m in models]
+        todo = [r for r in runs if (r / "model.json").is_file() and not ((done["split"] == split) & (done["model"] == r.name)).any()]
+        if not todo:
+            continue
+        with fold_view(todo[0], tasks, data_dir) as view:
+            for run in todo:
+                rows.append({"split": split, "model": run.name, **score(run, view)})
+                print(rows[-1], flush=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(out) as tmp:
+                    pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
 def config_file(configs_dir: Path | None, model: str, suffix: str) -> Path | None:
