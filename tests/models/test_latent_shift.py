@@ -100,11 +100,16 @@ def test_any_class_with_the_two_methods_is_a_predictor(view, tmp_path):
         model.save(tmp_path / "own")
 
 
-@pytest.mark.parametrize("kind", [MLPPredictor, FlowPredictor])
-def test_predictors_learn_a_known_latent_shift(kind):
+# the flow as latent-shift@flow-cpu.yaml sets it: more source noise, no start point, a group-mean term
+SHIPPED_FLOW = {"source_noise": 0.5, "reads_start": False, "mean_weight": 1.0}
+
+
+@pytest.mark.parametrize("kind,options", [(MLPPredictor, {}), (FlowPredictor, {}), (FlowPredictor, SHIPPED_FLOW)],
+                         ids=["mlp", "flow", "flow-as-shipped"])
+def test_predictors_learn_a_known_latent_shift(kind, options):
     ctrl, pert, cov, shifts, descriptors = shifted_latents()
     config = TrainConfig(max_steps=300, batch_size=32, lr=3e-3, warmup_steps=20, val_every=300, checkpoint_every=300, progress=False)
-    predictor = kind(ctrl.shape[1], cov.shape[1], hidden=64, groups_per_step=4, train_config=config)
+    predictor = kind(ctrl.shape[1], cov.shape[1], hidden=64, groups_per_step=4, train_config=config, **options)
     predictor.train(ctrl, pert, cov)
     rng = np.random.default_rng(1)
     for shift, descriptor in zip(shifts, descriptors):
