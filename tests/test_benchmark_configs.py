@@ -17,7 +17,7 @@ CONFIGS = sorted((BENCHMARKS / "configs").glob("*-cpu.yaml")) + sorted((BENCHMAR
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(BENCHMARKS)))
 def test_benchmark_config_builds(path):
     sections = load_sections(path)
-    model = model_class(path.name.removesuffix("-cpu.yaml").split("@")[0])  # family@variant: the family's config
+    model = model_class(path.name.removesuffix("-cpu.yaml").split("@")[0], sections["model"])  # family@variant
     config = build(model.config_class, sections["model"], "model")
     train = build(TrainConfig, sections["train"], "train")
     predict = build(PredictConfig, {**to_dict(model.default_predict_config), **sections["predict"]}, "predict")

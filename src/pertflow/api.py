@@ -230,7 +230,7 @@ def train(
 def fit_run(run: TrainRun) -> PerturbationModel:
     """Train a started run in this process (one of several in a distributed run: process 0 saves)."""
     with _view(run.data, run.split, run.genes, **run.read_args) as view:
-        instance = model_class(run.model).from_view(view, run.model_config, run.predict_config)
+        instance = model_class(run.model, to_dict(run.model_config)).from_view(view, run.model_config, run.predict_config)
         instance.fit(view, run.train_config, run.out, resume=run.resume)
         if is_main_process():
             instance.save(run.out)

@@ -49,7 +49,8 @@ from pertflow.eval.evaluator import context_labels
 from pertflow.eval.metrics import group_means
 from pertflow.eval.plots import EMBED_CELLS, plot_deltas, plot_embeddings, plot_metrics, plot_training, project, shared_pca
 from pertflow.errors import InputError
-from pertflow.io import atomic_path, check_writable, package_dir, write_text
+from pertflow.io import atomic_path, check_writable, package_dir, read_json, write_text
+from pertflow.models.registry import model_class
 
 if TYPE_CHECKING:
     from pertflow.data.view import SplitView
@@ -172,6 +173,11 @@ def config_file(configs_dir: Path | None, model: str, suffix: str) -> Path | Non
     return path if path is not None and path.is_file() else None
 
 
+def _has_latent_space(model: str, run_dir: Path) -> bool:
+    """Whether the trained run's model class (its config's variant) embeds cells (``embed``)."""
+    return hasattr(model_class(model_family(model), read_json(run_dir / "model.json")["config"]), "embed")
+
+
 def model_family(name: str) -> str:
     """The registered model of a benchmark model name (``latent-shift@flow`` -> ``latent-shift``)."""
     return name.split("@", 1)[0]
@@ -210,8 +216,6 @@ def run_benchmark(
     folds
         Run only these folds of tasks that have folds (all when None).
     """
-    from pertflow.models.registry import model_class
-
     for name in models:
         model_class(model_family(name))  # unknown names fail before any work
         if "@" in name and config_file(configs_dir, name, config_suffix) is None:
@@ -265,7 +269,7 @@ def run_benchmark(
                         pred = pred if pred is not None else ad.read_h5ad(pred_path)
                         evaluate_split(None, None, pred, out=run_dir / "eval", de_cache=de_cache, config=eval_config, inputs=inputs,
                                        overwrite=True, progress=True,  # overwrite: an evaluation interrupted before results.csv
-                                       run=run_dir if hasattr(model_class(model_family(model)), "embed") else None)  # knn_purity_latent
+                                       run=run_dir if _has_latent_space(model, run_dir) else None)  # knn_purity_latent
                         _write_deltas(run_dir, inputs, pred)
                     table = pd.read_csv(results_path)
                     table.insert(0, "model", model)

@@ -67,7 +67,7 @@ def start_run(model: str | None, data: DataArg | None, split: SplitArg, out: Pat
     if saved is not None and split_obj.digest() != saved["split_digest"]:
         raise InputError(f"the split given is not the one {out} was trained on (other cells or genes). Resume without "
                          "--split, or train into a new --out.")
-    cls = model_class(model)
+    cls = model_class(model, sections["model"])
     model_config = build(cls.config_class, sections["model"], "model")
     train_config = build(TrainConfig, sections["train"], "train")
     predict_config = build(PredictConfig, {**to_dict(cls.default_predict_config), **sections["predict"]}, "predict")

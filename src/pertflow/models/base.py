@@ -10,6 +10,7 @@ registers it (see :mod:`pertflow.models.registry`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -54,10 +55,16 @@ class PerturbationModel:
     #: ``drugA@1`` as a perturbation of its own or mixing its doses
     reads_dose: ClassVar[bool] = False
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, variant: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("name"):
+        if cls.__dict__.get("name") and not variant:
             registry.register(cls)
+
+    @classmethod
+    def variant_for(cls, config: Mapping[str, Any]) -> type[PerturbationModel]:
+        """The class that fits a ``model`` section (a mapping): this one, unless the model has
+        variants that a config field selects (declared ``class X(..., variant=True)``)."""
+        return cls
 
     def __init__(self, config: Any, genes: list[str], vocab: Vocabulary, spec: DataSpec, predict_config: PredictConfig | None = None):
         if spec.dose_col is not None and not self.reads_dose:
@@ -211,7 +218,7 @@ class PerturbationModel:
                 f"{run_dir} was written by an older pertflow (run format {version}, this one reads {RUN_FORMAT_VERSION}); "
                 "train the model again."
             )
-        cls = registry.model_class(meta["model"])
+        cls = registry.model_class(meta["model"], meta["config"])
         spec = DataSpec.from_dict(meta["spec"])
         tensors = load_tensors(run_dir / "model.safetensors")
         if spec.dose_col is not None and not cls.trained_with_dose(tensors):

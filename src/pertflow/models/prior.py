@@ -42,7 +42,8 @@ from pertflow.models.validation import ValidationScore, ValidationSet
 from pertflow.train.launch import is_main_process
 
 #: Prior names and the baseline each one is (``none``: the controls themselves, no change).
-PRIOR_BASELINES = {"none": "no-change", "mean": "mean", "additive": "additive", "linear": "linear", "context-shift": "context-shift"}
+PRIOR_BASELINES = {"none": "no-change", "mean": "mean", "additive": "additive", "linear": "linear", "context-shift": "context-shift",
+                   "target-effect": "target-effect"}
 #: why ``auto`` took additive without validation's judgement (see the module docstring)
 UNJUDGED_COMBINATIONS = ("the split predicts combinations of measured singles, and no validation combination has its "
                          "singles measured: validation cannot judge that case, and additive is the baseline built from them")

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pertflow.models.flow import GeneFlowConfig
+from pertflow.models.latent_shift.config import LatentShiftConfig
+
+#: what the cascade's first stage generates: ``gene-features`` (the SPEC's per-gene features of a
+#: frozen foundation, :class:`CCFMConfig`) or ``cell`` (a compact cell-level embedding,
+#: :class:`CellCascadeConfig`)
+LatentStream = Literal["gene-features", "cell"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,12 @@ class CCFMConfig(GeneFlowConfig):
     latent_dim
         D, the foundation's feature width: read off the foundation when fitting (leave it unset)
         and saved with the run, so that a trained model loads without its foundation.
+    latent_stream
+        ``gene-features`` (this config). ``cell`` selects the cascade on a compact cell-level
+        latent instead, whose ``model`` section is a :class:`CellCascadeConfig`.
     """
+
+    latent_stream: LatentStream = "gene-features"
 
     foundation: str | None = None
     foundation_d_model: int = 32
@@ -85,6 +97,9 @@ class CCFMConfig(GeneFlowConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.latent_stream != "gene-features":
+            raise ValueError(f"latent_stream '{self.latent_stream}' is the cascade on a cell-level latent, whose settings "
+                             "are those of CellCascadeConfig (ccfm@cell-cpu.yaml), not of the per-gene-feature cascade")
         if not 0.0 < self.choose_latent_p < 1.0:
             raise ValueError(f"choose_latent_p must be in (0, 1): both streams train, got {self.choose_latent_p}")
         if not 0.0 <= self.latent_augment < 1.0:
@@ -97,3 +112,55 @@ class CCFMConfig(GeneFlowConfig):
             raise ValueError(f"dh_depth must be at least 1, got {self.dh_depth}")
         if self.dh_heads is not None and self.dh_heads < 1:
             raise ValueError(f"dh_heads must be at least 1 (or null: n_heads), got {self.dh_heads}")
+
+
+@dataclass(frozen=True)
+class CellCascadeConfig(LatentShiftConfig):
+    """The ``model`` section of a ``ccfm`` run whose latent is a compact cell-level embedding
+    (``latent_stream: cell``, issue 27): the cascade's first stage is latent-shift's (the
+    embedding, its frozen decoder, the prior and a predictor of the target cell's embedding,
+    every field of :class:`~pertflow.models.latent_shift.config.LatentShiftConfig`), the second
+    a flow in expression space conditioned on the generated embedding.
+
+    Attributes
+    ----------
+    latent_stream
+        ``cell`` (this config).
+    predictor
+        Stage 1's predictor: ``flow`` (the cascade's own) or ``mlp``.
+    expression_hidden, expression_layers
+        Width and hidden layers of the expression flow's velocity field ``v(t, x_t, z)``.
+    expression_steps, expression_lr, expression_batch_size
+        Its training: steps, learning rate, cell pairs of one (perturbation, context) group in a
+        step (``groups_per_step`` groups a step).
+    expression_noise
+        Noise added where the expression flow starts (the decoded cell, see the model).
+    expression_mean_weight
+        Weight of each group's mean one-step estimate against its real mean, beside the velocity loss.
+    expression_pairs
+        At most this many (control, perturbed) cell pairs of a group train the expression flow.
+    latent_augment
+        Noise (a fraction of each embedding dimension's spread) added to the true embedding the
+        expression flow is conditioned on in training, so that it does not read the generated
+        embedding of stage 1 as exact (0: the true embedding).
+    """
+
+    latent_stream: Literal["cell"] = "cell"
+    predictor: Literal["mlp", "flow"] = "flow"
+    expression_hidden: int = 512
+    expression_layers: int = 2
+    expression_steps: int = 1500
+    expression_lr: float = 1e-3
+    expression_batch_size: int = 64
+    expression_noise: float = 0.1
+    expression_mean_weight: float = 1.0
+    expression_pairs: int = 512
+    latent_augment: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("expression_hidden", "expression_layers", "expression_steps", "expression_batch_size", "expression_pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.expression_lr <= 0 or self.expression_noise < 0 or self.expression_mean_weight < 0 or self.latent_augment < 0:
+            raise ValueError("expression_lr must be > 0; expression_noise, expression_mean_weight and latent_augment >= 0")

@@ -14,6 +14,9 @@ redoes none of them:
    prediction mode), with each training batch carrying its target cells' latents.
 
 At inference the network generates the latent itself: the foundation is not loaded, not called.
+
+``latent_stream: cell`` in the config selects the cascade on a compact cell-level latent instead
+(:mod:`pertflow.models.ccfm.cell_cascade`), under the same model name.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +66,16 @@ class CCFM(GeneFlowModel):
 
     name = "ccfm"
     config_class = CCFMConfig
+
+    @classmethod
+    def variant_for(cls, config: Mapping[str, Any]) -> type:
+        """``latent_stream: cell`` selects the cascade on a cell-level latent
+        (:class:`~pertflow.models.ccfm.cell_cascade.CellCascade`)."""
+        if config.get("latent_stream") == "cell":
+            from pertflow.models.ccfm.cell_cascade import CellCascade
+
+            return CellCascade
+        return cls
 
     @property
     def latent_dim(self) -> int:

@@ -121,11 +121,14 @@ class LatentShift(AnchoredModel):
         docstring); ``resume`` is implied by the stages' checkpoint folders."""
         torch.manual_seed(train_config.seed)
         self.fit_embedding(view, train_config)
-        latent = self.embed_visible(view)
-        self.fit_decoder(view, latent, train_config, run_dir)
-        self.fit_predictor(view, latent, train_config, run_dir)
+        self.fit_networks(view, self.embed_visible(view), train_config, run_dir)
         if validation is not None and len(validation):
             self.fit_report["val_knn_purity_latent"] = self.validation_knn_purity(validation)
+
+    def fit_networks(self, view: SplitView, latent: LatentCells, train_config: TrainConfig, run_dir: Path) -> None:
+        """The networks on the embedding of the visible cells: the decoder, then the predictor."""
+        self.fit_decoder(view, latent, train_config, run_dir)
+        self.fit_predictor(view, latent, train_config, run_dir)
 
     def fit_embedding(self, view: SplitView, train_config: TrainConfig) -> None:
         """Stage 1: the embedding space, on the training cells."""
