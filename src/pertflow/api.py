@@ -341,6 +341,7 @@ def adapt(
     source_contexts: list[str] | None = None,
     contexts: list[str] | None = None,
     settings: AdapterConfig | dict[str, Any] | None = None,
+    transport: str | None = None,
     progress: bool = False,
     overwrite: bool = False,
     **read_args: Any,
@@ -352,13 +353,23 @@ def adapt(
     one file or an explicit list of files whose controls are pooled; read with ``source_spec``,
     else the model's own spec) and of ``data`` (T; its spec detected
     or given by ``read_args``), of the given contexts (all when None). The files are opened
-    backed and read in row chunks. ``settings``: :class:`~pertflow.adapt.AdapterConfig` or its
-    fields (steps, lr, seed, ...). A folder ``out`` that already holds an adapter is refused
-    unless ``overwrite``, before any computing.
+    backed and read in row chunks. ``transport`` maps T's controls: ``shift`` (a per-gene offset,
+    the default), ``affine`` (a per-gene scale and offset), both learnt by MMD through the model's
+    control embedding, or ``quantile`` (a per-gene quantile map); it overrides ``settings``'s.
+    ``settings``: :class:`~pertflow.adapt.AdapterConfig` or its fields (steps, lr, seed, ...).
+    The transport is scored on held-out control cells; the best state is kept, never worse than
+    the identity (``Adapter.mmd_after <= Adapter.mmd_before``, ``Adapter.kept_step``). A folder
+    ``out`` that already holds an adapter is refused unless ``overwrite``, before any computing.
     """
+    from pertflow.adapt.transports import transport_class
+
     existing = [] if out is None else check_output(out, "adapter folder", overwrite, holds=ADAPTER_FILES)
     model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
-    config = settings if isinstance(settings, AdapterConfig) else build(AdapterConfig, settings or {}, "adapter")
+    fields = to_dict(settings) if isinstance(settings, AdapterConfig) else dict(settings or {})
+    if transport is not None:
+        fields["transport"] = transport
+    transport_class(fields.get("transport", "shift"))  # an unknown one is named with the choices
+    config = build(AdapterConfig, fields, "adapter")
     read_args = {**read_args, "backed": True}
     sources = list(source_data) if isinstance(source_data, (list, tuple)) else [source_data]
     with contextlib.ExitStack() as stack:

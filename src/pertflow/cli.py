@@ -270,17 +270,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 #: The adapter's settings as flags: field of AdapterConfig -> (type, help); the defaults are the dataclass's.
 ADAPT_FLAGS = {
-    "steps": (int, "Adam steps"),
-    "lr": (float, "learning rate"),
+    "transport": (str, "the map of the new data's controls: shift (a per-gene offset), affine (a per-gene scale and "
+                       "offset: a depth or scale change), quantile (a per-gene quantile map: a depth and dropout change)"),
+    "steps": (int, "Adam steps at most (shift, affine)"),
+    "lr": (float, "learning rate (halved where the held-out MMD rises)"),
+    "init": (str, "start from the per-gene moment match (moments) or from the identity (zero)"),
     "seed": (int, "seed of the cells and genes drawn: the same seed repeats a run exactly"),
     "batch_size": (int, "control cells of each dataset per step"),
     "genes_per_step": (int, "genes whose MMD is taken per step"),
     "l2": (float, "weight of the penalty on the squared shift of each gene"),
     "min_bandwidth": (float, "lower bound of the RBF kernel's squared bandwidth"),
     "max_cells": (int, "control cells read per dataset at most"),
-    "eval_cells": (int, "control cells per dataset on which the reported MMD is taken"),
-    "eval_every": (int, "steps between two records of the reported MMD"),
+    "holdout": (float, "fraction of each dataset's control cells held out to score the transport (never stepped on)"),
+    "eval_cells": (int, "held-out control cells per dataset at most"),
+    "eval_every": (int, "steps between two scores on the held-out cells (the best state is kept)"),
+    "patience": (int, "rises of the held-out MMD in a row after which the fit stops"),
+    "n_quantiles": (int, "points of each gene's quantile grid (quantile)"),
 }
+#: Flags with a fixed set of values.
+ADAPT_CHOICES = {"transport": ("shift", "affine", "quantile"), "init": ("moments", "zero")}
 
 
 def _adapt_arguments(p: argparse.ArgumentParser) -> None:
@@ -295,16 +303,19 @@ def _adapt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="the new .h5ad (only its control cells are read; its spec flags below)")
     p.add_argument("--context", action="append", dest="contexts", metavar="CONTEXT",
                    help="read only the new data's control cells of this context (repeatable; default all)")
-    p.add_argument("--out", required=True, help="the adapter folder to write (shift.csv, adapter.json, mmd.csv, mmd.png)")
+    p.add_argument("--out", required=True,
+                   help="the adapter folder to write (the transport's table, adapter.json, mmd.csv, mmd.png)")
     g = p.add_argument_group("adapter settings")
     defaults = AdapterConfig()
     for name, (kind, text) in ADAPT_FLAGS.items():
-        g.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{text} (default {getattr(defaults, name)})")
+        g.add_argument("--" + name.replace("_", "-"), type=kind, choices=ADAPT_CHOICES.get(name),
+                       help=f"{text} (default {getattr(defaults, name)})")
     add_overwrite_flag(p)
     add_spec_flags(p)
 
 
-@command("adapt", "learn the per-gene shift that carries a trained model to new data (MMD domain adapter)", _adapt_arguments)
+@command("adapt", "learn the per-gene transport that carries a trained model to new data (MMD domain adapter)",
+         _adapt_arguments)
 def cmd_adapt(args: argparse.Namespace) -> int:
     from pertflow.api import adapt
 
@@ -312,8 +323,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     adapter = adapt(args.run, args.source_data, args.data, args.out, source_spec=args.source_spec,
                     source_contexts=args.source_contexts, contexts=args.contexts, settings=settings, progress=True,
                     overwrite=args.overwrite, **read_args(args))
-    print(f"wrote {args.out}: shift of {len(adapter.genes)} genes from {adapter.info['target_cells']} target and "
-          f"{adapter.info['source_cells']} source control cells; MMD {adapter.mmd_before:.4f} -> {adapter.mmd_after:.4f}")
+    print(f"wrote {args.out}: {adapter.config.transport} transport of {len(adapter.genes)} genes from "
+          f"{adapter.info['target_cells']} target and {adapter.info['source_cells']} source control cells; held-out MMD "
+          f"{adapter.mmd_before:.4f} -> {adapter.mmd_after:.4f}; kept {adapter.kept}")
     return 0
 
 

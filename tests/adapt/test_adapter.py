@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import torch
 
 from pertflow import api
-from pertflow.adapt import Adapter, AdapterConfig
+from pertflow.adapt import Adapter, AdapterConfig, ShiftTransport
 from pertflow.cli import main
 from pertflow.data import PerturbationData, SplitView, make_split
 from pertflow.data import dataset as dataset_module
@@ -92,10 +92,11 @@ def test_adapt_recovers_a_known_shift_and_the_mmd_falls(kang_halves, tmp_path, c
     assert np.corrcoef(s[on], -delta[on])[0, 1] > 0.9
     assert np.abs(s[~on]).mean() < 0.15 * delta[on].mean()  # near 0 where nothing was shifted
     meta = api.Adapter.load(tmp_path / "adapter")
-    assert meta.mmd_after < 0.2 * meta.mmd_before
+    assert meta.mmd_after < 0.2 * meta.mmd_before and meta.kept_step is not None
     assert meta.info["target_cells"] == kang_halves["n_target_controls"]  # control cells only
     history = pd.read_csv(tmp_path / "adapter" / "mmd.csv")
-    assert list(history.columns) == ["step", "mmd"] and history["step"].iloc[-1] == 150
+    assert list(history.columns) == ["step", "mmd", "lr"] and history["step"].iloc[-1] <= 150
+    assert meta.kept_step in list(history["step"]) and meta.mmd_after == pytest.approx(history["mmd"].min(), rel=1e-5)
     assert (tmp_path / "adapter" / "mmd.png").stat().st_size > 0
     assert not list((tmp_path / "adapter").glob("*.p*kl*"))
     capsys.readouterr()
@@ -193,7 +194,7 @@ def synthetic_run(synthetic_file, tmp_path_factory):
     split.save(folder / "split.json")
     model = random_flow_model(SplitView(data, split), folder / "run")
     shift = np.where(np.arange(len(model.genes)) % 3 == 0, 0.5, -0.25).astype(np.float32)
-    Adapter(list(model.genes), shift, AdapterConfig(), [(0, 1.0), (1, 0.5)]).save(folder / "adapter")
+    Adapter(list(model.genes), ShiftTransport(shift), AdapterConfig(), [(0, 1.0, 0.0), (1, 0.5, 0.05)]).save(folder / "adapter")
     return {"folder": folder, "data": data, "shift": shift}
 
 

@@ -1,14 +1,19 @@
 """The MMD domain adapter on the AnnData side: read the control cells of a model's source data and
-of new target data, learn the target's per-gene shift (:mod:`pertflow.adapt.shift`), and save or
-load it as an adapter folder.
+of new target data, fit the target's transport (:mod:`pertflow.adapt.shift`,
+:mod:`pertflow.adapt.transports`), and save or load it as an adapter folder.
 
 An adapter folder holds (no pickles; every file written atomically):
 
-* ``shift.csv``: columns ``gene,shift``, the shift added to the target's log1p expression (then
-  clipped at 0) before the model reads it, one row per model gene in the model's order;
-* ``adapter.json``: the settings (seed included), the run, the data files (the source's as a list)
-  and contexts read, the number of control cells of each side, the genes, the MMD before and after;
-* ``mmd.csv`` (``step,mmd``) and ``mmd.png``: the MMD over the steps.
+* the transport's table, one row per model gene in the model's order: ``shift.csv`` (``gene,shift``:
+  added to the target's log1p expression, then clipped at 0), ``affine.csv`` (``gene,scale,shift``)
+  or ``quantile.csv`` (per gene, the source's quantiles and the target's zero fraction and
+  quantiles of its positive values);
+* ``adapter.json``: the format version, the transport, the settings (seed included), the run, the
+  data files (the source's as a list) and contexts read, the number of control cells of each side,
+  the genes, the held-out MMD before and after, the step kept (null: the identity);
+* ``mmd.csv`` (``step,mmd,lr``) and ``mmd.png``: the held-out MMD over the steps.
+
+Format 1 (a ``shift.csv`` and no transport named) is read as the ``shift`` transport.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pertflow.adapt.shift import AdapterConfig, fit_shift
+from pertflow.adapt.shift import AdapterConfig, fit_transport
+from pertflow.adapt.transports import TRANSPORTS, ShiftTransport, Transport, transport_class
 from pertflow.configs import build, to_dict
 from pertflow.data.dataset import GENE_PANEL_FIX, PerturbationData
 from pertflow.errors import InputError
@@ -29,50 +35,82 @@ from pertflow.io import atomic_path, read_json, write_json
 from pertflow.models.base import PerturbationModel
 from pertflow.models.network import inference_device
 
-ADAPTER_FORMAT_VERSION = 1
+ADAPTER_FORMAT_VERSION = 2
+#: Adapter formats this pertflow reads (1: a shift only).
+READABLE_FORMATS = (1, 2)
 #: What an adapter folder holds (a folder holding one of them already holds an adapter).
-ADAPTER_FILES = ("shift.csv", "adapter.json", "mmd.csv", "mmd.png")
+ADAPTER_FILES = ("shift.csv", "affine.csv", "quantile.csv", "adapter.json", "mmd.csv", "mmd.png")
 MMD_CONVENTION = (
     "mean over genes of the unbiased multi-bandwidth RBF MMD^2 (pertflow.ops.kernels.mmd2_rbf) between each "
-    "gene's control embeddings of the source and of the shifted target, on a fixed sample of eval_cells cells a side"
+    "gene's control embeddings of the source and of the transported target, on the held-out control cells "
+    "(never stepped on; at most eval_cells a side)"
 )
+_META_KEYS = ("format_version", "settings", "steps", "mmd_before", "mmd_after", "mmd", "genes", "transport",
+              "kept_step", "kept")
 
 
 @dataclass
 class Adapter:
-    """A learnt per-gene shift of a target dataset's expression, for one model.
+    """A fitted per-gene transport of a target dataset's expression, for one model.
 
     Attributes
     ----------
     genes
         The model's genes, in its order.
-    shift
-        (G,) float32, added to the target's log1p expression (then clipped at 0).
+    transport
+        The kept transport (:mod:`pertflow.adapt.transports`).
     config
         The settings it was learnt with.
     history
-        (step, MMD) records (see :data:`MMD_CONVENTION`).
+        (step, held-out MMD, learning rate) records (see :data:`MMD_CONVENTION`).
     info
         What it was learnt from: run, data files, contexts, cells read.
+    kept_step
+        The step whose state was kept; None: the identity (no state lowered the held-out MMD).
+    mmd_before, mmd_after
+        The held-out MMD of the identity and of the kept transport (the first and the lowest
+        record of ``history`` when not given).
     """
 
     genes: list[str]
-    shift: np.ndarray
+    transport: Transport
     config: AdapterConfig
-    history: list[tuple[int, float]]
+    history: list[tuple[int, float, float]]
     info: dict[str, Any] = field(default_factory=dict)
+    kept_step: int | None = None
+    mmd_before: float = float("nan")
+    mmd_after: float = float("nan")
+
+    def __post_init__(self) -> None:
+        if np.isnan(self.mmd_before):
+            self.mmd_before = float(self.history[0][1])
+        if np.isnan(self.mmd_after):
+            self.mmd_after = float(min(record[1] for record in self.history))
 
     @property
-    def mmd_before(self) -> float:
-        return self.history[0][1]
+    def kept(self) -> str:
+        """What was kept, in words."""
+        if self.kept_step is None:
+            return "the identity (no fitted state lowered the held-out MMD)"
+        return f"the {self.transport.name} transport of step {self.kept_step}"
 
     @property
-    def mmd_after(self) -> float:
-        return self.history[-1][1]
+    def shift(self) -> np.ndarray:
+        """(G,) the shift of a ``shift`` adapter (what ``pertflow predict --adapter`` applies)."""
+        if not isinstance(self.transport, ShiftTransport):
+            raise InputError(
+                f"this adapter is a {self.transport.name} transport; pertflow predict --adapter applies a per-gene "
+                "shift only so far. Learn the adapter with --transport shift, or map the control cells yourself "
+                "with Adapter.apply."
+            )
+        return self.transport.shift
 
     def apply(self, controls: np.ndarray) -> np.ndarray:
-        """(n, G) log1p expression on :attr:`genes` -> shifted and clipped at 0."""
-        return np.clip(controls + self.shift[None, :], 0, None).astype(np.float32)
+        """(n, G) log1p expression on :attr:`genes` -> transported, clipped at 0 (float32)."""
+        controls = np.asarray(controls, dtype=np.float32)
+        if controls.ndim != 2 or controls.shape[1] != len(self.genes):
+            raise InputError(f"the adapter maps (cells, {len(self.genes)} genes) expression; got shape {controls.shape}.")
+        return self.transport.apply(controls)
 
     def check_genes(self, model: PerturbationModel) -> None:
         """The adapter must have been learnt for the model's genes, in its order."""
@@ -87,44 +125,51 @@ class Adapter:
         """Write the adapter folder (see the module docstring)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "shift.csv") as tmp:
-            pd.DataFrame({"gene": self.genes, "shift": self.shift}).to_csv(tmp, index=False, float_format="%.6g")
-        history = pd.DataFrame(self.history, columns=["step", "mmd"])
+        for name in {f for t in TRANSPORTS.values() for f in t.files} - set(self.transport.files):
+            (out / name).unlink(missing_ok=True)  # another transport's table of an overwritten folder
+        self.transport.save(out, self.genes)
+        history = pd.DataFrame(self.history, columns=["step", "mmd", "lr"])
         with atomic_path(out / "mmd.csv") as tmp:
             history.to_csv(tmp, index=False, float_format="%.6g")
         plot_history(history, out / "mmd.png")
         write_json(out / "adapter.json", {
             "format_version": ADAPTER_FORMAT_VERSION,
+            "transport": self.transport.name,
             **self.info,
             "settings": to_dict(self.config),
             "steps": self.config.steps,
             "mmd_before": self.mmd_before,
             "mmd_after": self.mmd_after,
+            "kept_step": self.kept_step,
+            "kept": self.kept,
             "mmd": MMD_CONVENTION,
             "genes": self.genes,
         })
 
     @classmethod
     def load(cls, folder: str | Path) -> Adapter:
-        """Read an adapter folder written by :meth:`save`."""
+        """Read an adapter folder written by :meth:`save` (or by a pertflow of format 1)."""
         folder = Path(folder)
-        if not (folder / "adapter.json").is_file() or not (folder / "shift.csv").is_file():
-            raise InputError(f"{folder} is not an adapter folder (adapter.json and shift.csv are missing). Make one with `pertflow adapt`.")
+        if not (folder / "adapter.json").is_file():
+            raise InputError(f"{folder} is not an adapter folder (adapter.json is missing). Make one with `pertflow adapt`.")
         meta = read_json(folder / "adapter.json")
-        if meta.get("format_version", 0) != ADAPTER_FORMAT_VERSION:
-            raise InputError(f"{folder} was written by another pertflow (adapter format {meta.get('format_version')}); run `pertflow adapt` again.")
-        table = pd.read_csv(folder / "shift.csv")
-        if list(table.columns) != ["gene", "shift"] or list(table["gene"].astype(str)) != meta["genes"]:
-            raise InputError(f"{folder / 'shift.csv'} does not hold the columns gene,shift for the genes of adapter.json. Run `pertflow adapt` again.")
-        history = pd.read_csv(folder / "mmd.csv") if (folder / "mmd.csv").is_file() else pd.DataFrame({"step": [0], "mmd": [meta["mmd_before"]]})
-        info = {k: v for k, v in meta.items() if k not in ("format_version", "settings", "steps", "mmd_before", "mmd_after", "mmd", "genes")}
-        return cls(
-            genes=list(meta["genes"]),
-            shift=table["shift"].to_numpy(np.float32),
-            config=build(AdapterConfig, meta["settings"], "adapter"),
-            history=[(int(s), float(m)) for s, m in zip(history["step"], history["mmd"])],
-            info=info,
-        )
+        version = meta.get("format_version", 0)
+        if version not in READABLE_FORMATS:
+            raise InputError(f"{folder} was written by another pertflow (adapter format {version}; this one reads "
+                             f"{', '.join(map(str, READABLE_FORMATS))}); run `pertflow adapt` again.")
+        genes = list(meta["genes"])
+        transport = transport_class(meta.get("transport", "shift")).load(folder, genes)
+        settings = {k: v for k, v in meta["settings"].items() if k in AdapterConfig.__dataclass_fields__}
+        history = [(0, float(meta["mmd_before"]), 0.0)]
+        if (folder / "mmd.csv").is_file():
+            table = pd.read_csv(folder / "mmd.csv")
+            lr = table["lr"] if "lr" in table else np.zeros(len(table))
+            history = [(int(s), float(m), float(r)) for s, m, r in zip(table["step"], table["mmd"], lr)]
+        kept_step = meta.get("kept_step", history[-1][0]) if version >= 2 else history[-1][0]
+        after = meta["mmd_after"]
+        return cls(genes=genes, transport=transport, config=build(AdapterConfig, settings, "adapter"), history=history,
+                   info={k: v for k, v in meta.items() if k not in _META_KEYS}, kept_step=kept_step,
+                   mmd_before=float(meta["mmd_before"]), mmd_after=float(after))
 
 
 def control_rows(data: PerturbationData, contexts: Sequence[str] | None) -> np.ndarray:
@@ -159,9 +204,9 @@ def read_controls(datasets: Sequence[PerturbationData], genes: list[str], contex
     columns = [data.gene_indices(genes, fix=GENE_PANEL_FIX) for data in datasets]  # every file, before reading
     rows = [control_rows(data, contexts) for data in datasets]
     bounds = np.cumsum([0] + [len(r) for r in rows])
-    if bounds[-1] < 2:
-        raise InputError(f"{bounds[-1]} control cell in {[str(d.path or 'the data') for d in datasets]}; the adapter needs "
-                         "at least 2 a side. Give more control cells (other files or contexts).")
+    if bounds[-1] < 4:
+        raise InputError(f"{bounds[-1]} control cells in {[str(d.path or 'the data') for d in datasets]}; the adapter needs "
+                         "at least 4 a side (2 to fit, 2 held out to score it). Give more control cells (other files or contexts).")
     chosen = np.sort(rng.choice(bounds[-1], size=max_cells, replace=False)) if bounds[-1] > max_cells else np.arange(bounds[-1])
     parts = []
     for data, own, cols, lo, hi in zip(datasets, rows, columns, bounds[:-1], bounds[1:]):
@@ -209,8 +254,8 @@ def learn_adapter(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, desc="adapting", unit="step")
-    fit = fit_shift(model.control_embedding, source_x, target_x, config,
-                    progress=None if bar is None else (lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}"))))
+    fit = fit_transport(model.control_embedding, source_x, target_x, config,
+                        progress=None if bar is None else (lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}"))))
     if bar is not None:
         bar.close()
     info = {
@@ -222,7 +267,7 @@ def learn_adapter(
         "target_cells": int(target_x.shape[0]),
         "model": model.name,
     }
-    return Adapter(list(model.genes), fit.shift.numpy().astype(np.float32), config, fit.history, info)
+    return Adapter(list(model.genes), fit.transport, config, fit.history, info, fit.kept_step, fit.mmd_before, fit.mmd_after)
 
 
 def plot_history(history: pd.DataFrame, path: Path) -> None:
@@ -234,9 +279,10 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(4.8, 3.2))
     ax.plot(history["step"], history["mmd"], marker=".", lw=1)
+    ax.axhline(history["mmd"].iloc[0], color="grey", lw=0.5, ls="--")  # the identity's
     ax.set_xlabel("step")
     ax.set_ylabel("MMD² (mean over genes)")
-    ax.set_title("control embeddings: source vs shifted target", fontsize=9)
+    ax.set_title("held-out control embeddings: source vs transported target", fontsize=9)
     ax.axhline(0, color="black", lw=0.5)
     fig.tight_layout()
     with atomic_path(path) as tmp:

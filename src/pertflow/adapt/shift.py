@@ -1,22 +1,34 @@
-"""The adapter's mathematics: a per-gene shift of target expression that makes a frozen embedding
-of the shifted target controls match that of the source controls, by per-gene MMD (tensors only).
+"""The adapter's mathematics: a per-gene transport of target expression that makes a frozen
+embedding of the transported target controls match that of the source controls, by per-gene MMD
+(tensors only; the transports are :mod:`pertflow.adapt.transports`).
 
 Shapes: n cells, G genes, d embedding width.
 
-The objective, for a shift ``s`` (G,):
+The objective of a parametric transport ``f_theta`` (``shift``: ``x + b``; ``affine``: ``a x + b``,
+both clipped at 0, what the model reads at prediction):
 
-    L(s) = mean over genes g of [ MMD^2( E(T + s)[:, g], E(S)[:, g] ) + l2 * s_g^2 ]
+    L(theta) = mean over genes g of [ MMD^2( E(f_theta(T))[:, g], E(S)[:, g] ) + l2 * |theta_g - id|^2 ]
 
-with ``E`` the model's control embedding ((n, G) expression -> (n, G, d) tokens), ``T + s`` the
-target controls shifted and clipped at 0 (what the model reads at prediction), ``S`` the source
+with ``E`` the model's control embedding ((n, G) expression -> (n, G, d) tokens), ``S`` the source
 controls and MMD^2 the unbiased multi-bandwidth RBF estimate of :func:`pertflow.ops.kernels.mmd2_rbf`
-(scales 0.5, 1, 2, 4 of a base bandwidth per gene). Each gene's base bandwidth is the median
-heuristic of its pooled tokens (source and unshifted target) on the fixed evaluation sample,
-computed once and bounded below by ``min_bandwidth``, so it cannot collapse on a gene whose cells
-are mostly zeros; a fixed kernel also makes the MMD of every step comparable. Each step draws
-``batch_size`` cells of each side (without replacement) and ``genes_per_step`` genes, all from one
-seeded generator: a seed repeats a run exactly. Inputs are always expression, never embeddings:
-the embedding is computed here, from the expression, by the function given.
+(scales 0.5, 1, 2, 4 of a base bandwidth per gene). Each gene's base bandwidth is the mean squared
+distance of its pooled tokens (source and untransported target), computed once and bounded below
+by ``min_bandwidth``: unlike the median, it does not collapse on a gene whose cells are mostly
+zeros (a kernel that narrow makes any move of the zeros look like a total mismatch, and gives no
+gradient); a fixed kernel also makes the MMD of every step comparable.
+
+Never worse: a part of each side's control cells (``holdout``) is set aside and never stepped on.
+The identity and then the parameters every ``eval_every`` steps are scored on it (the mean over all
+genes of the per-gene MMD^2); the best parameters are kept. Where the held-out MMD rises, the
+parameters go back to the best and the learning rate is halved; after ``patience`` such rises in
+a row the fit stops. The MMD after is that of the kept state, never above the MMD before (the
+identity's): if no state beats the identity, the identity is kept and the fit says so.
+
+Steps: each step draws ``batch_size`` fitting cells of each side (without replacement) and
+``genes_per_step`` genes, all from one seeded generator (a seed repeats a run exactly), and updates
+only the parameters of those genes (Adam with per-gene moments and step counts: a gene not drawn
+does not move, which plain Adam's momentum would make it do). Inputs are always expression,
+never embeddings: the embedding is computed here, from the expression, by the function given.
 """
 
 from __future__ import annotations
@@ -27,7 +39,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from pertflow.ops.kernels import median_sq_dist, mmd2_rbf
+from pertflow.adapt.transports import INITS, TRANSPORTS, ParametricTransport, QuantileTransport, ShiftTransport, Transport
+from pertflow.ops.kernels import mmd2_rbf
 
 Embedding = Callable[[Tensor], Tensor]
 
@@ -38,46 +51,71 @@ class AdapterConfig:
 
     Attributes
     ----------
+    transport
+        ``shift`` (a per-gene offset), ``affine`` (a per-gene scale and offset), both learnt by
+        MMD, or ``quantile`` (a per-gene quantile map, fitted directly).
     steps
-        Adam steps.
+        Adam steps at most (``shift`` and ``affine``).
     lr
         Adam's learning rate (log1p units per step, roughly); it decays linearly to 10% of
-        itself over the run, so that the shift settles.
+        itself over the run, and halves where the held-out MMD rises.
+    init
+        ``moments``: start from the transport that matches each gene's mean (``affine``: and
+        standard deviation) to the source's; ``zero``: from the identity.
     batch_size
-        Cells of each dataset per step (drawn without replacement).
+        Fitting cells of each dataset per step (drawn without replacement).
     genes_per_step
         Genes whose MMD is taken each step (drawn at random); None: all genes every step.
     l2
-        Weight of the penalty ``s_g^2`` beside each gene's MMD (keeps genes without a shift at 0).
+        Weight of the penalty on each gene's distance from the identity beside its MMD.
     min_bandwidth
-        Lower bound of the median-heuristic squared bandwidth of the RBF kernel.
+        Lower bound of the RBF kernel's squared bandwidth.
     max_cells
         Control cells read per dataset at most (a seeded subsample beyond that).
+    holdout
+        Fraction of each dataset's control cells set aside to score the transport (never stepped
+        on); at least 2 cells and at most ``eval_cells``.
     eval_cells
-        Cells per dataset of the fixed sample on which the reported MMD (over all genes) is taken.
+        Held-out cells per dataset at most.
     eval_every
-        Steps between two records of that MMD.
+        Steps between two scores on the held-out cells.
+    patience
+        Rises of the held-out MMD in a row after which the fit stops.
+    n_quantiles
+        Points of each gene's quantile grid (``quantile``).
     seed
-        Seeds the subsample, the batches, the genes of each step and the evaluation sample.
+        Seeds the subsample, the held-out cells, the batches, the genes of each step and the
+        positions the quantile map gives to zeros.
     """
 
+    transport: str = "shift"
     steps: int = 300
     lr: float = 0.05
+    init: str = "moments"
     batch_size: int = 128
     genes_per_step: int | None = 64
     l2: float = 1e-3
     min_bandwidth: float = 1e-3
     max_cells: int = 5000
+    holdout: float = 0.25
     eval_cells: int = 256
     eval_every: int = 10
+    patience: int = 5
+    n_quantiles: int = 101
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_cells", "eval_cells", "eval_every"):
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        for name in ("steps", "batch_size", "max_cells", "eval_cells", "eval_every", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size < 2 or self.eval_cells < 2:
-            raise ValueError("batch_size and eval_cells must be at least 2 (the unbiased MMD needs two cells a side)")
+        if self.batch_size < 2 or self.eval_cells < 2 or self.n_quantiles < 2:
+            raise ValueError("batch_size, eval_cells and n_quantiles must be at least 2 (the unbiased MMD needs two cells a side)")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"holdout must be a fraction between 0 and 1, got {self.holdout}")
         if self.genes_per_step is not None and self.genes_per_step < 1:
             raise ValueError(f"genes_per_step must be at least 1 (or null for all genes), got {self.genes_per_step}")
         if self.lr <= 0 or self.l2 < 0 or self.min_bandwidth <= 0:
@@ -85,28 +123,33 @@ class AdapterConfig:
 
 
 @dataclass
-class ShiftFit:
-    """The result of :func:`fit_shift`.
+class TransportFit:
+    """The result of :func:`fit_transport`.
 
     Attributes
     ----------
-    shift
-        (G,) the learnt shift, to be added to the target's log1p expression (then clipped at 0).
+    transport
+        The kept transport (the identity shift when no fitted state beat it).
     history
-        (step, MMD) records: the mean over all genes of the per-gene MMD^2 on the fixed
-        evaluation sample, at step 0 (no shift) and every ``eval_every`` steps.
+        (step, held-out MMD, learning rate) records: the mean over all genes of the per-gene MMD^2
+        on the held-out cells, of the identity (step 0, learning rate 0) and then of the state
+        every ``eval_every`` steps (a quantile map: step 1).
+    kept_step
+        The step whose state was kept; None when the identity was kept.
+    mmd_before, mmd_after
+        The held-out MMD of the identity and of the kept state (``mmd_after <= mmd_before``).
     """
 
-    shift: Tensor
-    history: list[tuple[int, float]]
+    transport: Transport
+    history: list[tuple[int, float, float]]
+    kept_step: int | None
+    mmd_before: float
+    mmd_after: float
 
     @property
-    def mmd_before(self) -> float:
-        return self.history[0][1]
-
-    @property
-    def mmd_after(self) -> float:
-        return self.history[-1][1]
+    def shift(self) -> Tensor:
+        """(G,) the shift of a ``shift`` transport."""
+        return torch.from_numpy(self.transport.shift)
 
 
 def shifted(target: Tensor, shift: Tensor) -> Tensor:
@@ -132,11 +175,15 @@ def per_gene_mmd(x: Tensor, y: Tensor, bandwidth: Tensor) -> Tensor:
     return mmd2_rbf(x.transpose(0, 1), y.transpose(0, 1), bandwidth=bandwidth)  # a batch of G pairs
 
 
-def gene_bandwidths(x: Tensor, y: Tensor, min_bandwidth: float, gene_chunk: int = 64) -> Tensor:
-    """(G,) median-heuristic squared bandwidth of each gene's pooled (n, G, d) and (m, G, d)
-    embeddings, bounded below by ``min_bandwidth`` (detached)."""
-    return torch.cat([median_sq_dist(x[:, g:g + gene_chunk].transpose(0, 1), y[:, g:g + gene_chunk].transpose(0, 1),
-                                      min_bandwidth=min_bandwidth) for g in range(0, x.shape[1], gene_chunk)])
+def gene_bandwidths(x: Tensor, y: Tensor, min_bandwidth: float) -> Tensor:
+    """(G,) base squared bandwidth of each gene's kernel: the mean squared distance between two
+    distinct tokens of the pooled (n, G, d) and (m, G, d) embeddings, bounded below by
+    ``min_bandwidth`` (detached; see the module docstring)."""
+    with torch.no_grad():
+        pooled = torch.cat([x, y])
+        n = pooled.shape[0]
+        spread = 2 * pooled.var(dim=0, unbiased=False).sum(-1) * n / max(n - 1, 1)
+    return spread.clamp_min(min_bandwidth)
 
 
 def evaluation_mmd(x: Tensor, y: Tensor, bandwidth: Tensor, gene_chunk: int = 64) -> float:
@@ -148,9 +195,20 @@ def evaluation_mmd(x: Tensor, y: Tensor, bandwidth: Tensor, gene_chunk: int = 64
     return total / x.shape[1]
 
 
-def fit_shift(embed: Embedding, source: Tensor, target: Tensor, config: AdapterConfig,
-              progress: Callable[[int, float], None] | None = None) -> ShiftFit:
-    """Learn the per-gene shift of ``target`` (see the module docstring).
+
+
+def _split(n: int, config: AdapterConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Rows (fitting, held out) of a side of ``n`` cells."""
+    hold = min(config.eval_cells, max(2, round(config.holdout * n)))
+    if n - hold < 2:
+        raise ValueError(f"the adapter needs at least 4 control cells on each side (2 to fit, 2 held out); got {n}")
+    order = torch.randperm(n, generator=generator)
+    return order[hold:].sort().values, order[:hold].sort().values
+
+
+def fit_transport(embed: Embedding, source: Tensor, target: Tensor, config: AdapterConfig,
+                  progress: Callable[[int, float], None] | None = None) -> TransportFit:
+    """Fit ``config.transport`` from ``target`` to ``source`` (see the module docstring).
 
     Parameters
     ----------
@@ -162,55 +220,116 @@ def fit_shift(embed: Embedding, source: Tensor, target: Tensor, config: AdapterC
         (n_T, G) log1p expression of the target's control cells, on the same genes in the same
         order, on the same device as ``source``.
     config
-        Steps, learning rate, batch, genes per step, penalty, bandwidth bound, seed.
+        The transport and its settings.
     progress
         Called with (step, loss) after every step.
 
     Returns
     -------
-    ShiftFit
-        The shift (on the CPU) and the MMD history.
+    TransportFit
+        The kept transport, the held-out MMD history, the kept step, the MMD before and after.
     """
     if source.ndim != 2 or target.ndim != 2 or source.shape[1] != target.shape[1]:
         raise ValueError(f"source and target must be (n, G) on the same genes; got {tuple(source.shape)} and {tuple(target.shape)}")
-    n_s, n_genes = source.shape
-    n_t = target.shape[0]
-    if min(n_s, n_t) < 2:
-        raise ValueError(f"the MMD needs at least 2 control cells on each side; got {n_s} source and {n_t} target cells")
     device = source.device
     generator = torch.Generator().manual_seed(config.seed)
+    (fit_s, hold_s), (fit_t, hold_t) = _split(source.shape[0], config, generator), _split(target.shape[0], config, generator)
+    source_fit, target_fit = source[fit_s.to(device)], target[fit_t.to(device)]
+    hold_target = target[hold_t.to(device)]
+    with torch.no_grad():
+        reference = embed(source[hold_s.to(device)])
+        bandwidth = gene_bandwidths(embed(source_fit[:config.eval_cells]), embed(target_fit[:config.eval_cells]),
+                                    config.min_bandwidth)
+
+    def score(mapped: Tensor) -> float:
+        with torch.no_grad():
+            return evaluation_mmd(embed(mapped), reference, bandwidth)
+
+    before = score(hold_target)
+    history = [(0, before, 0.0)]
+    if config.transport == "quantile":
+        quantile = QuantileTransport.fit(source_fit.cpu().numpy(), target_fit.cpu().numpy(), config.n_quantiles, config.seed)
+        mapped = torch.from_numpy(quantile.apply(hold_target.cpu().numpy())).to(device)
+        history.append((1, score(mapped), 0.0))
+        if progress is not None:
+            progress(1, history[-1][1])
+        better = history[-1][1] < before
+        return TransportFit(quantile if better else ShiftTransport.identity(source.shape[1]), history,
+                            1 if better else None, before, min(before, history[-1][1]))
+    kind = TRANSPORTS[config.transport]
+    assert issubclass(kind, ParametricTransport)
+    return _descend(kind, embed, source_fit, target_fit, hold_target, score, bandwidth, history, config, generator, progress)
+
+
+def _descend(kind: type[ParametricTransport], embed: Embedding, source: Tensor, target: Tensor, hold_target: Tensor,
+             score: Callable[[Tensor], float], bandwidth: Tensor, history: list[tuple[int, float, float]],
+             config: AdapterConfig, generator: torch.Generator, progress: Callable[[int, float], None] | None) -> TransportFit:
+    """The MMD descent of a parametric transport, keeping the best held-out state."""
+    device = source.device
+    n_s, n_genes = source.shape
+    n_t = target.shape[0]
+    identity = {k: v.detach() for k, v in kind.initial(source, target, "zero").items()}
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in kind.initial(source, target, config.init).items()}
+    moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}
+    counts = torch.zeros(n_genes, device=device)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    best_mmd, best_step, best = history[0][1], None, None
+    start = score(kind.transform(hold_target, params))
+    history.append((0, start, config.lr))
+    if start < best_mmd:
+        best_mmd, best_step, best = start, 0, {k: v.detach().clone() for k, v in params.items()}
+    lr, rises = config.lr, 0
+    per_step = n_genes if config.genes_per_step is None else min(config.genes_per_step, n_genes)
 
     def draw(n: int, k: int) -> Tensor:
         return torch.randperm(n, generator=generator)[: min(n, k)].to(device)
 
-    eval_target = target[draw(n_t, config.eval_cells)]
-    with torch.no_grad():
-        eval_reference = embed(source[draw(n_s, config.eval_cells)])
-        bandwidth = gene_bandwidths(eval_reference, embed(eval_target), config.min_bandwidth)
-
-    def evaluate() -> float:
-        with torch.no_grad():
-            return evaluation_mmd(embed(shifted(eval_target, shift)), eval_reference, bandwidth)
-
-    shift = torch.zeros(n_genes, device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([shift], lr=config.lr)
-    schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=config.steps)
-    history = [(0, evaluate())]
-    per_step = n_genes if config.genes_per_step is None else min(config.genes_per_step, n_genes)
     for step in range(1, config.steps + 1):
         rows_s, rows_t = draw(n_s, config.batch_size), draw(n_t, config.batch_size)
         genes = draw(n_genes, per_step)
         with torch.no_grad():
             reference = embed(source[rows_s])[:, genes]
-        tokens = embed(shifted(target[rows_t], shift))[:, genes]
-        loss = (per_gene_mmd(tokens, reference, bandwidth[genes]) + config.l2 * shift[genes] ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        loss = loss.detach()
-        optimizer.step()
-        schedule.step()
+        tokens = embed(kind.transform(target[rows_t], params))[:, genes]
+        penalty = sum((params[k][genes] - identity[k][genes]) ** 2 for k in params)
+        loss = (per_gene_mmd(tokens, reference, bandwidth[genes]) + config.l2 * penalty).mean()
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        counts[genes] += 1
+        step_lr = lr * (1 - 0.9 * min(step, config.steps) / config.steps)
+        with torch.no_grad():  # Adam on the genes drawn only
+            correction1, correction2 = 1 - beta1 ** counts[genes], 1 - beta2 ** counts[genes]
+            for (name, value), grad in zip(params.items(), grads):
+                if grad is None:
+                    continue
+                m, v = moments[name]
+                m[genes] = beta1 * m[genes] + (1 - beta1) * grad[genes]
+                v[genes] = beta2 * v[genes] + (1 - beta2) * grad[genes] ** 2
+                value[genes] -= step_lr * (m[genes] / correction1) / ((v[genes] / correction2).sqrt() + eps)
         if progress is not None:
-            progress(step, loss.item())
-        if step % config.eval_every == 0 or step == config.steps:
-            history.append((step, evaluate()))
-    return ShiftFit(shift.detach().cpu(), history)
+            progress(step, float(loss.detach()))
+        if step % config.eval_every and step != config.steps:
+            continue
+        mmd = score(kind.transform(hold_target, params))
+        history.append((step, mmd, lr))
+        if mmd < best_mmd:
+            best_mmd, best_step, best, rises = mmd, step, {k: v.detach().clone() for k, v in params.items()}, 0
+            continue
+        rises += 1
+        if rises >= config.patience:
+            break
+        lr /= 2  # back to the best state (the identity when none beat it), with a smaller step
+        with torch.no_grad():
+            for name, value in params.items():
+                value.copy_(identity[name] if best is None else best[name])
+                moments[name][0].zero_()
+                moments[name][1].zero_()
+        counts.zero_()
+    kept = kind.from_params(identity if best is None else best)
+    return TransportFit(kept, history, best_step, history[0][1], best_mmd)
+
+
+def fit_shift(embed: Embedding, source: Tensor, target: Tensor, config: AdapterConfig,
+              progress: Callable[[int, float], None] | None = None) -> TransportFit:
+    """:func:`fit_transport` with the ``shift`` transport (``.shift`` is the learnt shift)."""
+    from dataclasses import replace
+
+    return fit_transport(embed, source, target, replace(config, transport="shift"), progress)

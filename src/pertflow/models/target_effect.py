@@ -109,7 +109,7 @@ class TargetEffect(DeltaModel):
 
     def _log_fold(self, i: int) -> float | None:
         """The log of a measured-target single's fold on its target (None at a near-zero level)."""
-        (p, ctx), (t,) = self.keys[i], self._measured(self.keys[i][0])
+        (_, ctx), (t,) = self.keys[i], self._measured(self.keys[i][0])
         level = self._level(t, ctx)
         if level < MIN_LEVEL:
             return None
