@@ -10,15 +10,17 @@ from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import make_split
 from pertflow.data.view import SplitView
 from pertflow.models.base import PerturbationModel
+from pertflow.models.inner_split import inner_split
 from pertflow.models.prior import Prior
 from pertflow.models.target_effect import TargetEffect
 
 N_GENES, MODULE, COMMON_GENE = 30, range(0, 8), 29
 TRAINED = ["G00", "G01", "G02", "G10", "G11", "G12", "G13", "G14", "G15", "G16"]
+ENHANCERS = ["enh1", "enh2", "enh3", "enh4"]  # perturbations whose targets are not measured genes
 UNSEEN = ["G03", "G04", "G05"]
 
 
-def module_screen(seed: int = 0) -> ad.AnnData:
+def module_screen(seed: int = 0, enhancers: tuple[str, ...] = ()) -> ad.AnnData:
     """Counts of a CRISPRi screen: genes 0-7 share a factor u (a co-expression module driven by its
     genes), the others vary alone. Knocking down gene g leaves it at 30%; a module gene's
     knock-down also lowers u by one (the module follows); every perturbation raises gene 29."""
@@ -27,12 +29,14 @@ def module_screen(seed: int = 0) -> ad.AnnData:
     loading[list(MODULE)] = rng.uniform(0.5, 1.0, size=len(MODULE))
     base = rng.uniform(3.0, 8.0, size=N_GENES)
     blocks, labels = [], []
-    for pert in ["control", *TRAINED, *UNSEEN]:
+    for pert in ["control", *TRAINED, *UNSEEN, *enhancers]:
         n = 400 if pert == "control" else 150
-        u = rng.normal(size=(n, 1)) - (1.0 if pert != "control" and int(pert[1:]) in MODULE else 0.0)
+        gene = int(pert[1:]) if pert.startswith("G") else None
+        u = rng.normal(size=(n, 1)) - (1.0 if gene in MODULE else 0.0)
         rate = base * np.exp(loading * u)
+        if gene is not None:
+            rate[:, gene] *= 0.3
         if pert != "control":
-            rate[:, int(pert[1:])] *= 0.3
             rate[:, COMMON_GENE] *= 2.0
         blocks.append(rng.poisson(rate))
         labels += [pert] * n
@@ -96,3 +100,15 @@ def test_a_screen_without_measured_targets_is_the_mean(synthetic_adata):
     assert model.targets == [] and model.fit_report["measured_target_singles"] == 0
     for pert in view.data.perturbation_names[:3]:
         np.testing.assert_allclose(model.predicted_delta(pert, "line_A"), mean.predicted_delta(pert, "line_A"), atol=1e-5)
+
+
+def test_validation_holds_out_measured_targets_when_the_test_asks_for_measured_targets():
+    data = PerturbationData.from_anndata(module_screen(enhancers=tuple(ENHANCERS)))
+    view = SplitView(data, make_split(data, "perturbations", test_perturbations=UNSEEN))
+    for seed in range(6):
+        held = inner_split(view, "auto", n_held_out=2, seed=seed).held_out
+        assert len(held) == 2 and all(p in TRAINED for p in held), held  # never an enhancer
+    # a test of enhancers (no measured target) draws among every training single
+    enhancer_test = SplitView(data, make_split(data, "perturbations", test_perturbations=["enh1"]))
+    drawn = {p for seed in range(12) for p in inner_split(enhancer_test, "auto", n_held_out=3, seed=seed).held_out}
+    assert drawn & set(ENHANCERS) and drawn & set(TRAINED)

@@ -154,7 +154,10 @@ def _nearest_contexts(view: SplitView, candidates: list[str], n: int, rng: np.ra
 def _held_out_perturbations(view: SplitView, perturbed: np.ndarray, n_held_out: int, rng: np.random.Generator) -> list[str]:
     """Training singles (seeded) and every training perturbation that contains one of them. Where the
     test holds combinations with an unseen component, the singles are drawn among those that are
-    components of training combinations, so that validation has that kind too."""
+    components of training combinations, so that validation has that kind too; where every unseen
+    component of the test is a measured gene (a CRISPR target the data measures), among the
+    training singles that are measured genes (at least two), so that validation judges what the
+    data says about a target (:mod:`pertflow.models.target_effect`) where the test does."""
     data = view.data
     names = sorted(set(map(str, data.perturbations[perturbed])))
     singles = sorted({data.components(p)[0] for p in names if len(data.components(p)) == 1})
@@ -162,6 +165,12 @@ def _held_out_perturbations(view: SplitView, perturbed: np.ndarray, n_held_out: 
     test_has_combos = any(len(data.components(p)) > 1 for p in view.split.test_perturbations)
     if test_has_combos and in_combos:
         singles = in_combos
+    measured = set(view.vocab.expression_genes)
+    trained = {c for p in names for c in data.components(p)}
+    unseen = {c for p in view.split.test_perturbations for c in data.components(p)} - trained
+    measured_singles = [c for c in singles if c in measured]
+    if unseen and unseen <= measured and len(measured_singles) >= 2:
+        singles = measured_singles
     n = _count(n_held_out, len(singles))
     if n == 0:
         return []
