@@ -99,7 +99,7 @@ class CCFMConfig(GeneFlowConfig):
         super().__post_init__()
         if self.latent_stream != "gene-features":
             raise ValueError(f"latent_stream '{self.latent_stream}' is the cascade on a cell-level latent, whose settings "
-                             "are those of CellCascadeConfig (ccfm@cell-cpu.yaml), not of the per-gene-feature cascade")
+                             "are those of CellCascadeConfig (ccfm-cpu.yaml), not of the per-gene-feature cascade")
         if not 0.0 < self.choose_latent_p < 1.0:
             raise ValueError(f"choose_latent_p must be in (0, 1): both streams train, got {self.choose_latent_p}")
         if not 0.0 <= self.latent_augment < 1.0:
