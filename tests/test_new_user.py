@@ -136,6 +136,20 @@ def test_training_ends_with_a_short_readable_summary(synthetic_file, tmp_path, c
     assert "no network: nothing to checkpoint" in out and "checkpoints of a network" not in out
 
 
+def test_a_model_trained_in_stages_names_each_progress_bar(synthetic_file, split_file, tmp_path, monkeypatch):
+    import pertflow.train.engine as engine
+
+    names = []
+    real = engine.progress_bar
+    monkeypatch.setattr(engine, "progress_bar", lambda total, desc, *a, **k: names.append(desc) or real(total, desc, *a, **k))
+    sets = ["model.n_components=8", "model.hidden=16", "model.decoder_hidden=16", "model.decoder_steps=5",
+            "train.max_steps=5", "train.val_every=5", "train.checkpoint_every=5", "train.progress=false"]
+    args = ["train", "--model", "latent-shift", "--data", str(synthetic_file), "--split", str(split_file),
+            "--out", str(tmp_path / "run")]
+    assert main([*args, *[a for s in sets for a in ("--set", s)]]) == 0
+    assert names == ["training decoder", "training predictor"]
+
+
 def test_a_file_with_no_control_cells_or_no_bytes_is_told_so(synthetic_adata, tmp_path, capsys):
     adata = synthetic_adata[synthetic_adata.obs["perturbation"].astype(str) != "control"].copy()
     path = tmp_path / "no_controls.h5ad"

@@ -419,7 +419,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.module.train()
         consecutive_bad = 0
-        bar = progress_bar(cfg.max_steps, "training", "step", initial=self.step,
+        stage = self.metadata.get("stage")  # a model trained in stages names each bar
+        bar = progress_bar(cfg.max_steps, f"training {stage}" if stage else "training", "step", initial=self.step,
                            enabled=cfg.progress and self.accelerator.is_main_process)
         first_step, started, val_seconds = self.step, time.perf_counter(), 0.0
         with stop_requests() as stop, contextlib.closing(bar):

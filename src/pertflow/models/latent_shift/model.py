@@ -191,7 +191,7 @@ class LatentShift(AnchoredModel):
             self.predictor = self.build_predictor(train_config)
         if isinstance(self.predictor, NetworkPredictor):
             self.predictor.train(source, target, cov, groups=groups, run_dir=stage_dir(run_dir, "predictor"),
-                                 metadata={"model": self.name, "genes": self.genes})
+                                 metadata={"model": self.name, "stage": "predictor", "genes": self.genes})
             self.fit_report["predictor"] = dict(self.predictor.fit_report)
         else:
             self.predictor.train(source, target, cov)
