@@ -17,6 +17,14 @@ def literal(field_type) -> set[str]:
 
 
 def test_config_literals_match_the_runtime_tables():
+    from pertflow.adapt.config import InitName, TransportName
+    from pertflow.adapt.transports import INITS, TRANSPORTS
+
+    assert literal(TransportName) == set(TRANSPORTS) and literal(InitName) == set(INITS)
+    from pertflow.data.kinds import SPLIT_KINDS
+    from pertflow.data.splits import BUILDERS
+
+    assert tuple(BUILDERS) == SPLIT_KINDS
     assert literal(CouplingName) == set(COUPLINGS)
     assert literal(TimeSamplerName) == set(TIME_SAMPLERS)
     assert literal(PriorName) == set(PRIOR_BASELINES) | {"auto"}

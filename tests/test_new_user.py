@@ -161,3 +161,16 @@ def test_a_file_with_no_control_cells_or_no_bytes_is_told_so(synthetic_adata, tm
     assert main(["inspect", str(empty)]) == 2
     line = one_error_line(capsys, "inspect")
     assert "is empty (0 bytes)" in line and "signature" not in line
+
+
+def test_help_imports_neither_torch_nor_anndata():
+    """`pertflow --help` answers at once: building the parser reads no model, tensor or data library."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom pertflow.cli import main\n"
+            "for args in (['--help'], ['train', '--help'], ['split', '--help'], ['adapt', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'anndata', 'scanpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from pertflow.adapt.config import InitName, TransportName
 from pertflow.errors import InputError, TrainingInterrupted
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
@@ -127,7 +129,7 @@ COMMON_SPLIT_FLAGS = ("keep", "n_top_genes", "val_fraction", "val_seed")
 
 
 def _split_arguments(p: argparse.ArgumentParser) -> None:
-    from pertflow.api import SPLIT_KINDS
+    from pertflow.data.kinds import SPLIT_KINDS
 
     p.add_argument("--out", required=True, help="the split JSON to write")
     add_overwrite_flag(p)
@@ -208,7 +210,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- train / predict
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from pertflow.api import model_names
+    from pertflow.models.registry import model_names
 
     p.add_argument("--model", help=f"which model to train, one of {', '.join(model_names())} (with --resume: the run's)")
     p.add_argument("--data", help="an .h5ad file (with --resume: the run's)")
@@ -288,11 +290,11 @@ ADAPT_FLAGS = {
     "n_quantiles": (int, "points of each gene's quantile grid (quantile)"),
 }
 #: Flags with a fixed set of values.
-ADAPT_CHOICES = {"transport": ("shift", "affine", "quantile"), "init": ("moments", "zero")}
+ADAPT_CHOICES = {"transport": typing.get_args(TransportName), "init": typing.get_args(InitName)}
 
 
 def _adapt_arguments(p: argparse.ArgumentParser) -> None:
-    from pertflow.api import AdapterConfig
+    from pertflow.adapt.config import AdapterConfig
 
     p.add_argument("--run", required=True, help="a run folder written by pertflow train (the model to carry over)")
     p.add_argument("--source-data", required=True, nargs="+", metavar="S.h5ad",
@@ -373,7 +375,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _benchmark_arguments(p: argparse.ArgumentParser) -> None:
-    from pertflow.api import BASELINES
+    from pertflow.models.registry import BASELINES
 
     p.add_argument("--models", default=",".join(BASELINES), help=f"comma-separated models (default: the baselines {','.join(BASELINES)})")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")

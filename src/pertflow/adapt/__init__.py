@@ -8,9 +8,23 @@ is the MMD fit with best-state keeping on held-out cells (tensors only);
 embedding and saves or loads the adapter folder.
 """
 
-from pertflow.adapt.adapter import ADAPTER_FILES, ADAPTER_FORMAT_VERSION, Adapter, learn_adapter
-from pertflow.adapt.shift import AdapterConfig, TransportFit, fit_shift, fit_transport
-from pertflow.adapt.transports import TRANSPORTS, AffineTransport, QuantileTransport, ShiftTransport, Transport
+from __future__ import annotations
 
-__all__ = ["ADAPTER_FILES", "ADAPTER_FORMAT_VERSION", "Adapter", "AdapterConfig", "AffineTransport", "QuantileTransport",
-           "ShiftTransport", "TRANSPORTS", "Transport", "TransportFit", "fit_shift", "fit_transport", "learn_adapter"]
+import importlib
+from typing import Any
+
+#: where each public name lives: imported on first use, so that the command line reads
+#: :class:`AdapterConfig` (:mod:`pertflow.adapt.config`) without importing torch
+_HOMES = {
+    "ADAPTER_FILES": "adapter", "ADAPTER_FORMAT_VERSION": "adapter", "Adapter": "adapter", "learn_adapter": "adapter",
+    "AdapterConfig": "config", "TransportFit": "shift", "fit_shift": "shift", "fit_transport": "shift",
+    "TRANSPORTS": "transports", "AffineTransport": "transports", "QuantileTransport": "transports",
+    "ShiftTransport": "transports", "Transport": "transports",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'pertflow.adapt' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pertflow.adapt.{_HOMES[name]}"), name)

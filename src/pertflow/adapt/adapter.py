@@ -26,8 +26,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pertflow.adapt.shift import AdapterConfig, fit_transport
-from pertflow.adapt.transports import TRANSPORTS, ShiftTransport, Transport, transport_class
+from pertflow.adapt.config import AdapterConfig
+from pertflow.adapt.shift import fit_transport
+from pertflow.adapt.transports import (
+    TRANSPORTS,
+    ShiftTransport,
+    Transport,
+    transport_class,
+)
 from pertflow.configs import build, to_dict
 from pertflow.data.dataset import GENE_PANEL_FIX, PerturbationData
 from pertflow.errors import InputError

@@ -28,7 +28,7 @@ from torch import Tensor
 from pertflow.errors import InputError
 from pertflow.io import atomic_path
 
-#: Initialisations of the parametric transports (AdapterConfig.init).
+#: Initialisations of the parametric transports (AdapterConfig.init, :data:`~pertflow.adapt.config.InitName`).
 INITS = ("moments", "zero")
 
 

@@ -38,6 +38,7 @@ import pandas as pd
 
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.dose import dose_label
+from pertflow.data.kinds import SPLIT_KINDS
 from pertflow.errors import InputError
 from pertflow.io import read_json, write_json
 
@@ -557,6 +558,7 @@ def dose_split(
                    notes=f"held out: {shown}{' ...' if len(held) > 10 else ''}; their other doses train", **options)
 
 
+#: the builder of each split kind (:data:`~pertflow.data.kinds.SPLIT_KINDS` names them; a test checks they agree)
 BUILDERS = {
     "random": random_split,
     "perturbations": perturbation_split,
@@ -565,7 +567,6 @@ BUILDERS = {
     "context": context_split,
     "dose": dose_split,
 }
-SPLIT_KINDS = tuple(BUILDERS)
 
 
 COMMON_OPTIONS = ("keep", "n_top_genes", "val_fraction", "val_seed", "name", "task", "fold")
