@@ -80,3 +80,17 @@ def test_stage_two_learns_the_response_the_embedding_misses_and_a_saved_run_pred
     a = model.generate(controls[:20], "P2", "B", np.random.default_rng(3))
     b = again.generate(controls[:20], "P2", "B", np.random.default_rng(3))
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_the_expression_flow_cannot_leave_each_genes_range(hidden_effect_view, tmp_path, monkeypatch):
+    view = hidden_effect_view
+    model = CellCascade.from_view(view, build(CellCascadeConfig, {**TINY, "expression_steps": 5, "decoder_steps": 5}, "model"))
+    model.fit(view, TrainConfig(max_steps=5, batch_size=16, val_every=5, checkpoint_every=5, progress=False), tmp_path)
+    monkeypatch.setattr(model.expression_flow, "predict", lambda start, z, **k: start + 1e3)  # a flow gone astray
+    controls = view.expression.get(view.control_rows("A"))
+    settings, no_shift = PredictConfig(ode_steps=2), np.zeros(len(view.genes), np.float32)
+    cells = model.own_cells(controls, "P1", "A", no_shift, np.random.default_rng(0), settings)
+    latent = model.embedding.encode(controls)
+    start = model.decode(model.predict_latent(controls, latent, "P1", "A", no_shift, np.random.default_rng(0), settings),
+                         controls, latent)
+    assert (cells <= np.maximum(model.expression_max, start.max(0)) + 1e-6).all() and cells.max() < 50

@@ -17,7 +17,8 @@ for minutes). This variant keeps the cascade and makes its latent one a flow can
    decoded onto the perturbed cell's true embedding, end at the perturbed cell, conditioned on
    that embedding. What it learns is what the embedding and the decoder miss: the part of a
    response outside the top components and the spread around the decoded mean. Its last layer
-   starts at zero, so an untrained stage 2 returns stage 1's cells.
+   starts at zero, so an untrained stage 2 returns stage 1's cells. Its cells stay within each
+   gene's training range (or stage 1's, where that is wider).
 
 The prior, the validation that imitates the test and the prediction mode are the anchored
 contract's (:class:`~pertflow.models.anchored.AnchoredModel`), stage 2 included in the model's
@@ -54,6 +55,7 @@ class CellCascade(LatentShift, variant=True):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.expression_flow: FlowPredictor | None = None
+        self.expression_max: np.ndarray | None = None  # (G,) the largest training value of each gene
 
     @property
     def what(self) -> str:
@@ -81,6 +83,7 @@ class CellCascade(LatentShift, variant=True):
                               checkpoint_every=min(steps, max(1, train_config.checkpoint_every)),
                               log_every=max(1, min(train_config.log_every, steps)))
         source, target, z, groups = self.expression_pairs(view, latent, np.random.default_rng(train_config.seed + 1))
+        self.expression_max = np.maximum(source.max(0), target.max(0)).astype(np.float32)
         self.expression_flow = self.build_expression_flow(config)
         self.expression_flow.train(source, target, z, groups=groups, run_dir=stage_dir(run_dir, "expression"),
                                    metadata={"model": self.name, "stage": "expression", "genes": self.genes})
@@ -121,15 +124,19 @@ class CellCascade(LatentShift, variant=True):
         predicted = self.predict_latent(controls, latent, perturbation, context, shift, rng, settings)
         start = self.decode(predicted, controls, latent)
         generator = torch.Generator().manual_seed(int(rng.integers(2**31 - 1)))
-        return np.clip(self.expression_flow.predict(start, predicted, generator=generator, settings=settings), 0, None)
+        cells = self.expression_flow.predict(start, predicted, generator=generator, settings=settings)
+        # within each gene's training range: a flow carried outside the cells it was trained on
+        # (a zhao patient's embedding) reached log1p values of 15, which no measured cell has
+        return np.clip(cells, 0, np.maximum(self.expression_max, start.max(0)))
 
     # ------------------------------------------------------------------ persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**super().state_tensors(),
+        return {**super().state_tensors(), "expression_max": torch.from_numpy(self.expression_max),
                 **{EXPRESSION_PREFIX + k: v for k, v in self.expression_flow.state_tensors().items()}}
 
     def load_state(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         super().load_state({k: v for k, v in tensors.items() if not k.startswith(EXPRESSION_PREFIX)}, extra)
+        self.expression_max = tensors["expression_max"].numpy()
         self.expression_flow = self.build_expression_flow()
         self.expression_flow.load_state_tensors({k.removeprefix(EXPRESSION_PREFIX): v for k, v in tensors.items()
                                                  if k.startswith(EXPRESSION_PREFIX)})
