@@ -147,11 +147,13 @@ class TargetEffect(DeltaModel):
         """Per context (and ``""``: every context) the mean response without its own target part."""
         if not self.keys:
             return {}
+        # float32 as the mean baseline's: without a measured target the two are the same numbers, so
+        # that `prior: auto` sees a tie (which goes to the simpler mean), not float noise
         rest = np.stack([self.responses[i] - self._own_part(p, ctx, self._fold_or_mean(i), self.spread)
-                         for i, (p, ctx) in enumerate(self.keys)])
-        out = {"": rest.mean(0).astype(np.float32)}
+                         for i, (p, ctx) in enumerate(self.keys)]).astype(np.float32)
+        out = {"": rest.mean(0)}
         for ctx in {c for _, c in self.keys}:
-            out[ctx] = rest[[i for i, k in enumerate(self.keys) if k[1] == ctx]].mean(0).astype(np.float32)
+            out[ctx] = rest[[i for i, k in enumerate(self.keys) if k[1] == ctx]].mean(0)
         return out
 
     def _fold_or_mean(self, i: int) -> float:
@@ -169,7 +171,8 @@ class TargetEffect(DeltaModel):
         common = self.common.get(context, self.common.get(""))
         if common is None:
             return np.zeros(len(self.genes), dtype=np.float32)
-        return (common + self._own_part(perturbation, context, self.log_fold, self.spread)).astype(np.float32)
+        own = self._own_part(perturbation, context, self.log_fold, self.spread)
+        return common.copy() if not own.any() else (common + own).astype(np.float32)
 
     def without(self, key: tuple[str, str]) -> TargetEffect:
         keep = [i for i, k in enumerate(self.keys) if k != tuple(key)]
