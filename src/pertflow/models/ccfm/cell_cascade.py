@@ -127,16 +127,18 @@ class CellCascade(LatentShift, variant=True):
         cells = self.expression_flow.predict(start, predicted, generator=generator, settings=settings)
         # within each gene's training range: a flow carried outside the cells it was trained on
         # (a zhao patient's embedding) reached log1p values of 15, which no measured cell has
-        return np.clip(cells, 0, np.maximum(self.expression_max, start.max(0)))
+        return np.clip(cells, 0, None if self.expression_max is None else np.maximum(self.expression_max, start.max(0)))
 
     # ------------------------------------------------------------------ persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**super().state_tensors(), "expression_max": torch.from_numpy(self.expression_max),
+        limit = {} if self.expression_max is None else {"expression_max": torch.from_numpy(self.expression_max)}
+        return {**super().state_tensors(), **limit,
                 **{EXPRESSION_PREFIX + k: v for k, v in self.expression_flow.state_tensors().items()}}
 
     def load_state(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         super().load_state({k: v for k, v in tensors.items() if not k.startswith(EXPRESSION_PREFIX)}, extra)
-        self.expression_max = tensors["expression_max"].numpy()
+        limit = tensors.get("expression_max")  # absent in a run saved before the range was kept: no limit
+        self.expression_max = None if limit is None else limit.numpy()
         self.expression_flow = self.build_expression_flow()
         self.expression_flow.load_state_tensors({k.removeprefix(EXPRESSION_PREFIX): v for k, v in tensors.items()
                                                  if k.startswith(EXPRESSION_PREFIX)})
