@@ -76,6 +76,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def require_at_least_one(config: Any, *names: str) -> None:
+    """Raise ValueError naming the first of the config's integer fields ``names`` below 1 (a
+    config's ``__post_init__`` check of its counts: steps, sizes, layers)."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+
+
 def build(cls: type[T], values: Mapping[str, Any] | None = None, section: str = "") -> T:
     """An instance of the frozen dataclass ``cls`` from a mapping; unknown keys are refused."""
     values = dict(values or {})

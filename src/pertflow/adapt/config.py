@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from pertflow.configs import require_at_least_one
+
 #: the transports (:data:`pertflow.adapt.transports.TRANSPORTS` gives each its class)
 TransportName = Literal["shift", "affine", "quantile"]
 #: where a learnt transport starts (:data:`pertflow.adapt.transports.INITS`)
@@ -74,9 +76,7 @@ class AdapterConfig:
         for name, kind in (("transport", TransportName), ("init", InitName)):
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name} must be one of {', '.join(get_args(kind))}, got {getattr(self, name)!r}")
-        for name in ("steps", "batch_size", "max_cells", "eval_cells", "eval_every", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least_one(self, "steps", "batch_size", "max_cells", "eval_cells", "eval_every", "patience")
         if self.batch_size < 2 or self.eval_cells < 2 or self.n_quantiles < 2:
             raise ValueError("batch_size, eval_cells and n_quantiles must be at least 2 (the unbiased MMD needs two cells a side)")
         if not 0 < self.holdout < 1:

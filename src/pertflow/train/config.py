@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pertflow.configs import require_at_least_one
+
 # What a resumed run may set differently: the progress bar, the length (a longer max_steps
 # extends even a finished run; the cosine schedule is then recomputed for the new length, so the
 # learning rate rises again from where the old schedule had brought it), gradient
@@ -100,10 +102,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "val_every", "checkpoint_every", "log_every", "keep_checkpoints", "max_nonfinite",
-                     "nan_check_interval", "accumulate"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least_one(self, "max_steps", "batch_size", "val_every", "checkpoint_every", "log_every", "keep_checkpoints",
+                             "max_nonfinite", "nan_check_interval", "accumulate")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pertflow.configs import require_at_least_one
 from pertflow.models.flow import GeneFlowConfig
 from pertflow.models.latent_shift.config import LatentShiftConfig
 
@@ -159,8 +160,7 @@ class CellCascadeConfig(LatentShiftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("expression_hidden", "expression_layers", "expression_steps", "expression_batch_size", "expression_pairs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least_one(self, "expression_hidden", "expression_layers", "expression_steps", "expression_batch_size",
+                             "expression_pairs")
         if self.expression_lr <= 0 or self.expression_noise < 0 or self.expression_mean_weight < 0 or self.latent_augment < 0:
             raise ValueError("expression_lr must be > 0; expression_noise, expression_mean_weight and latent_augment >= 0")

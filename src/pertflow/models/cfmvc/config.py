@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pertflow.configs import require_at_least_one
 from pertflow.models.config import PriorName
 from pertflow.models.flow import CouplingName, FlowConfig, FlowSourceName
 
@@ -84,9 +85,8 @@ class CFMVCConfig(FlowConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("n_latent", "n_tech", "hidden", "n_layers", "vae_steps", "flow_hidden", "flow_layers", "d_context", "n_basis"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least_one(self, "n_latent", "n_tech", "hidden", "n_layers", "vae_steps", "flow_hidden", "flow_layers",
+                             "d_context", "n_basis")
         if not self.freeze_vae and self.joint_steps < 1:
             raise ValueError("freeze_vae: false fine-tunes the VAE and the flow together for joint_steps steps: give joint_steps >= 1")
         if self.lambda_dist < 0 or self.beta < 0:

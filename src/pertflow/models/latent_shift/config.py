@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pertflow.configs import require_at_least_one
 from pertflow.models.config import AnchoredConfig
 from pertflow.models.flow import CouplingName, TimeSamplerName
 
@@ -108,10 +109,8 @@ class LatentShiftConfig(AnchoredConfig):
     decode: Literal["direct", "residual"] = "direct"
 
     def __post_init__(self) -> None:
-        for name in ("n_components", "hidden", "n_layers", "groups_per_step", "decoder_hidden", "decoder_layers",
-                     "decoder_steps", "decoder_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least_one(self, "n_components", "hidden", "n_layers", "groups_per_step", "decoder_hidden", "decoder_layers",
+                             "decoder_steps", "decoder_batch_size")
         if self.scgpt_max_seq_len < 2:
             raise ValueError("scgpt_max_seq_len must be at least 2 (<cls> and one gene)")
         if self.mmd_weight < 0 or self.mean_weight < 0 or self.source_noise < 0 or self.decoder_lr <= 0:
