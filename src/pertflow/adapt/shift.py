@@ -82,11 +82,6 @@ class TransportFit:
         return torch.from_numpy(self.transport.shift)
 
 
-def shifted(target: Tensor, shift: Tensor) -> Tensor:
-    """(n, G) target expression plus the (G,) shift, clipped at 0 (log1p expression is >= 0)."""
-    return (target + shift).clamp_min(0.0)
-
-
 def per_gene_mmd(x: Tensor, y: Tensor, bandwidth: Tensor) -> Tensor:
     """Per-gene MMD^2 of two samples of per-gene embeddings.
 
@@ -123,8 +118,6 @@ def evaluation_mmd(x: Tensor, y: Tensor, bandwidth: Tensor, gene_chunk: int = 64
         total = sum(float(per_gene_mmd(x[:, g:g + gene_chunk], y[:, g:g + gene_chunk], bandwidth[g:g + gene_chunk]).sum())
                     for g in range(0, x.shape[1], gene_chunk))
     return total / x.shape[1]
-
-
 
 
 def _split(n: int, config: AdapterConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
