@@ -35,6 +35,7 @@ condition, so a held-out dose is rebuilt from the other doses only.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,19 @@ class DeltaModel(PerturbationModel):
     def without(self, key: tuple[str, str]) -> DeltaModel:
         """The same baseline fitted without one training response (a leave-one-out copy)."""
         keep = [i for i, k in enumerate(self.keys) if k != tuple(key)]
-        other = type(self)(self.config, self.genes, self.vocab, self.spec, self.predict_config)
+        other = self.unfitted_copy()
         other.fit_responses([self.keys[i] for i in keep], self.responses[keep])
         return other
+
+    def unfitted_copy(self) -> DeltaModel:
+        """The same baseline before :meth:`fit_responses` (a model that fits more than responses
+        carries that state over)."""
+        return type(self)(self.config, self.genes, self.vocab, self.spec, self.predict_config)
+
+    @functools.cached_property
+    def _gene_pos(self) -> dict[str, int]:
+        """Position of each measured gene's symbol among the model's genes."""
+        return {g: i for i, g in enumerate(self.vocab.expression_genes)}
 
     # ------------------------------------------------------------------ lookups
     def response(self, perturbation: str, context: str) -> np.ndarray | None:
@@ -237,11 +248,6 @@ class Linear(DeltaModel):
         left = np.linalg.solve(G.T @ G + lam * np.eye(k), G.T @ centred)
         self.weights = (left @ P @ np.linalg.inv(P.T @ P + lam * np.eye(P.shape[1]))).astype(np.float32)
         self.fit_report.update({"n_components": k, "features": int(P.shape[1])})
-
-    @property
-    def _gene_pos(self) -> dict[str, int]:
-        symbols = self.vocab.expression_genes
-        return {g: i for i, g in enumerate(symbols)}
 
     def features(self, perturbation: str) -> np.ndarray:
         """p: summed over components, [loadings of a measured target gene, one-hot of other tokens]."""

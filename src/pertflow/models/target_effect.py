@@ -58,7 +58,7 @@ class TargetEffect(DeltaModel):
     # ------------------------------------------------------------------ fitting
     def fit(self, view: SplitView, train_config: TrainConfig | None = None, run_dir: Any = None, resume: bool = False) -> None:
         data = view.data
-        position = {g: i for i, g in enumerate(self.vocab.expression_genes)}
+        position = self._gene_pos
         self.targets = sorted({c for p in data.perturbation_names for c in data.components(p) if c in position})
         controls = view.rows.train[data.is_control[view.rows.train]]
         self.context_levels = {ctx: view.expression.get(view.control_rows(ctx)).mean(0).astype(np.float32)
@@ -97,11 +97,8 @@ class TargetEffect(DeltaModel):
     def _measured(self, perturbation: str) -> list[str]:
         return [c for c in self.components(perturbation) if c in self.targets]
 
-    def _position(self, gene: str) -> int:
-        return self.vocab.expression_genes.index(gene)
-
     def _level(self, target: str, context: str) -> float:
-        j = self._position(target)
+        j = self._gene_pos[target]
         levels = self.context_levels.get(context)
         if levels is None:
             return float(np.mean([v[j] for v in self.context_levels.values()])) if self.context_levels else 0.0
@@ -113,13 +110,13 @@ class TargetEffect(DeltaModel):
         level = self._level(t, ctx)
         if level < MIN_LEVEL:
             return None
-        after = np.expm1(max(level + float(self.responses[i, self._position(t)]), 0.0))
+        after = np.expm1(max(level + float(self.responses[i, self._gene_pos[t]]), 0.0))
         return float(np.log(max(after / np.expm1(level), MIN_FOLD)))
 
     def _own_part(self, perturbation: str, context: str, log_fold: float, spread: float) -> np.ndarray:
         out = np.zeros(len(self.genes), dtype=np.float64)
         for t in self._measured(perturbation):
-            k, j, level = self.targets.index(t), self._position(t), self._level(t, context)
+            k, j, level = self.targets.index(t), self._gene_pos[t], self._level(t, context)
             direction = spread * self.beta[:, k].astype(np.float64)
             direction[j] = 1.0
             out += (np.log1p(np.exp(log_fold) * np.expm1(level)) - level) * direction
@@ -174,11 +171,9 @@ class TargetEffect(DeltaModel):
         own = self._own_part(perturbation, context, self.log_fold, self.spread)
         return common.copy() if not own.any() else (common + own).astype(np.float32)
 
-    def without(self, key: tuple[str, str]) -> TargetEffect:
-        keep = [i for i, k in enumerate(self.keys) if k != tuple(key)]
-        other = type(self)(self.config, self.genes, self.vocab, self.spec, self.predict_config)
+    def unfitted_copy(self) -> TargetEffect:
+        other = super().unfitted_copy()
         other.context_levels, other.targets, other.beta = self.context_levels, self.targets, self.beta
-        other.fit_responses([self.keys[i] for i in keep], self.responses[keep])
         return other
 
     # ------------------------------------------------------------------ persistence
