@@ -120,9 +120,7 @@ class CellCascade(LatentShift, variant=True):
     def own_cells(self, controls: np.ndarray, perturbation: str, context: str, shift: np.ndarray,
                   rng: np.random.Generator, settings: PredictConfig) -> np.ndarray:
         """Stage 1's embeddings, decoded, carried by stage 2 to expression."""
-        latent = self.embedding.encode(controls)
-        predicted = self.predict_latent(controls, latent, perturbation, context, shift, rng, settings)
-        start = self.decode(predicted, controls, latent)
+        predicted, start = self.predicted_cells(controls, perturbation, context, shift, rng, settings)
         generator = torch.Generator().manual_seed(int(rng.integers(2**31 - 1)))
         cells = self.expression_flow.predict(start, predicted, generator=generator, settings=settings)
         # within each gene's training range: a flow carried outside the cells it was trained on

@@ -300,9 +300,14 @@ class LatentShift(AnchoredModel):
     def own_cells(self, controls: np.ndarray, perturbation: str, context: str, shift: np.ndarray,
                   rng: np.random.Generator, settings: PredictConfig) -> np.ndarray:
         """Decoded cells of a perturbation from control cells and the prior's (G,) shift."""
+        return self.predicted_cells(controls, perturbation, context, shift, rng, settings)[1]
+
+    def predicted_cells(self, controls: np.ndarray, perturbation: str, context: str, shift: np.ndarray,
+                        rng: np.random.Generator, settings: PredictConfig) -> tuple[np.ndarray, np.ndarray]:
+        """(the predicted embeddings, their decoded cells) of a perturbation from control cells."""
         latent = self.embedding.encode(controls)
         predicted = self.predict_latent(controls, latent, perturbation, context, shift, rng, settings)
-        return self.decode(predicted, controls, latent)
+        return predicted, self.decode(predicted, controls, latent)
 
     def predict_latent(self, controls: np.ndarray, latent: np.ndarray, perturbation: str, context: str, delta: np.ndarray,
                        rng: np.random.Generator, settings: PredictConfig | None = None) -> np.ndarray:
