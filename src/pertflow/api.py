@@ -24,7 +24,8 @@ import pandas as pd
 from pertflow.adapt import ADAPTER_FILES, Adapter, AdapterConfig, learn_adapter
 from pertflow.configs import build, load_sections, to_dict
 from pertflow.data.dataset import PerturbationData
-from pertflow.data.splits import SPLIT_KINDS, Split, make_split
+from pertflow.data.kinds import SPLIT_KINDS
+from pertflow.data.splits import Split, make_split
 from pertflow.data.view import SplitView, read_gene_list
 from pertflow.errors import InputError
 from pertflow.eval.config import EvalConfig

@@ -55,7 +55,8 @@ def test_the_flow_fields_live_in_flow_config_and_saved_runs_still_load():
 
     config = build(CFMVCConfig, SAVED_BEFORE, "model")
     # a run saved before the anchored fields existed loads with their defaults
-    assert to_dict(config) == {**SAVED_BEFORE, "validation": "auto", "validation_held_out": 0, "refit": False}
+    assert to_dict(config) == {**SAVED_BEFORE, "validation": "auto", "validation_held_out": 0, "refit": False,
+                               "context_from_controls": False}
     assert config == dataclasses.replace(CFMVCConfig(), context_names=("a",), batch_names=("all",))
     shared = {f.name for f in dataclasses.fields(FlowConfig)}
     assert {"source", "source_noise", "coupling", "time_sampler", "prior"} <= shared
@@ -319,3 +320,24 @@ def test_its_cells_beat_no_change(synthetic_file, e2e_run):
         errors["model"].append(((model.generate(controls, pert, ctx, rng, settings).mean(0) - truth) ** 2).mean())
         errors["no change"].append(((controls.mean(0) - truth) ** 2).mean())
     assert np.mean(errors["model"]) < np.mean(errors["no change"]), {k: np.mean(v) for k, v in errors.items()}
+
+
+def test_context_from_controls_reads_each_contexts_control_latent(view, tmp_path):
+    """context_from_controls: the flow reads a context through its training controls' mean latent
+    (fitted before the flow stage), so two contexts differ by what their controls look like, and a
+    saved run predicts the same after loading."""
+    config = dataclasses.replace(TINY, context_from_controls=True)
+    model = CFMVC.from_view(view, config, FOUR_STEPS)
+    model.fit(view, quick(10), tmp_path)
+    module = model.module
+    loc = module.control_loc[:, : config.n_latent]
+    assert loc.abs().sum() > 0 and not torch.allclose(loc[0], loc[1])
+    torch.testing.assert_close(module.context_of(torch.tensor([1, 0])), loc[[1, 0]])
+    assert module.context_encoder.context.weight.shape == (config.d_context, config.n_latent)
+    model.save(tmp_path / "saved")
+    again = PerturbationModel.load(tmp_path / "saved")
+    model.prediction_mode = again.prediction_mode = "flow"
+    controls = view.expression.get(view.control_rows("line_B")[:10])
+    pert = view.data.perturbation_names[-1]
+    np.testing.assert_array_equal(model.generate(controls, pert, "line_B", np.random.default_rng(3)),
+                                  again.generate(controls, pert, "line_B", np.random.default_rng(3)))

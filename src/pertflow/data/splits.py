@@ -38,7 +38,6 @@ import pandas as pd
 
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.dose import dose_label
-from pertflow.data.kinds import SPLIT_KINDS
 from pertflow.errors import InputError
 from pertflow.io import read_json, write_json
 

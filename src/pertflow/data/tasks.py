@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from pertflow.data.dataset import PerturbationData
-from pertflow.data.splits import SPLIT_KINDS, Split, make_split
+from pertflow.data.kinds import SPLIT_KINDS
+from pertflow.data.splits import Split, make_split
 from pertflow.errors import InputError
 from pertflow.io import package_dir, read_yaml
 

@@ -22,7 +22,7 @@ from pertflow.data.keys import BATCH_KEYS
 from pertflow.flows import COUPLINGS, TIME_SAMPLERS, AnchoredSource, FlowMatching, GaussianSource
 from pertflow.models.config import AnchoredConfig, PredictConfig
 from pertflow.nn import ExprDecoder, GeneEncoder
-from pertflow.nn.backbone import ExpressionTokens, GeneFlowBackbone
+from pertflow.nn.backbone import ContextSummary, ExpressionTokens, GeneFlowBackbone
 from pertflow.nn.conditioning import TimestepEmbedder
 from pertflow.nn.latent import LatentFlowBackbone
 from pertflow.nn.perturbation import PerturbationEncoder, unknown_perturbation_dropout
@@ -120,6 +120,11 @@ class GeneFlowConfig(FlowConfig):
         cells. The network then sees how far a cell is from its own context's controls rather
         than absolute expression, which differs from context to context; the model is exactly
         equivariant to a per-gene shift of all its inputs.
+    context_condition
+        Also give the network the context as a condition: a summary of the context's control mean
+        per gene (:class:`~pertflow.nn.backbone.ContextSummary`) added to the time and perturbation
+        condition. With ``center`` the tokens no longer say which context the cells are in; this
+        lets the response depend on it (a cell type's own interferon response).
     """
 
     d_model: int = 128
@@ -135,6 +140,7 @@ class GeneFlowConfig(FlowConfig):
     gamma: float = 0.5
     reference_cell: Literal["own", "other"] = "own"
     center: bool = False
+    context_condition: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -171,6 +177,7 @@ class FieldContext:
     control_tokens: Tensor
     control_keys: Tensor | None
     pert: Tensor
+    context: Tensor | None = None
 
 
 @dataclass
@@ -192,6 +199,8 @@ class FlowBatch:
         (G,) the step's genes among the model's (None: all).
     offset
         (1, G) what the coordinates are relative to.
+    control_mean
+        (1, G) the control batch's mean per gene (what :class:`ContextSummary` reads).
     """
 
     target: Tensor
@@ -200,6 +209,7 @@ class FlowBatch:
     dose: Tensor | None
     gene_idx: Tensor | None
     offset: Tensor
+    control_mean: Tensor
 
 
 class GeneFlowNetwork(nn.Module):
@@ -263,6 +273,7 @@ class GeneFlowNetwork(nn.Module):
             self.backbone = LatentFlowBackbone(d, d_t, config.n_heads, config.n_layers, config.n_latents, config.mlp_ratio,
                                                config.differential_attention)
         self.decoder = ExprDecoder(2 * d_t, d_t)
+        self.context_summary = ContextSummary(d_t, d) if config.context_condition else None
 
     @property
     def n_genes(self) -> int:
@@ -274,16 +285,22 @@ class GeneFlowNetwork(nn.Module):
 
     # ------------------------------------------------------------------ the network
     def context(self, reference: Tensor, pert_ids: Tensor, gene_idx: Tensor | None = None,
-                dose: Tensor | None = None) -> FieldContext:
+                dose: Tensor | None = None, control_mean: Tensor | None = None) -> FieldContext:
         """What the field reads besides the state, for reference cells ``(B, G)`` on the genes
         ``gene_idx`` (all genes when None), perturbation tokens ``(B, K)`` and, for a network with
-        dose, the doses ``(B,)`` (None: no dose, as for a control)."""
+        dose, the doses ``(B,)`` (None: no dose, as for a control); a network with
+        ``context_condition`` also reads the context's ``control_mean`` ``(1, G)``."""
         tokens = self.gene_tokens if gene_idx is None else self.gene_tokens[gene_idx]
         gene_emb = self.gene_encoder(tokens).unsqueeze(0)  # (1, G, d_t), broadcast over cells
         control_tokens = self.tokens.control(reference)
         control_keys = self.backbone.control_keys(control_tokens) if isinstance(self.backbone, LatentFlowBackbone) else None
         pert = self.perturbation_encoder(pert_ids, self.gene_encoder, dose)
-        return FieldContext(gene_idx, gene_emb, control_tokens, control_keys, pert)
+        context = None
+        if self.context_summary is not None:
+            if control_mean is None:
+                raise ValueError("this network conditions on the context (context_condition): pass control_mean")
+            context = self.context_summary(control_mean, gene_emb)
+        return FieldContext(gene_idx, gene_emb, control_tokens, control_keys, pert, context)
 
     def encode(self, t: Tensor, x_t: Tensor, ctx: FieldContext, extra_tokens: Tensor | None = None,
                extra_condition: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -311,6 +328,8 @@ class GeneFlowNetwork(nn.Module):
         c = self.time_embedder(t) + self.condition(ctx.pert)
         if extra_condition is not None:
             c = c + extra_condition
+        if ctx.context is not None:
+            c = c + ctx.context
         if isinstance(self.backbone, LatentFlowBackbone):
             x, pert_tokens = self.backbone(x, ctx.control_keys, ctx.pert, c)
         else:
@@ -341,7 +360,7 @@ class GeneFlowNetwork(nn.Module):
             shift = None if shift is None else shift[:, gene_idx]
         offset = self.control_offset(control)
         return FlowBatch(target - offset, self.anchor(control, shift) - offset, pert_ids, batch.get(BATCH_KEYS.DOSE),
-                         gene_idx, offset)
+                         gene_idx, offset, control.mean(dim=0, keepdim=True))
 
     @staticmethod
     def anchor(control: Tensor, shift: Tensor | None) -> Tensor:
@@ -392,13 +411,14 @@ class GeneFlowNetwork(nn.Module):
         settings)`` integrates one chunk (in the flow's coordinates) and returns its end point
         (``dose``: (B,) the condition's dose, for a network with dose)."""
         offset = self.control_offset(control)
+        control_mean = control.mean(dim=0, keepdim=True)
         anchor = self.anchor(control, shift) - offset
         start = self.flow.start(anchor, generator)
         reference = self.reference_cells(anchor)
         out = torch.empty_like(anchor)
         for idx in self.gene_chunks(settings.gene_chunk, generator):
             sub_reference = reference if idx is None else reference[:, idx]
-            ctx = self.context(sub_reference, pert_ids, idx, dose)
+            ctx = self.context(sub_reference, pert_ids, idx, dose, control_mean if idx is None else control_mean[:, idx])
             x_1 = generate(start if idx is None else start[:, idx], sub_reference, ctx, settings)
             if idx is None:
                 out = x_1

@@ -5,7 +5,8 @@ Shapes: B cells, G genes, d width.
 * :class:`ExpressionTokens`: ``fusion(cat[enc_state(x_t), enc_control(control)]) + gene_emb`` (B, G, d),
   and the control cell's own tokens, the reference of the attention blocks;
 * :class:`BackboneLayer`: GeneAdaLN -> concat perturbation -> adapter -> DiffPerceiverBlock;
-* :class:`GeneFlowBackbone`: L such layers.
+* :class:`GeneFlowBackbone`: L such layers;
+* :class:`ContextSummary`: a context's control mean per gene -> one condition vector (1, d).
 """
 
 from __future__ import annotations
@@ -55,6 +56,26 @@ class ExpressionTokens(nn.Module):
             (B, G, d) tokens.
         """
         return self.fusion(torch.cat([self.state_encoder(x_t), control_tokens], dim=-1)) + gene_emb
+
+
+class ContextSummary(nn.Module):
+    """What context the cells are in, as a condition: the context's control mean per gene, each
+    gene's value encoded with its gene embedding, mean-pooled over the genes (any subset of them:
+    a training step sees a random one), then an MLP to the condition's width. Its last layer starts
+    at zero, so a network with it starts as the one without.
+    """
+
+    def __init__(self, d_token: int, d_model: int):
+        super().__init__()
+        self.value_encoder = ContinuousValueEncoder(d_token, dropout=0.0)
+        self.per_gene = nn.Sequential(nn.Linear(d_token, d_token), nn.GELU())
+        self.out = nn.Sequential(nn.Linear(d_token, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, control_mean: Tensor, gene_emb: Tensor) -> Tensor:
+        """(1, G) control mean, (1, G, d_token) gene embeddings -> (1, d_model)."""
+        return self.out(self.per_gene(self.value_encoder(control_mean) + gene_emb).mean(dim=1))
 
 
 class BackboneLayer(nn.Module):

@@ -155,7 +155,7 @@ class CCFMModule(GeneFlowNetwork):
                                self.config.latent_augment)
         expr_path = self.flow.interpolate(x_0, x_1, times.t_expr)
         latent_path = self.flow.interpolate(torch.randn_like(z_1), z_1, times.t_latent)
-        ctx = self.context(self.reference_cells(b.anchor), b.pert_ids, b.gene_idx)
+        ctx = self.context(self.reference_cells(b.anchor), b.pert_ids, b.gene_idx, control_mean=b.control_mean)
         v_expr, v_latent = self.velocities(times.t_expr, times.t_latent, expr_path.x_t, latent_path.x_t, ctx)
         loss_expr, metrics = self.flow.objective(v_expr, expr_path, self.config.gamma, mask=~times.latent, name="mse_expr")
         loss_latent, latent_metrics = self.flow.objective(v_latent, latent_path, mask=times.latent, name="mse_latent")

@@ -30,7 +30,8 @@ class CFMModule(GeneFlowNetwork):
         b = self.prepare(batch)
         x_0, order = self.flow.couple(b.anchor, b.target)
         path = self.flow.interpolate(x_0, b.target[order])
-        v = self.velocity(path.t, path.x_t, self.context(self.reference_cells(b.anchor), b.pert_ids, b.gene_idx, b.dose))
+        v = self.velocity(path.t, path.x_t, self.context(self.reference_cells(b.anchor), b.pert_ids, b.gene_idx, b.dose,
+                                                         b.control_mean))
         loss, metrics = self.flow.objective(v, path, self.config.gamma)
         return LossOutput(loss=loss, metrics=metrics)
 

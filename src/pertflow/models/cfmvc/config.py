@@ -34,6 +34,11 @@ class CFMVCConfig(FlowConfig):
     flow_hidden, flow_layers, d_context, n_basis
         Stage 2: the velocity field's shared trunk (width, depth), the context encoder's width,
         and the number of basis velocity fields the per-context adapter mixes.
+    context_from_controls
+        How the flow reads the cell's context (cell type): False, an embedding per context (the
+        seed's, learned only from the context's perturbed cells, so a context seen only in its
+        controls -- the test context of a transfer task -- has an untrained one); True, a linear map
+        of the context's mean control latent, which every context with control cells has.
     lambda_dist
         Weight of the distribution-matching term: the MMD between the one-step estimates
         ``z_t + (1 - t) v`` and the target latents (0: off).
@@ -68,6 +73,7 @@ class CFMVCConfig(FlowConfig):
     flow_layers: int = 3
     d_context: int = 64
     n_basis: int = 8
+    context_from_controls: bool = False
     lambda_dist: float = 0.0
     # CFM-VC's defaults of FlowConfig's fields (same types, another default)
     source: FlowSourceName = "control"

@@ -45,19 +45,23 @@ STAGES = ("vae", "flow", "joint")
 
 class ContextEncoder(nn.Module):
     """Perturbation (multi-hot over the vocabulary), batch, cell type and spatial coordinates ->
-    (B, d). The perturbation's weights start at zero, so a token never trained adds nothing."""
+    (B, d). The perturbation's weights start at zero, so a token never trained adds nothing. The
+    cell type is an embedding per context, or with ``summary_dim`` a linear map of a summary of
+    it (the context's mean control latent, see ``CFMVCConfig.context_from_controls``)."""
 
-    def __init__(self, n_tokens: int, n_batch: int, n_context: int, spatial_dim: int, d: int):
+    def __init__(self, n_tokens: int, n_batch: int, n_context: int, spatial_dim: int, d: int, summary_dim: int = 0):
         super().__init__()
         self.perturbation = nn.Linear(n_tokens, d, bias=False)
         nn.init.zeros_(self.perturbation.weight)
         self.batch = nn.Embedding(n_batch, d)
-        self.context = nn.Embedding(n_context, d)
+        self.context = nn.Linear(summary_dim, d) if summary_dim else nn.Embedding(n_context, d)
         self.spatial = nn.Linear(spatial_dim, d) if spatial_dim else None
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
 
-    def forward(self, multi_hot: Tensor, batch_idx: Tensor, context_idx: Tensor, spatial: Tensor | None = None) -> Tensor:
-        h = self.perturbation(multi_hot) + self.batch(batch_idx.long()) + self.context(context_idx.long())
+    def forward(self, multi_hot: Tensor, batch_idx: Tensor, context: Tensor, spatial: Tensor | None = None) -> Tensor:
+        """``context``: (B,) context indices, or (B, summary_dim) summaries for an encoder built with them."""
+        context = self.context(context if isinstance(self.context, nn.Linear) else context.long())
+        h = self.perturbation(multi_hot) + self.batch(batch_idx.long()) + context
         if self.spatial is not None and spatial is not None:
             h = h + self.spatial(spatial.float())
         return self.mlp(h)
@@ -111,7 +115,8 @@ class CFMVCModule(nn.Module):
         n_batch, n_context = max(1, len(config.batch_names)), max(1, len(config.context_names))
         self.vae = CountVAE(n_genes, n_batch, n_context, config.n_latent, config.n_tech, config.hidden, config.n_layers,
                             config.dropout)
-        self.context_encoder = ContextEncoder(n_tokens, n_batch, n_context, config.spatial_dim, config.d_context)
+        self.context_encoder = ContextEncoder(n_tokens, n_batch, n_context, config.spatial_dim, config.d_context,
+                                              config.n_latent if config.context_from_controls else 0)
         self.field = LatentVelocity(config.n_latent, config.d_context, config.flow_hidden, config.flow_layers, config.n_basis)
         # per context: log-library location and scale (count samples), the control cells' latent
         # (z_int, z_tech) mean and spread (generation without control cells); spatial standardisation
@@ -155,6 +160,14 @@ class CFMVCModule(nn.Module):
         if spatial is None:
             return torch.zeros(n, self.config.spatial_dim, device=device)
         return (spatial.float() - self.spatial_loc) / self.spatial_scale
+
+    def context_of(self, context_idx: Tensor) -> Tensor:
+        """What the context encoder reads of each cell's context: its index, or with
+        ``context_from_controls`` its training controls' mean ``z_int`` (``control_loc``, fitted
+        after the VAE stage)."""
+        if self.config.context_from_controls:
+            return self.control_loc[context_idx.long(), : self.config.n_latent]
+        return context_idx
 
     def latents(self, target: Tensor, anchor_cells: Tensor, target_cov: Tensor, control_cov: Tensor) -> tuple[Tensor, Tensor]:
         """``z_int`` posterior means of the target cells and of the anchor cells (controls shifted by
@@ -203,7 +216,7 @@ class CFMVCModule(nn.Module):
         x_1, target_cov = z_1[order], target_cov[order]
         spatial = batch.get(TARGET_SPATIAL)
         spatial = self.standardise(None if spatial is None else spatial[order], len(x_1), x_1.device)
-        context = self.context_encoder(self.multi_hot(pert_ids), target_cov[:, 0], target_cov[:, 1], spatial)
+        context = self.context_encoder(self.multi_hot(pert_ids), target_cov[:, 0], self.context_of(target_cov[:, 1]), spatial)
         path = self.flow.interpolate(x_0, x_1)
         v = self.field(path.t, path.x_t, context)
         loss, metrics = self.flow.objective(v, path, self.config.lambda_dist, name="flow_mse")
@@ -246,7 +259,8 @@ class CFMVCModule(nn.Module):
         batch_idx, context_idx = covariates[:, 0].long(), covariates[:, 1].long()
         own = self.vae.encode(control, batch_idx, context_idx)
         anchor = own.int_mu if shift is None else self.vae.encode((control + shift).clamp(min=0), batch_idx, context_idx).int_mu
-        context = self.context_encoder(self.multi_hot(pert_ids), batch_idx, context_idx, self.standardise(spatial, n, control.device))
+        context = self.context_encoder(self.multi_hot(pert_ids), batch_idx, self.context_of(context_idx),
+                                       self.standardise(spatial, n, control.device))
         z_1 = self.integrate(self.flow.start(anchor, generator), context, settings)
         rho = self.vae.decode(z_1, own.tech_mu, batch_idx)
         if self.config.predict_mean if use_mean is None else use_mean:
