@@ -1,6 +1,8 @@
 """Flows anchored on a baseline: zero velocity is the baseline, auto never reads test cells, and a
 combination whose effects add up needs almost no residual."""
 
+from types import SimpleNamespace
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from pertflow.models.cfm.config import CFMConfig
 from pertflow.models.cfm.model import CFM
 from pertflow.models.config import PredictConfig
 from pertflow.models.predict import predict_split
-from pertflow.models.prior import PRIOR_BASELINES, Prior
+from pertflow.models.inner_split import inner_split
+from pertflow.models.prior import PRIOR_BASELINES, PRIOR_STRENGTHS, Prior
 from pertflow.models.validation import ValidationSet
 from pertflow.train import TrainConfig
 
@@ -102,11 +105,12 @@ def test_auto_chooses_on_validation_and_never_reads_test_cells(synthetic_adata):
     poisoned = SplitView(poisoned_data, split)
     a = Prior.fit("auto", clean, ValidationSet(clean))
     b = Prior.fit("auto", poisoned, ValidationSet(poisoned))
-    assert a.name == b.name and a.scores == b.scores
-    assert set(a.scores) == set(PRIOR_BASELINES)
-    assert a.name == b.name and a.reason == b.reason
+    assert a.label == b.label and a.scores == b.scores
+    assert {label.split(" x ")[0] for label in a.scores} == set(PRIOR_BASELINES)
+    assert "mean x 0.5" not in a.scores  # one strength unless the config gives more
+    assert a.reason == b.reason
     if a.reason == "the best validation score":
-        assert a.scores[a.name]["score"] == max(s["score"] for s in a.scores.values())
+        assert a.scores[a.label]["score"] == max(s["score"] for s in a.scores.values())
     else:  # here every combination of measured singles is a test one (see the test below)
         assert a.name == "additive" and not ValidationSet(clean).of_test_kind
     assert a.scores["none"]["score"] < max(s["score"] for s in a.scores.values())  # something beats no change here
@@ -219,3 +223,59 @@ def test_a_flow_that_validation_cannot_judge_predicts_as_its_additive_prior(tmp_
     model.fit(view, TrainConfig(max_steps=10, batch_size=16, val_every=5, progress=False), tmp_path)
     assert model.prior.name == "additive" and model.prediction_mode == "prior"
     assert model.fit_report["validation"]  # scored all the same, for the record
+
+
+def _partly_transferring(held_out_response: float, seed: int = 3) -> SplitView:
+    """Four cell types, one stimulus raising genes 0-9 by 1.5 in c0 and c1 and by
+    ``held_out_response`` in c2 and c3, whose controls are alike (so the inner split holds out c2,
+    the nearest to the test's c3)."""
+    rng = np.random.default_rng(seed)
+    n_genes, rows, obs = 40, [], []
+    base = {c: rng.uniform(2.0, 4.0, n_genes) for c in ("c0", "c1", "c2")}
+    base["c3"] = base["c2"] + rng.normal(0, 0.05, n_genes)
+    for context, level in base.items():
+        response = np.zeros(n_genes)
+        response[:10] = 1.5 if context in ("c0", "c1") else held_out_response
+        for condition, shift in (("control", 0.0), ("stim", response)):
+            rows.append(level + shift + rng.normal(0, 0.3, (60, n_genes)))
+            obs += [(condition, context)] * 60
+    adata = ad.AnnData(np.clip(np.concatenate(rows), 0, None).astype(np.float32))
+    adata.obs["perturbation"] = [o[0] for o in obs]
+    adata.obs["cell_type"] = [o[1] for o in obs]
+    adata.obs_names = [f"cell{i}" for i in range(adata.n_obs)]
+    adata.var_names = [f"g{i}" for i in range(n_genes)]
+    adata.uns["log1p"] = {"base": None}
+    data = PerturbationData.from_anndata(adata, pert_col="perturbation", control="control", context_cols=["cell_type"])
+    return SplitView(data, make_split(data, "context", test_context="c3"))
+
+
+@pytest.mark.parametrize("held_out_response, strength", [(1.5, 1.0), (0.5, 0.5)])
+def test_auto_scales_the_prior_by_how_much_the_response_transfers(held_out_response, strength):
+    """Where the held-out cell type responds as the training ones, the prior keeps its full
+    shift; where it responds a third as much, auto halves it (the smallest strength), and the
+    prior's prediction for the test cell type is halved with it."""
+    view = _partly_transferring(held_out_response)
+    inner = inner_split(view, "auto", 0, 0)
+    assert inner.held_out == ["c2"]
+    validation = ValidationSet(inner.view, seed=0)
+    prior = Prior.fit("auto", inner.view, validation, PRIOR_STRENGTHS)
+    assert prior.strength == strength, prior.scores
+    assert {"mean", "mean x 0.75", "mean x 0.5", "none"} <= set(prior.scores) and "none x 0.5" not in prior.scores
+    assert Prior.fit("mean", inner.view, validation, PRIOR_STRENGTHS).strength == strength  # a named baseline too
+    assert Prior.fit("auto", inner.view, validation).strength == 1.0  # the default: the baseline as it is
+    full = prior.at_strength(1.0)
+    np.testing.assert_allclose(prior.delta("stim", "c3"), strength * full.delta("stim", "c3"), rtol=1e-6)
+    refitted = prior.refitted(view)
+    assert (refitted.label, refitted.strength) == (prior.label, strength)
+    owner = SimpleNamespace(genes=refitted.baseline.genes, vocab=refitted.baseline.vocab, spec=refitted.baseline.spec)
+    loaded = Prior.from_state(refitted.extra_state(), refitted.state_tensors(), owner)
+    np.testing.assert_allclose(loaded.delta("stim", "c3"), refitted.delta("stim", "c3"), rtol=1e-6)
+
+
+def test_prior_strengths_must_be_factors_in_zero_one():
+    from pertflow.models.latent_shift.config import LatentShiftConfig
+
+    with pytest.raises(ValueError, match="prior_strengths"):
+        CFMConfig(prior_strengths=(1.0, 1.5))
+    with pytest.raises(ValueError, match="prior_strengths"):
+        LatentShiftConfig(prior_strengths=())

@@ -94,7 +94,7 @@ class AnchoredModel(PerturbationModel):
         self.prediction_mode = "flow"
         inner = inner_split(view, self.config.validation, self.config.validation_held_out, VALIDATION_SEED)
         validation = ValidationSet(inner.view, seed=VALIDATION_SEED)
-        self.prior = Prior.fit(self.config.prior, inner.view, validation)
+        self.prior = Prior.fit(self.config.prior, inner.view, validation, self.config.prior_strengths)
         self.fit_anchored(inner.view, train_config, run_dir, resume, validation)
         chosen: dict[str, Any] = {"validation_split": {**inner.describe(), "groups": len(validation)}}
         if len(validation):
@@ -109,7 +109,7 @@ class AnchoredModel(PerturbationModel):
                 self.fit_report["inner_fit"] = inner_report
             chosen["validation_split"]["model_trained_on"] = "all training cells" if self.config.refit else (
                 "the training cells without the held-out ones (refit: false)")
-        self.fit_report.update({"prior": self.prior.name, "prior_reason": self.prior.reason,
+        self.fit_report.update({"prior": self.prior.label, "prior_reason": self.prior.reason,
                                 "prior_scores": self.prior.scores, **chosen, "prediction_mode": self.prediction_mode})
 
     def validation_score(self, validation: ValidationSet, mode: str = "flow", **how: Any) -> ValidationScore:

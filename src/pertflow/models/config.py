@@ -95,9 +95,19 @@ class AnchoredConfig:
         After the choices are made on the inner split, train the model again on every training
         cell (twice the training time); otherwise the model keeps what it learnt without the
         held-out cells (its prior is always refitted on every training cell).
+    prior_strengths
+        The prior's shift is scaled by the one of these that scores best on validation (first:
+        the strongest; see :mod:`pertflow.models.prior`). ``[1.0, 0.75, 0.5]`` lets validation
+        shrink a prior whose response transfers only partly to the held-out contexts.
     """
 
     prior: PriorName = "none"
     validation: ValidationKind = "auto"
     validation_held_out: int = 0
     refit: bool = False
+    prior_strengths: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        if not self.prior_strengths or any(not 0 < s <= 1 for s in self.prior_strengths):
+            raise ValueError(f"prior_strengths must be one or more factors in (0, 1], e.g. [1.0, 0.75, 0.5]; got "
+                             f"{list(self.prior_strengths)}")

@@ -76,6 +76,7 @@ class FlowConfig(AnchoredConfig):
     unknown_perturbation_p: float = 0.1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.prior != "none" and self.source != "control":
             raise ValueError(f"prior '{self.prior}' shifts where the flow starts: it needs source 'control', not '{self.source}'")
 

@@ -109,6 +109,7 @@ class LatentShiftConfig(AnchoredConfig):
     decode: Literal["direct", "residual"] = "direct"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require_at_least_one(self, "n_components", "hidden", "n_layers", "groups_per_step", "decoder_hidden", "decoder_layers",
                              "decoder_steps", "decoder_batch_size")
         if self.scgpt_max_seq_len < 2:
