@@ -386,3 +386,23 @@ def test_pretrain_killed_mid_run_resumes_to_the_uninterrupted_weights(synthetic_
     expected = load_pretrained(tmp_path / "unbroken").model.state_dict()
     for name, value in load_pretrained(tmp_path / "run").model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+
+
+def test_errors_speak_the_callers_terms(tmp_path, capsys):
+    """The same refusal names the command line's flag to a CLI user and the keyword argument to a
+    Python caller (issue 31, item 9)."""
+    from pertflow.cli import main
+    from pertflow.errors import InputError, in_api_terms
+    from pertflow.io import check_output
+
+    out = tmp_path / "pred.h5ad"
+    out.write_text("x")
+    with pytest.raises(InputError) as err:
+        check_output(out, "prediction")
+    assert "overwrite=True" in str(err.value) and "--overwrite" not in str(err.value)
+    assert in_api_terms("Pass --pert-col perturbation, or see (CLI: --pert-col) and pertflow train ... --genes FILE") == \
+        "Pass pert_col=perturbation, or see (CLI: --pert-col) and pertflow train ... --genes FILE"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    assert main(["train", "--model", "mean", "--data", str(out), "--out", str(tmp_path / "run")]) == 2
+    assert "--overwrite" in capsys.readouterr().err

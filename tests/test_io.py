@@ -43,7 +43,7 @@ def test_check_output_refuses_an_existing_output_unless_overwrite(tmp_path):
     assert check_output(target, "prediction") == []
     assert target.parent.is_dir() and list(target.parent.iterdir()) == []  # the folder made, no probe left
     target.write_text("old")
-    with pytest.raises(InputError, match=r"the prediction .*pred.h5ad exists\. Choose another --out, or pass --overwrite"):
+    with pytest.raises(InputError, match=r"the prediction .*pred.h5ad exists\. Choose another out=\.\.\., or pass overwrite=True"):
         check_output(target, "prediction")
     assert check_output(target, "prediction", overwrite=True) == [target]
     folder = tmp_path / "eval"
@@ -62,7 +62,7 @@ def test_check_output_refuses_an_existing_output_unless_overwrite(tmp_path):
 def test_check_output_finds_an_unwritable_place_before_any_work(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(InputError, match=r"cannot write to .*a-file/sub .*Choose another --out"):
+    with pytest.raises(InputError, match=r"cannot write to .*a-file/sub .*Choose another out="):
         check_output(blocker / "sub" / "pred.h5ad", "prediction")
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import yaml
 
 from pertflow.adapt.config import InitName, TransportName
-from pertflow.errors import InputError, TrainingInterrupted
+from pertflow.errors import InputError, TrainingInterrupted, cli_terms
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
 
@@ -467,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    with cli_terms():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """A parsed command, its bad input reported in one line (see :func:`main`)."""
     try:
         from pertflow import api
 

@@ -273,7 +273,7 @@ def test_shift_back_adds_the_predicted_change_to_the_unshifted_controls(syntheti
 
 def test_shift_back_needs_an_adapter(synthetic_run):
     f = synthetic_run["folder"]
-    with pytest.raises(InputError, match="--shift-back"):
+    with pytest.raises(InputError, match="shift_back=True"):
         api.predict(f / "run", synthetic_run["data"], f / "split.json", shift_back=True)
 
 

@@ -41,7 +41,7 @@ def test_negative_values(adata):
 
 def test_no_control_cells(adata):
     adata.obs["perturbation"] = adata.obs["perturbation"].astype(str).replace("control", "G9999")
-    with pytest.raises(InputError, match="control.*--control"):
+    with pytest.raises(InputError, match="control.*control="):
         PerturbationData.from_anndata(adata)
     with pytest.raises(InputError, match="the control label 'control' does not occur.*most frequent values"):
         PerturbationData.from_anndata(adata, control="control")
@@ -62,7 +62,7 @@ def test_missing_perturbation_column(adata):
 
 
 def test_too_few_cells(adata):
-    with pytest.raises(InputError, match=r"fewer than min_cells=50 cells.*lower min_cells \(--min-cells\)"):
+    with pytest.raises(InputError, match=r"fewer than min_cells=50 cells.*lower min_cells \(min_cells=\.\.\.\)"):
         PerturbationData.from_anndata(adata, min_cells=50)
     PerturbationData.from_anndata(adata, min_cells=20)
 

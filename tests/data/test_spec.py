@@ -88,7 +88,7 @@ def test_unknown_spec_key_is_refused(synthetic_adata):
 def test_ambiguous_perturbation_columns(synthetic_adata):
     adata = synthetic_adata.copy()
     adata.obs["condition"] = adata.obs["perturbation"].astype(str).where(adata.obs["batch"] == "b1", "control")
-    with pytest.raises(InputError, match="several obs columns could be the perturbation column.*--pert-col"):
+    with pytest.raises(InputError, match="several obs columns could be the perturbation column.*pert_col="):
         detect_spec(adata)
     assert detect_spec(adata, pert_col="perturbation").spec.pert_col == "perturbation"
 

@@ -134,7 +134,7 @@ def test_checkpoints_are_safetensors_and_json(tmp_path):
 
 def test_existing_run_needs_resume(tmp_path):
     make(tmp_path, max_steps=5).fit()
-    with pytest.raises(InputError, match="already holds a training run.*--resume"):
+    with pytest.raises(InputError, match="already holds a training run.*resume=True"):
         make(tmp_path, max_steps=5).fit()
     # a run killed before its first checkpoint: resuming starts it from step 0, and says so
     assert make(tmp_path / "empty", max_steps=5).fit(resume=True).steps == 5
