@@ -54,3 +54,26 @@ def test_a_perfect_prediction_beats_a_baseline_through_the_files(data_split, tmp
     assert len(list((tmp_path / "de").glob("yardstick-*.csv"))) == 1  # the second call read the first's
     plain = evaluate_split(data, split, perfect, config=FAST, baselines=False)
     assert plain.yardstick is None and plain.verdict == ()
+
+
+def test_evaluate_split_is_quiet_unless_verbose(data_split, monkeypatch, capsys):
+    """Other libraries' bars and warnings (cell-eval's) are dropped from the API's evaluation
+    unless verbose=True, as the CLI drops them unless --verbose (issue 31, item 9)."""
+    import sys
+
+    import pertflow.eval.evaluator as evaluator
+
+    data, split = data_split
+    real = SplitView(data, split).real_test_anndata()
+    original = evaluator.evaluate
+
+    def chatty(*args, **kwargs):
+        print("a library's bar", file=sys.stderr)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluator, "evaluate", chatty)
+    monkeypatch.delenv("PERTFLOW_VERBOSE", raising=False)
+    evaluate_split(data, split, real, config=FAST, baselines=False)
+    assert "a library's bar" not in capsys.readouterr().err
+    evaluate_split(data, split, real, config=FAST, baselines=False, verbose=True)
+    assert "a library's bar" in capsys.readouterr().err

@@ -54,6 +54,10 @@ def test_quiet_libraries_drops_others_output_but_not_pertflows(monkeypatch, caps
         for _ in tqdm(range(3), desc="Iterating over perturbations..."):
             pass
     assert "Iterating" in capsys.readouterr().err
+    with runtime.quiet_libraries(verbose=True), runtime.quiet_libraries():  # --verbose around an API call's default
+        for _ in tqdm(range(3), desc="Nested bar"):
+            pass
+    assert "Nested bar" in capsys.readouterr().err
 
 
 def test_set_threads():

@@ -445,6 +445,7 @@ def evaluate_split(
     run: str | Path | PerturbationModel | None = None,
     progress: bool = False,
     baselines: bool = True,
+    verbose: bool = False,
     **read_args: Any,
 ):
     """Score a prediction file of a split's test cells (pertflow's or another tool's).
@@ -456,8 +457,15 @@ def evaluate_split(
     latent space (``latent-shift``); adds ``knn_purity_latent``, KNN purity in its embedding.
     ``baselines`` (given ``data`` and ``split``): also score the five baselines and the noise
     ceiling on the same cells (:mod:`pertflow.yardstick`; ``result.yardstick``, ``result.verdict``,
-    and ``yardstick.csv`` in ``out``), cached in ``de_cache`` per split.
+    and ``yardstick.csv`` in ``out``), cached in ``de_cache`` per split. Other libraries'
+    progress bars, warnings and log records (cell-eval's) are dropped unless ``verbose``.
     """
+    with quiet_libraries(verbose):
+        return _evaluate_split(data, split, pred, out, de_cache, config, inputs, overwrite, run, progress, baselines,
+                               **read_args)
+
+
+def _evaluate_split(data, split, pred, out, de_cache, config, inputs, overwrite, run, progress, baselines, **read_args):
     from pertflow.eval.evaluator import evaluate
 
     if out is not None:

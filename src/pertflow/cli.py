@@ -352,7 +352,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_split(args.data, args.split, args.pred, out=args.out, de_cache=args.de_cache,
                             config=EvalConfig(num_threads=args.threads), overwrite=args.overwrite, progress=True, run=args.run,
-                            baselines=not args.no_baselines, **read_args(args))
+                            baselines=not args.no_baselines, verbose=args.verbose, **read_args(args))
     keys = [k for k in ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "overlap_at_N",
                         "knn_purity_pca", "knn_purity_latent") if k in result.aggregate.columns]
     shown = result.aggregate.loc[["mean", "50%", "count"], keys].T.rename(columns={"50%": "median"})

@@ -163,15 +163,23 @@ class _Discard(io.TextIOBase):
         return False
 
 
+_verbose_block: list[bool] = []  # non-empty inside a verbose quiet_libraries block
+
+
 @contextlib.contextmanager
 def quiet_libraries(verbose: bool = False) -> Iterator[None]:
     """Drop what other libraries write to stderr (bars, warnings, log records) unless ``verbose``.
 
     pertflow's own bars (:func:`progress_bar`) still reach the real stderr; its notes are
-    returned with its results. ``PERTFLOW_VERBOSE=1`` has the effect of ``verbose``.
+    returned with its results. ``PERTFLOW_VERBOSE=1`` has the effect of ``verbose``; inside a
+    verbose block (``pertflow ... --verbose``) a nested quiet one (an API call's default) is too.
     """
-    if verbose or os.environ.get("PERTFLOW_VERBOSE", "") not in ("", "0"):
-        yield
+    if verbose or _verbose_block or os.environ.get("PERTFLOW_VERBOSE", "") not in ("", "0"):
+        _verbose_block.append(True)
+        try:
+            yield
+        finally:
+            _verbose_block.pop()
         return
     _real_stderr.append(sys.stderr)
     levels = {name: logging.getLogger(name).level for name in ("cell_eval", "pdex", "numba", "accelerate", "anndata")}
