@@ -37,7 +37,7 @@ import pandas as pd
 
 from pertflow import api
 from pertflow.data import make_split
-from pertflow.data.splits import Split
+from pertflow.data.split_file import Split
 from pertflow.data.tasks import resolve_data_dir
 from pertflow.io import atomic_path, write_json, write_text
 from pertflow.train.checkpoint import CheckpointDir

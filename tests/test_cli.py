@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pertflow.cli import main
-from pertflow.data.splits import Split
+from pertflow.data.split_file import Split
 
 
 def test_inspect_prints_what_detection_found(synthetic_file, capsys):

@@ -17,7 +17,7 @@ import pertflow.api
 from pertflow.cli import main
 from pertflow.data.batches import PairedBatches
 from pertflow.data.dataset import PerturbationData
-from pertflow.data.splits import Split
+from pertflow.data.split_file import Split
 from pertflow.data.synthetic import make_synthetic
 from pertflow.models.base import PerturbationModel
 from cli_helpers import one_error_line, sets

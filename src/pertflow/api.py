@@ -5,7 +5,7 @@ cell-eval-ready prediction of a split's test cells; ``adapt`` learns the shift t
 trained model to new data (``predict(..., adapter=)`` uses it); ``evaluate_split`` scores any prediction;
 ``benchmark``, ``pretrain`` and ``demo`` run the bigger jobs. Each takes paths (what another tool
 scripts against) or the objects underneath: a :class:`~pertflow.data.dataset.PerturbationData`,
-a :class:`~pertflow.data.splits.Split`, or a :class:`~pertflow.data.view.SplitView` built once
+a :class:`~pertflow.data.split_file.Split`, or a :class:`~pertflow.data.view.SplitView` built once
 and shared by all three verbs.
 """
 
@@ -25,7 +25,8 @@ from pertflow.adapt import ADAPTER_FILES, Adapter, AdapterConfig, learn_adapter
 from pertflow.configs import build, load_sections, to_dict
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.kinds import SPLIT_KINDS
-from pertflow.data.splits import Split, make_split
+from pertflow.data.split_file import Split
+from pertflow.data.splits import make_split
 from pertflow.data.view import SplitView, read_gene_list
 from pertflow.errors import InputError
 from pertflow.eval.config import EvalConfig

@@ -43,7 +43,7 @@ import pandas as pd
 
 from pertflow.api import (RUN_FILES, EvalConfig, EvaluationInputs, evaluate_split, evaluation_inputs, predict, split_view,
                           train)
-from pertflow.data.splits import Split
+from pertflow.data.split_file import Split
 from pertflow.data.tasks import TASKS_DIR, Task, find_tasks, resolve_data_dir
 from pertflow.eval.evaluator import context_labels
 from pertflow.eval.metrics import group_means

@@ -14,7 +14,7 @@ from typing import Any
 from pertflow.configs import build, load_sections, to_dict
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.spec import DataSpec
-from pertflow.data.splits import Split
+from pertflow.data.split_file import Split
 from pertflow.data.view import SplitView
 from pertflow.errors import InputError
 from pertflow.io import check_output, read_json, remove_outputs, write_json

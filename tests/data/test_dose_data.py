@@ -138,7 +138,7 @@ def test_without_a_dose_column_nothing_changes(synthetic_adata, dosed_adata):
 
 def test_the_cli_holds_out_a_dose(dosed_adata, tmp_path):
     from pertflow.cli import main
-    from pertflow.data.splits import Split
+    from pertflow.data.split_file import Split
 
     path = tmp_path / "dosed.h5ad"
     renamed = dosed_adata.copy()

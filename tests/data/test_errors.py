@@ -5,7 +5,8 @@ import pytest
 import scipy.sparse as sp
 
 from pertflow.data.dataset import PerturbationData
-from pertflow.data.splits import Split, make_split
+from pertflow.data.split_file import Split
+from pertflow.data.splits import make_split
 from pertflow.errors import InputError
 
 

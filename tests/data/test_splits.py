@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from pertflow.data.dataset import PerturbationData
-from pertflow.data.splits import Split, make_split
+from pertflow.data.split_file import Split
+from pertflow.data.splits import make_split
 from pertflow.data.tasks import Task, find_tasks
 from pertflow.errors import InputError
 
@@ -230,3 +231,19 @@ def test_hvg_selection_never_sees_test_cells(synthetic_adata):
     assert "G0059" not in split.genes
     everything = __import__("pertflow.data.preprocess", fromlist=["select_genes"]).select_genes(data, np.arange(data.n_cells), 20)
     assert "G0059" in everything  # with the test cells it would have been chosen
+
+
+def test_make_split_documents_every_kind_and_its_options():
+    """help(make_split) lists each kind with what it holds out and its options (issue 31, item 9)."""
+    import inspect
+
+    from pertflow.data.kinds import SPLIT_KINDS
+    from pertflow.data.splits import BUILDERS
+
+    doc = make_split.__doc__
+    for kind in SPLIT_KINDS:
+        assert f"``{kind}``" in doc, kind
+        for name in inspect.signature(BUILDERS[kind]).parameters:
+            if name not in ("data", "keep"):
+                assert name in doc, (kind, name)
+    assert "test_context" in doc and "val_fraction" in doc

@@ -11,7 +11,8 @@ import scipy.sparse as sp
 import torch
 
 from pertflow.data.dataset import PerturbationData
-from pertflow.data.splits import Split, make_split
+from pertflow.data.split_file import Split
+from pertflow.data.splits import make_split
 from pertflow.data.view import SplitView
 from pertflow.errors import InputError
 from pertflow.models.base import PerturbationModel

@@ -23,7 +23,8 @@ from typing import Any
 
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.kinds import SPLIT_KINDS
-from pertflow.data.splits import Split, make_split
+from pertflow.data.split_file import Split
+from pertflow.data.splits import make_split
 from pertflow.errors import InputError
 from pertflow.io import package_dir, read_yaml
 

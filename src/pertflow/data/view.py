@@ -1,7 +1,7 @@
 """A dataset seen through a split: what a model may use to fit, to predict and to be scored.
 
 A :class:`SplitView` is built once from a :class:`~pertflow.data.dataset.PerturbationData` and
-a :class:`~pertflow.data.splits.Split` and handed to ``fit``, ``predict`` and ``evaluate``: the
+a :class:`~pertflow.data.split_file.Split` and handed to ``fit``, ``predict`` and ``evaluate``: the
 split is checked against the data once, the gene list is worked out once, and the expression
 of the cells a model may see (training and validation cells, never test cells) is read once.
 """
@@ -19,7 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pertflow.data.dataset import GENE_PANEL_FIX, PerturbationData, missing_genes_error
-from pertflow.data.splits import Split, SplitRows
+from pertflow.data.split_file import Split, SplitRows
 from pertflow.data.vocab import build_vocabulary, load_descriptors
 from pertflow.errors import InputError
 
