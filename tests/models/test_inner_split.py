@@ -124,3 +124,38 @@ def test_validation_weighs_each_kind_as_the_test_does(data):
         weight = sum(w for w, k in zip(validation.weights, kinds) if k == kind)
         assert weight == pytest.approx(shares[kind] / total)
     assert validation.weights.sum() == pytest.approx(1.0)
+
+
+def _cell_types(levels: dict[str, float]) -> PerturbationData:
+    """One stimulus in cell types whose control cells differ only by a level on genes 0-19."""
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    rows, obs = [], []
+    for context, level in levels.items():
+        base = np.full(40, 2.0)
+        base[:20] += level
+        for condition in ("control", "stim"):
+            rows.append(base + (condition == "stim") + rng.normal(0, 0.2, (30, 40)))
+            obs += [(condition, context)] * 30
+    adata = ad.AnnData(np.clip(np.concatenate(rows), 0, None).astype(np.float32))
+    adata.obs["perturbation"] = [o[0] for o in obs]
+    adata.obs["cell_type"] = [o[1] for o in obs]
+    adata.obs_names = [f"c{i}" for i in range(adata.n_obs)]
+    adata.var_names = [f"g{i}" for i in range(40)]
+    adata.uns["log1p"] = {"base": None}
+    return PerturbationData.from_anndata(adata, pert_col="perturbation", control="control", context_cols=["cell_type"])
+
+
+def test_validation_contexts_nearest_as_novel_or_both():
+    """A test cell type (level 2.8) 0.8 from its nearest training one ("near", 2.0), two training
+    siblings (0, 0.1) and a lone type (0.9, also 0.8 from its nearest, while "near" is 1.1 from
+    its own): 'nearest' holds out "near", 'as-novel' the one as far from the rest of training as
+    the test is from training (the lone one, not a sibling), 'both' one of each."""
+    data = _cell_types({"sib_a": 0.0, "sib_b": 0.1, "lone": 0.9, "near": 2.0, "test": 2.8})
+    view = SplitView(data, make_split(data, "context", test_context="test"))
+    assert inner_split(view, "auto").held_out == ["near"]
+    assert inner_split(view, "auto", contexts="as-novel").held_out == ["lone"]
+    assert sorted(inner_split(view, "auto", contexts="both").held_out) == ["lone", "near"]
+    with pytest.raises(ValueError, match="as-novel"):
+        inner_split(view, "auto", contexts="farthest")

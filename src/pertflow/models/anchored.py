@@ -92,7 +92,8 @@ class AnchoredModel(PerturbationModel):
         run_dir = Path(run_dir)
         self.fit_report = {}
         self.prediction_mode = "flow"
-        inner = inner_split(view, self.config.validation, self.config.validation_held_out, VALIDATION_SEED)
+        inner = inner_split(view, self.config.validation, self.config.validation_held_out, VALIDATION_SEED,
+                            self.config.validation_contexts)
         validation = ValidationSet(inner.view, seed=VALIDATION_SEED)
         self.prior = Prior.fit(self.config.prior, inner.view, validation, self.config.prior_strengths)
         self.fit_anchored(inner.view, train_config, run_dir, resume, validation)

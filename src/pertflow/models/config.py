@@ -91,6 +91,10 @@ class AnchoredConfig:
         cells, which the model has fitted); ``auto``: the kind of the split's test.
     validation_held_out
         Contexts or perturbations held out (0: about a fifth of them, at least one).
+    validation_contexts
+        For a context transfer, which training contexts validation holds out: ``nearest`` (those
+        whose controls are nearest the test context's), ``as-novel`` (those as far from the rest
+        of training as the test context is), ``both`` (one of each; :mod:`pertflow.models.inner_split`).
     refit
         After the choices are made on the inner split, train the model again on every training
         cell (twice the training time); otherwise the model keeps what it learnt without the
@@ -104,6 +108,7 @@ class AnchoredConfig:
     prior: PriorName = "none"
     validation: ValidationKind = "auto"
     validation_held_out: int = 0
+    validation_contexts: Literal["nearest", "as-novel", "both"] = "nearest"
     refit: bool = False
     prior_strengths: tuple[float, ...] = (1.0,)
 

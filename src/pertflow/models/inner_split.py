@@ -9,8 +9,11 @@ on cells held out the way the test holds out its own:
 
 * ``contexts`` (the test's contexts have no perturbed training cells: a context transfer): all
   perturbed cells of one or more training contexts leave training and become the validation;
-  their control cells stay visible, as the test contexts' do. The contexts held out are those
-  whose control cells are nearest the test contexts' (a monocyte for a monocyte).
+  their control cells stay visible, as the test contexts' do. Which contexts (``contexts``):
+  ``nearest``, those whose control cells are nearest the test contexts' (a monocyte for a
+  monocyte); ``as-novel``, those as far from the rest of training as the test context is from
+  training (its nearest training context's distance: a cell type with a close sibling in
+  training is an easier validation than a test without one); ``both``, one of each.
 * ``perturbations`` (a test perturbation has a component no training perturbation has: unseen
   perturbations): training singles leave training, with every training combination that
   contains one of them, and become the validation (singles left unseen, and combinations with
@@ -38,6 +41,8 @@ from pertflow.data.view import SplitView
 MEAN_CELLS = 2000
 #: what an inner split can hold out (``auto``, in a config, picks one by the test's kind)
 KINDS = ("cells", "contexts", "perturbations")
+#: which training contexts a context-transfer validation holds out (see the module docstring)
+CONTEXT_CHOICES = ("nearest", "as-novel", "both")
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,8 @@ def kind_of_test(view: SplitView) -> tuple[str, str]:
     return "cells", "every test context and component has training cells"
 
 
-def inner_split(view: SplitView, kind: str = "auto", n_held_out: int = 0, seed: int = 0) -> InnerSplit:
+def inner_split(view: SplitView, kind: str = "auto", n_held_out: int = 0, seed: int = 0,
+                contexts: str = "nearest") -> InnerSplit:
     """The inner split a model anchored on a prior is fitted and validated on.
 
     Parameters
@@ -97,6 +103,9 @@ def inner_split(view: SplitView, kind: str = "auto", n_held_out: int = 0, seed: 
         leaving at least one in training).
     seed
         Seeds the choice of perturbations held out and the control cells read for context means.
+    contexts
+        Which training contexts ``contexts`` holds out (:data:`CONTEXT_CHOICES`; ``both`` holds
+        out at least two).
     """
     reason = f"validation: {kind} (the config)"
     if kind == "auto":
@@ -110,7 +119,7 @@ def inner_split(view: SplitView, kind: str = "auto", n_held_out: int = 0, seed: 
     perturbed = train[~data.is_control[train]]
     if kind == "contexts":
         candidates = sorted(set(map(str, data.contexts[perturbed])))
-        held = _nearest_contexts(view, candidates, _count(n_held_out, len(candidates)), rng)
+        held = _held_out_contexts(view, candidates, n_held_out, contexts, rng)
         labels = data.contexts
     elif kind == "perturbations":
         held = _held_out_perturbations(view, perturbed, n_held_out, rng)
@@ -140,15 +149,34 @@ def _control_mean(view: SplitView, context: str, rng: np.random.Generator) -> np
     return view.expression.get(rows).mean(0)
 
 
-def _nearest_contexts(view: SplitView, candidates: list[str], n: int, rng: np.random.Generator) -> list[str]:
-    """The ``n`` training contexts whose mean control cell is nearest a test context's."""
-    if n == 0:
+def _held_out_contexts(view: SplitView, candidates: list[str], n_held_out: int, choice: str,
+                       rng: np.random.Generator) -> list[str]:
+    """The training contexts to hold out (see the module docstring), by their control means."""
+    if choice not in CONTEXT_CHOICES:
+        raise ValueError(f"unknown choice of validation contexts '{choice}'; choose one of {CONTEXT_CHOICES}")
+    n = _count(n_held_out, len(candidates))
+    if choice == "both":
+        n = min(max(n, 2), len(candidates) - 1)
+    if n <= 0:
         return []
     tests = sorted({c for _, c in view.test_groups()})
-    test_means = [_control_mean(view, c, rng) for c in tests]
-    means = {c: _control_mean(view, c, rng) for c in candidates}  # each context's controls read once
-    distance = {c: min(float(np.linalg.norm(means[c] - m)) for m in test_means) for c in candidates}
-    return sorted(candidates, key=lambda c: (distance[c], c))[:n]
+    means = {c: _control_mean(view, c, rng) for c in candidates + tests}  # each context's controls read once
+    gap = {(a, b): float(np.linalg.norm(means[a] - means[b])) for a in means for b in means}
+    to_test = {c: min(gap[c, t] for t in tests) for c in candidates}
+    nearest = sorted(candidates, key=lambda c: (to_test[c], c))
+    # how new the test is to training, and each candidate to the rest of training
+    test_novelty = float(np.mean([min(gap[t, c] for c in candidates) for t in tests]))
+    novelty = {c: min(gap[c, o] for o in candidates if o != c) for c in candidates}
+    as_novel = sorted(candidates, key=lambda c: (abs(novelty[c] - test_novelty), c))
+    if choice == "nearest":
+        return nearest[:n]
+    if choice == "as-novel":
+        return as_novel[:n]
+    held: list[str] = []
+    for pick in (p for pair in zip(nearest, as_novel) for p in pair):  # alternate: nearest, as novel, ...
+        if pick not in held and len(held) < n:
+            held.append(pick)
+    return held
 
 
 def _held_out_perturbations(view: SplitView, perturbed: np.ndarray, n_held_out: int, rng: np.random.Generator) -> list[str]:
