@@ -10,8 +10,7 @@ embedding and saves or loads the adapter folder.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pertflow.lazy import lazy_exports
 
 #: where each public name lives: imported on first use, so that the command line reads
 #: :class:`AdapterConfig` (:mod:`pertflow.adapt.config`) without importing torch
@@ -22,9 +21,4 @@ _HOMES = {
     "ShiftTransport": "transports", "Transport": "transports",
 }
 __all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'pertflow.adapt' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"pertflow.adapt.{_HOMES[name]}"), name)
+__getattr__ = lazy_exports(__name__, _HOMES)
