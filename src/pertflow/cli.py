@@ -342,6 +342,8 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baselines", action="store_true",
                    help="score the prediction alone (default: also the five baselines and the noise ceiling on the same "
                         "cells, for a yardstick; cached in --de-cache per split)")
+    p.add_argument("--skip-metric", action="append", default=[], metavar="NAME",
+                   help="a cell-eval metric not to compute (repeatable), e.g. clustering_agreement")
     add_overwrite_flag(p)
     add_spec_flags(p)
 
@@ -351,7 +353,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pertflow.api import EvalConfig, evaluate_split
 
     result = evaluate_split(args.data, args.split, args.pred, out=args.out, de_cache=args.de_cache,
-                            config=EvalConfig(num_threads=args.threads), overwrite=args.overwrite, progress=True, run=args.run,
+                            config=EvalConfig(num_threads=args.threads, skip_cell_eval_metrics=tuple(args.skip_metric)),
+                            overwrite=args.overwrite, progress=True, run=args.run,
                             baselines=not args.no_baselines, verbose=args.verbose, **read_args(args))
     keys = [k for k in ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "overlap_at_N",
                         "knn_purity_pca", "knn_purity_latent") if k in result.aggregate.columns]

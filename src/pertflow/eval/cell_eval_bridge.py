@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,9 @@ def run_cell_eval(
         )
     for message in errors.messages:
         # cell-eval logs a failing metric and leaves its column out; say so instead of hiding it.
-        warnings.warn(f"cell-eval: {message}", UserWarning, stacklevel=5)
-        notes.append(f"cell-eval{where}: {message}")
+        explained = explain_cell_eval_error(message)
+        warnings.warn(f"cell-eval: {explained}", UserWarning, stacklevel=5)
+        notes.append(f"cell-eval{where}: {explained}")
     n_sig_real = None
     if evaluator.de_comparison is not None:
         # Same threshold as cell-eval's overlap metrics (fdr_threshold default 0.05).
@@ -96,6 +98,21 @@ def run_cell_eval(
         counts = significant.group_by("target").len()
         n_sig_real = {str(t): int(n) for t, n in counts.iter_rows()}
     return CellEvalOutput(table=_polars_to_pandas(results), n_sig_real=n_sig_real)
+
+
+_FAILED_METRIC = re.compile(r"Error computing metric '([^']+)': (.*)", re.S)
+
+
+def explain_cell_eval_error(message: str) -> str:
+    """cell-eval's log line for a metric it could not compute, as what happened and what to do:
+    the metric's column is left out, the others stand, and how to stop asking for it."""
+    found = _FAILED_METRIC.match(message.strip())
+    if found is None:
+        return message
+    metric, why = found.group(1), found.group(2).strip()
+    return (f"cell-eval could not compute '{metric}' on these cells ({why}); its column is left out and every other "
+            f"metric stands. To skip it: EvalConfig(skip_cell_eval_metrics=('{metric}',)), or "
+            f"pertflow evaluate --skip-metric {metric}.")
 
 
 def numba_threads(wanted: int) -> int:

@@ -112,8 +112,8 @@ def plot_deltas(results: pd.DataFrame, out: Path, models: list[str]) -> list[Pat
         return True
 
     return _case_grids(results, out, models, "deltas", "predicted", draw,
-                       "predicted vs real mean shift vs control, per gene (bars: the predicted shift's interval "
-                       "where predict.interval was set)")
+                       "predicted vs real mean shift vs control, per gene (bars: the predicted shift's interval, "
+                       "for a prediction asked for one)")
 
 
 def plot_embeddings(results: pd.DataFrame, out: Path, models: list[str]) -> list[Path]:
