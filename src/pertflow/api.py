@@ -275,9 +275,9 @@ def predict(
     Genes are matched by name: the data's genes the model lacks are left out, and genes the
     model needs but the data lacks are an error naming them. ``sets`` change prediction settings
     only (``["predict.ode_steps=4"]``): the ``model`` section is fixed by the trained weights.
-    ``adapter`` (a folder of :func:`adapt`) shifts the control cells the model reads (the real
-    control cells in the file stay as they are); ``shift_back`` carries the predicted cells back
-    onto the data's own scale (see :func:`~pertflow.models.predict.predict_split`).
+    ``adapter`` (a folder of :func:`adapt`, any transport) maps the control cells the model reads
+    (the real control cells in the file stay as they are); ``shift_back`` carries the predicted
+    cells back onto the data's own scale (see :func:`~pertflow.models.predict.predict_split`).
     """
     if out is not None:
         check_output(out, "prediction", overwrite)
@@ -302,7 +302,7 @@ def predict(
         read_args["spec"] = model.spec
     with _view(data, split, list(model.genes), **read_args) as view:
         pred = predict_split(model, view, seed=seed, settings=settings, shift_back=shift_back, progress=progress,
-                             control_shift=None if adapter is None else adapter.shift)
+                             control_map=None if adapter is None else adapter.apply)
         context_col = view.context_col
     if out is not None:
         out = Path(out)

@@ -249,9 +249,9 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the prediction .h5ad to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the control draw and the noise")
     p.add_argument("--set", action="append", metavar="predict.KEY=VALUE", help="change a prediction setting, e.g. predict.ode_steps=10")
-    p.add_argument("--adapter", metavar="DIR", help="an adapter folder (pertflow adapt): shift the control cells the model reads")
+    p.add_argument("--adapter", metavar="DIR", help="an adapter folder (pertflow adapt): map the control cells the model reads with its transport")
     p.add_argument("--shift-back", action="store_true",
-                   help="with --adapter: carry the predicted cells back onto the data's own scale (each control cell unshifted plus the change the model predicted from the shifted one)")
+                   help="with --adapter: carry the predicted cells back onto the data's own scale (each control cell unmapped plus the change the model predicted from the mapped one)")
     add_overwrite_flag(p)
     add_threads_flag(p)
     add_spec_flags(p)

@@ -291,3 +291,30 @@ def test_train_on_a_gene_panel(synthetic_file, tmp_path, capsys):
                  "--genes", str(tmp_path / "bad.txt")]) == 2
     err = capsys.readouterr().err
     assert "1 genes are not" in err and "NOT_A_GENE" in err
+
+
+@pytest.mark.parametrize("transport", ["affine", "quantile"])
+def test_predict_reads_the_controls_through_any_transport(synthetic_run, transport, tmp_path):
+    """An affine or quantile adapter maps the control cells the model reads at prediction (issue
+    29, item 2), as the shift does; the controls written to the file stay the data's own."""
+    from pertflow.adapt import AffineTransport, QuantileTransport
+
+    f = synthetic_run["folder"]
+    model = PerturbationModel.load(f / "run")
+    n = len(model.genes)
+    rng = np.random.default_rng(0)
+    if transport == "affine":
+        mapping = AffineTransport(np.linspace(0.5, 2.0, n), np.full(n, 0.1))
+    else:
+        mapping = QuantileTransport.fit(rng.gamma(2.0, 1.0, (300, n)), rng.gamma(1.0, 0.5, (300, n)), seed=0)
+    Adapter(list(model.genes), mapping, AdapterConfig(transport=transport), [(0, 1.0, 0.0), (1, 0.5, 0.05)]).save(
+        tmp_path / "adapter")
+    plain, plain_inputs = recorded_predict(f / "run", synthetic_run["data"], f / "split.json", sets=["predict.ode_steps=1"])
+    adapted, adapted_inputs = recorded_predict(f / "run", synthetic_run["data"], f / "split.json", adapter=tmp_path / "adapter",
+                                               sets=["predict.ode_steps=1"])
+    loaded = Adapter.load(tmp_path / "adapter")
+    for before, after in zip(plain_inputs, adapted_inputs, strict=True):
+        np.testing.assert_allclose(after, loaded.apply(before), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(after, before)
+    is_control = (adapted.obs["source"] == "control").to_numpy()
+    np.testing.assert_array_equal(adapted.X[is_control], plain.X[is_control])

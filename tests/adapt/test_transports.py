@@ -154,5 +154,5 @@ def test_a_format_1_folder_loads_as_a_shift(tmp_path):
 def test_an_unknown_transport_is_named_with_the_choices():
     with pytest.raises(InputError, match=r"unknown transport 'scale'.*shift, affine, quantile"):
         transport_class("scale")
-    with pytest.raises(InputError, match="predict --adapter applies a per-gene shift only"):
+    with pytest.raises(InputError, match="not a per-gene shift: map cells with Adapter.apply"):
         _ = Adapter(["A"], AffineTransport(np.ones(1), np.zeros(1)), AdapterConfig(), [(0, 1.0, 0.0)]).shift

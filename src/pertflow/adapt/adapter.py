@@ -102,13 +102,10 @@ class Adapter:
 
     @property
     def shift(self) -> np.ndarray:
-        """(G,) the shift of a ``shift`` adapter (what ``pertflow predict --adapter`` applies)."""
+        """(G,) the shift of a ``shift`` adapter (its one parameter; any adapter maps cells with :meth:`apply`)."""
         if not isinstance(self.transport, ShiftTransport):
-            raise InputError(
-                f"this adapter is a {self.transport.name} transport; pertflow predict --adapter applies a per-gene "
-                "shift only so far. Learn the adapter with --transport shift, or map the control cells yourself "
-                "with Adapter.apply."
-            )
+            raise InputError(f"this adapter is a {self.transport.name} transport, not a per-gene shift: map cells with "
+                             "Adapter.apply.")
         return self.transport.shift
 
     def apply(self, controls: np.ndarray) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -19,7 +21,7 @@ def predict_split(
     seed: int = 0,
     settings: PredictConfig | None = None,
     progress: bool = False,
-    control_shift: np.ndarray | None = None,
+    control_map: Callable[[np.ndarray], np.ndarray] | None = None,
     shift_back: bool = False,
 ) -> ad.AnnData:
     """A cell-eval-ready prediction of a split's test cells.
@@ -47,16 +49,17 @@ def predict_split(
 
     Parameters
     ----------
-    control_shift
-        (G,) on the model's genes: added to the control cells the model reads (then clipped at 0),
-        e.g. an adapter's shift (:mod:`pertflow.adapt`). The real control cells written to the
-        file are not shifted: they are the evaluator's reference.
+    control_map
+        (n, G) -> (n, G) on the model's genes: maps the control cells the model reads, e.g. an
+        adapter's transport (:meth:`pertflow.adapt.Adapter.apply`: a shift, an affine or a quantile
+        map onto the training data's scale). The real control cells written to the file are not
+        mapped: they are the evaluator's reference.
     shift_back
         Carry the predicted cells back onto the data's own scale: each predicted cell is its
-        control cell *unshifted* plus the change the model predicted from the shifted one (then
-        clipped at 0). (Subtracting the shift instead does not undo it: the shifted controls were
-        clipped at 0, and on zero-inflated genes the shift that matches the source is several
-        times the difference of the means.)
+        control cell *unmapped* plus the change the model predicted from the mapped one (then
+        clipped at 0). (Undoing the map instead does not: the mapped controls were clipped at 0,
+        and on zero-inflated genes the shift that matches the source is several times the
+        difference of the means.)
     """
     from pertflow.runtime import progress_bar
 
@@ -79,10 +82,15 @@ def predict_split(
             + (f"Pass --dose-col {model.spec.dose_col}." if model.spec.dose_col else "Predict data without a dose column, or retrain.")
         )
     to_model = pd.Index(view.genes).get_indexer(model.genes)  # the view's columns, in the model's order
-    if control_shift is not None:
-        control_shift = np.asarray(control_shift, dtype=np.float32)
-        if control_shift.shape != (len(model.genes),):
-            raise InputError(f"the control shift has shape {control_shift.shape}; the model has {len(model.genes)} genes.")
+
+    def model_controls(own: np.ndarray) -> np.ndarray:
+        """The control cells the model reads: the data's own, or mapped by ``control_map``."""
+        if control_map is None:
+            return own
+        mapped = np.asarray(control_map(own), dtype=np.float32)
+        if mapped.shape != own.shape:
+            raise InputError(f"the control map returned shape {mapped.shape} for controls of shape {own.shape}.")
+        return mapped
     test_groups = view.test_groups()
     pools = {ctx: view.control_rows(ctx) for ctx in view.test_contexts}
     rng = np.random.default_rng(seed)  # the control cells drawn
@@ -98,7 +106,7 @@ def predict_split(
     items = sorted(test_groups.items(), key=lambda kv: (kv[0][1], kv[0][0]))
 
     def to_file(pred: np.ndarray, own: np.ndarray, controls: np.ndarray) -> np.ndarray:
-        if shift_back and control_shift is not None:
+        if shift_back and control_map is not None:
             pred = own + (pred - controls)
         cells = np.empty_like(pred, dtype=np.float32)
         cells[:, to_model] = np.clip(pred, 0, None)
@@ -108,9 +116,8 @@ def predict_split(
     for (pert, ctx), group in items:
         pool = pools[ctx]
         chosen = rng.choice(pool, size=len(group), replace=len(pool) < len(group))
-        controls = own = view.expression.get(chosen)[:, to_model]
-        if control_shift is not None:
-            controls = np.clip(own + control_shift, 0, None)
+        own = view.expression.get(chosen)[:, to_model]
+        controls = model_controls(own)
         crash_point("predict")
         pred = model.generate(controls, pert, ctx, model_rng, settings)
         if pred.shape != (len(group), len(model.genes)) or not np.isfinite(pred).all():
@@ -123,7 +130,7 @@ def predict_split(
                 extra_rng = np.random.default_rng([seed, 2, extra])
                 chosen = extra_rng.choice(pool, size=len(group), replace=len(pool) < len(group))
                 own = view.expression.get(chosen)[:, to_model]
-                controls = own if control_shift is None else np.clip(own + control_shift, 0, None)
+                controls = model_controls(own)
                 more = model.generate(controls, pert, ctx, np.random.default_rng([seed, 3, extra]), settings)
                 generations.append(to_file(more, own, controls))
             mean, lower, upper = shift_intervals(np.concatenate(generations), control_means[ctx], interval_cfg.interval,
