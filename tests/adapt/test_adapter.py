@@ -182,7 +182,23 @@ def test_models_without_a_usable_control_embedding_are_refused(synthetic_adata, 
         api.adapt(baseline, data, data)
     centred = random_flow_model(view, tmp_path / "centred", center=True)
     with pytest.raises(InputError, match="model.center=false"):
-        api.adapt(centred, data, data)
+        api.adapt(centred, data, data)  # the default transport is a shift, which a centred model cannot see
+    # a change of scale reaches a centred model: an affine adapter is learnt (a few steps)
+    adapter = api.adapt(centred, data, data, settings={"transport": "affine", "steps": 2, "eval_every": 1})
+    assert adapter.config.transport == "affine"
+
+
+def test_latent_shift_is_adapted_through_each_genes_expression(synthetic_adata, tmp_path):
+    """latent-shift reads control cells through a linear embedding of their expression: its
+    control embedding is the expression itself, so every transport can align it (issue 29, item 2)."""
+    data = PerturbationData.from_anndata(synthetic_adata.copy())
+    view = SplitView(data, make_split(data, "context", test_context="line_C"))
+    model = api.train("latent-shift", view, None, tmp_path / "ls", sets=["model.n_components=4", "model.hidden=16",
+                      "model.decoder_hidden=16", "model.decoder_steps=5", "train.max_steps=5", "train.val_every=5"])
+    controls = torch.rand(3, len(model.genes))
+    torch.testing.assert_close(model.control_embedding(controls), controls.unsqueeze(-1))
+    adapter = api.adapt(model, data, data, settings={"transport": "quantile", "steps": 2, "eval_every": 1})
+    assert adapter.config.transport == "quantile" and adapter.mmd_after <= adapter.mmd_before + 1e-9
 
 
 # ---------------------------------------------------------------------------- predict with an adapter

@@ -245,6 +245,13 @@ def learn_adapter(
         Show a progress bar.
     """
     model.control_embedding(torch.zeros(2, len(model.genes)))  # a model without one stops here, before any reading
+    if config.transport == "shift" and getattr(model.config, "center", False):
+        raise InputError(
+            f"model '{model.name}' centres its control cells per gene (model.center: true): a per-gene shift of its "
+            "input leaves its control tokens unchanged and moves its cells by the same shift, so a shift adapter has "
+            "nothing to align. Learn an affine or quantile adapter (--transport affine: a change of scale still "
+            "reaches it), adapt a model trained with --set model.center=false, or predict without an adapter."
+        )
     sources = [source] if isinstance(source, PerturbationData) else list(source)
     if not sources:
         raise InputError("no source data given: name the file(s) the model was trained on (--source-data).")

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from pertflow.errors import InputError
 from pertflow.models.anchored import AnchoredNetwork
 from pertflow.models.flow import flow_matching
 from pertflow.models.network import frozen
@@ -70,15 +69,8 @@ class GeneFlowModel(AnchoredNetwork):
         ``control_embedding``; see :meth:`PerturbationModel.control_embedding`).
 
         A network that centres its controls per gene (``center``) reads a shifted control batch
-        exactly as the unshifted one, and moves its cells by the shift itself: there is nothing
-        for a per-gene adapter to align, so that is refused.
+        exactly as the unshifted one: only a change of scale or dropout reaches it, which
+        :func:`pertflow.adapt.adapter.learn_adapter` says for a ``shift`` adapter.
         """
-        if self.config.center:
-            raise InputError(
-                f"model '{self.name}' centres its control cells per gene (model.center: true): a per-gene shift of "
-                "its input leaves its control tokens unchanged and moves its cells by the same shift, so there is "
-                "nothing for an adapter to align. Adapt a model trained with --set model.center=false, or predict "
-                "without an adapter."
-            )
         with frozen(self.module.to(controls.device)) as module:
             return module.control_embedding(controls)

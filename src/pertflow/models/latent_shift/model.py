@@ -302,6 +302,12 @@ class LatentShift(AnchoredModel):
         """Decoded cells of a perturbation from control cells and the prior's (G,) shift."""
         return self.predicted_cells(controls, perturbation, context, shift, rng, settings)[1]
 
+    def control_embedding(self, controls: torch.Tensor) -> torch.Tensor:
+        """(n, G) control cells -> (n, G, 1): each gene's expression itself. The model reads a control
+        cell through a linear embedding of its expression (a PCA, or a foundation model's), so what
+        an adapter (:mod:`pertflow.adapt`) must align across datasets is each gene's values."""
+        return controls.unsqueeze(-1)
+
     def predicted_cells(self, controls: np.ndarray, perturbation: str, context: str, shift: np.ndarray,
                         rng: np.random.Generator, settings: PredictConfig) -> tuple[np.ndarray, np.ndarray]:
         """(the predicted embeddings, their decoded cells) of a perturbation from control cells."""
