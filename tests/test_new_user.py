@@ -174,3 +174,31 @@ def test_help_imports_neither_torch_nor_anndata():
             "print(sorted(m for m in ('torch', 'anndata', 'scanpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_a_label_the_model_never_saw_is_named_or_refused(synthetic_adata, tmp_path, capsys):
+    """A perturbation renamed in the file to predict ('stim' trained, 'stimulated' asked) is not
+    predicted silently: a model that reads unseen perturbations says so per label, one that can
+    only predict no change for it refuses, naming the fix (issue 31, item 4)."""
+    from pertflow import api
+    from pertflow.data.splits import make_split
+    from pertflow.data.view import SplitView
+
+    data = PerturbationData.from_anndata(synthetic_adata.copy())
+    split = make_split(data, "context", test_context="line_C")
+    mean = api.train("mean", SplitView(data, split), None, tmp_path / "mean")
+    additive = api.train("additive", SplitView(data, split), None, tmp_path / "additive")
+    renamed = synthetic_adata.copy()
+    test = renamed.obs_names.isin(split.test)
+    old = sorted(set(renamed.obs.loc[test, "perturbation"].astype(str)))[0]
+    labels = renamed.obs["perturbation"].astype(str).to_numpy()
+    labels[test & (labels == old)] = old + "_renamed"
+    renamed.obs["perturbation"] = labels
+    new_data = PerturbationData.from_anndata(renamed)
+    new_split = make_split(new_data, "context", test_context="line_C")
+    capsys.readouterr()
+    api.predict(mean, new_data, new_split)
+    out = capsys.readouterr().out
+    assert f"'{old}_renamed': the model has never seen" in out and "rename it" in out
+    with pytest.raises(InputError, match=r"model 'additive' has never seen .*can only predict no change.*rename them"):
+        api.predict(additive, new_data, new_split)

@@ -54,6 +54,10 @@ class PerturbationModel:
     #: conditions are ``drugA@1``); a model that does not refuses such data instead of reading
     #: ``drugA@1`` as a perturbation of its own or mixing its doses
     reads_dose: ClassVar[bool] = False
+    #: Whether a perturbation never seen in training (a label absent from the training file's
+    #: perturbations and genes) gets a prediction of its own kind (a flow's unknown-perturbation
+    #: token, the mean response); False for a model that can only predict no change for it.
+    predicts_unknown_labels: ClassVar[bool] = True
 
     def __init_subclass__(cls, variant: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -194,6 +194,7 @@ class TrainingMean(DeltaModel):
 
 class Additive(DeltaModel):
     name = "additive"
+    predicts_unknown_labels = False  # no change, for a label it never measured
 
     def predicted_delta(self, perturbation: str, context: str) -> np.ndarray:
         comps = self.components(perturbation)
@@ -211,6 +212,7 @@ class Additive(DeltaModel):
 
 class ContextShift(DeltaModel):
     name = "context-shift"
+    predicts_unknown_labels = False  # no change, for a label it never measured
 
     def predicted_delta(self, perturbation: str, context: str) -> np.ndarray:
         found = self.response(perturbation, context)

@@ -82,6 +82,7 @@ def predict_split(
             + (f"Pass --dose-col {model.spec.dose_col}." if model.spec.dose_col else "Predict data without a dose column, or retrain.")
         )
     to_model = pd.Index(view.genes).get_indexer(model.genes)  # the view's columns, in the model's order
+    check_known_labels(model, view)
 
     def model_controls(own: np.ndarray) -> np.ndarray:
         """The control cells the model reads: the data's own, or mapped by ``control_map``."""
@@ -286,3 +287,25 @@ def predict_cells(
     for col, value in zip(cols, context.split(CONTEXT_JOIN) if cols else []):
         obs[col] = value
     return ad.AnnData(X=np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=list(model.genes)))
+
+
+def check_known_labels(model: PerturbationModel, view: SplitView) -> None:
+    """Say, per label, which test perturbations the model has never seen (a component that is
+    neither a perturbation nor a gene of the file it was trained on), or refuse them for a model
+    that can only predict no change for such a label (``predicts_unknown_labels``)."""
+    tests = sorted({p for p, _ in view.test_groups()})
+    unknown = {p: [c for c in view.data.components(view.data.spec.split_dose(p)[0]) if c not in model.vocab] for p in tests}
+    unknown = {p: parts for p, parts in unknown.items() if parts}
+    if not unknown:
+        return
+    names = sorted({c for parts in unknown.values() for c in parts})
+    if not model.predicts_unknown_labels:
+        raise InputError(
+            f"model '{model.name}' has never seen {names[:5]}{' ...' if len(names) > 5 else ''} (not a perturbation or gene of "
+            "the file it was trained on) and can only predict no change for them. If they are training labels under "
+            "other names, rename them in the data's perturbation column; else predict them with a model that reads "
+            "unseen perturbations (mean, linear, a flow).")
+    for pert, parts in unknown.items():
+        print(f"note: '{pert}': the model has never seen {parts} (not a perturbation or gene of the file it was trained "
+              "on); predicted as an unseen perturbation. If it is a training label under another name, rename it.",
+              flush=True)
