@@ -32,6 +32,7 @@ from pertflow.errors import InputError
 from pertflow.eval.config import EvalConfig
 from pertflow.io import atomic_path, check_output, folder_lock, remove_outputs, write_h5ad
 from pertflow.models.base import PerturbationModel
+from pertflow.models.capabilities import GeneratesWithoutControls
 from pertflow.models.config import PredictConfig
 from pertflow.models.predict import interval_table, prediction_means, predict_split
 from pertflow.models.registry import BASELINES, model_class, model_names
@@ -324,7 +325,7 @@ def generate_expression(run: str | Path | PerturbationModel, perturbation: str, 
     import pandas as pd
 
     model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
-    if not hasattr(model, "generate_expression"):
+    if not isinstance(model, GeneratesWithoutControls):
         raise InputError(f"model '{model.name}' generates cells from control cells only (pertflow predict); "
                          "generate_expression needs a model with a latent control distribution, e.g. cfmvc.")
     X = model.generate_expression(perturbation, batch=batch, cell_type=cell_type, spatial=spatial, n_steps=n_steps,

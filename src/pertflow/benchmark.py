@@ -50,6 +50,7 @@ from pertflow.eval.metrics import group_means
 from pertflow.eval.plots import EMBED_CELLS, plot_deltas, plot_embeddings, plot_metrics, plot_training, project, shared_pca
 from pertflow.errors import InputError
 from pertflow.io import atomic_path, check_writable, package_dir, read_json, write_text
+from pertflow.models.capabilities import EmbedsCells
 from pertflow.models.registry import model_class
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ def config_file(configs_dir: Path | None, model: str, suffix: str) -> Path | Non
 
 def _has_latent_space(model: str, run_dir: Path) -> bool:
     """Whether the trained run's model class (its config's variant) embeds cells (``embed``)."""
-    return hasattr(model_class(model_family(model), read_json(run_dir / "model.json")["config"]), "embed")
+    return issubclass(model_class(model_family(model), read_json(run_dir / "model.json")["config"]), EmbedsCells)
 
 
 def model_family(name: str) -> str:

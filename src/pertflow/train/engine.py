@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from accelerate import Accelerator
@@ -53,6 +53,20 @@ class BatchSource(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Shardable(Protocol):
+    """A batch source that takes its own share of the batches in multi-process training."""
+
+    def shard(self, process_index: int, num_processes: int) -> None: ...
+
+
+@runtime_checkable
+class GradCheckpointing(Protocol):
+    """A network that can recompute its activations in the backward pass (``train.grad_checkpointing``)."""
+
+    def set_grad_checkpointing(self, on: bool) -> None: ...
 
 
 class _LossModule(torch.nn.Module):
@@ -192,14 +206,14 @@ class Trainer:
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
         self.network = module
         if config.grad_checkpointing:
-            if not hasattr(module, "set_grad_checkpointing"):
+            if not isinstance(module, GradCheckpointing):
                 raise InputError(f"{type(module).__name__} has no gradient checkpointing: set train.grad_checkpointing=false.")
             module.set_grad_checkpointing(True)
         self.optimizer = make_optimizer(module.parameters(), config)
         self.module, self.optimizer = self.accelerator.prepare(_LossModule(module), self.optimizer)
         if self.accelerator.num_processes > 1:
             # Every process must take its own share of the batches (and say which it is).
-            if not hasattr(train_batches, "shard"):
+            if not isinstance(train_batches, Shardable):
                 raise InputError("multi-process training needs a batch source with shard(process_index, num_processes).")
             train_batches.shard(self.accelerator.process_index, self.accelerator.num_processes)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
