@@ -264,6 +264,7 @@ def predict(
     shift_back: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    map_labels: dict[str, str] | None = None,
     **read_args: Any,
 ) -> ad.AnnData:
     """Predict the test cells of ``split`` with a trained model; write them to ``out`` if given,
@@ -279,12 +280,18 @@ def predict(
     ``adapter`` (a folder of :func:`adapt`, any transport) maps the control cells the model reads
     (the real control cells in the file stay as they are); ``shift_back`` carries the predicted
     cells back onto the data's own scale (see :func:`~pertflow.models.predict.predict_split`).
+
+    Another file than the model's: where it lacks the model's perturbation or context column, its
+    own spec is read (recorded by its split file, else detected; a batch column the model never
+    used is not needed) and its labels are matched to the model's by value; ``map_labels``
+    ({model label: file label}, e.g. ``{"stim": "stimulated"}``) names those that differ.
     """
     if out is not None:
         check_output(out, "prediction", overwrite)
         check_output(means_path(out), "table of mean predictions", overwrite)
         check_output(intervals_path(out), "table of intervals", overwrite)
     model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
+    map_labels = {file: mine for mine, file in (map_labels or {}).items()}  # file label -> the model's
     changes = load_sections(None, sets)
     if changes["model"] or changes["train"]:
         raise InputError(
@@ -298,18 +305,17 @@ def predict(
         adapter.check_genes(model)
     elif shift_back:
         raise InputError("--shift-back undoes an adapter's shift: give the adapter (--adapter DIR).")
-    read_args.setdefault("spec", model.spec)
-    if read_args["spec"] is None:
-        read_args["spec"] = model.spec
+    if read_args.get("spec") is None and not _spec_keys_given(read_args) and _has_columns_of(data, model.spec):
+        read_args["spec"] = model.spec  # the file the model was trained on, or one labelled like it
     with _view(data, split, list(model.genes), **read_args) as view:
         pred = predict_split(model, view, seed=seed, settings=settings, shift_back=shift_back, progress=progress,
-                             control_map=None if adapter is None else adapter.apply)
-        context_col = view.context_col
+                             control_map=None if adapter is None else adapter.apply, label_map=map_labels)
+        context_col, pert_col = view.context_col, view.data.spec.pert_col  # the file's names
     if out is not None:
         out = Path(out)
         write_h5ad(out, pred)
         with atomic_path(means_path(out)) as tmp:
-            prediction_means(pred, model.spec.pert_col, context_col if context_col in pred.obs else None).to_csv(tmp)
+            prediction_means(pred, pert_col, context_col if context_col in pred.obs else None).to_csv(tmp)
         table = interval_table(pred)
         if table is not None:
             with atomic_path(intervals_path(out)) as tmp:
@@ -497,6 +503,25 @@ def _evaluate_split(data, split, pred, out, de_cache, config, inputs, overwrite,
         with atomic_path(Path(out) / "yardstick.csv") as tmp:
             table_with_directions(scores, table, "prediction").to_csv(tmp)
     return dataclasses.replace(result, yardstick=table, verdict=tuple(verdict("the prediction", scores, table)))
+
+
+SPEC_KEYS = ("pert_col", "control", "context_cols", "batch_col", "dose_col", "combo_delim")
+
+
+def _spec_keys_given(read_args: dict[str, Any]) -> bool:
+    return any(read_args.get(k) is not None for k in SPEC_KEYS)
+
+
+def _has_columns_of(data: DataArg, spec: Any) -> bool:
+    """Whether ``data`` (a file, a dataset or a view) has the perturbation and context columns of ``spec``."""
+    if isinstance(data, (PerturbationData, SplitView)):
+        return True  # already read with its own spec
+    backed = ad.read_h5ad(data, backed="r")
+    try:
+        columns = set(backed.obs.columns)
+    finally:
+        backed.file.close()
+    return spec.pert_col in columns and all(c in columns for c in spec.context_cols)
 
 
 def latent_space(run: str | Path | PerturbationModel, genes: list[str]) -> Callable[[np.ndarray], np.ndarray]:

@@ -252,9 +252,23 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", metavar="DIR", help="an adapter folder (pertflow adapt): map the control cells the model reads with its transport")
     p.add_argument("--shift-back", action="store_true",
                    help="with --adapter: carry the predicted cells back onto the data's own scale (each control cell unmapped plus the change the model predicted from the mapped one)")
+    p.add_argument("--map-labels", action="append", default=[], metavar="MODEL_LABEL=FILE_LABEL",
+                   help="a perturbation or context label that this file names differently from the model's training file, "
+                        "e.g. stim=stimulated (repeatable)")
     add_overwrite_flag(p)
     add_threads_flag(p)
     add_spec_flags(p)
+
+
+def label_pairs(items: list[str]) -> dict[str, str]:
+    """``["stim=stimulated", ...]`` -> {model label: file label}."""
+    pairs = {}
+    for item in items:
+        mine, sep, theirs = item.partition("=")
+        if not sep or not mine.strip() or not theirs.strip():
+            raise InputError(f"--map-labels takes MODEL_LABEL=FILE_LABEL (e.g. stim=stimulated); got '{item}'.")
+        pairs[mine.strip()] = theirs.strip()
+    return pairs
 
 
 @command("predict", "predict a split's test cells with a trained model (cell-eval-ready .h5ad)", _predict_arguments)
@@ -262,7 +276,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pertflow.api import means_path, predict
 
     pred = predict(args.run, args.data, args.split, args.out, seed=args.seed, sets=args.set, adapter=args.adapter,
-                   shift_back=args.shift_back, overwrite=args.overwrite, progress=True, **read_args(args))
+                   shift_back=args.shift_back, overwrite=args.overwrite, progress=True,
+                   map_labels=label_pairs(args.map_labels), **read_args(args))
     n_pred = int((pred.obs["source"] == "predicted").sum())
     means = means_path(args.out)
     print(f"wrote {args.out}: {n_pred} predicted cells and {pred.n_obs - n_pred} control cells x {pred.n_vars} genes; "

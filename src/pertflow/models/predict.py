@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
 from pertflow.faults import crash_point
+from pertflow.data.dose import dose_label
+from pertflow.data.spec import split_components
 from pertflow.data.view import SplitView
 from pertflow.errors import InputError
 from pertflow.models.base import PerturbationModel
@@ -23,6 +25,7 @@ def predict_split(
     progress: bool = False,
     control_map: Callable[[np.ndarray], np.ndarray] | None = None,
     shift_back: bool = False,
+    label_map: dict[str, str] | None = None,
 ) -> ad.AnnData:
     """A cell-eval-ready prediction of a split's test cells.
 
@@ -54,6 +57,11 @@ def predict_split(
         adapter's transport (:meth:`pertflow.adapt.Adapter.apply`: a shift, an affine or a quantile
         map onto the training data's scale). The real control cells written to the file are not
         mapped: they are the evaluator's reference.
+    label_map
+        {file label: the model's label} for perturbations (whole labels or components) and
+        contexts named differently in this file than in the model's training file; the file's
+        column names may differ from the model's (labels are matched by value). The written
+        prediction keeps the file's names and labels.
     shift_back
         Carry the predicted cells back onto the data's own scale: each predicted cell is its
         control cell *unmapped* plus the change the model predicted from the mapped one (then
@@ -64,11 +72,11 @@ def predict_split(
     from pertflow.runtime import progress_bar
 
     data = view.data
-    if model.spec.pert_col != data.spec.pert_col:
-        raise InputError(
-            f"the model was trained with perturbation column '{model.spec.pert_col}', the data spec uses "
-            f"'{data.spec.pert_col}'. Pass --pert-col {model.spec.pert_col}."
-        )
+    to_label = model_labels(data.spec, model.spec, label_map)
+    if model.spec.pert_col != data.spec.pert_col or list(model.spec.context_cols) != list(data.spec.context_cols):
+        print(f"note: the file's perturbation column '{data.spec.pert_col}' and context columns {list(data.spec.context_cols)} are "
+              f"read as the model's '{model.spec.pert_col}' and {list(model.spec.context_cols)} (labels matched by value"
+              f"{', with the label map ' + str(label_map) if label_map else ''}).", flush=True)
     if set(view.genes) != set(model.genes) or len(view.genes) != len(model.genes):
         missing = [g for g in model.genes if g not in set(view.genes)]
         raise InputError(
@@ -82,7 +90,7 @@ def predict_split(
             + (f"Pass --dose-col {model.spec.dose_col}." if model.spec.dose_col else "Predict data without a dose column, or retrain.")
         )
     to_model = pd.Index(view.genes).get_indexer(model.genes)  # the view's columns, in the model's order
-    check_known_labels(model, view)
+    check_known_labels(model, view, to_label)
 
     def model_controls(own: np.ndarray) -> np.ndarray:
         """The control cells the model reads: the data's own, or mapped by ``control_map``."""
@@ -120,7 +128,7 @@ def predict_split(
         own = view.expression.get(chosen)[:, to_model]
         controls = model_controls(own)
         crash_point("predict")
-        pred = model.generate(controls, pert, ctx, model_rng, settings)
+        pred = model.generate(controls, to_label(pert), to_label(ctx), model_rng, settings)
         if pred.shape != (len(group), len(model.genes)) or not np.isfinite(pred).all():
             raise RuntimeError(f"model '{model.name}' returned a bad prediction for {pert} in {ctx}: shape {pred.shape}")
         cells = to_file(pred, own, controls)
@@ -132,7 +140,7 @@ def predict_split(
                 chosen = extra_rng.choice(pool, size=len(group), replace=len(pool) < len(group))
                 own = view.expression.get(chosen)[:, to_model]
                 controls = model_controls(own)
-                more = model.generate(controls, pert, ctx, np.random.default_rng([seed, 3, extra]), settings)
+                more = model.generate(controls, to_label(pert), to_label(ctx), np.random.default_rng([seed, 3, extra]), settings)
                 generations.append(to_file(more, own, controls))
             mean, lower, upper = shift_intervals(np.concatenate(generations), control_means[ctx], interval_cfg.interval,
                                                  interval_cfg.n_bootstrap, np.random.default_rng([seed, 4]))
@@ -289,12 +297,31 @@ def predict_cells(
     return ad.AnnData(X=np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=list(model.genes)))
 
 
-def check_known_labels(model: PerturbationModel, view: SplitView) -> None:
+def model_labels(spec: Any, model_spec: Any, label_map: dict[str, str] | None) -> Callable[[str], str]:
+    """File label -> the model's label: ``label_map`` (file label -> model label) for a whole label,
+    else for each component of a combination; a label without an entry stays as it is."""
+    label_map = dict(label_map or {})
+
+    def to_label(label: str) -> str:
+        if label in label_map or not label_map:
+            return label_map.get(label, label)
+        name, dose = spec.split_dose(label)
+        parts = split_components(name, spec)
+        if not parts:  # the control label
+            return label
+        mapped = (model_spec.combo_delim or "+").join(label_map.get(c, c) for c in parts)
+        return mapped if dose is None else dose_label(mapped, dose)
+
+    return to_label
+
+
+def check_known_labels(model: PerturbationModel, view: SplitView, to_label: Callable[[str], str] = str) -> None:
     """Say, per label, which test perturbations the model has never seen (a component that is
-    neither a perturbation nor a gene of the file it was trained on), or refuse them for a model
-    that can only predict no change for such a label (``predicts_unknown_labels``)."""
+    neither a perturbation nor a gene of the file it was trained on, after ``to_label``), or refuse
+    them for a model that can only predict no change for such a label (``predicts_unknown_labels``)."""
     tests = sorted({p for p, _ in view.test_groups()})
-    unknown = {p: [c for c in view.data.components(view.data.spec.split_dose(p)[0]) if c not in model.vocab] for p in tests}
+    spec = view.data.spec
+    unknown = {p: [c for c in split_components(spec.split_dose(to_label(p))[0], spec) if c not in model.vocab] for p in tests}
     unknown = {p: parts for p, parts in unknown.items() if parts}
     if not unknown:
         return
@@ -303,9 +330,10 @@ def check_known_labels(model: PerturbationModel, view: SplitView) -> None:
         raise InputError(
             f"model '{model.name}' has never seen {names[:5]}{' ...' if len(names) > 5 else ''} (not a perturbation or gene of "
             "the file it was trained on) and can only predict no change for them. If they are training labels under "
-            "other names, rename them in the data's perturbation column; else predict them with a model that reads "
+            "other names, map them (--map-labels MODEL_LABEL=FILE_LABEL); else predict them with a model that reads "
             "unseen perturbations (mean, linear, a flow).")
     for pert, parts in unknown.items():
         print(f"note: '{pert}': the model has never seen {parts} (not a perturbation or gene of the file it was trained "
-              "on); predicted as an unseen perturbation. If it is a training label under another name, rename it.",
+              "on); predicted as an unseen perturbation. If it is a training label under another name, map it "
+              "(--map-labels MODEL_LABEL=FILE_LABEL).",
               flush=True)
