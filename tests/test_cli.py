@@ -147,3 +147,17 @@ def test_demo_command_is_wired(monkeypatch, tmp_path, capsys):
     assert "- threads 2" in out and "- models None" in out and f"wrote {tmp_path / 'report.md'}" in out
     assert main(["demo", "--out", str(tmp_path), "--models", "additive,ccfm"]) == 0
     assert "- models ('additive', 'ccfm')" in capsys.readouterr().out
+
+def test_the_demo_says_why_two_baselines_score_the_same():
+    """context-shift equal to no-change on the demo's task is explained, not left to look like a
+    fault; baselines that differ are not mentioned (issue 31, item 8)."""
+    import pandas as pd
+
+    from pertflow.demo import coinciding_baselines
+
+    summary = pd.DataFrame({"pearson_delta": [0.0, 0.5, 0.0, 0.7], "edistance_pca": [2.0, 1.0, 2.0, 0.9]},
+                           index=pd.MultiIndex.from_product([["task"], ["no-change", "mean", "context-shift", "additive"]],
+                                                            names=["task", "model"]))
+    lines = coinciding_baselines(summary, ["no-change", "mean", "context-shift", "additive"])
+    assert len(lines) == 1 and lines[0].startswith("no-change and context-shift score the same")
+    assert "nothing to carry" in lines[0]

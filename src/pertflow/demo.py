@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import yaml
 
 from pertflow.benchmark import run_benchmark, summarize, verdict_lines
@@ -85,6 +87,7 @@ def run_demo(out: Path, seed: int = 0, models: tuple[str, ...] | None = None, co
     embeddings = sorted(p.name for p in plots.glob(f"{task.name}_embedding*.png"))
     training = [f"{task.name}_{m}_training.png" for m in models if (plots / f"{task.name}_{m}_training.png").is_file()]
     modes = prediction_modes(bench / "runs" / task.name, models)
+    same = coinciding_baselines(summarize(results), [m for m in models if m in BASELINES])
     lines = [
         "# pertflow demo",
         "",
@@ -108,6 +111,7 @@ def run_demo(out: Path, seed: int = 0, models: tuple[str, ...] | None = None, co
         "metrics are at half depth, so its E-distance is a noisier reference, not a bound (a baseline may score below "
         "it). Higher is better for the Pearson deltas, lower for the E-distance and MMD.",
         "",
+        *([*[f"- {line}" for line in same], ""] if same else []),
         f"![summary](benchmark/plots/{task.name}_metrics.png)",
         "",
         table,
@@ -131,6 +135,28 @@ def run_demo(out: Path, seed: int = 0, models: tuple[str, ...] | None = None, co
     report = out / "report.md"
     write_text(report, "\n".join(lines) + "\n")
     return report
+
+
+#: why two baselines predict the same cells on this task (its test holds combinations of measured singles)
+WHY_EQUAL = {
+    frozenset({"context-shift", "no-change"}): "context-shift carries a perturbation's response over from the other "
+    "cell lines, and no held-out combination was measured in any line, so it has nothing to carry: it predicts no change",
+}
+
+
+def coinciding_baselines(summary: pd.DataFrame, baselines: list[str]) -> list[str]:
+    """A sentence per pair of baselines whose scores are the same on every metric here, with the
+    reason where it is known (:data:`WHY_EQUAL`), so that a reader does not take it for a fault."""
+    block = summary.droplevel("task") if "task" in summary.index.names else summary
+    present = [b for b in baselines if b in block.index]
+    lines = []
+    for i, a in enumerate(present):
+        for b in present[i + 1:]:
+            x, y = block.loc[a].to_numpy(dtype=float), block.loc[b].to_numpy(dtype=float)
+            if np.allclose(x, y, equal_nan=True, atol=1e-9):
+                why = WHY_EQUAL.get(frozenset({a, b}), "they predict the same cells for these perturbations")
+                lines.append(f"{a} and {b} score the same: {why}.")
+    return lines
 
 
 def prediction_modes(runs: Path, models: tuple[str, ...]) -> list[str]:
