@@ -250,3 +250,20 @@ def test_a_model_carried_to_a_file_labelled_another_way(synthetic_adata, tmp_pat
     other = np.corrcoef(mapped, model.predicted_delta("G0003", "line_C"))[0, 1]
     assert ours > 0.7 and ours > other + 0.3, (ours, other)
     assert np.corrcoef(shift(pred_a, "perturbation", "G0011"), model.predicted_delta("G0011", "line_C"))[0, 1] > 0.7
+
+
+def test_the_readme_python_example_runs_as_written(synthetic_file, tmp_path, monkeypatch):
+    """The README's Python example names no label of one dataset: it runs as written on a file it
+    has never seen (here with a few training steps instead of the CPU config's thousand)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("The same from Python:")
+    code = readme[readme.index("```python", start) + len("```python"):readme.index("```", readme.index("```python", start) + 9)]
+    assert "KLF1" not in code and "K562" not in code
+    code = code.replace('"data.h5ad"', repr(str(synthetic_file)))
+    code = code.replace('config="cpu")', 'config="cpu", sets=["train.max_steps=2", "train.val_every=2"])')
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["cells"].n_obs > 0 and np.isfinite(namespace["arrays"]).all()
