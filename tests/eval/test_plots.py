@@ -94,3 +94,17 @@ def test_training_plot_shows_both_streams_and_the_foundation(tmp_path):
     assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
     assert plot_training(tmp_path / "baseline", tmp_path / "plots" / "none.png", "additive") is None
     assert not (tmp_path / "plots" / "none.png").exists()
+
+
+def test_figure_titles_speak_no_config_keys():
+    """A reader of a figure sees words, not config keys such as predict.interval (issue 31, item 8):
+    no string in the plotting module names a config section's key."""
+    import ast
+    import re
+
+    import pertflow.eval.plots as plots
+
+    strings = [node.value for node in ast.walk(ast.parse(open(plots.__file__).read()))
+               if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    human = [s for s in strings if " " in s]  # titles, labels and messages (not keys or paths)
+    assert not [s for s in human if re.search(r"\b(predict|train|model)\.[a-z_]+", s)]
