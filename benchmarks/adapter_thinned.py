@@ -81,6 +81,11 @@ def main() -> None:
     p.add_argument("--model", default="latent-shift", help="a model with a CPU config")
     p.add_argument("--keep", type=float, default=0.3, help="share of the counts kept by the thinning")
     p.add_argument("--target-sum", type=float, default=1e4, help="the thinned file's normalisation total")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="change a setting of the model's CPU config for both trainings, e.g. model.center=false")
+    p.add_argument("--predict-set", action="append", default=[], metavar="predict.KEY=VALUE",
+                   help="a prediction setting for every prediction, e.g. predict.mode=flow (the model's own cells, "
+                        "which an adapter changes, where validation chose its prior's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True)
@@ -91,27 +96,29 @@ def main() -> None:
     data_dir, out, work = Path(args.data_dir), Path(args.out), Path(args.work)
     original = data_dir / KANG
     split = data_dir / "splits" / f"kang-celltype-transfer__{args.fold}.json"
-    shifted = work / f"kang_thinned_{args.keep:g}.h5ad"
+    shifted = work / f"kang_thinned_{args.keep:g}.h5ad"  # shared by the models
     if not shifted.is_file():
         thinned_copy(original, shifted, args.keep, args.target_sum, args.seed)
     runs = {}
     for name, data in (("original", original), ("shifted", shifted)):
-        run = work / f"{args.model}_{name}"
+        run = work / f"{args.model}{'_'.join([''] + [x.replace('=', '-') for x in args.set])}_{name}"
         if not (run / "model.json").is_file():
-            api.train(args.model, data, split, run, config="cpu", overwrite=True)
+            api.train(args.model, data, split, run, config="cpu", sets=args.set, overwrite=True)
         runs[name] = run
-    rows = [{"prediction": "no adapter", **scores(shifted, split, api.predict(runs["original"], shifted, split, seed=0))}]
+    sets = args.predict_set or None
+    rows = [{"prediction": "no adapter", **scores(shifted, split, api.predict(runs["original"], shifted, split, seed=0, sets=sets))}]
     for transport in TRANSPORTS:
-        folder = work / f"adapter_{transport}"
+        folder = work / f"adapter_{args.model}_{transport}"
         try:
             adapter = api.adapt(runs["original"], original, shifted, folder, transport=transport, overwrite=True)
         except InputError as err:  # a shift cannot reach a model that centres its controls
             print(f"adapter {transport}: {err}", flush=True)
             continue
-        pred = api.predict(runs["original"], shifted, split, seed=0, adapter=adapter, shift_back=True)
+        pred = api.predict(runs["original"], shifted, split, seed=0, adapter=adapter, shift_back=True, sets=sets)
         rows.append({"prediction": f"adapter: {transport}", "mmd_before": adapter.mmd_before, "mmd_after": adapter.mmd_after,
                      **scores(shifted, split, pred)})
-    rows.append({"prediction": "trained on the shifted data", **scores(shifted, split, api.predict(runs["shifted"], shifted, split, seed=0))})
+    rows.append({"prediction": "trained on the shifted data",
+                 **scores(shifted, split, api.predict(runs["shifted"], shifted, split, seed=0, sets=sets))})
     table = pd.DataFrame(rows)
     none, ref = table.iloc[0], table.iloc[-1]
     for metric in METRICS:
@@ -120,10 +127,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "results.csv", index=False, float_format="%.4f")
     command = ("python benchmarks/adapter_thinned.py --data-dir ../shared/data "
-               f"--fold {args.fold} --model {args.model} --keep {args.keep:g} --target-sum {args.target_sum:g} "
-               f"--seed {args.seed} --out {args.out} --work WORK")
+               f"--fold {args.fold} --model {args.model} {''.join(f'--set {x} ' for x in args.set)}"
+               f"{''.join(f'--predict-set {x} ' for x in args.predict_set)}--keep {args.keep:g} "
+               f"--target-sum {args.target_sum:g} --seed {args.seed} --out {args.out} --work WORK")
     lines = [f"# The adapter on kang thinned to {args.keep:g} of its depth, normalised to {args.target_sum:g}",
-             "", f"Model `{args.model}` (CPU config), kang fold {args.fold} (held-out cell type). Made with", "",
+             "", f"Model `{args.model}` (CPU config{', ' + ', '.join(args.set) if args.set else ''}), kang fold {args.fold} "
+             "(held-out cell type). Made with", "",
              f"```bash\n{command}\n```", "",
              "| prediction | top-20 DE Pearson Δ ↑ | E-distance ↓ | gap recovered (top-20 / E) | held-out MMD before → after |",
              "|---|---|---|---|---|"]
