@@ -211,6 +211,9 @@ def test_auto_takes_additive_where_validation_has_no_combination_of_measured_sin
     prior = Prior.fit("auto", view, validation)
     assert prior.name == "additive" and "measured singles" in prior.reason
     assert "auto' chose additive" in capsys.readouterr().out
+    # with strengths to choose from: the strongest additive; a prior the config names stays itself
+    assert Prior.fit("auto", view, validation, PRIOR_STRENGTHS).label == "additive"
+    assert Prior.fit("mean", view, validation, PRIOR_STRENGTHS).name == "mean"
 
 
 def test_a_flow_that_validation_cannot_judge_predicts_as_its_additive_prior(tmp_path):

@@ -201,7 +201,8 @@ class FlowBatch:
     offset
         (1, G) what the coordinates are relative to.
     control_mean
-        (1, G) the control batch's mean per gene (what :class:`ContextSummary` reads).
+        (1, G) the control batch's mean per gene (what :class:`ContextSummary` reads); None for a
+        network without ``context_condition``.
     """
 
     target: Tensor
@@ -210,7 +211,7 @@ class FlowBatch:
     dose: Tensor | None
     gene_idx: Tensor | None
     offset: Tensor
-    control_mean: Tensor
+    control_mean: Tensor | None
 
 
 class GeneFlowNetwork(nn.Module):
@@ -361,7 +362,7 @@ class GeneFlowNetwork(nn.Module):
             shift = None if shift is None else shift[:, gene_idx]
         offset = self.control_offset(control)
         return FlowBatch(target - offset, self.anchor(control, shift) - offset, pert_ids, batch.get(BATCH_KEYS.DOSE),
-                         gene_idx, offset, control.mean(dim=0, keepdim=True))
+                         gene_idx, offset, self.context_mean(control))
 
     @staticmethod
     def anchor(control: Tensor, shift: Tensor | None) -> Tensor:
@@ -375,6 +376,11 @@ class GeneFlowNetwork(nn.Module):
         if self.config.center:
             return control.mean(dim=0, keepdim=True)
         return torch.zeros_like(control[:1])
+
+    def context_mean(self, control: Tensor) -> Tensor | None:
+        """(1, G) the control batch's mean per gene, what a network with ``context_condition``
+        reads of the context (None without it: nothing to compute)."""
+        return None if self.context_summary is None else control.mean(dim=0, keepdim=True)
 
     def control_embedding(self, control: Tensor) -> Tensor:
         """(B, G) control cells -> (B, G, d_t) their tokens, as :meth:`context` reads a control
@@ -412,14 +418,15 @@ class GeneFlowNetwork(nn.Module):
         settings)`` integrates one chunk (in the flow's coordinates) and returns its end point
         (``dose``: (B,) the condition's dose, for a network with dose)."""
         offset = self.control_offset(control)
-        control_mean = control.mean(dim=0, keepdim=True)
+        control_mean = self.context_mean(control)
         anchor = self.anchor(control, shift) - offset
         start = self.flow.start(anchor, generator)
         reference = self.reference_cells(anchor)
         out = torch.empty_like(anchor)
         for idx in self.gene_chunks(settings.gene_chunk, generator):
             sub_reference = reference if idx is None else reference[:, idx]
-            ctx = self.context(sub_reference, pert_ids, idx, dose, control_mean if idx is None else control_mean[:, idx])
+            ctx = self.context(sub_reference, pert_ids, idx, dose,
+                               control_mean if control_mean is None or idx is None else control_mean[:, idx])
             x_1 = generate(start if idx is None else start[:, idx], sub_reference, ctx, settings)
             if idx is None:
                 out = x_1

@@ -320,8 +320,8 @@ def check_known_labels(model: PerturbationModel, view: SplitView, to_label: Call
     neither a perturbation nor a gene of the file it was trained on, after ``to_label``), or refuse
     them for a model that can only predict no change for such a label (``predicts_unknown_labels``)."""
     tests = sorted({p for p, _ in view.test_groups()})
-    spec = view.data.spec
-    unknown = {p: [c for c in split_components(spec.split_dose(to_label(p))[0], spec) if c not in model.vocab] for p in tests}
+    spec = model.spec  # to_label gives the model's labels
+    unknown = {p: [c for c in split_components(to_label(p), spec) if c not in model.vocab] for p in tests}
     unknown = {p: parts for p, parts in unknown.items() if parts}
     if not unknown:
         return

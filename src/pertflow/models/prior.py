@@ -119,8 +119,9 @@ class Prior:
         # simplest and the strongest
         best = max(candidates, key=lambda label: (round(scores[label].score, 9), -list(candidates).index(label)))
         reason = "the best validation score"
-        if not validation.of_test_kind and validation.test_kinds.measured_combinations:
-            best, reason = "additive", UNJUDGED_COMBINATIONS
+        if choice == "auto" and not validation.of_test_kind and validation.test_kinds.measured_combinations:
+            best = next(label for label, prior in candidates.items() if prior.name == "additive")  # the strongest
+            reason = UNJUDGED_COMBINATIONS
             print(f"note: prior 'auto' chose additive: {reason}.", flush=True)
         chosen = candidates[best]
         chosen.scores = {label: s.as_dict("") for label, s in scores.items()}

@@ -184,8 +184,8 @@ class CFMVC(AnchoredNetwork):
                 shutil.rmtree(folder)
             start = checkpoints.latest_step() if checkpoints.exists() else 0
             self.module.set_stage(stage)
-            if stage != "vae":
-                self.fit_control_latents(view)  # what the flow reads of a context (context_from_controls)
+            if stage != "vae" and self.config.context_from_controls:
+                self.fit_control_latents(view)  # what the flow reads of a context
             result = self.run_engine(view, config, folder, resume and checkpoints.exists(), stage_selector,
                                      include_controls=include_controls, metadata={"stage": stage})
             retrained = retrained or result.steps > start
