@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pertflow.benchmark import run_benchmark, summarize, verdict_lines
+from pertflow.benchmark import KEY_METRICS, run_benchmark, summarize, verdict_lines
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.synthetic import make_synthetic
 from pertflow.data.tasks import Task
@@ -145,9 +145,11 @@ WHY_EQUAL = {
 
 
 def coinciding_baselines(summary: pd.DataFrame, baselines: list[str]) -> list[str]:
-    """A sentence per pair of baselines whose scores are the same on every metric here, with the
-    reason where it is known (:data:`WHY_EQUAL`), so that a reader does not take it for a fault."""
+    """A sentence per pair of baselines whose scores are the same on every metric of the report's
+    table (:data:`~pertflow.benchmark.KEY_METRICS`; not their seconds), with the reason where it is
+    known (:data:`WHY_EQUAL`), so that a reader does not take it for a fault."""
     block = summary.droplevel("task") if "task" in summary.index.names else summary
+    block = block[[m for m in KEY_METRICS if m in block.columns]]
     present = [b for b in baselines if b in block.index]
     lines = []
     for i, a in enumerate(present):
