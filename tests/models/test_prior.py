@@ -71,6 +71,32 @@ def test_the_additive_prior_builds_on_measured_singles():
     np.testing.assert_allclose(prior.training_delta(combo, ctx), expected, atol=1e-5)  # never its own response
 
 
+@pytest.mark.parametrize("name", ["mean", "linear", "context-shift", "additive"])
+def test_a_measured_single_enters_a_combination_once_whatever_the_prior(name):
+    """The model learns each single's residual against the shift its batches start from, and a
+    combination's condition is the sum of its singles': so the prior of a combination of measured
+    singles plus those learnt residuals must be the singles' responses added, each once (a
+    linear or mean prior of the combination itself, plus the residuals, counted them twice)."""
+    data = PerturbationData.from_anndata(_exactly_additive())
+    view = SplitView(data, make_split(data, "combinations", seen=[2], fraction=0.5, seed=1))
+    prior = Prior.fit(name, view)
+    test = sorted({p for p, _ in view.test_groups() if "+" in p})
+    assert test
+    for combo in test:
+        comps = prior.baseline.components(combo)
+        context = next(c for p, c in view.test_groups() if p == combo)
+        responses = [prior.baseline.response(c, context) for c in comps]
+        residuals = [r - prior.training_delta(c, context) for c, r in zip(comps, responses)]  # what the model learns
+        np.testing.assert_allclose(prior.delta(combo, context) + np.sum(residuals, 0), np.sum(responses, 0), atol=1e-5)
+    # a component never measured as a single is the baseline's estimate of it
+    if name != "additive":
+        single, context = next((p, c) for p, c in prior.baseline.keys if "+" not in p)
+        unseen = f"{single}+NEVER_MEASURED"
+        expected = prior.training_delta(single, context) + prior.baseline.predicted_delta("NEVER_MEASURED", context)
+        np.testing.assert_allclose(prior.delta(unseen, context), expected, atol=1e-5)
+        np.testing.assert_allclose(prior.held_out_delta(unseen, context), expected, atol=1e-5)
+
+
 def test_validation_never_scores_a_prior_on_a_response_it_read():
     # one context, singles only: left out, an additive single is unseen (no shift), so on
     # validation additive must score exactly as "none"; it trains on its own response only

@@ -55,6 +55,12 @@ class CFMVCConfig(FlowConfig):
     predict_mean
         Predicted cells are the decoder's NB mean (True) or a count sample of it (False), both
         normalised as the data's expression (``log1p(c / L * target_sum)``).
+    predict_residual
+        Predicted cells are the control cell plus the decoded change: the decoder's mean of the
+        flow's latent minus that of the control cell's own latent, both on the data's scale
+        (clipped at 0). The control cell keeps its own measurement noise, as latent-shift's
+        decoder keeps it, instead of a count sample of a decoder that may not reconstruct the
+        cell well; ``predict_mean`` is then not read.
     context_names, batch_names, spatial_dim
         The covariates' categories and the coordinates' width: read off the data when the
         model is built (leave them unset) and saved with the run.
@@ -85,6 +91,7 @@ class CFMVCConfig(FlowConfig):
     joint_lr: float = 1e-4
     joint_vae_weight: float = 1.0
     predict_mean: bool = False
+    predict_residual: bool = False
     context_names: tuple[str, ...] = ()
     batch_names: tuple[str, ...] = ()
     spatial_dim: int = 0

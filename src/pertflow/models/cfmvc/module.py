@@ -246,7 +246,8 @@ class CFMVCModule(nn.Module):
         spatial
             (B, S) raw coordinates of the cells to generate (None: the training cells' mean).
         use_mean
-            The NB mean (True) or a count sample (False); None: ``config.predict_mean``.
+            The NB mean (True) or a count sample (False); None: as the config says
+            (``predict_residual``, else ``predict_mean``).
 
         Returns
         -------
@@ -263,6 +264,10 @@ class CFMVCModule(nn.Module):
                                        self.standardise(spatial, n, control.device))
         z_1 = self.integrate(self.flow.start(anchor, generator), context, settings)
         rho = self.vae.decode(z_1, own.tech_mu, batch_idx)
+        if self.config.predict_residual and use_mean is None:
+            change = self.vae.to_expression(rho, self.target_sum) - self.vae.to_expression(
+                self.vae.decode(own.int_mu, own.tech_mu, batch_idx), self.target_sum)
+            return (control + change).clamp(min=0)
         if self.config.predict_mean if use_mean is None else use_mean:
             return self.vae.to_expression(rho, self.target_sum)
         noise = torch.randn(n, 1, generator=generator).to(control.device)
