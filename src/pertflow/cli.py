@@ -343,6 +343,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {adapter.config.transport} transport of {len(adapter.genes)} genes from "
           f"{adapter.info['target_cells']} target and {adapter.info['source_cells']} source control cells; held-out MMD "
           f"{adapter.mmd_before:.4f} -> {adapter.mmd_after:.4f}; kept {adapter.kept}")
+    if adapter.support is not None:
+        print(f"target controls outside the source's: {adapter.support.outside_before:.0%} before, "
+              f"{adapter.support.outside_after:.0%} after (controls.png)")
     return 0
 
 

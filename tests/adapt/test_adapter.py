@@ -98,6 +98,10 @@ def test_adapt_recovers_a_known_shift_and_the_mmd_falls(kang_halves, tmp_path, c
     assert list(history.columns) == ["step", "mmd", "lr"] and history["step"].iloc[-1] <= 150
     assert meta.kept_step in list(history["step"]) and meta.mmd_after == pytest.approx(history["mmd"].min(), rel=1e-5)
     assert (tmp_path / "adapter" / "mmd.png").stat().st_size > 0
+    # a technical change of the same cells: the target's controls sit among the source's once transported
+    assert (tmp_path / "adapter" / "controls.png").stat().st_size > 0
+    support = meta.info["support"]
+    assert support["trusted"] and support["outside_after"] < 0.1 and support["outside_after"] <= support["outside_before"]
     assert not list((tmp_path / "adapter").glob("*.p*kl*"))
     capsys.readouterr()
     assert adapt_cli(kang_halves, tmp_path / "adapter", "--steps", "1") == 2  # refused before any computing
@@ -334,3 +338,26 @@ def test_predict_reads_the_controls_through_any_transport(synthetic_run, transpo
         assert not np.allclose(after, before)
     is_control = (adapted.obs["source"] == "control").to_numpy()
     np.testing.assert_array_equal(adapted.X[is_control], plain.X[is_control])
+
+
+def test_controls_of_another_cell_type_are_outside_the_sources_support_and_warn(shared_data):
+    """T-cell controls against monocyte controls: no transport of the controls makes one the
+    other, so the adapter warns; the other half of the same cells is inside (about 1%)."""
+    from pertflow.adapt.support import measure_support, warn_if_untrusted
+
+    kang = PerturbationData.read(shared_data / "kang18_pbmc_ifnb.h5ad", backed=True)
+    types = kang.adata.obs["cell_type"].astype(str).to_numpy()
+    genes = np.argsort(-np.asarray((kang.log_expression_csr(np.flatnonzero(kang.is_control)[:2000]) > 0).mean(0)).ravel())[:200]
+
+    def controls(cell_type: str) -> np.ndarray:
+        rows = np.flatnonzero(kang.is_control & (types == cell_type))[:600]
+        return kang.log_expression_csr(rows)[:, np.sort(genes)].toarray()
+
+    t_cells, mono = controls("CD4T"), controls("CD14+Mono")
+    half = len(t_cells) // 2
+    same = measure_support(t_cells[:half], t_cells[half:], t_cells[half:])
+    assert same.trusted and same.outside_after < 0.1
+    other = measure_support(t_cells, mono, mono)
+    assert not other.trusted and other.outside_after > 0.5
+    with pytest.warns(UserWarning, match="outside the source's controls"):
+        warn_if_untrusted(other)

@@ -11,7 +11,10 @@ An adapter folder holds (no pickles; every file written atomically):
 * ``adapter.json``: the format version, the transport, the settings (seed included), the run, the
   data files (the source's as a list) and contexts read, the number of control cells of each side,
   the genes, the held-out MMD before and after, the step kept (null: the identity);
-* ``mmd.csv`` (``step,mmd,lr``) and ``mmd.png``: the held-out MMD over the steps.
+* ``mmd.csv`` (``step,mmd,lr``) and ``mmd.png``: the held-out MMD over the steps;
+* ``controls.png``: the source's and the target's controls before and after the transport, and in
+  ``adapter.json`` the share of target cells outside the source's support
+  (:mod:`pertflow.adapt.support`; ``pertflow adapt`` warns where most of them are).
 
 Format 1 (a ``shift.csv`` and no transport named) is read as the ``shift`` transport.
 """
@@ -28,6 +31,7 @@ import torch
 
 from pertflow.adapt.config import AdapterConfig
 from pertflow.adapt.shift import fit_transport
+from pertflow.adapt.support import Support, measure_support, plot_support, warn_if_untrusted
 from pertflow.adapt.transports import (
     TRANSPORTS,
     ShiftTransport,
@@ -45,7 +49,7 @@ ADAPTER_FORMAT_VERSION = 2
 #: Adapter formats this pertflow reads (1: a shift only).
 READABLE_FORMATS = (1, 2)
 #: What an adapter folder holds (a folder holding one of them already holds an adapter).
-ADAPTER_FILES = ("shift.csv", "affine.csv", "quantile.csv", "adapter.json", "mmd.csv", "mmd.png")
+ADAPTER_FILES = ("shift.csv", "affine.csv", "quantile.csv", "adapter.json", "mmd.csv", "mmd.png", "controls.png")
 MMD_CONVENTION = (
     "mean over genes of the unbiased multi-bandwidth RBF MMD^2 (pertflow.ops.kernels.mmd2_rbf) between each "
     "gene's control embeddings of the source and of the transported target, on the held-out control cells "
@@ -76,6 +80,9 @@ class Adapter:
     mmd_before, mmd_after
         The held-out MMD of the identity and of the kept transport (the first and the lowest
         record of ``history`` when not given).
+    support
+        Where the target's controls lie against the source's, before and after
+        (:mod:`pertflow.adapt.support`; its shares are also in ``info``); None after loading.
     """
 
     genes: list[str]
@@ -86,6 +93,7 @@ class Adapter:
     kept_step: int | None = None
     mmd_before: float = float("nan")
     mmd_after: float = float("nan")
+    support: Support | None = None
 
     def __post_init__(self) -> None:
         if np.isnan(self.mmd_before):
@@ -135,6 +143,8 @@ class Adapter:
         with atomic_path(out / "mmd.csv") as tmp:
             history.to_csv(tmp, index=False, float_format="%.6g")
         plot_history(history, out / "mmd.png")
+        if self.support is not None:
+            plot_support(self.support, out / "controls.png")
         write_json(out / "adapter.json", {
             "format_version": ADAPTER_FORMAT_VERSION,
             "transport": self.transport.name,
@@ -277,7 +287,12 @@ def learn_adapter(
         "target_cells": int(target_x.shape[0]),
         "model": model.name,
     }
-    return Adapter(list(model.genes), fit.transport, config, fit.history, info, fit.kept_step, fit.mmd_before, fit.mmd_after)
+    target_np = target_x.cpu().numpy()
+    support = measure_support(source_x.cpu().numpy(), target_np, fit.transport.apply(target_np), config.seed)
+    info["support"] = {**support.as_dict(), "trusted": support.trusted}
+    warn_if_untrusted(support)
+    return Adapter(list(model.genes), fit.transport, config, fit.history, info, fit.kept_step, fit.mmd_before, fit.mmd_after,
+                   support)
 
 
 def plot_history(history: pd.DataFrame, path: Path) -> None:
