@@ -11,14 +11,17 @@ and scored (``pertflow.api.evaluate_split``) by
 * ``cfm``: the CPU benchmark config (``benchmarks/configs/cfm-cpu.yaml``, which centres the
   controls per gene: shift-equivariant, so it cannot be adapted; a reference);
 * ``cfm-uncentred``: the same config with ``model.center=false``, without the adapter;
-* ``cfm-uncentred+adapter``: the same model reading the line's controls shifted by the adapter;
-* ``cfm-uncentred+adapter-back``: the same, carried back onto the line's scale (``--shift-back``:
-  the model predicts on K562's scale; each predicted cell becomes its control cell unshifted plus
-  the change the model predicted from the shifted one).
+* ``cfm-uncentred+<transport>``: the same model reading the line's controls mapped by an adapter
+  of each transport (``--transports``: ``shift``, ``affine``, ``quantile``);
+* ``cfm-uncentred+<transport>-back``: the same, carried back onto the line's scale
+  (``--shift-back``: the model predicts on K562's scale; each predicted cell becomes its control
+  cell as measured plus the change the model predicted from the mapped one);
+* ``cfm+<transport>``, ``cfm+<transport>-back``: the centred model with the transports that
+  change scale (``affine``, ``quantile``; a shift cannot reach a centred model).
 
 Writes to ``--out``: ``results.csv`` (one row per fold, variant and perturbation; all metrics),
 ``summary.csv`` / ``summary.md`` (top-20 DE Pearson delta, E-distance, MMD per fold and over the
-folds, and the adapter's MMD before and after) and ``runs/`` (models, adapters, predictions;
+folds), ``adapters.csv`` (each adapter's MMD before and after and its support shares) and ``runs/`` (models, adapters, predictions;
 not committed). An interrupted run continues: finished steps are read back from disk.
 
     python benchmarks/adapter_gbm.py --data-dir ../shared/data --out benchmarks/results/adapter --threads 2
@@ -47,14 +50,21 @@ TASK = "gbm-cellline-transfer"
 FOLDS = ("A172", "T98G", "U87MG")
 SOURCE_CONTEXT = "k562"
 CONFIG = Path(__file__).parent / "configs" / "cfm-cpu.yaml"
-#: variant -> (run, predict options); the runs are trained once, on K562
-VARIANTS = {
-    "no-change": ("no-change", {}),
-    "cfm": ("cfm", {}),
-    "cfm-uncentred": ("cfm-uncentred", {}),
-    "cfm-uncentred+adapter": ("cfm-uncentred", {"adapter": True}),
-    "cfm-uncentred+adapter-back": ("cfm-uncentred", {"adapter": True, "shift_back": True}),
-}
+TRANSPORTS = ("shift", "affine", "quantile")
+#: the runs (trained once, on K562) predicted without an adapter
+PLAIN = ("no-change", "cfm", "cfm-uncentred")
+
+
+def variants(transports: list[str]) -> dict[str, tuple[str, str | None, bool]]:
+    """variant -> (run, transport of its adapter or None, shift back)."""
+    found: dict[str, tuple[str, str | None, bool]] = {name: (name, None, False) for name in PLAIN}
+    for run in ("cfm-uncentred", "cfm"):
+        for transport in transports:
+            if run == "cfm" and transport == "shift":
+                continue  # a per-gene shift leaves a centred model's input unchanged (refused by adapt)
+            found[f"{run}+{transport}"] = (run, transport, False)
+            found[f"{run}+{transport}-back"] = (run, transport, True)
+    return found
 METRICS = {"pearson_delta_top20_de": "top-20 DE Pearson Δ ↑", "edistance_pca": "E-distance ↓", "mmd_rbf_pca": "MMD ↓",
            "pearson_delta": "Pearson Δ ↑"}
 ADAPTER_DEFAULTS = {"steps": 500, "genes_per_step": 128}
@@ -103,24 +113,26 @@ def train_on_k562(data, runs: Path, sets: list[str]) -> dict[str, Path]:
 
 
 def run_fold(data, fold: str, split_file: Path, runs: dict[str, Path], out: Path, adapter_settings: dict,
-             threads: int) -> tuple[pd.DataFrame, dict]:
-    """Adapt to one line, predict its test cells with every variant, score them."""
+             threads: int, transports: list[str]) -> tuple[pd.DataFrame, list[dict]]:
+    """Adapt each run to one line with each transport, predict its test cells with every variant, score them."""
     folder = out / "runs" / fold
     view = api.split_view(data, Split.load(split_file))
     inputs = api.evaluation_inputs(view)
-    adapter_dir = folder / "adapter"
-    if not (adapter_dir / "adapter.json").is_file():
-        log(f"[{fold}] adapting cfm-uncentred from {SOURCE_CONTEXT} controls to {fold} controls")
-        api.adapt(runs["cfm-uncentred"], data, data, adapter_dir, source_contexts=[SOURCE_CONTEXT], contexts=[fold],
-                  settings=adapter_settings, overwrite=True)  # no adapter.json: an unfinished folder
-    adapter = api.Adapter.load(adapter_dir)
+    adapters: dict[tuple[str, str], api.Adapter] = {}
     tables = []
-    for variant, (run, options) in VARIANTS.items():
+    for variant, (run, transport, back) in variants(transports).items():
+        if transport is not None and (run, transport) not in adapters:
+            adapter_dir = folder / f"adapter-{run}-{transport}"
+            if not (adapter_dir / "adapter.json").is_file():
+                log(f"[{fold}] adapting {run} from {SOURCE_CONTEXT} controls to {fold} controls ({transport})")
+                api.adapt(runs[run], data, data, adapter_dir, source_contexts=[SOURCE_CONTEXT], contexts=[fold],
+                          settings={**adapter_settings, "transport": transport}, overwrite=True)  # no adapter.json: unfinished
+            adapters[run, transport] = api.Adapter.load(adapter_dir)
         pred_path = folder / variant / "pred.h5ad"
         if not pred_path.is_file():
             log(f"[{fold}] predicting {variant}")
-            api.predict(runs[run], view, None, pred_path, adapter=adapter if options.get("adapter") else None,
-                        shift_back=options.get("shift_back", False), overwrite=True)  # no pred.h5ad: unfinished
+            api.predict(runs[run], view, None, pred_path, adapter=adapters[run, transport] if transport else None,
+                        shift_back=back, overwrite=True)  # no pred.h5ad: unfinished
         results_path = folder / variant / "eval" / "results.csv"
         if not results_path.is_file():
             log(f"[{fold}] evaluating {variant}")
@@ -130,10 +142,12 @@ def run_fold(data, fold: str, split_file: Path, runs: dict[str, Path], out: Path
         table.insert(0, "variant", variant)
         table.insert(0, "fold", fold)
         tables.append(table)
-    shift = adapter.shift
-    info = {"fold": fold, "adapter_mmd_before": adapter.mmd_before, "adapter_mmd_after": adapter.mmd_after,
-            "mean_abs_shift": float(abs(shift).mean()), "target_cells": adapter.info.get("target_cells"),
-            "source_cells": adapter.info.get("source_cells")}
+    info = [{"fold": fold, "run": run, "transport": transport, "adapter_mmd_before": a.mmd_before,
+             "adapter_mmd_after": a.mmd_after, "kept_step": a.kept_step,
+             "outside_before": a.info.get("support", {}).get("outside_before"),
+             "outside_after": a.info.get("support", {}).get("outside_after"),
+             "target_cells": a.info.get("target_cells"), "source_cells": a.info.get("source_cells")}
+            for (run, transport), a in adapters.items()]
     return pd.concat(tables, ignore_index=True), info
 
 
@@ -159,9 +173,13 @@ def markdown(summary: pd.DataFrame, adapters: pd.DataFrame, command: str) -> str
         lines += [f"| {v} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |" for v, row in block.iterrows()]
         lines.append("")
     lines += ["## The adapters (K562 controls -> the line's controls)", "",
-              "| fold | MMD before | MMD after | mean abs shift | target cells | source cells |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r.fold} | {r.adapter_mmd_before:.4f} | {r.adapter_mmd_after:.4f} | {r.mean_abs_shift:.3f} | "
-              f"{r.target_cells} | {r.source_cells} |" for r in adapters.itertuples()]
+              "MMD: held-out control embeddings of the model; outside: the share of the line's controls outside "
+              "K562's (`pertflow.adapt.support`), before and after.", "",
+              "| fold | model | transport | MMD before | MMD after | step kept | outside before | outside after | "
+              "target cells | source cells |", "|---" * 10 + "|"]
+    lines += [f"| {r.fold} | {r.run} | {r.transport} | {r.adapter_mmd_before:.4f} | {r.adapter_mmd_after:.4f} | "
+              f"{r.kept_step} | {r.outside_before:.2f} | {r.outside_after:.2f} | {r.target_cells} | {r.source_cells} |"
+              for r in adapters.itertuples()]
     return "\n".join(lines) + "\n"
 
 
@@ -174,6 +192,7 @@ def main() -> None:
                         help="override a key of cfm-cpu.yaml for both K562 flow models, e.g. train.max_steps=20")
     parser.add_argument("--adapt-set", action="append", metavar="KEY=VALUE",
                         help=f"adapter setting, e.g. steps=300 (defaults here: {ADAPTER_DEFAULTS})")
+    parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated transports (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="threads for cell-eval's DE tests")
     args = parser.parse_args()
     data_dir = resolve_data_dir(args.data_dir)
@@ -184,9 +203,9 @@ def main() -> None:
         tables, adapters = [], []
         for fold in [f for f in args.folds.split(",") if f]:
             table, info = run_fold(data, fold, data_dir / "splits" / f"{TASK}__{fold}.json", runs, out,
-                                   parse_sets(args.adapt_set), args.threads)
+                                   parse_sets(args.adapt_set), args.threads, [t for t in args.transports.split(",") if t])
             tables.append(table)
-            adapters.append(info)
+            adapters += info
     finally:
         data.close()
     results = pd.concat(tables, ignore_index=True)
@@ -195,9 +214,11 @@ def main() -> None:
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
     with atomic_path(out / "summary.csv") as tmp:
-        summary.join(adapters.set_index("fold"), on="fold").to_csv(tmp, float_format="%.4f")
+        summary.to_csv(tmp, float_format="%.4f")
+    with atomic_path(out / "adapters.csv") as tmp:
+        adapters.to_csv(tmp, index=False, float_format="%.4f")
     command = "python benchmarks/adapter_gbm.py " + " ".join(
-        [f"--folds {args.folds}"] + [f"--set {s}" for s in args.set] + [f"--adapt-set {s}" for s in args.adapt_set or []])
+        [f"--folds {args.folds}", f"--transports {args.transports}"] + [f"--set {s}" for s in args.set] + [f"--adapt-set {s}" for s in args.adapt_set or []])
     write_text(out / "summary.md", markdown(summary, adapters, command))
     print((out / "summary.md").read_text())
 

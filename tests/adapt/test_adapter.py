@@ -23,7 +23,7 @@ from pertflow.cli import main
 from pertflow.data import PerturbationData, SplitView, make_split
 from pertflow.data import dataset as dataset_module
 from pertflow.data.loading import ExpressionSource
-from pertflow.data.spec import SAMPLED_ROWS
+from pertflow.data.values import SAMPLED_ROWS
 from pertflow.errors import InputError
 from pertflow.models.base import PerturbationModel
 from pertflow.models.cfm.config import CFMConfig

@@ -1,7 +1,8 @@
 import pytest
 
 from pertflow.data.dataset import PerturbationData
-from pertflow.data.spec import DataSpec, detect_spec, split_components
+from pertflow.data.detect import detect_spec
+from pertflow.data.spec import DataSpec, split_components
 from pertflow.errors import InputError
 
 # What `pertflow inspect` must find in each shared file (README of shared/data).

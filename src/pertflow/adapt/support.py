@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from pertflow.eval import metrics as M
 from pertflow.io import atomic_path
 
 #: principal components of the source's controls the distances are taken in
@@ -70,6 +69,14 @@ def _subsample(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return x if len(x) <= MAX_CELLS else x[np.sort(rng.choice(len(x), MAX_CELLS, replace=False))]
 
 
+def _principal_components(cells: np.ndarray):
+    """The projection onto the top :data:`N_PCS` principal components of (n, G) cells (centred)."""
+    center = cells.mean(0)
+    _, _, vt = np.linalg.svd(cells - center, full_matrices=False)
+    axes = vt[: min(N_PCS, len(vt))].T
+    return lambda x: (np.asarray(x, np.float32) - center) @ axes
+
+
 def measure_support(source: np.ndarray, target: np.ndarray, adapted: np.ndarray, seed: int = 0) -> Support:
     """(n, G) source controls, (m, G) target controls and the same cells transported -> :class:`Support`."""
     rng = np.random.default_rng(seed)
@@ -78,15 +85,14 @@ def measure_support(source: np.ndarray, target: np.ndarray, adapted: np.ndarray,
     target, adapted = np.asarray(target, np.float32)[keep], np.asarray(adapted, np.float32)[keep]
     order = rng.permutation(len(source))
     reference, held = source[order[: len(order) // 2]], source[order[len(order) // 2:]]
-    pooled = np.concatenate([source, target])  # the source's own PCA would hide the directions the target differs in
-    pca = M.fit_pca(pooled, min(N_PCS, len(pooled) - 1, source.shape[1]), seed=seed)
-    tree = cKDTree(pca.transform(reference))
-    radius = np.quantile(tree.query(pca.transform(held))[0], SUPPORT_QUANTILE)
+    project = _principal_components(np.concatenate([source, target]))  # the source's own PCA would hide
+    tree = cKDTree(project(reference))                                   # the directions the target differs in
+    radius = np.quantile(tree.query(project(held))[0], SUPPORT_QUANTILE)
 
     def outside(x: np.ndarray) -> float:
-        return float((tree.query(pca.transform(x))[0] > radius).mean())
+        return float((tree.query(project(x))[0] > radius).mean())
 
-    coords = {name: pca.transform(x)[:, :2] for name, x in (("source", source), ("target", target), ("adapted", adapted))}
+    coords = {name: project(x)[:, :2] for name, x in (("source", source), ("target", target), ("adapted", adapted))}
     return Support(outside(target), outside(adapted), coords)
 
 

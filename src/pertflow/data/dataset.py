@@ -14,18 +14,9 @@ from tqdm.auto import tqdm
 
 from pertflow.data.dose import numeric_doses, with_doses
 from pertflow.data.loading import DEFAULT_CHUNK, ExpressionSource, H5adFile, normalize_log1p, stored_values
-from pertflow.data.spec import (
-    LOG_MAX,
-    SPEC_FIELDS,
-    WHOLE_TOLERANCE,
-    DataSpec,
-    Detection,
-    ValueEvidence,
-    check_spec,
-    check_transform,
-    detect_spec,
-    split_components,
-)
+from pertflow.data.detect import Detection, check_spec, detect_spec
+from pertflow.data.spec import SPEC_FIELDS, DataSpec, split_components
+from pertflow.data.values import LOG_MAX, WHOLE_TOLERANCE, ValueEvidence, check_transform
 from pertflow.errors import InputError
 
 SINGLE_CONTEXT = "all"
@@ -96,7 +87,7 @@ class PerturbationData:
     perturbations
         Canonical perturbation name of each cell (``A+ctrl`` -> ``A``); controls carry
         ``spec.control``. With a dose column (``spec.dose_col``), a perturbed cell with a dose
-        carries its condition, ``A@1`` (:func:`~pertflow.data.spec.dose_label`): every group by
+        carries its condition, ``A@1`` (:func:`~pertflow.data.dose.dose_label`): every group by
         perturbation is then a group by (perturbation, dose).
     doses
         Each cell's dose (float64; 0 for controls, cells without a dose, and data without a dose
@@ -269,7 +260,7 @@ class PerturbationData:
 
         Expression is read in row chunks (never densified whole): NaN or Inf values and negative
         values are errors. The values must fit the declared transform (checked on a sample of
-        cells, see :func:`~pertflow.data.spec.check_transform`): raw counts are whole numbers,
+        cells, see :func:`~pertflow.data.values.check_transform`): raw counts are whole numbers,
         log-normalised values do not look like counts. There must be control cells, and every
         perturbation must have at least ``spec.min_cells`` cells in each context where it occurs.
         """

@@ -190,7 +190,7 @@ def evaluate(
         Context column (cell type, line, donor); ``None`` evaluates everything as one context.
     dose_col
         Dose column: each (perturbation, dose) is scored as its own group, under the label
-        ``drugA@1`` (:func:`~pertflow.data.spec.dose_label`), which cell-eval sees as a
+        ``drugA@1`` (:func:`~pertflow.data.dose.dose_label`), which cell-eval sees as a
         perturbation. pertflow's files carry that label in ``pert_col`` already; a file whose
         labels are plain perturbations (another tool's) gets them from ``obs[dose_col]``.
     train
