@@ -368,7 +368,7 @@ def test_pretrain_killed_mid_run_resumes_to_the_uninterrupted_weights(synthetic_
     import subprocess
     import sys
 
-    from pertflow.models.scgpt import load_pretrained
+    from pertflow.foundation.scgpt import load_pretrained
 
     flags = ["--data", str(synthetic_file), *sets(["train.max_steps=6", "train.batch_size=8", "train.val_every=3",
                                                      "train.checkpoint_every=3", "train.progress=false", "model.max_seq_len=32",

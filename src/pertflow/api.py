@@ -36,7 +36,8 @@ from pertflow.models.capabilities import GeneratesWithoutControls
 from pertflow.models.config import PredictConfig
 from pertflow.models.predict import interval_table, prediction_means, predict_split
 from pertflow.models.registry import BASELINES, model_class, model_names
-from pertflow.runs import RUN_FILES, DataArg, SplitArg, TrainRun, fit_summary, shipped_config, split_of, start_run  # noqa: F401  (benchmark reads RUN_FILES here)
+from pertflow.runs import RUN_FILES  # noqa: F401  (benchmark reads RUN_FILES here)
+from pertflow.runs import DataArg, SplitArg, TrainRun, fit_summary, shipped_config, split_of, start_run
 from pertflow.runtime import check_threads, quiet_libraries, set_threads
 from pertflow.train.config import TrainConfig
 from pertflow.train.launch import is_main_process, run_processes
@@ -78,7 +79,8 @@ def open_data(path: str | Path, *, backed: bool = False, spec: Any = None, unlab
     ``unlabelled_ok``: a file without perturbation labels is read with every cell as a control
     (for pretraining).
     """
-    if unlabelled_ok and "pert_col" not in spec_keys and spec is None and not PerturbationData.has_perturbation_labels(path):
+    if (unlabelled_ok and "pert_col" not in spec_keys and spec is None
+            and not PerturbationData.has_perturbation_labels(path)):
         return PerturbationData.read_unlabelled(path, backed=backed, **spec_keys)
     return PerturbationData.read(path, backed=backed, spec=spec, progress=progress, **spec_keys)
 
@@ -108,7 +110,8 @@ def _view(data: DataArg, split: SplitArg, genes: list[str] | None = None, **read
         if split is not None and split is not data.split:
             raise InputError("give a split view, or a dataset and a split, not a view and another split.")
         if genes is not None and set(genes) != set(data.genes):
-            raise InputError("the split view has other genes than those asked for: build it with them (split_view(data, split, genes)).")
+            raise InputError("the split view has other genes than those asked for: build it with them "
+                             "(split_view(data, split, genes)).")
         yield data
         return
     split = split_of(data, split)
@@ -123,10 +126,12 @@ def recorded_spec(split: Split, read_args: dict[str, Any]) -> dict[str, Any]:
     if read_args.get("spec") is not None:
         return read_args
     recorded = {"pert_col": split.pert_col, "control": split.control}
-    return {**{k: v for k, v in recorded.items() if v is not None}, **{k: v for k, v in read_args.items() if v is not None}}
+    return {**{k: v for k, v in recorded.items() if v is not None},
+            **{k: v for k, v in read_args.items() if v is not None}}
 
 
-def inspect(path: str | Path, save_spec: str | Path | None = None, overwrite: bool = False, **read_args: Any) -> dict[str, Any]:
+def inspect(path: str | Path, save_spec: str | Path | None = None, overwrite: bool = False,
+            **read_args: Any) -> dict[str, Any]:
     """What pertflow detects in a file: spec, evidence and counts (``pertflow inspect``).
 
     ``save_spec``: write the spec there (an existing file is refused unless ``overwrite``).
@@ -224,7 +229,8 @@ def train(
                         write=is_main_process())
         if processes > 1:
             if not isinstance(run.data, (str, Path)):
-                raise InputError("training in several processes opens the data in each: give it as a file path, not an object.")
+                raise InputError("training in several processes opens the data in each: "
+                                 "give it as a file path, not an object.")
             run_processes(processes, fit_run, run)
             return PerturbationModel.load(run.out)
         return fit_run(run)
@@ -233,7 +239,8 @@ def train(
 def fit_run(run: TrainRun) -> PerturbationModel:
     """Train a started run in this process (one of several in a distributed run: process 0 saves)."""
     with _view(run.data, run.split, run.genes, **run.read_args) as view:
-        instance = model_class(run.model, to_dict(run.model_config)).from_view(view, run.model_config, run.predict_config)
+        model_cls = model_class(run.model, to_dict(run.model_config))
+        instance = model_cls.from_view(view, run.model_config, run.predict_config)
         instance.fit(view, run.train_config, run.out, resume=run.resume)
         if is_main_process():
             instance.save(run.out)
@@ -269,10 +276,11 @@ def predict(
 ) -> ad.AnnData:
     """Predict the test cells of ``split`` with a trained model; write them to ``out`` if given,
     with ``<out stem>_means.csv``, the mean predicted cell of each perturbation (and context,
-    when the test cells span several), and with ``predict.interval`` set (``sets=["predict.interval=0.9",
-    "predict.n_seeds=3"]``) ``<out stem>_intervals.csv``: per perturbation, context and gene the
-    predicted mean shift vs control and its interval (also in ``uns["pertflow_interval"]``). Existing outputs are refused unless ``overwrite``, before
-    any computing.
+    when the test cells span several), and with ``predict.interval`` set
+    (``sets=["predict.interval=0.9", "predict.n_seeds=3"]``) ``<out stem>_intervals.csv``: per
+    perturbation, context and gene the predicted mean shift vs control and its interval (also in
+    ``uns["pertflow_interval"]``). Existing outputs are refused unless ``overwrite``, before any
+    computing.
 
     Genes are matched by name: the data's genes the model lacks are left out, and genes the
     model needs but the data lacks are an error naming them. ``sets`` change prediction settings
@@ -336,7 +344,8 @@ def generate_expression(run: str | Path | PerturbationModel, perturbation: str, 
                          "generate_expression needs a model with a latent control distribution, e.g. cfmvc.")
     X = model.generate_expression(perturbation, batch=batch, cell_type=cell_type, spatial=spatial, n_steps=n_steps,
                                   use_mean=use_mean, n_cells=n_cells, seed=seed)
-    obs = pd.DataFrame({model.spec.pert_col: perturbation, "context": cell_type or ""}, index=[f"gen_{i}" for i in range(len(X))])
+    obs = pd.DataFrame({model.spec.pert_col: perturbation, "context": cell_type or ""},
+                       index=[f"gen_{i}" for i in range(len(X))])
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=list(model.genes)))
 
 
@@ -550,8 +559,8 @@ def pretrain(data: str | Path, out: str | Path, config: str | Path | None = None
     settings; ``train.max_steps`` may grow); ``overwrite`` replaces what ``out`` holds, which is
     otherwise refused.
     """
-    from pertflow.models.scgpt.pretrain import PRETRAIN_FILES, PretrainConfig
-    from pertflow.models.scgpt.pretrain import pretrain as run_pretrain
+    from pertflow.foundation.scgpt.pretrain import PRETRAIN_FILES, PretrainConfig
+    from pertflow.foundation.scgpt.pretrain import pretrain as run_pretrain
 
     if resume and overwrite:
         raise InputError("give --resume (continue the run in --out) or --overwrite (start it again), not both.")

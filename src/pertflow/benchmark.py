@@ -41,13 +41,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from pertflow.api import (RUN_FILES, EvalConfig, EvaluationInputs, evaluate_split, evaluation_inputs, predict, split_view,
-                          train)
+from pertflow.api import (RUN_FILES, EvalConfig, EvaluationInputs, evaluate_split, evaluation_inputs, predict,
+                          split_view, train)
 from pertflow.data.split_file import Split
 from pertflow.data.tasks import TASKS_DIR, Task, find_tasks, resolve_data_dir
 from pertflow.eval.evaluator import context_labels
 from pertflow.eval.metrics import group_means
-from pertflow.eval.plots import EMBED_CELLS, plot_deltas, plot_embeddings, plot_metrics, plot_training, project, shared_pca
+from pertflow.eval.plots import (EMBED_CELLS, plot_deltas, plot_embeddings, plot_metrics, plot_training, project,
+                                 shared_pca)
 from pertflow.errors import InputError
 from pertflow.io import atomic_path, check_writable, package_dir, read_json, write_text
 from pertflow.models.capabilities import EmbedsCells
@@ -56,9 +57,9 @@ from pertflow.models.registry import model_class
 if TYPE_CHECKING:
     from pertflow.data.view import SplitView
 
-CEILING_NOTE = ("*ceiling*: half of the real cells scored against the other half. Its Pearson deltas (corrected to full "
-                "depth) are what the data's sampling noise allows; its other metrics are measured at half depth, so its "
-                "E-distance is a noisier reference, not a bound (a model may score below it).\n\n")
+CEILING_NOTE = ("*ceiling*: half of the real cells scored against the other half. Its Pearson deltas (corrected to "
+                "full depth) are what the data's sampling noise allows; its other metrics are measured at half depth, "
+                "so its E-distance is a noisier reference, not a bound (a model may score below it).\n\n")
 KEY_METRICS = (
     "pearson_delta",
     "pearson_delta_top20_de",
@@ -156,7 +157,8 @@ def score_runs(bench: Path, models: list[str], tasks: dict[str, Task], data_dir:
         if splits and split not in splits:
             continue
         runs = [bench / "runs" / split / m for m in models]
-        todo = [r for r in runs if (r / "model.json").is_file() and not ((done["split"] == split) & (done["model"] == r.name)).any()]
+        todo = [r for r in runs if (r / "model.json").is_file()
+                and not ((done["split"] == split) & (done["model"] == r.name)).any()]
         if not todo:
             continue
         with fold_view(todo[0], tasks, data_dir) as view:
@@ -268,8 +270,9 @@ def run_benchmark(
                     if not results_path.is_file():
                         log(f"[{split_name}] evaluating {model}")
                         pred = pred if pred is not None else ad.read_h5ad(pred_path)
-                        evaluate_split(None, None, pred, out=run_dir / "eval", de_cache=de_cache, config=eval_config, inputs=inputs,
-                                       overwrite=True, progress=True,  # overwrite: an evaluation interrupted before results.csv
+                        # overwrite: an evaluation interrupted before results.csv
+                        evaluate_split(None, None, pred, out=run_dir / "eval", de_cache=de_cache, config=eval_config,
+                                       inputs=inputs, overwrite=True, progress=True,
                                        run=run_dir if _has_latent_space(model, run_dir) else None)  # knn_purity_latent
                         _write_deltas(run_dir, inputs, pred)
                     table = pd.read_csv(results_path)
@@ -316,7 +319,8 @@ def _write_timing(run_dir: Path, timing: dict[str, float]) -> None:
     write_text(run_dir / "timing.csv", pd.DataFrame([timing]).to_csv(index=False))
 
 
-def _mean_shifts(adata: ad.AnnData, context_col: str | None, pert_col: str, control: str) -> dict[tuple[str, str], np.ndarray]:
+def _mean_shifts(adata: ad.AnnData, context_col: str | None, pert_col: str,
+                 control: str) -> dict[tuple[str, str], np.ndarray]:
     """Mean shift vs the context's controls of every (context, perturbation) of a file."""
     perts = adata.obs[pert_col].astype(str).to_numpy()
     ctxs = context_labels(adata, context_col)
@@ -368,8 +372,8 @@ def _sample(rows: np.ndarray, seed: int) -> np.ndarray:
 
 def _write_real_embedding(split_dir: Path, inputs: EvaluationInputs) -> None:
     """Per held-out (context, perturbation): the 2-D PCA of its real cells, the context's controls
-    and the perturbation's cells, on its most shifted genes (:func:`pertflow.eval.plots.shared_pca`), with their coordinates
-    (``kind`` 0: control, 1: perturbed) into ``embedding.npz``; a model's cells go into the same PCA."""
+    and the perturbation's cells, on its most shifted genes (:func:`pertflow.eval.plots.shared_pca`), with their
+    coordinates (``kind`` 0: control, 1: perturbed) into ``embedding.npz``; a model's cells go into the same PCA."""
     from pertflow.io import atomic_path
 
     real = inputs.real
@@ -394,7 +398,8 @@ def _write_real_embedding(split_dir: Path, inputs: EvaluationInputs) -> None:
     if not cases["context"]:
         return
     with atomic_path(split_dir / "embedding.npz") as tmp:
-        np.savez(tmp, **{k: np.array(v) if k in ("context", "perturbation") else np.stack(v) if k in ("mean", "components")
+        np.savez(tmp, **{k: np.array(v) if k in ("context", "perturbation")
+                         else np.stack(v) if k in ("mean", "components")
                          else np.concatenate(v) for k, v in cases.items()})
 
 
@@ -420,7 +425,8 @@ def _write_pred_embedding(run_dir: Path, inputs: EvaluationInputs, pred: ad.AnnD
             xy.append(project(_dense(pred.X[rows]), Projection(means[i], components[i])).astype(np.float32))
             case.append(np.full(rows.size, i))
     with atomic_path(run_dir / "embedding.npz") as tmp:
-        np.savez(tmp, context=contexts, perturbation=names, xy=np.concatenate(xy) if xy else np.zeros((0, 2), np.float32),
+        np.savez(tmp, context=contexts, perturbation=names,
+                 xy=np.concatenate(xy) if xy else np.zeros((0, 2), np.float32),
                  case=np.concatenate(case) if case else np.zeros(0, int))
 
 
@@ -551,7 +557,8 @@ def write_report(results: pd.DataFrame, out: Path, models: list[str]) -> None:
     summary = summarize(results)
     with atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp)
-    write_text(out / "summary.md", "Mean over perturbations within a fold, then over folds; best model per column in bold; "
+    write_text(out / "summary.md",
+               "Mean over perturbations within a fold, then over folds; best model per column in bold; "
                + CEILING_NOTE + markdown_table(summary))
     from pertflow.models.registry import BASELINES
 

@@ -33,12 +33,15 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data spec (detected when not given)")
     g.add_argument("--pert-col", help="obs column with the perturbation of each cell")
     g.add_argument("--control", help="label of control cells in the perturbation column")
-    g.add_argument("--context-col", action="append", dest="context_cols", help="obs column(s) defining a cell's context")
+    g.add_argument("--context-col", action="append", dest="context_cols",
+                   help="obs column(s) defining a cell's context")
     g.add_argument("--batch-col", help="obs column with the batch of each cell")
-    g.add_argument("--dose-col", help="numeric obs column with each cell's dose (a condition is then perturbation@dose)")
+    g.add_argument("--dose-col",
+                   help="numeric obs column with each cell's dose (a condition is then perturbation@dose)")
     g.add_argument("--layer", help="read expression from this layer instead of X")
     kind = g.add_mutually_exclusive_group()
-    kind.add_argument("--counts", dest="is_counts", action="store_const", const=True, help="expression holds raw counts")
+    kind.add_argument("--counts", dest="is_counts", action="store_const", const=True,
+                      help="expression holds raw counts")
     kind.add_argument("--log", dest="is_counts", action="store_const", const=False, help="expression is log-normalised")
     g.add_argument("--combo-delim", help="separator of combinations (default '+')")
     g.add_argument("--min-cells", type=int, help="minimum cells per perturbation and context")
@@ -48,14 +51,17 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration")
-    g.add_argument("--config", help="a YAML file with 'model' and 'train' sections, or 'cpu': the CPU size shipped with "
+    g.add_argument("--config",
+                   help="a YAML file with 'model' and 'train' sections, or 'cpu': the CPU size shipped with "
                                     "pertflow (<model>-cpu.yaml; without --config: the model's GPU-sized defaults)")
-    g.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config key, e.g. train.max_steps=100")
+    g.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override one config key, e.g. train.max_steps=100")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
 def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists (by default it is refused)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output if it exists (by default it is refused)")
 
 
 def add_threads_flag(p: argparse.ArgumentParser) -> None:
@@ -65,7 +71,8 @@ def add_threads_flag(p: argparse.ArgumentParser) -> None:
 
 
 def spec_keys(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("pert_col", "control", "context_cols", "batch_col", "dose_col", "layer", "is_counts", "combo_delim", "min_cells")
+    keys = ("pert_col", "control", "context_cols", "batch_col", "dose_col", "layer", "is_counts", "combo_delim",
+            "min_cells")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -87,7 +94,8 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
 def format_summary(s: dict[str, Any], top: int = 40) -> str:
     spec, ev = s["spec"], s["evidence"]
     lines = [f"{s['file']}: {s['cells']} cells x {s['genes']} genes"]
-    lines.append(f"  expression       {s['expression']['source']}, {s['expression']['kind']}, {s['expression']['storage']}  ({ev.get('is_counts', '')})")
+    lines.append(f"  expression       {s['expression']['source']}, {s['expression']['kind']}, "
+                 f"{s['expression']['storage']}  ({ev.get('is_counts', '')})")
     lines.append(f"  perturbation col {spec['pert_col']}  ({ev.get('pert_col', '')})")
     lines.append(f"  control label    {spec['control']}: {s['control_cells']} cells")
     contexts = spec["context_cols"] or ["(none)"]
@@ -111,7 +119,8 @@ def format_summary(s: dict[str, Any], top: int = 40) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pertflow import api
 
-    summary = api.inspect(args.file, save_spec=args.save_spec, overwrite=args.overwrite, progress=True, **read_args(args))
+    summary = api.inspect(args.file, save_spec=args.save_spec, overwrite=args.overwrite, progress=True,
+                          **read_args(args))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
@@ -147,13 +156,16 @@ def _split_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--n-test", type=int, help="perturbations: hold out this many random singles")
     k.add_argument("--no-combinations", dest="include_combinations", action="store_const", const=False,
                    help="perturbations: do not also hold out combinations containing a held-out single")
-    k.add_argument("--seen", type=int, action="append", help="combinations: hold out combinations with this many measured singles (repeatable)")
+    k.add_argument("--seen", type=int, action="append",
+                   help="combinations: hold out combinations with this many measured singles (repeatable)")
     k.add_argument("--fraction", type=float, help="combinations: hold out only this share of them")
     k.add_argument("--train-gene-set-size", type=float, help="gears: share of genes used for training (0.75)")
-    k.add_argument("--combo-seen2-train-frac", type=float, help="gears: share of seen-2 combinations kept for training (0.75)")
+    k.add_argument("--combo-seen2-train-frac", type=float,
+                   help="gears: share of seen-2 combinations kept for training (0.75)")
     k.add_argument("--test-context", help="context: the context whose perturbed cells are held out")
     k.add_argument("--perturbations", help="context, dose: hold out only these perturbations (comma-separated)")
-    k.add_argument("--held-out-doses", help="dose: doses to hold out (comma-separated; default: each drug's middle dose)")
+    k.add_argument("--held-out-doses",
+                   help="dose: doses to hold out (comma-separated; default: each drug's middle dose)")
     k.add_argument("--seed", type=int, help="seed of the split's random draws")
     k.add_argument("--n-top-genes", type=int, help="keep the top N highly variable genes of the training cells")
     k.add_argument("--val-fraction", type=float, help="share of the remaining cells used for validation (0.1)")
@@ -169,7 +181,8 @@ def _split_options(args: argparse.Namespace) -> dict[str, Any]:
             continue
         if name not in COMMON_SPLIT_FLAGS and name not in SPLIT_FLAGS[args.kind]:
             flag = "--" + name.replace("_", "-")
-            raise InputError(f"{flag} does not apply to --kind {args.kind}; it takes {['--' + f.replace('_', '-') for f in SPLIT_FLAGS[args.kind]]}.")
+            raise InputError(f"{flag} does not apply to --kind {args.kind}; it takes "
+                             f"{['--' + f.replace('_', '-') for f in SPLIT_FLAGS[args.kind]]}.")
         if name in ("test_perturbations", "perturbations"):
             value = [v for v in value.split(",") if v]
         if name == "held_out_doses":
@@ -212,7 +225,8 @@ def cmd_split(args: argparse.Namespace) -> int:
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     from pertflow.models.registry import model_names
 
-    p.add_argument("--model", help=f"which model to train, one of {', '.join(model_names())} (with --resume: the run's)")
+    p.add_argument("--model",
+                   help=f"which model to train, one of {', '.join(model_names())} (with --resume: the run's)")
     p.add_argument("--data", help="an .h5ad file (with --resume: the run's)")
     p.add_argument("--split", help="a split JSON, pertflow split's or another tool's (with --resume: the run's)")
     p.add_argument("--out", required=True, help="the run folder to write")
@@ -248,13 +262,16 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", required=True, help="the split whose test cells to predict")
     p.add_argument("--out", required=True, help="the prediction .h5ad to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the control draw and the noise")
-    p.add_argument("--set", action="append", metavar="predict.KEY=VALUE", help="change a prediction setting, e.g. predict.ode_steps=10")
-    p.add_argument("--adapter", metavar="DIR", help="an adapter folder (pertflow adapt): map the control cells the model reads with its transport")
+    p.add_argument("--set", action="append", metavar="predict.KEY=VALUE",
+                   help="change a prediction setting, e.g. predict.ode_steps=10")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="an adapter folder (pertflow adapt): map the control cells the model reads with its transport")
     p.add_argument("--shift-back", action="store_true",
-                   help="with --adapter: carry the predicted cells back onto the data's own scale (each control cell unmapped plus the change the model predicted from the mapped one)")
+                   help="with --adapter: carry the predicted cells back onto the data's own scale (each control cell "
+                        "unmapped plus the change the model predicted from the mapped one)")
     p.add_argument("--map-labels", action="append", default=[], metavar="MODEL_LABEL=FILE_LABEL",
-                   help="a perturbation or context label that this file names differently from the model's training file, "
-                        "e.g. stim=stimulated (repeatable)")
+                   help="a perturbation or context label that this file names differently from the model's training "
+                        "file, e.g. stim=stimulated (repeatable)")
     add_overwrite_flag(p)
     add_threads_flag(p)
     add_spec_flags(p)
@@ -288,7 +305,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 #: The adapter's settings as flags: field of AdapterConfig -> (type, help); the defaults are the dataclass's.
 ADAPT_FLAGS = {
     "transport": (str, "the map of the new data's controls: shift (a per-gene offset), affine (a per-gene scale and "
-                       "offset: a depth or scale change), quantile (a per-gene quantile map: a depth and dropout change)"),
+                       "offset: a depth or scale change), "
+                       "quantile (a per-gene quantile map: a depth and dropout change)"),
     "steps": (int, "Adam steps at most (shift, affine)"),
     "lr": (float, "learning rate (halved where the held-out MMD rises)"),
     "init": (str, "start from the per-gene moment match (moments) or from the identity (zero)"),
@@ -313,11 +331,14 @@ def _adapt_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--run", required=True, help="a run folder written by pertflow train (the model to carry over)")
     p.add_argument("--source-data", required=True, nargs="+", metavar="S.h5ad",
-                   help="the .h5ad file(s) the model was trained on, listed one by one (only their control cells are read)")
-    p.add_argument("--source-spec", help="a data spec JSON for --source-data (default: the spec the model was trained with)")
+                   help="the .h5ad file(s) the model was trained on, listed one by one "
+                        "(only their control cells are read)")
+    p.add_argument("--source-spec",
+                   help="a data spec JSON for --source-data (default: the spec the model was trained with)")
     p.add_argument("--source-context", action="append", dest="source_contexts", metavar="CONTEXT",
                    help="read only the source's control cells of this context (repeatable; default all)")
-    p.add_argument("--data", required=True, help="the new .h5ad (only its control cells are read; its spec flags below)")
+    p.add_argument("--data", required=True,
+                   help="the new .h5ad (only its control cells are read; its spec flags below)")
     p.add_argument("--context", action="append", dest="contexts", metavar="CONTEXT",
                    help="read only the new data's control cells of this context (repeatable; default all)")
     p.add_argument("--out", required=True,
@@ -341,8 +362,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                     source_contexts=args.source_contexts, contexts=args.contexts, settings=settings, progress=True,
                     overwrite=args.overwrite, **read_args(args))
     print(f"wrote {args.out}: {adapter.config.transport} transport of {len(adapter.genes)} genes from "
-          f"{adapter.info['target_cells']} target and {adapter.info['source_cells']} source control cells; held-out MMD "
-          f"{adapter.mmd_before:.4f} -> {adapter.mmd_after:.4f}; kept {adapter.kept}")
+          f"{adapter.info['target_cells']} target and {adapter.info['source_cells']} source control cells; held-out "
+          f"MMD {adapter.mmd_before:.4f} -> {adapter.mmd_after:.4f}; kept {adapter.kept}")
     if adapter.support is not None:
         print(f"target controls outside the source's: {adapter.support.outside_before:.0%} before, "
               f"{adapter.support.outside_after:.0%} after (controls.png)")
@@ -356,17 +377,19 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for results.csv and agg_results.csv")
     p.add_argument("--de-cache", help="folder caching the real data's DE tables across models")
     p.add_argument("--threads", type=int, default=1, help="threads for cell-eval's DE tests")
-    p.add_argument("--run", help="a trained model with a latent space (latent-shift): adds knn_purity_latent, KNN purity in its embedding")
+    p.add_argument("--run", help="a trained model with a latent space (latent-shift): adds knn_purity_latent, KNN "
+                                 "purity in its embedding")
     p.add_argument("--no-baselines", action="store_true",
-                   help="score the prediction alone (default: also the five baselines and the noise ceiling on the same "
-                        "cells, for a yardstick; cached in --de-cache per split)")
+                   help="score the prediction alone (default: also the five baselines and the noise ceiling on the "
+                        "same cells, for a yardstick; cached in --de-cache per split)")
     p.add_argument("--skip-metric", action="append", default=[], metavar="NAME",
                    help="a cell-eval metric not to compute (repeatable), e.g. clustering_agreement")
     add_overwrite_flag(p)
     add_spec_flags(p)
 
 
-@command("evaluate", "score a prediction file against the real test cells (cell-eval + pertflow metrics)", _evaluate_arguments)
+@command("evaluate", "score a prediction file against the real test cells (cell-eval + pertflow metrics)",
+         _evaluate_arguments)
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pertflow.api import EvalConfig, evaluate_split
 
@@ -374,8 +397,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                             config=EvalConfig(num_threads=args.threads, skip_cell_eval_metrics=tuple(args.skip_metric)),
                             overwrite=args.overwrite, progress=True, run=args.run,
                             baselines=not args.no_baselines, verbose=args.verbose, **read_args(args))
-    keys = [k for k in ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca", "overlap_at_N",
-                        "knn_purity_pca", "knn_purity_latent") if k in result.aggregate.columns]
+    keys = [k for k in ("pearson_delta", "pearson_delta_top20_de", "mse_top20_de_rel_nochange", "edistance_pca",
+                        "overlap_at_N", "knn_purity_pca", "knn_purity_latent") if k in result.aggregate.columns]
     shown = result.aggregate.loc[["mean", "50%", "count"], keys].T.rename(columns={"50%": "median"})
     print(shown.to_string(float_format=lambda v: f"{v:.4f}"))
     if result.yardstick is not None:
@@ -389,7 +412,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print("verdict:\n" + "\n".join(f"- {line}" for line in result.verdict))
     for note in result.notes:
         print(f"note: {note}")
-    extra = f", {Path(args.out) / 'yardstick.csv'} (the baselines and the ceiling)" if result.yardstick is not None else ""
+    extra = (f", {Path(args.out) / 'yardstick.csv'} (the baselines and the ceiling)" if result.yardstick is not None
+             else "")
     print(f"wrote {Path(args.out) / 'results.csv'} (per perturbation) and {Path(args.out) / 'agg_results.csv'} "
           f"(cell-eval's layout){extra}")
     return 0
@@ -398,15 +422,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _benchmark_arguments(p: argparse.ArgumentParser) -> None:
     from pertflow.models.registry import BASELINES
 
-    p.add_argument("--models", default=",".join(BASELINES), help=f"comma-separated models (default: the baselines {','.join(BASELINES)})")
+    p.add_argument("--models", default=",".join(BASELINES),
+                   help=f"comma-separated models (default: the baselines {','.join(BASELINES)})")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
     p.add_argument("--folds", help="comma-separated folds to run (default: all folds of each task)")
     p.add_argument("--tasks-dir", help="folder of task files (default: the benchmark's, shipped with pertflow)")
     p.add_argument("--data-dir", help="folder of the datasets (default: $PERTFLOW_DATA_DIR)")
     p.add_argument("--splits-dir", help="folder of reference split files (default: <data-dir>/splits when it exists)")
-    p.add_argument("--configs-dir", help="folder of <model><suffix> configs (default: the CPU configs shipped with pertflow)")
+    p.add_argument("--configs-dir",
+                   help="folder of <model><suffix> configs (default: the CPU configs shipped with pertflow)")
     p.add_argument("--config-suffix", default="-cpu.yaml", help="config file suffix (default -cpu.yaml)")
-    p.add_argument("--out", required=True, help="output folder; an existing one is continued where it stopped (not refused)")
+    p.add_argument("--out", required=True,
+                   help="output folder; an existing one is continued where it stopped (not refused)")
     add_threads_flag(p)
 
 
@@ -416,9 +443,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     tasks = "all" if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
     folds = [f for f in args.folds.split(",") if f] if args.folds else None
-    summary = benchmark([m for m in args.models.split(",") if m], tasks, args.out, folds=folds, tasks_dir=args.tasks_dir,
-                        data_dir=args.data_dir, splits_dir=args.splits_dir, configs_dir=args.configs_dir,
-                        config_suffix=args.config_suffix, threads=args.threads)
+    summary = benchmark([m for m in args.models.split(",") if m], tasks, args.out, folds=folds,
+                        tasks_dir=args.tasks_dir, data_dir=args.data_dir, splits_dir=args.splits_dir,
+                        configs_dir=args.configs_dir, config_suffix=args.config_suffix, threads=args.threads)
     print(summary.read_text())
     out = Path(args.out)
     print(f"wrote {out / 'results.csv'} (per perturbation), {summary} (the table above), {out / 'summary.csv'}, "
@@ -428,7 +455,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="an .h5ad file (any: perturbation columns are not needed)")
-    p.add_argument("--out", required=True, help="folder for the public-layout model (args.json, vocab.json, best_model.pt)")
+    p.add_argument("--out", required=True,
+                   help="folder for the public-layout model (args.json, vocab.json, best_model.pt)")
     add_config_flags(p)
     add_overwrite_flag(p)
     add_spec_flags(p)
@@ -440,13 +468,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     pretrain(args.data, args.out, config=args.config, sets=args.set, resume=args.resume, overwrite=args.overwrite,
              **read_args(args))
-    print(f"pretrained into {args.out} (load it with pertflow.models.scgpt.load_pretrained)")
+    print(f"pretrained into {args.out} (load it with pertflow.foundation.scgpt.load_pretrained)")
     return 0
 
 
 # ---------------------------------------------------------------------------- demo
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="pertflow-demo", help="output folder (default ./pertflow-demo); an existing one is continued")
+    p.add_argument("--out", default="pertflow-demo",
+                   help="output folder (default ./pertflow-demo); an existing one is continued")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     p.add_argument("--models", help="comma-separated models (default: the five baselines and cfm; add ccfm for the "
                                     "cascaded flow: no-change,mean,additive,linear,context-shift,cfm,ccfm)")
@@ -463,7 +492,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = lines.index("## Verdict") if "## Verdict" in lines else 0
     verdict = [line for line in lines[start + 1:] if line.startswith("- ")]
     print("\n".join(["verdict:", *verdict]))
-    print(f"wrote {report} (the table, the noise ceiling and the figures), the data, splits and run folders in {args.out}")
+    print(f"wrote {report} (the table, the noise ceiling and the figures), the data, splits and run folders in "
+          f"{args.out}")
     return 0
 
 
@@ -471,7 +501,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from pertflow import __version__
 
-    parser = argparse.ArgumentParser(prog="pertflow", description="Predict single-cell perturbation responses and measure them.")
+    parser = argparse.ArgumentParser(prog="pertflow",
+                                     description="Predict single-cell perturbation responses and measure them.")
     parser.add_argument("--version", action="version", version=f"pertflow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (add, _, help) in COMMANDS.items():

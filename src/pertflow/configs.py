@@ -123,11 +123,13 @@ def parse_sets(items: list[str] | None) -> dict[str, dict[str, Any]]:
         key, sep, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or section not in SECTIONS or not name:
-            raise InputError(f"--set {item}: write SECTION.KEY=VALUE with SECTION one of {list(SECTIONS)}, e.g. train.max_steps=100.")
+            raise InputError(f"--set {item}: write SECTION.KEY=VALUE with SECTION one of {list(SECTIONS)}, e.g. "
+                             "train.max_steps=100.")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise InputError(f"--set {item}: the value is not valid YAML ({yaml_problem(err, where=False)}); quote it or fix it.") from err
+            raise InputError(f"--set {item}: the value is not valid YAML ({yaml_problem(err, where=False)}); quote it "
+                             "or fix it.") from err
         if isinstance(value, str) and _looks_numeric(value):
             value = float(value)  # YAML 1.1 reads "1e-3" as a string
         out[section][name] = value
@@ -156,7 +158,8 @@ def load_sections(path: str | Path | None, sets: list[str] | None = None) -> dic
         for section in SECTIONS:
             values = data.get(section) or {}
             if not isinstance(values, dict):
-                raise InputError(f"{path}: the section '{section}' must be a mapping (key: value lines), got {values!r}.")
+                raise InputError(f"{path}: the section '{section}' must be a mapping (key: value lines), got "
+                                 f"{values!r}.")
             for k, v in values.items():
                 if isinstance(v, str) and _looks_numeric(v):
                     v = float(v)

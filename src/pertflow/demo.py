@@ -91,8 +91,8 @@ def run_demo(out: Path, seed: int = 0, models: tuple[str, ...] | None = None, co
     lines = [
         "# pertflow demo",
         "",
-        f"Data: `{data_path}`: {summary['cells']} cells x {summary['genes']} genes of synthetic negative-binomial counts, "
-        f"{summary['n_perturbations']} perturbations ({summary['n_combinations']} combinations) in "
+        f"Data: `{data_path}`: {summary['cells']} cells x {summary['genes']} genes of synthetic negative-binomial "
+        f"counts, {summary['n_perturbations']} perturbations ({summary['n_combinations']} combinations) in "
         f"{len(summary['contexts'])} cell lines; the true responses are in `uns['synthetic']`.",
         f"Detected spec: `{out / 'spec.json'}` (perturbation column `{summary['spec']['pert_col']}`, control "
         f"`{summary['spec']['control']}`, contexts from `{', '.join(summary['spec']['context_cols'])}`, "
@@ -140,7 +140,8 @@ def run_demo(out: Path, seed: int = 0, models: tuple[str, ...] | None = None, co
 #: why two baselines predict the same cells on this task (its test holds combinations of measured singles)
 WHY_EQUAL = {
     frozenset({"context-shift", "no-change"}): "context-shift carries a perturbation's response over from the other "
-    "cell lines, and no held-out combination was measured in any line, so it has nothing to carry: it predicts no change",
+    "cell lines, and no held-out combination was measured in any line, so it has nothing to carry: "
+    "it predicts no change",
 }
 
 
@@ -186,10 +187,10 @@ def prediction_modes(runs: Path, models: tuple[str, ...]) -> list[str]:
 def demo(out: str | Path = "pertflow-demo", seed: int = 0, threads: int = 1, models: list[str] | None = None) -> Path:
     """The main job on built-in synthetic data; returns the path of the report.
 
-    The Python form of ``pertflow demo``; like :func:`pertflow.benchmark.benchmark`, it continues in an existing ``out`` where it stopped. ``threads`` go
-    to cell-eval's DE tests (torch's: :func:`set_threads`). ``models``: default the baselines and
-    ``cfm`` (:data:`DEMO_MODELS`); add ``ccfm`` for the cascaded flow, with the
-    small demo configs of :data:`DEMO_CONFIGS`.
+    The Python form of ``pertflow demo``; like :func:`pertflow.benchmark.benchmark`, it continues
+    in an existing ``out`` where it stopped. ``threads`` go to cell-eval's DE tests (torch's:
+    :func:`set_threads`). ``models``: default the baselines and ``cfm`` (:data:`DEMO_MODELS`); add
+    ``ccfm`` for the cascaded flow, with the small demo configs of :data:`DEMO_CONFIGS`.
     """
     if models is not None:
         for name in models:

@@ -16,8 +16,8 @@ from typing import Iterator
 
 _speaking = {"cli": False}
 #: flags that are a switch on the command line and a keyword set to a value in the API
-_SWITCHES = {"overwrite": "overwrite=True", "resume": "resume=True", "verbose": "verbose=True", "no-baselines": "baselines=False",
-             "shift-back": "shift_back=True"}
+_SWITCHES = {"overwrite": "overwrite=True", "resume": "resume=True", "verbose": "verbose=True",
+             "no-baselines": "baselines=False", "shift-back": "shift_back=True"}
 _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)(?: ([^\s(,;.][^\s,;]*))?")
 _WORDS = {"or", "and", "to", "with", "instead", "not", "on", "in", "for", "is", "are", "at", "the", "a", "an"}
 

@@ -153,7 +153,8 @@ def check_output(
     if existing and not overwrite:
         found = "exists" if holds is None else f"already holds {', '.join(p.name for p in existing)}"
         choices = ", ".join(c for c in ("choose another --out", other_choice) if c)
-        raise InputError(f"the {what} {path} {found}. {choices[0].upper()}{choices[1:]}, or pass --overwrite to replace it.")
+        raise InputError(f"the {what} {path} {found}. {choices[0].upper()}{choices[1:]}, or pass --overwrite to "
+                         "replace it.")
     check_writable(folder)
     return existing
 
@@ -239,8 +240,8 @@ def folder_lock(folder: str | os.PathLike, what: str = "run folder", note: Any =
             if not _holder_is_gone(holder):
                 raise InputError(
                     f"{folder} is in use: another pertflow process writes this {what} (pid {holder['pid']} on "
-                    f"{holder.get('host')}, since {holder.get('since')}). Wait for it to finish, or use another folder; "
-                    f"if that process is gone, remove {path}."
+                    f"{holder.get('host')}, since {holder.get('since')}). Wait for it to finish, or use another "
+                    f"folder; if that process is gone, remove {path}."
                 ) from None
             if holder is not None:
                 note(f"note: {folder} was held by pid {holder['pid']}, which no longer runs; taking it over.")

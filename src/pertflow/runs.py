@@ -56,13 +56,15 @@ def start_run(model: str | None, data: DataArg | None, split: SplitArg, out: Pat
     existing = []
     if write:
         existing = check_output(out, "run folder", overwrite=overwrite or resume, holds=RUN_FILES,
-                                other_choice="--resume to continue it (or --resume --set train.max_steps=N to train it longer)")
+                                other_choice="--resume to continue it "
+                                             "(or --resume --set train.max_steps=N to train it longer)")
     saved = None
     if resume:
         if write and not existing:
             raise InputError(f"nothing to resume in {out}: no run was started there. Train without --resume.")
         saved = read_json(out / RUN_FILE) if (out / RUN_FILE).is_file() else None
-    model, data, split, sections, read_args = run_settings(out, resume, saved, model, data, split, config, sets, read_args)
+    model, data, split, sections, read_args = run_settings(out, resume, saved, model, data, split, config, sets,
+                                                           read_args)
     split_obj = split_of(data, split)
     if saved is not None and split_obj.digest() != saved["split_digest"]:
         raise InputError(f"the split given is not the one {out} was trained on (other cells or genes). Resume without "
@@ -110,7 +112,8 @@ RUN_FILES = (RUN_FILE, "model.json", "model.safetensors", "checkpoints", "histor
 
 
 def run_settings(out: Path, resume: bool, saved: dict[str, Any] | None, model: str | None, data: DataArg | None,
-                  split: SplitArg, config: str | Path | None, sets: list[str] | None, read_args: dict[str, Any]) -> tuple:
+                  split: SplitArg, config: str | Path | None, sets: list[str] | None,
+                  read_args: dict[str, Any]) -> tuple:
     """The model, data, split, config sections and read arguments of a run: as given, over what a
     resumed run saved in ``run.json`` (given ones must agree with it)."""
     given = load_sections(config, sets)
@@ -128,7 +131,8 @@ def run_settings(out: Path, resume: bool, saved: dict[str, Any] | None, model: s
                          f"'{model}' into a new --out.")
     for flag, value, key in (("--data", data, "data"), ("--split", split, "split")):
         if value is None and saved[key] is None and not (key == "split" and isinstance(data, SplitView)):
-            raise InputError(f"{out}/{RUN_FILE} does not record the {key} file (it was given as an object): give {flag}.")
+            raise InputError(f"{out}/{RUN_FILE} does not record the {key} file (it was given as an object): give "
+                             f"{flag}.")
     data = saved["data"] if data is None else data
     split = saved["split"] if split is None and not isinstance(data, SplitView) else split
     sections = {name: {**saved["config"][name], **given[name]} for name in given}
@@ -142,11 +146,13 @@ def check_same_settings(out: Path, saved: dict[str, dict[str, Any]], resolved: d
     """A resumed run keeps its settings, but for those the engine lets change (``train.max_steps``)."""
     now = json.loads(json.dumps(resolved))
     changed = [f"{section}.{key}" for section, values in now.items() for key, value in values.items()
-               if saved.get(section, {}).get(key, value) != value and not (section == "train" and key in RESUME_MAY_CHANGE)]
+               if saved.get(section, {}).get(key, value) != value
+               and not (section == "train" and key in RESUME_MAY_CHANGE)]
     if changed:
         allowed = ", ".join(f"train.{k}" for k in RESUME_MAY_CHANGE)
         raise InputError(f"cannot resume {out} with other settings ({', '.join(changed)}): only {allowed} may change. "
-                         "Resume with the run's own settings (leave out --config and --set), or train into a new --out.")
+                         "Resume with the run's own settings (leave out --config and --set), or train into a new "
+                         "--out.")
 
 
 def check_extension(out: Path, model: str, train_config: TrainConfig) -> None:
@@ -200,12 +206,14 @@ def shipped_config(model: str | None, config: str | Path | None) -> str | Path |
     path = package_dir("configs") / f"{model}-{config}.yaml"
     if not path.is_file():
         names = sorted(p.name for p in package_dir("configs").glob(f"{model}-*.yaml"))
-        raise InputError(f"no config file '{config}' and no shipped config '{path.name}' (shipped for {model}: {names}).")
+        raise InputError(f"no config file '{config}' and no shipped config '{path.name}' (shipped for {model}: "
+                         f"{names}).")
     return path
 
 
 # ---------------------------------------------------------------------------- what a run chose, in words
-MODE_WORDS = {"flow": "its own cells", "prior-mean": "its own cells moved onto its prior's mean", "prior": "its prior's cells"}
+MODE_WORDS = {"flow": "its own cells", "prior-mean": "its own cells moved onto its prior's mean",
+              "prior": "its prior's cells"}
 
 
 def fit_summary(model: Any) -> list[str]:
@@ -223,18 +231,21 @@ def fit_summary(model: Any) -> list[str]:
     split = report.get("validation_split")
     if split:
         held = ", ".join(split.get("held_out", [])[:5])
-        kind = {"contexts": f"the perturbed cells of the training context(s) {held}",
-                "perturbations": f"the training perturbation(s) {held}"}.get(split.get("kind"), "the split's validation cells")
+        kinds = {"contexts": f"the perturbed cells of the training context(s) {held}",
+                 "perturbations": f"the training perturbation(s) {held}"}
+        kind = kinds.get(split.get("kind"), "the split's validation cells")
         lines.append(f"validation: {kind} ({split.get('reason', '')}); {split.get('groups', 0)} groups scored")
         if split.get("model_trained_on"):
-            lines.append(f"  the model was then trained on {split['model_trained_on']}; its prior refitted on every training cell")
+            lines.append(f"  the model was then trained on {split['model_trained_on']}; "
+                         "its prior refitted on every training cell")
     if report.get("prior"):
         lines.append(f"prior: {report['prior']} ({report.get('prior_reason', '')})")
     scores = report.get("validation")
     if isinstance(scores, dict) and scores:
         shown = ", ".join(f"{MODE_WORDS.get(m, m)} {s['pearson_top20_de']:.3f} / {s['edistance']:.3g}"
                           for m, s in scores.items() if isinstance(s, dict) and "pearson_top20_de" in s)
-        lines.append(f"on validation (top-20 DE Pearson delta, higher is better / E-distance, lower is better): {shown}")
+        lines.append("on validation (top-20 DE Pearson delta, higher is better / E-distance, lower is better): "
+                     f"{shown}")
     if report.get("prediction_mode"):
         lines.append(f"predicts with {MODE_WORDS.get(report['prediction_mode'], report['prediction_mode'])}")
     return lines

@@ -46,7 +46,8 @@ def yardstick(view: SplitView, inputs: Any, config: EvalConfig | None = None, de
     the split's digest and read back by a later call on the same split.
     """
     config = config or EvalConfig()
-    cache = None if de_cache is None else Path(de_cache) / f"yardstick-{view.split.digest()}-{config.cell_eval_profile}.csv"
+    cache = (None if de_cache is None
+             else Path(de_cache) / f"yardstick-{view.split.digest()}-{config.cell_eval_profile}.csv")
     if cache is not None and cache.is_file():
         return pd.read_csv(cache, index_col=0)
     rows = {}
@@ -54,11 +55,13 @@ def yardstick(view: SplitView, inputs: Any, config: EvalConfig | None = None, de
         baseline = model_class(name).from_view(view)
         baseline.fit(view)
         pred = predict_split(baseline, view)
-        result = evaluate(inputs.real, pred, pert_col=inputs.pert_col, control=inputs.control, context_col=inputs.context_col,
-                          dose_col=inputs.dose_col, train=inputs.train, de_cache=de_cache, config=config, progress=progress)
+        result = evaluate(inputs.real, pred, pert_col=inputs.pert_col, control=inputs.control,
+                          context_col=inputs.context_col, dose_col=inputs.dose_col, train=inputs.train,
+                          de_cache=de_cache, config=config, progress=progress)
         rows[name] = result.aggregate.loc["mean"]
-    ceiling = noise_ceiling(inputs.real, pert_col=inputs.pert_col, control=inputs.control, context_col=inputs.context_col,
-                            train=inputs.train, de_cache=de_cache, config=config, progress=progress)
+    ceiling = noise_ceiling(inputs.real, pert_col=inputs.pert_col, control=inputs.control,
+                            context_col=inputs.context_col, train=inputs.train, de_cache=de_cache, config=config,
+                            progress=progress)
     rows[CEILING] = ceiling.aggregate.loc["mean"]
     table = pd.DataFrame(rows).T
     if cache is not None:
@@ -100,5 +103,6 @@ def table_with_directions(scores: pd.Series | None, table: pd.DataFrame, model: 
     rows = table[[m for m in HEADLINE if m in table.columns]]
     if scores is not None:
         rows = pd.concat([scores[rows.columns].to_frame(model).T, rows])
-    names = {m: f"{HEADLINE[m]} ({'higher' if metric_direction(m) == 'higher' else 'lower'} is better)" for m in rows.columns}
+    names = {m: f"{HEADLINE[m]} ({'higher' if metric_direction(m) == 'higher' else 'lower'} is better)"
+             for m in rows.columns}
     return rows.astype(float).rename(columns=names)

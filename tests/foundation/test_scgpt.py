@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pertflow.errors import InputError
-from pertflow.models.scgpt import (
+from pertflow.foundation.scgpt import (
     FeatureCache,
     FrozenScGPTExtractor,
     MultiOmicTransformerModel,
@@ -29,14 +29,14 @@ from pertflow.models.scgpt import (
     random_mask_value,
     scgpt_loss,
 )
-from pertflow.models.scgpt.state_layout import (
+from pertflow.foundation.scgpt.state_layout import (
     from_public_state_dict,
     infer_architecture,
     scgpt_human_reference_shapes,
     to_public_state_dict,
 )
-from pertflow.models.scgpt.extractor import RunningFeatureNorm, bin_expression
-from pertflow.models.scgpt.losses import (
+from pertflow.foundation.scgpt.extractor import RunningFeatureNorm, bin_expression
+from pertflow.foundation.scgpt.losses import (
     cls_loss,
     contrastive_cell_loss,
     dab_loss,
@@ -46,7 +46,7 @@ from pertflow.models.scgpt.losses import (
     perturbation_loss,
     zero_prob_nll,
 )
-from pertflow.models.scgpt.layers import DomainSpecificBatchNorm1d, ScGPTEncoderLayer, grad_reverse
+from pertflow.foundation.scgpt.layers import DomainSpecificBatchNorm1d, ScGPTEncoderLayer, grad_reverse
 
 N_GENES = 36
 PAD, CLS, EOC = N_GENES, N_GENES + 1, N_GENES + 2
@@ -518,7 +518,7 @@ def test_load_errors_name_the_problem(tmp_path):
     # A pickled object is refused instead of being executed.
     torch.save({"encoder.embedding.weight": torch.zeros(1), "obj": _Pickled()}, tmp_path / "evil.pt")
     with pytest.raises(InputError, match="tensor-only"):
-        from pertflow.models.scgpt.checkpoint import load_state_dict_file
+        from pertflow.foundation.scgpt.checkpoint import load_state_dict_file
 
         load_state_dict_file(tmp_path / "evil.pt")
 

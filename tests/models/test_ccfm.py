@@ -13,12 +13,12 @@ from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import make_split
 from pertflow.data.view import SplitView
 from pertflow.flows import uniform_time
+from pertflow.foundation.scgpt import FrozenScGPTExtractor, TransformerModel
 from pertflow.models.base import PerturbationModel
 from pertflow.models.ccfm.config import CCFMConfig
 from pertflow.models.ccfm.model import CCFM
 from pertflow.models.ccfm.module import cascaded_times
 from pertflow.models.config import PredictConfig
-from pertflow.models.scgpt import FrozenScGPTExtractor, TransformerModel
 from pertflow.train import TrainConfig
 
 TINY = dict(d_model=32, n_heads=4, n_layers=1, dropout=0.0, genes_per_step=60, source="control", source_noise=0.1,

@@ -195,7 +195,7 @@ def test_descriptors_from_a_file(view, tmp_path):
 
 
 def test_scgpt_embedding_and_gene_descriptor(view, tmp_path):
-    from pertflow.models.scgpt import ScGPTConfig, TransformerModel, export_pretrained
+    from pertflow.foundation.scgpt import ScGPTConfig, TransformerModel, export_pretrained
 
     genes = list(view.vocab.expression_genes)
     vocab = {"<pad>": 0, "<cls>": 1, "<eoc>": 2, **{g: i + 3 for i, g in enumerate(genes)}}

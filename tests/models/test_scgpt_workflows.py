@@ -9,10 +9,10 @@ from pertflow.cli import main
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import make_split
 from pertflow.data.view import SplitView
+from pertflow.foundation.scgpt import FrozenScGPTExtractor, load_pretrained
 from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
-from pertflow.models.scgpt import FrozenScGPTExtractor, load_pretrained
-from pertflow.models.scgpt.generator import GeneratorConfig, GeneratorModule, ScGPTGenerator
+from pertflow.models.scgpt_generator.model import GeneratorConfig, GeneratorModule, ScGPTGenerator
 from pertflow.train import TrainConfig
 
 TINY = GeneratorConfig(d_model=32, nhead=4, d_hid=64, nlayers=2, dropout=0.0, genes_per_step=40)
@@ -90,7 +90,7 @@ def test_pretrain_runs_on_each_shared_dataset(shared_data, tmp_path, name):
 
 def test_pretraining_batches_are_padded_to_their_longest_cell(synthetic_adata):
     from pertflow.data.view import ExpressionCache
-    from pertflow.models.scgpt.pretrain import MaskedCellBatches, PretrainConfig
+    from pertflow.foundation.scgpt.pretrain import MaskedCellBatches, PretrainConfig
 
     data = PerturbationData.from_anndata(synthetic_adata)
     rows = np.arange(40)

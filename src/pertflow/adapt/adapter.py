@@ -120,15 +120,16 @@ class Adapter:
         """(n, G) log1p expression on :attr:`genes` -> transported, clipped at 0 (float32)."""
         controls = np.asarray(controls, dtype=np.float32)
         if controls.ndim != 2 or controls.shape[1] != len(self.genes):
-            raise InputError(f"the adapter maps (cells, {len(self.genes)} genes) expression; got shape {controls.shape}.")
+            raise InputError(f"the adapter maps (cells, {len(self.genes)} genes) expression; got shape "
+                             f"{controls.shape}.")
         return self.transport.apply(controls)
 
     def check_genes(self, model: PerturbationModel) -> None:
         """The adapter must have been learnt for the model's genes, in its order."""
         if list(model.genes) != self.genes:
             raise InputError(
-                f"the adapter's {len(self.genes)} genes are not the model's {len(model.genes)} genes in the model's order. "
-                "Learn the adapter for this model (`pertflow adapt --run RUN ...`)."
+                f"the adapter's {len(self.genes)} genes are not the model's {len(model.genes)} genes in the model's "
+                "order. Learn the adapter for this model (`pertflow adapt --run RUN ...`)."
             )
 
     # ------------------------------------------------------------------ persistence
@@ -164,7 +165,8 @@ class Adapter:
         """Read an adapter folder written by :meth:`save` (or by a pertflow of format 1)."""
         folder = Path(folder)
         if not (folder / "adapter.json").is_file():
-            raise InputError(f"{folder} is not an adapter folder (adapter.json is missing). Make one with `pertflow adapt`.")
+            raise InputError(f"{folder} is not an adapter folder (adapter.json is missing). "
+                             "Make one with `pertflow adapt`.")
         meta = read_json(folder / "adapter.json")
         version = meta.get("format_version", 0)
         if version not in READABLE_FORMATS:
@@ -192,7 +194,8 @@ def control_rows(data: PerturbationData, contexts: Sequence[str] | None) -> np.n
     if contexts:
         unknown = sorted(set(contexts) - set(data.contexts))
         if unknown:
-            raise InputError(f"contexts {unknown} are not in {data.path or 'the data'}; its contexts: {sorted(set(data.contexts))[:20]}.")
+            raise InputError(f"contexts {unknown} are not in {data.path or 'the data'}; its contexts: "
+                             f"{sorted(set(data.contexts))[:20]}.")
         mask &= np.isin(data.contexts, list(contexts))
     rows = np.flatnonzero(mask)
     if len(rows) == 0:
@@ -218,9 +221,11 @@ def read_controls(datasets: Sequence[PerturbationData], genes: list[str], contex
     rows = [control_rows(data, contexts) for data in datasets]
     bounds = np.cumsum([0] + [len(r) for r in rows])
     if bounds[-1] < 4:
-        raise InputError(f"{bounds[-1]} control cells in {[str(d.path or 'the data') for d in datasets]}; the adapter needs "
-                         "at least 4 a side (2 to fit, 2 held out to score it). Give more control cells (other files or contexts).")
-    chosen = np.sort(rng.choice(bounds[-1], size=max_cells, replace=False)) if bounds[-1] > max_cells else np.arange(bounds[-1])
+        raise InputError(f"{bounds[-1]} control cells in {[str(d.path or 'the data') for d in datasets]}; the adapter "
+                         "needs at least 4 a side (2 to fit, 2 held out to score it). Give more control cells (other "
+                         "files or contexts).")
+    chosen = (np.sort(rng.choice(bounds[-1], size=max_cells, replace=False)) if bounds[-1] > max_cells
+              else np.arange(bounds[-1]))
     parts = []
     for data, own, cols, lo, hi in zip(datasets, rows, columns, bounds[:-1], bounds[1:]):
         picked = own[chosen[(chosen >= lo) & (chosen < hi)] - lo]
@@ -275,7 +280,8 @@ def learn_adapter(
 
         bar = tqdm(total=config.steps, desc="adapting", unit="step")
     fit = fit_transport(model.control_embedding, source_x, target_x, config,
-                        progress=None if bar is None else (lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}"))))
+                        progress=None if bar is None
+                        else (lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}"))))
     if bar is not None:
         bar.close()
     info = {
@@ -291,8 +297,8 @@ def learn_adapter(
     support = measure_support(source_x.cpu().numpy(), target_np, fit.transport.apply(target_np), config.seed)
     info["support"] = {**support.as_dict(), "trusted": support.trusted}
     warn_if_untrusted(support)
-    return Adapter(list(model.genes), fit.transport, config, fit.history, info, fit.kept_step, fit.mmd_before, fit.mmd_after,
-                   support)
+    return Adapter(list(model.genes), fit.transport, config, fit.history, info, fit.kept_step, fit.mmd_before,
+                   fit.mmd_after, support)
 
 
 def plot_history(history: pd.DataFrame, path: Path) -> None:

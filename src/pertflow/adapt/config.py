@@ -78,7 +78,8 @@ class AdapterConfig:
                 raise ValueError(f"{name} must be one of {', '.join(get_args(kind))}, got {getattr(self, name)!r}")
         require_at_least_one(self, "steps", "batch_size", "max_cells", "eval_cells", "eval_every", "patience")
         if self.batch_size < 2 or self.eval_cells < 2 or self.n_quantiles < 2:
-            raise ValueError("batch_size, eval_cells and n_quantiles must be at least 2 (the unbiased MMD needs two cells a side)")
+            raise ValueError("batch_size, eval_cells and n_quantiles must be at least 2 (the unbiased MMD needs two "
+                             "cells a side)")
         if not 0 < self.holdout < 1:
             raise ValueError(f"holdout must be a fraction between 0 and 1, got {self.holdout}")
         if self.genes_per_step is not None and self.genes_per_step < 1:

@@ -115,7 +115,8 @@ def evaluation_mmd(x: Tensor, y: Tensor, bandwidth: Tensor, gene_chunk: int = 64
     """Mean over genes of :func:`per_gene_mmd` of (n, G, d) and (m, G, d) embeddings, without
     gradient, ``gene_chunk`` genes at a time (memory)."""
     with torch.no_grad():
-        total = sum(float(per_gene_mmd(x[:, g:g + gene_chunk], y[:, g:g + gene_chunk], bandwidth[g:g + gene_chunk]).sum())
+        total = sum(float(per_gene_mmd(x[:, g:g + gene_chunk], y[:, g:g + gene_chunk],
+                                       bandwidth[g:g + gene_chunk]).sum())
                     for g in range(0, x.shape[1], gene_chunk))
     return total / x.shape[1]
 
@@ -153,10 +154,12 @@ def fit_transport(embed: Embedding, source: Tensor, target: Tensor, config: Adap
         The kept transport, the held-out MMD history, the kept step, the MMD before and after.
     """
     if source.ndim != 2 or target.ndim != 2 or source.shape[1] != target.shape[1]:
-        raise ValueError(f"source and target must be (n, G) on the same genes; got {tuple(source.shape)} and {tuple(target.shape)}")
+        raise ValueError(f"source and target must be (n, G) on the same genes; got {tuple(source.shape)} and "
+                         f"{tuple(target.shape)}")
     device = source.device
     generator = torch.Generator().manual_seed(config.seed)
-    (fit_s, hold_s), (fit_t, hold_t) = _split(source.shape[0], config, generator), _split(target.shape[0], config, generator)
+    (fit_s, hold_s), (fit_t, hold_t) = (_split(source.shape[0], config, generator),
+                                        _split(target.shape[0], config, generator))
     source_fit, target_fit = source[fit_s.to(device)], target[fit_t.to(device)]
     hold_target = target[hold_t.to(device)]
     with torch.no_grad():
@@ -171,7 +174,8 @@ def fit_transport(embed: Embedding, source: Tensor, target: Tensor, config: Adap
     before = score(hold_target)
     history = [(0, before, 0.0)]
     if config.transport == "quantile":
-        quantile = QuantileTransport.fit(source_fit.cpu().numpy(), target_fit.cpu().numpy(), config.n_quantiles, config.seed)
+        quantile = QuantileTransport.fit(source_fit.cpu().numpy(), target_fit.cpu().numpy(), config.n_quantiles,
+                                         config.seed)
         mapped = torch.from_numpy(quantile.apply(hold_target.cpu().numpy())).to(device)
         history.append((1, score(mapped), 0.0))
         if progress is not None:
@@ -181,12 +185,14 @@ def fit_transport(embed: Embedding, source: Tensor, target: Tensor, config: Adap
                             1 if better else None, before, min(before, history[-1][1]))
     kind = TRANSPORTS[config.transport]
     assert issubclass(kind, ParametricTransport)
-    return _descend(kind, embed, source_fit, target_fit, hold_target, score, bandwidth, history, config, generator, progress)
+    return _descend(kind, embed, source_fit, target_fit, hold_target, score, bandwidth, history, config, generator,
+                    progress)
 
 
 def _descend(kind: type[ParametricTransport], embed: Embedding, source: Tensor, target: Tensor, hold_target: Tensor,
              score: Callable[[Tensor], float], bandwidth: Tensor, history: list[tuple[int, float, float]],
-             config: AdapterConfig, generator: torch.Generator, progress: Callable[[int, float], None] | None) -> TransportFit:
+             config: AdapterConfig, generator: torch.Generator,
+             progress: Callable[[int, float], None] | None) -> TransportFit:
     """The MMD descent of a parametric transport, keeping the best held-out state."""
     device = source.device
     n_s, n_genes = source.shape

@@ -114,7 +114,8 @@ def plot_support(support: Support, path: Path) -> None:
         ax.scatter(*support.coords["source"].T, s=3, c="0.6", alpha=0.5, label="source controls", rasterized=True)
         ax.scatter(*support.coords[side].T, s=3, c="tab:orange" if side == "target" else "tab:blue", alpha=0.5,
                    label=f"target controls, {'as measured' if side == 'target' else 'transported'}", rasterized=True)
-        ax.set_title(f"{'before' if side == 'target' else 'after'}: {share:.0%} outside the source's support", fontsize=9)
+        ax.set_title(f"{'before' if side == 'target' else 'after'}: {share:.0%} outside the source's support",
+                     fontsize=9)
         ax.set_xlabel("PC1 of the source and target controls")
         ax.legend(fontsize=7, markerscale=3, loc="best")
     axes[0].set_ylabel("PC2")

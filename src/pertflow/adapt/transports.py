@@ -193,7 +193,8 @@ class AffineTransport(ParametricTransport):
 
     def save(self, folder: Path, genes: list[str]) -> None:
         with atomic_path(folder / "affine.csv") as tmp:
-            pd.DataFrame({"gene": genes, "scale": self.scale, "shift": self.shift}).to_csv(tmp, index=False, float_format="%.6g")
+            table = pd.DataFrame({"gene": genes, "scale": self.scale, "shift": self.shift})
+            table.to_csv(tmp, index=False, float_format="%.6g")
 
     @classmethod
     def load(cls, folder: Path, genes: list[str]) -> AffineTransport:
@@ -226,7 +227,8 @@ class QuantileTransport(Transport):
     name = "quantile"
     files = ("quantile.csv",)
 
-    def __init__(self, source_quantiles: np.ndarray, target_zero: np.ndarray, target_positive: np.ndarray, seed: int = 0):
+    def __init__(self, source_quantiles: np.ndarray, target_zero: np.ndarray, target_positive: np.ndarray,
+                 seed: int = 0):
         self.source_quantiles = np.asarray(source_quantiles, dtype=np.float64)
         self.target_zero = np.asarray(target_zero, dtype=np.float64)
         self.target_positive = np.asarray(target_positive, dtype=np.float64)
@@ -307,5 +309,6 @@ def transport_class(name: str) -> type[Transport]:
     """The transport called ``name``; an unknown one is an InputError naming the choices."""
     if name not in TRANSPORTS:
         raise InputError(f"unknown transport {name!r}: choose one of {', '.join(TRANSPORTS)} "
-                         "(shift: an offset per gene; affine: a scale and an offset; quantile: a depth and dropout change).")
+                         "(shift: an offset per gene; affine: a scale and an offset; "
+                         "quantile: a depth and dropout change).")
     return TRANSPORTS[name]

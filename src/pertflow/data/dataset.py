@@ -50,8 +50,8 @@ def checked_labels(values: pd.Series, col: str, what: str) -> np.ndarray:
     if len(raw) > len(names):
         kinds = sorted({type(v).__name__ for v in raw})
         raise InputError(
-            f"{what} labels in obs['{col}'] mix types ({', '.join(kinds)}) that read as the same label (e.g. 1 and '1'). "
-            f"Write them all as text (adata.obs['{col}'] = adata.obs['{col}'].astype(str)), then run again."
+            f"{what} labels in obs['{col}'] mix types ({', '.join(kinds)}) that read as the same label (e.g. 1 and "
+            f"'1'). Write them all as text (adata.obs['{col}'] = adata.obs['{col}'].astype(str)), then run again."
         )
     spaced = names[names != names.str.strip()]
     if len(spaced):
@@ -194,8 +194,10 @@ class PerturbationData:
             _check_not_empty(file.adata, path)
             file.adata.obs[UNLABELLED_COL] = "control"
             keys = {k: v for k, v in spec_keys.items() if k not in ("pert_col", "control") and v is not None}
-            detection = detect_spec(file.adata, file.source, file.layer_names, pert_col=UNLABELLED_COL, control="control", **keys)
-            data = cls(file.adata, detection.spec, file.source(detection.spec.layer), detection.evidence, Path(path), file)
+            detection = detect_spec(file.adata, file.source, file.layer_names, pert_col=UNLABELLED_COL,
+                                    control="control", **keys)
+            data = cls(file.adata, detection.spec, file.source(detection.spec.layer), detection.evidence, Path(path),
+                       file)
             data.validate()
         except Exception:
             file.close()
@@ -276,9 +278,9 @@ class PerturbationData:
             if bad.any():
                 row = start + _first_row_where(block, bad)
                 raise InputError(
-                    f"{source.name} holds {int(bad.sum())} NaN or Inf values in rows {start}-{start + block.shape[0] - 1} "
-                    f"(first in cell '{self.adata.obs_names[row]}'). Remove or repair those cells, or choose "
-                    "another expression source (--layer)."
+                    f"{source.name} holds {int(bad.sum())} NaN or Inf values in rows "
+                    f"{start}-{start + block.shape[0] - 1} (first in cell '{self.adata.obs_names[row]}'). Remove or "
+                    "repair those cells, or choose another expression source (--layer)."
                 )
             neg = values < 0
             if neg.any():
@@ -451,14 +453,15 @@ class PerturbationData:
             layer = next((name for name in COUNT_LAYERS if name in layers), None)
             if layer is None:
                 raise InputError(
-                    f"this model needs raw counts, but the expression ({self.spec.expression_source}) is log-normalised "
-                    f"and the file has no counts layer (looked for {list(COUNT_LAYERS)}; layers: {layers}). Give the "
-                    "layer that holds the raw counts (--set model.counts_layer=NAME), or read counts as the expression "
-                    "(--layer NAME --counts)."
+                    f"this model needs raw counts, but the expression ({self.spec.expression_source}) is "
+                    f"log-normalised and the file has no counts layer (looked for {list(COUNT_LAYERS)}; layers: "
+                    f"{layers}). Give the layer that holds the raw counts (--set model.counts_layer=NAME), or read "
+                    "counts as the expression (--layer NAME --counts)."
                 )
         elif layer not in layers:
             raise InputError(f"counts layer '{layer}' is not in the file; layers: {layers}. Fix model.counts_layer.")
-        source = self._file.source(layer) if self._file is not None else ExpressionSource(self.adata.layers[layer], f"layers['{layer}']")
+        source = (self._file.source(layer) if self._file is not None
+                  else ExpressionSource(self.adata.layers[layer], f"layers['{layer}']"))
         found = ValueEvidence.sample(source)
         if found.whole < 1.0 or found.n_values == 0:
             raise InputError(
@@ -483,7 +486,8 @@ class PerturbationData:
             "expression": {
                 "source": self.source.name,
                 "kind": "counts" if self.spec.is_counts else "log-normalised",
-                "storage": ("sparse" if self.source.is_sparse else "dense") + (" on disk" if self.source.on_disk else ""),
+                "storage": ("sparse" if self.source.is_sparse else "dense")
+                + (" on disk" if self.source.on_disk else ""),
             },
             "control_cells": int(self.is_control.sum()),
             "control_cells_by_context": {str(k): int(v) for k, v in ctrl_by_context.items()},

@@ -48,13 +48,15 @@ def read_csr_rows(group: Any, rows: np.ndarray, n_cols: int, max_gap: int = MAX_
     data, indices, lengths = [], [], []
     for run in np.split(rows, breaks):
         first, last = int(run[0]), int(run[-1]) + 1
-        ptr = indptr[first : last + 1] if indptr is not None else np.asarray(group["indptr"][first : last + 1], dtype=np.int64)
+        ptr = (indptr[first : last + 1] if indptr is not None
+               else np.asarray(group["indptr"][first : last + 1], dtype=np.int64))
         lo, hi = int(ptr[0]), int(ptr[-1])
         run_data, run_indices = data_ds[lo:hi], indices_ds[lo:hi]
         if len(run) < last - first:  # drop the rows read through
             keep = run - first
             starts, stops = ptr[keep] - lo, ptr[keep + 1] - lo
-            take = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(keep) else np.zeros(0, np.int64)
+            take = (np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(keep)
+                    else np.zeros(0, np.int64))
             run_data, run_indices = run_data[take], run_indices[take]
             lengths.append(stops - starts)
         else:
@@ -175,8 +177,8 @@ class H5adFile:
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such file. Check the path.")
         if self.path.stat().st_size == 0:
-            raise InputError(f"{self.path} is empty (0 bytes): it holds no data, perhaps an interrupted copy or download. "
-                             "Copy or write the .h5ad file again.")
+            raise InputError(f"{self.path} is empty (0 bytes): it holds no data, perhaps an interrupted copy or "
+                             "download. Copy or write the .h5ad file again.")
         self.backed = backed
         self._h5: h5py.File | None = None
         try:

@@ -137,8 +137,10 @@ class RowIndex:
             with np.load(path, allow_pickle=False) as z:
                 if str(z["digest"]) != digest:
                     return None
-                group_rows = np.split(z["group_rows"], np.cumsum(z["group_sizes"])[:-1]) if len(z["group_sizes"]) else []
-                control_rows = np.split(z["control_rows"], np.cumsum(z["control_sizes"])[:-1]) if len(z["control_sizes"]) else []
+                group_rows = (np.split(z["group_rows"], np.cumsum(z["group_sizes"])[:-1]) if len(z["group_sizes"])
+                              else [])
+                control_rows = (np.split(z["control_rows"], np.cumsum(z["control_sizes"])[:-1])
+                                if len(z["control_sizes"]) else [])
                 groups = [(str(p), str(c), r) for (p, c), r in zip(z["group_names"], group_rows)]
                 controls = {str(c): r for c, r in zip(z["control_names"], control_rows)}
         except (OSError, ValueError, KeyError):
@@ -204,7 +206,8 @@ class PairedBatchSampler(SeededStream):
         self._plan: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
-    def from_data(cls, data: Any, rows: np.ndarray, batch_size: int, seed: int = 0, **kwargs: Any) -> PairedBatchSampler:
+    def from_data(cls, data: Any, rows: np.ndarray, batch_size: int, seed: int = 0,
+                  **kwargs: Any) -> PairedBatchSampler:
         """A sampler over ``rows`` of a :class:`~pertflow.data.dataset.PerturbationData`."""
         return cls(data.perturbations, data.contexts, data.is_control, rows, batch_size, seed, **kwargs)
 

@@ -81,7 +81,8 @@ class Split:
         required = ("train", "val", "test")
         missing = [k for k in required if k not in data]
         if missing:
-            raise InputError(f"split is missing the keys {missing}; a split needs 'train', 'val' and 'test' cell lists.")
+            raise InputError(f"split is missing the keys {missing}; a split needs 'train', 'val' and 'test' cell "
+                             "lists.")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         known.setdefault("test_perturbations", [])
@@ -135,12 +136,12 @@ class Split:
             names = getattr(self, part)
             if len(set(names)) != len(names):
                 twice = sorted(n for n, k in Counter(names).items() if k > 1)
-                raise InputError(f"the split names {len(twice)} cells twice in '{part}' (e.g. {twice[:3]}). Name each cell "
-                                 "once: fix the split.")
+                raise InputError(f"the split names {len(twice)} cells twice in '{part}' (e.g. {twice[:3]}). Name each "
+                                 "cell once: fix the split.")
         both = set(self.train) & set(self.val)
         if both:
-            raise InputError(f"{len(both)} cells are both in train and in val (e.g. {sorted(both)[:3]}). A cell belongs to "
-                             "one part of a split: fix the split.")
+            raise InputError(f"{len(both)} cells are both in train and in val (e.g. {sorted(both)[:3]}). A cell "
+                             "belongs to one part of a split: fix the split.")
         overlap = set(self.test) & (set(self.train) | set(self.val))
         if overlap:
             raise InputError(

@@ -67,7 +67,8 @@ def _finish(
         from pertflow.data.preprocess import select_genes
 
         genes = select_genes(data, train_rows, n_top_genes)
-        selection = f"top {n_top_genes} highly variable genes (scanpy seurat flavour) of the training cells, perturbed genes forced in, in file order"
+        selection = (f"top {n_top_genes} highly variable genes (scanpy seurat flavour) of the training cells, "
+                     "perturbed genes forced in, in file order")
     else:
         genes = list(map(str, data.gene_names))
         selection = f"all {len(genes)} genes"
@@ -140,17 +141,20 @@ def perturbation_split(
     if test_perturbations is None:
         singles = [p for p in present if len(data.components(p)) == 1]
         if not n_test or n_test >= len(singles):
-            raise InputError(f"give test_perturbations, or n_test between 1 and {len(singles) - 1} (there are {len(singles)} singles).")
+            raise InputError(f"give test_perturbations, or n_test between 1 and {len(singles) - 1} (there are "
+                             f"{len(singles)} singles).")
         test_perturbations = sorted(np.random.default_rng(seed).choice(singles, size=n_test, replace=False))
     bases = {data.spec.split_dose(p)[0] for p in present}  # with a dose column: a perturbation names all its doses
     unknown = [p for p in test_perturbations if p not in present and p not in bases]
     if unknown:
-        raise InputError(f"test perturbations {unknown} do not occur among the kept cells; perturbations: {present[:30]}.")
+        raise InputError(f"test perturbations {unknown} do not occur among the kept cells; perturbations: "
+                         f"{present[:30]}.")
     held = [p for p in present if p in test_perturbations or data.spec.split_dose(p)[0] in test_perturbations]
     if include_combinations:
         held += [p for p in _combos_containing(data, test_perturbations, present) if p not in held]
     test = kept & np.isin(data.perturbations, held)
-    notes = f"held out: {sorted(test_perturbations)}" + (" and every combination containing one" if include_combinations else "")
+    notes = f"held out: {sorted(test_perturbations)}"
+    notes += " and every combination containing one" if include_combinations else ""
     return _finish(data, kept, test, notes=notes, **options)
 
 
@@ -184,7 +188,8 @@ def combination_split(
         chosen = sorted(np.random.default_rng(seed).choice(chosen, size=n, replace=False)) if chosen else []
     if not chosen:
         counts = pd.Series(list(subgroups.values())).value_counts().to_dict()
-        raise InputError(f"no combination has seen count in {list(seen)}; the combinations are {counts}. Choose other --seen values.")
+        raise InputError(f"no combination has seen count in {list(seen)}; the combinations are {counts}. Choose other "
+                         "--seen values.")
     test = kept & np.isin(data.perturbations, chosen)
     return _finish(
         data,
@@ -221,7 +226,8 @@ def _gears_simulation(
     seen1 = [p for p in combos_with_train if sum(g in train_set for g in genes_of[p]) == 1]
     rest = np.setdiff1d(combos_with_train, seen1)
     rng = np.random.RandomState(seed)
-    combo_train = rng.choice(rest, int(len(rest) * combo_seen2_train_frac), replace=False) if len(rest) else np.array([])
+    combo_train = (rng.choice(rest, int(len(rest) * combo_seen2_train_frac), replace=False) if len(rest)
+                   else np.array([]))
     seen2 = np.setdiff1d(rest, combo_train).tolist()
     train += list(combo_train)
     unseen_single = [p for p in singles if genes_of[p][0] in ood]
@@ -264,7 +270,8 @@ def gears_split(
         test,
         val=val,
         subgroups={p: subgroups[p] for p in sorted(test_perts)},
-        notes=f"GEARS simulation split, seed {seed}, train_gene_set_size {train_gene_set_size}, combo_seen2_train_frac {combo_seen2_train_frac}",
+        notes=f"GEARS simulation split, seed {seed}, train_gene_set_size {train_gene_set_size}, combo_seen2_train_frac "
+              f"{combo_seen2_train_frac}",
         **options,
     )
 
@@ -299,12 +306,14 @@ def context_split(
     values = data.adata.obs[context_col].astype(str).to_numpy()
     present = sorted(set(values[kept]))
     if test_context not in present:
-        raise InputError(f"context '{test_context}' does not occur in obs['{context_col}'] among the kept cells; contexts: {present}.")
+        raise InputError(f"context '{test_context}' does not occur in obs['{context_col}'] among the kept cells; "
+                         f"contexts: {present}.")
     test = kept & (values == test_context) & ~data.is_control
     if perturbations is not None:
         test &= np.isin(data.perturbations, list(perturbations))
     if not (kept & (values == test_context) & data.is_control).any():
-        raise InputError(f"context '{test_context}' has no control cells, so its response cannot be predicted from them.")
+        raise InputError(f"context '{test_context}' has no control cells, so its response cannot be predicted from "
+                         "them.")
     return _finish(
         data,
         kept,
@@ -361,15 +370,16 @@ def dose_split(
     if held_out_doses is None:
         held = {p: [sorted(d)[(len(d) - 1) // 2]] for p, d in doses_of.items() if len(d) >= 3}
         if not held:
-            raise InputError("no perturbation is measured at three doses or more, so none has a middle dose to hold out. "
-                             "Name the doses with held_out_doses (CLI: --held-out-doses).")
+            raise InputError("no perturbation is measured at three doses or more, so none has a middle dose to hold "
+                             "out. Name the doses with held_out_doses (CLI: --held-out-doses).")
     else:
         wanted = np.asarray(held_out_doses, dtype=float)
         for p, d in doses_of.items():
             chosen = [x for x in sorted(d) if np.isclose(wanted, x, rtol=1e-6, atol=0).any()]
             if chosen and len(chosen) == len(d):
-                raise InputError(f"'{p}' is measured only at the held-out doses {chosen}, so none of its doses would train. "
-                                 "Hold it out with split kind 'perturbations', or name the perturbations with --perturbations.")
+                raise InputError(f"'{p}' is measured only at the held-out doses {chosen}, so none of its doses would "
+                                 "train. Hold it out with split kind 'perturbations', or name the perturbations with "
+                                 "--perturbations.")
             if chosen:
                 held[p] = chosen
         if not held:
@@ -431,7 +441,8 @@ def make_split(data: PerturbationData, kind: str, **options: Any) -> Split:
     own = [n for n, p in params.items() if n != "data" and p.kind is p.POSITIONAL_OR_KEYWORD]
     unknown = sorted(set(options) - set(own) - set(COMMON_OPTIONS))
     if unknown:
-        raise InputError(f"split kind '{kind}' takes no option {unknown}; its options are {own + list(COMMON_OPTIONS)}.")
+        raise InputError(f"split kind '{kind}' takes no option {unknown}; its options are "
+                         f"{own + list(COMMON_OPTIONS)}.")
     missing = [n for n in own if params[n].default is inspect.Parameter.empty and n not in options]
     if missing:
         raise InputError(f"split kind '{kind}' needs {missing} (CLI: {['--' + m.replace('_', '-') for m in missing]}).")

@@ -169,7 +169,8 @@ def make_synthetic(
         "contexts": np.array(contexts),
         "lfc": lfc.astype(np.float32),
         "base_log_mean": (base[None, :] + context_shift).astype(np.float32),
-        "combo_interaction": (lfc_combo - np.stack([lfc_single[a] + lfc_single[b] for a, b in pairs]) if pairs else np.zeros((0, n_contexts, n_genes))).astype(np.float32),
+        "combo_interaction": (lfc_combo - np.stack([lfc_single[a] + lfc_single[b] for a, b in pairs]) if pairs
+                              else np.zeros((0, n_contexts, n_genes))).astype(np.float32),
         "params": {
             "seed": seed,
             "shared": shared,

@@ -127,7 +127,8 @@ def find_tasks(tasks_dir: str | Path = TASKS_DIR) -> dict[str, Task]:
     """Every task file of a folder, by task name."""
     tasks_dir = Path(tasks_dir)
     if not tasks_dir.is_dir():
-        raise InputError(f"task folder {tasks_dir} does not exist; pertflow's own tasks are in {TASKS_DIR} (the default).")
+        raise InputError(f"task folder {tasks_dir} does not exist; pertflow's own tasks are in {TASKS_DIR} (the "
+                         "default).")
     tasks = [Task.load(p) for p in sorted(tasks_dir.glob("*.yaml"))]
     return {t.name: t for t in tasks}
 

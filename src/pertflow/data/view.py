@@ -64,7 +64,8 @@ class ExpressionCache:
     outside the cached set is an error: that is how test cells stay out of a model's reach.
     """
 
-    def __init__(self, data: PerturbationData, rows: np.ndarray, gene_idx: np.ndarray, max_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, data: PerturbationData, rows: np.ndarray, gene_idx: np.ndarray,
+                 max_bytes: int = DEFAULT_CACHE_BYTES):
         self.data = data
         self.gene_idx = gene_idx
         self.rows = np.unique(rows)  # sorted: a row's position is found by bisection
@@ -214,7 +215,8 @@ class SplitView:
             raise InputError("the split selects no genes, so there is nothing to model. Rebuild the split with genes.")
         symbols = [str(s) for s in data.gene_symbols[self.gene_idx]]
         descriptors = load_descriptors(data.spec.descriptors_key, data.adata.uns) if data.spec.descriptors_key else None
-        self.vocab = build_vocabulary(symbols, (data.components(p) for p in data.perturbation_names), data.spec.genetic, descriptors)
+        self.vocab = build_vocabulary(symbols, (data.components(p) for p in data.perturbation_names), data.spec.genetic,
+                                      descriptors)
         self.visible = np.concatenate([self.rows.train, self.rows.val])
         if max_cache_bytes is None:
             max_cache_bytes = 0 if data.source.on_disk else DEFAULT_CACHE_BYTES
@@ -248,7 +250,8 @@ class SplitView:
         visible = self.visible
         found = np.sort(visible[self.data.is_control[visible] & (self.data.contexts[visible] == context)])
         if not len(found):
-            raise InputError(f"context '{context}' has no visible control cells, so nothing can be predicted from them.")
+            raise InputError(f"context '{context}' has no visible control cells, so nothing can be predicted from "
+                             "them.")
         return found
 
     def test_groups(self) -> dict[tuple[str, str], np.ndarray]:
@@ -282,7 +285,8 @@ class SplitView:
 
         return PairedBatches(self, rows, batch_size, seed, max_components, **options)
 
-    def validation_batches(self, n_batches: int, batch_size: int, seed: int, max_components: int, **options: Any) -> list[dict] | None:
+    def validation_batches(self, n_batches: int, batch_size: int, seed: int, max_components: int,
+                           **options: Any) -> list[dict] | None:
         """A fixed list of batches of the split's validation cells (never test cells), or None.
 
         Validation targets are the validation cells; their controls are drawn from all visible
@@ -295,7 +299,8 @@ class SplitView:
         controls = self.visible[data.is_control[self.visible]]
         if not set(data.contexts[val_targets]) <= set(data.contexts[controls]):
             return None
-        source = self.paired_batches(np.concatenate([val_targets, controls]), batch_size, seed, max_components, **options)
+        source = self.paired_batches(np.concatenate([val_targets, controls]), batch_size, seed, max_components,
+                                     **options)
         return [source.next_batch() for _ in range(n_batches)]
 
     # ------------------------------------------------------------------ AnnData views

@@ -151,12 +151,14 @@ def context_metrics(
         )
         if embed is not None:
             row["knn_purity_latent"] = latent_knn_purity(
-                z_pred[p_lab == p], z_real[r_lab == p], z_real[r_lab == control], cfg, seeded_rng(cfg, context, p, "latent")
+                z_pred[p_lab == p], z_real[r_lab == p], z_real[r_lab == control], cfg,
+                seeded_rng(cfg, context, p, "latent")
             )
         rows.append(row)
     table = pd.DataFrame(rows)
     table["centroid_accuracy"] = M.centroid_accuracy(np.stack(pred_means), np.stack(real_means))
-    ordered = ["perturbation"] + [name.format(k=k) for name in PERTFLOW_METRICS] + (list(LATENT_METRICS) if embed else [])
+    ordered = (["perturbation"] + [name.format(k=k) for name in PERTFLOW_METRICS]
+               + (list(LATENT_METRICS) if embed else []))
     return table[ordered]
 
 
@@ -174,11 +176,13 @@ def latent_knn_purity(z_pred: np.ndarray, z_real: np.ndarray, z_ctrl: np.ndarray
     the share that are real perturbed; averaged over predicted cells."""
     size = cfg.max_cells_per_set
     n_ref = min(len(z_real), len(z_ctrl), size)
-    return M.knn_purity(subsample(z_pred, size, rng), subsample(z_real, n_ref, rng), subsample(z_ctrl, n_ref, rng), cfg.knn_k)
+    return M.knn_purity(subsample(z_pred, size, rng), subsample(z_real, n_ref, rng), subsample(z_ctrl, n_ref, rng),
+                        cfg.knn_k)
 
 
 def zero_flat_correlations(
-    table: pd.DataFrame, perts: list[str], x_pred: np.ndarray, p_lab: np.ndarray, control: str, where: str, notes: list[str]
+    table: pd.DataFrame, perts: list[str], x_pred: np.ndarray, p_lab: np.ndarray, control: str, where: str,
+    notes: list[str]
 ) -> None:
     """Pearson delta of a prediction with no shift at all: 0 instead of NaN (see ``EvalConfig``)."""
     ctrl_mean = x_pred[p_lab == control].mean(axis=0)

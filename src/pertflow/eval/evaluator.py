@@ -233,7 +233,8 @@ def evaluate(
     notes: list[str] = []
     pred = _fill_single_context(real, pred, context_col, notes)
     if dose_col is not None:
-        real, pred = (_dose_conditions(a, name, pert_col, control, dose_col, notes) for a, name in ((real, "real"), (pred, "pred")))
+        real, pred = (_dose_conditions(a, name, pert_col, control, dose_col, notes)
+                      for a, name in ((real, "real"), (pred, "pred")))
     for adata, name in ((real, "real"), (pred, "pred")):
         check_obs(adata, name, pert_col, context_col)
         check_values(adata.X, name, require_decimals=True)
@@ -325,7 +326,8 @@ def aggregate_table(per_perturbation: pd.DataFrame) -> pd.DataFrame:
     values = values.apply(pd.to_numeric, errors="coerce").astype(float)
     frame = pl.DataFrame({c: values[c].to_numpy() for c in values.columns}, nan_to_null=True)
     described = frame.describe().to_dict(as_series=False)
-    agg = pd.DataFrame({c: described[c] for c in values.columns}, index=pd.Index(described["statistic"], name="statistic"))
+    agg = pd.DataFrame({c: described[c] for c in values.columns},
+                       index=pd.Index(described["statistic"], name="statistic"))
     return agg.astype(float)
 
 

@@ -152,7 +152,8 @@ def plot_embeddings(results: pd.DataFrame, out: Path, models: list[str]) -> list
 
 def _case_rows(found: dict[str, np.ndarray], case: pd.Series, extra: str | None = None):
     """The rows of an ``embedding.npz`` that belong to a case: their coordinates (and ``extra``)."""
-    hit = np.flatnonzero((found["perturbation"] == str(case["perturbation"])) & (found["context"] == str(case["context"])))
+    same = (found["perturbation"] == str(case["perturbation"])) & (found["context"] == str(case["context"]))
+    hit = np.flatnonzero(same)
     rows = np.isin(found["case"], hit)
     return found["xy"][rows], (found[extra][rows] if extra else None)
 
@@ -176,15 +177,16 @@ def _case_grids(results: pd.DataFrame, out: Path, models: list[str], kind: str, 
             left, right, top, bottom = 0.75, 0.15, 0.75, 0.45 + 0.25 * legend
             width, height = size * len(models) + left + right, size * len(chunk) + top + bottom
             fig, axes = plt.subplots(len(chunk), len(models), figsize=(width, height), squeeze=False)
-            fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
-                                wspace=0.25, hspace=0.2)
+            fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height,
+                                bottom=bottom / height, wspace=0.25, hspace=0.2)
             for col, model in enumerate(models):
                 axes[0, col].set_title(model, fontsize=8, fontweight="bold")
                 for row, (_, case) in enumerate(chunk.iterrows()):
                     ax = axes[row, col]
                     ax.tick_params(labelsize=5)
                     if col == 0:
-                        label = str(case["perturbation"]) + ("" if case["context"] == SINGLE_CONTEXT else f"\n{case['context']}")
+                        own_context = "" if case["context"] == SINGLE_CONTEXT else f"\n{case['context']}"
+                        label = str(case["perturbation"]) + own_context
                         ax.set_ylabel(f"{label}\n{ylabel}", fontsize=6)
                     fold = case["fold"]
                     split_name = task if fold in ("", None) or pd.isna(fold) else f"{task}__{fold}"
@@ -235,7 +237,8 @@ class Projection:
     components: np.ndarray
 
 
-def shared_pca(control: np.ndarray, perturbed: np.ndarray, n_genes: int | None = EMBED_GENES, seed: int = 0) -> Projection:
+def shared_pca(control: np.ndarray, perturbed: np.ndarray, n_genes: int | None = EMBED_GENES,
+               seed: int = 0) -> Projection:
     """The 2-D embedding of one perturbation: the first two principal components (scanpy's PCA)
     of its real cells and its context's real controls, (n, G) each, on the ``n_genes`` genes whose
     mean differs most between the two (all genes: None); a projection that other cells (a model's
@@ -276,7 +279,8 @@ def plot_training(run_dir: Path, path: Path, title: str) -> Path | None:
     foundation = run_dir / "foundation" / "history.csv"
     if foundation.is_file():
         panels.append((pd.read_csv(foundation), "loss", "foundation pretraining loss"))
-    panels = [(t, c, name) for t, c, name in panels if c in t.columns and pd.to_numeric(t[c], errors="coerce").notna().any()]
+    panels = [(t, c, name) for t, c, name in panels if c in t.columns
+              and pd.to_numeric(t[c], errors="coerce").notna().any()]
     if not panels:
         return None
     plt = _pyplot()

@@ -106,6 +106,7 @@ class FiniteVelocity:
         return v
 
 
-def solve_ode(field: VelocityField, x_init: torch.Tensor, method: str = "rk4", steps: int = 20, **kwargs) -> torch.Tensor:
+def solve_ode(field: VelocityField, x_init: torch.Tensor, method: str = "rk4", steps: int = 20,
+              **kwargs) -> torch.Tensor:
     """Shorthand for ``ODESolver(field).sample(x_init, method, steps, ...)``."""
     return ODESolver(field).sample(x_init, method, steps, **kwargs)

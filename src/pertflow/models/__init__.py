@@ -1,1 +1,2 @@
-"""Model families, one sub-package each (``pertflow.models.scgpt``, ...); import them directly."""
+"""Model families, one sub-package each (``pertflow.models.cfm``, ``pertflow.models.scgpt_generator``,
+...); import them directly. The foundation models they build on live in :mod:`pertflow.foundation`."""

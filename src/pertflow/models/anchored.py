@@ -136,9 +136,11 @@ class AnchoredModel(PerturbationModel):
         settings: PredictConfig | None = None,
     ) -> np.ndarray:
         settings = settings or self.predict_config
-        shift = self.prior.delta(perturbation, context) if self.prior is not None else np.zeros(len(self.genes), np.float32)
+        shift = (self.prior.delta(perturbation, context) if self.prior is not None
+                 else np.zeros(len(self.genes), np.float32))
         mode = self.prediction_mode if settings.mode == "auto" else settings.mode
-        return mode_cells(mode, controls, shift, lambda: self.own_cells(controls, perturbation, context, shift, rng, settings))
+        return mode_cells(mode, controls, shift,
+                          lambda: self.own_cells(controls, perturbation, context, shift, rng, settings))
 
     # ------------------------------------------------------------------ persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -174,7 +176,8 @@ class AnchoredNetwork(AnchoredModel, NetworkModel):
         NetworkModel.fit(self, view, train_config, run_dir, resume, selector=selector)
 
     def own_cells(self, controls: np.ndarray, perturbation: str, context: str, shift: np.ndarray,
-                  rng: np.random.Generator, settings: PredictConfig, module: torch.nn.Module | None = None) -> np.ndarray:
+                  rng: np.random.Generator, settings: PredictConfig,
+                  module: torch.nn.Module | None = None) -> np.ndarray:
         """The network's cells (``module``: a network being trained, else the model's own)."""
         module = module if module is not None else self.module.to(inference_device())
         shifts = np.broadcast_to(shift[None, :], controls.shape).astype(np.float32)

@@ -70,7 +70,8 @@ class PerturbationModel:
         variants that a config field selects (declared ``class X(..., variant=True)``)."""
         return cls
 
-    def __init__(self, config: Any, genes: list[str], vocab: Vocabulary, spec: DataSpec, predict_config: PredictConfig | None = None):
+    def __init__(self, config: Any, genes: list[str], vocab: Vocabulary, spec: DataSpec,
+                 predict_config: PredictConfig | None = None):
         if spec.dose_col is not None and not self.reads_dose:
             raise InputError(
                 f"model '{self.name}' does not condition on dose, but the data has a dose column "
@@ -85,7 +86,8 @@ class PerturbationModel:
         self.fit_report: dict[str, Any] = {}
 
     @classmethod
-    def from_view(cls, view: SplitView, config: Any = None, predict_config: PredictConfig | None = None) -> PerturbationModel:
+    def from_view(cls, view: SplitView, config: Any = None,
+                  predict_config: PredictConfig | None = None) -> PerturbationModel:
         """A model on the genes and vocabulary of a split view (default config when None)."""
         config = config if config is not None else build(cls.config_class, {})
         return cls(config, view.genes, view.vocab, view.data.spec, predict_config)
@@ -202,7 +204,8 @@ class PerturbationModel:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_tensors(run_dir / "model.safetensors", self.state_tensors())
-        write_json(run_dir / "model.json", {**self.describe(), "extra_state": self.extra_state(), "fit_report": self.fit_report})
+        write_json(run_dir / "model.json",
+                   {**self.describe(), "extra_state": self.extra_state(), "fit_report": self.fit_report})
 
     @staticmethod
     def load(run_dir: str | Path) -> PerturbationModel:
@@ -219,8 +222,8 @@ class PerturbationModel:
             raise InputError(f"{run_dir} was written by a newer pertflow; upgrade pertflow to load it.")
         if version < RUN_FORMAT_VERSION:
             raise InputError(
-                f"{run_dir} was written by an older pertflow (run format {version}, this one reads {RUN_FORMAT_VERSION}); "
-                "train the model again."
+                f"{run_dir} was written by an older pertflow (run format {version}, this one reads "
+                f"{RUN_FORMAT_VERSION}); train the model again."
             )
         cls = registry.model_class(meta["model"], meta["config"])
         spec = DataSpec.from_dict(meta["spec"])

@@ -82,7 +82,8 @@ class DeltaModel(PerturbationModel):
         self.keys: list[tuple[str, str]] = []  # (perturbation, context) of each training response
         self.responses = np.zeros((0, len(self.genes)), dtype=np.float32)
 
-    def fit(self, view: SplitView, train_config: TrainConfig | None = None, run_dir: Path | None = None, resume: bool = False) -> None:
+    def fit(self, view: SplitView, train_config: TrainConfig | None = None, run_dir: Path | None = None,
+            resume: bool = False) -> None:
         means = view.expression.group_means(view.groups(view.rows.train))  # one pass over backed data
         control_mean = {ctx: mean for (pert, ctx), mean in means.items() if pert == self.spec.control}
         keys, responses = [], []
@@ -238,7 +239,8 @@ class Linear(DeltaModel):
         # G: gene embeddings, the top principal components of the training pseudobulk (genes as
         # observations), as scores (singular values kept), as in Ahlmann-Eltze et al.
         k = max(0, min(self.config.n_components, centred.shape[1] - 1, centred.shape[0]))
-        u, s, _ = np.linalg.svd(centred, full_matrices=False) if k else (np.zeros((len(self.genes), 0)), np.zeros(0), None)
+        u, s, _ = (np.linalg.svd(centred, full_matrices=False) if k
+                   else (np.zeros((len(self.genes), 0)), np.zeros(0), None))
         G = u[:, :k] * s[:k]
         self.gene_embedding = G.astype(np.float32)
         self.feature_tokens = sorted({c for p, _ in self.keys for c in self.components(p) if c not in self._gene_pos})

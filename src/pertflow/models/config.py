@@ -1,9 +1,10 @@
 """Settings of prediction, kept apart from a model's architecture and training settings.
 
 A run's configuration has three sections: ``model`` (the family's frozen dataclass: what the
-weights are; a model anchored on a prior builds on :class:`AnchoredConfig`), ``train`` (:class:`pertflow.train.TrainConfig`: how they were learnt) and
-``predict`` (:class:`PredictConfig`: how cells are generated from them). Only the last can change
-after training: ``pertflow predict --set predict.ode_steps=4``.
+weights are; a model anchored on a prior builds on :class:`AnchoredConfig`), ``train``
+(:class:`pertflow.train.TrainConfig`: how they were learnt) and ``predict`` (:class:`PredictConfig`:
+how cells are generated from them). Only the last can change after training:
+``pertflow predict --set predict.ode_steps=4``.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class PredictConfig:
         if self.interval is not None and not 0 < self.interval < 1:
             raise ValueError(f"interval must be a level between 0 and 1 (e.g. 0.9) or null, got {self.interval}")
         if self.n_seeds < 1 or self.n_bootstrap < 10:
-            raise ValueError(f"n_seeds must be at least 1 and n_bootstrap at least 10, got {self.n_seeds}, {self.n_bootstrap}")
+            raise ValueError(f"n_seeds must be at least 1 and n_bootstrap at least 10, got {self.n_seeds}, "
+                             f"{self.n_bootstrap}")
 
 
 #: The baselines a model can be anchored on (``auto``: the one that scores best on validation).

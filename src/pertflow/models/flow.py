@@ -78,7 +78,8 @@ class FlowConfig(AnchoredConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.prior != "none" and self.source != "control":
-            raise ValueError(f"prior '{self.prior}' shifts where the flow starts: it needs source 'control', not '{self.source}'")
+            raise ValueError(f"prior '{self.prior}' shifts where the flow starts: it needs source 'control', not "
+                             f"'{self.source}'")
 
 
 @dataclass(frozen=True)
@@ -265,15 +266,17 @@ class GeneFlowNetwork(nn.Module):
         self.register_buffer("gene_tokens", gene_tokens.long())
         self.gene_encoder = GeneEncoder(n_tokens, d_t, padding_idx=pad_id)
         self.tokens = ExpressionTokens(d_t, config.dropout)
-        self.perturbation_encoder = PerturbationEncoder(n_tokens, first_other_token, pad_id, d_t, descriptors, dose=dose)
+        self.perturbation_encoder = PerturbationEncoder(n_tokens, first_other_token, pad_id, d_t, descriptors,
+                                                        dose=dose)
         self.time_embedder = TimestepEmbedder(d)
         if config.backbone == "dense":
             self.condition = nn.Identity()
-            self.backbone = GeneFlowBackbone(d, config.n_heads, config.n_layers, config.mlp_ratio, config.differential_attention)
+            self.backbone = GeneFlowBackbone(d, config.n_heads, config.n_layers, config.mlp_ratio,
+                                             config.differential_attention)
         else:
             self.condition = nn.Linear(d_t, d)  # the perturbation, at the latents' width
-            self.backbone = LatentFlowBackbone(d, d_t, config.n_heads, config.n_layers, config.n_latents, config.mlp_ratio,
-                                               config.differential_attention)
+            self.backbone = LatentFlowBackbone(d, d_t, config.n_heads, config.n_layers, config.n_latents,
+                                               config.mlp_ratio, config.differential_attention)
         self.decoder = ExprDecoder(2 * d_t, d_t)
         self.context_summary = ContextSummary(d_t, d) if config.context_condition else None
 
@@ -295,7 +298,8 @@ class GeneFlowNetwork(nn.Module):
         tokens = self.gene_tokens if gene_idx is None else self.gene_tokens[gene_idx]
         gene_emb = self.gene_encoder(tokens).unsqueeze(0)  # (1, G, d_t), broadcast over cells
         control_tokens = self.tokens.control(reference)
-        control_keys = self.backbone.control_keys(control_tokens) if isinstance(self.backbone, LatentFlowBackbone) else None
+        control_keys = (self.backbone.control_keys(control_tokens) if isinstance(self.backbone, LatentFlowBackbone)
+                        else None)
         pert = self.perturbation_encoder(pert_ids, self.gene_encoder, dose)
         context = None
         if self.context_summary is not None:
@@ -353,7 +357,8 @@ class GeneFlowNetwork(nn.Module):
         target, control, pert_ids = batch[BATCH_KEYS.TARGET], batch[BATCH_KEYS.CONTROL], batch[BATCH_KEYS.PERT_IDS]
         shift = batch.get(BATCH_KEYS.PRIOR_DELTA)
         if self.training:
-            pert_ids = unknown_perturbation_dropout(pert_ids, self.pad_id, self.unk_id, self.config.unknown_perturbation_p)
+            pert_ids = unknown_perturbation_dropout(pert_ids, self.pad_id, self.unk_id,
+                                                    self.config.unknown_perturbation_p)
         n_genes = target.shape[1]
         g = min(self.config.genes_per_step, n_genes)
         gene_idx = torch.randperm(n_genes, device=target.device)[:g] if g < n_genes else None

@@ -127,7 +127,8 @@ def inner_split(view: SplitView, kind: str = "auto", n_held_out: int = 0, seed: 
     else:
         raise ValueError(f"unknown validation kind '{kind}'")
     if not held:
-        return InnerSplit(view, "cells", [], f"{reason}; but nothing could be held out, so the split's validation cells")
+        return InnerSplit(view, "cells", [],
+                          f"{reason}; but nothing could be held out, so the split's validation cells")
     visible_perturbed = view.visible[~data.is_control[view.visible]]
     out = np.isin(labels[visible_perturbed].astype(str), held)
     held_rows = visible_perturbed[out]
@@ -179,7 +180,8 @@ def _held_out_contexts(view: SplitView, candidates: list[str], n_held_out: int, 
     return held
 
 
-def _held_out_perturbations(view: SplitView, perturbed: np.ndarray, n_held_out: int, rng: np.random.Generator) -> list[str]:
+def _held_out_perturbations(view: SplitView, perturbed: np.ndarray, n_held_out: int,
+                            rng: np.random.Generator) -> list[str]:
     """Training singles (seeded) and every training perturbation that contains one of them. Where the
     test holds combinations with an unseen component, the singles are drawn among those that are
     components of training combinations, so that validation has that kind too; where every unseen

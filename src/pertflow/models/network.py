@@ -74,7 +74,8 @@ class NetworkModel(PerturbationModel):
         return self.config.max_components
 
     # ------------------------------------------------------------------ training
-    def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False, selector: Any = None) -> None:
+    def fit(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool = False,
+            selector: Any = None) -> None:
         """Train the network on paired batches with the shared engine; keep the best weights
         (by the validation loss, or by ``selector``'s score: see :class:`~pertflow.train.Trainer`)."""
         torch.manual_seed(train_config.seed)
@@ -82,7 +83,8 @@ class NetworkModel(PerturbationModel):
         self.module = self.build_module()
         self.fit_report = self.train_network(view, train_config, Path(run_dir), resume, selector)
 
-    def train_network(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool, selector: Any) -> dict[str, Any]:
+    def train_network(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool,
+                      selector: Any) -> dict[str, Any]:
         """Train :attr:`module` (built, untrained) and return the fit report: one run of the engine
         in ``run_dir``. A model trained in stages overrides this and calls :meth:`run_engine` per stage."""
         result = self.run_engine(view, train_config, run_dir, resume, selector)
@@ -110,9 +112,11 @@ class NetworkModel(PerturbationModel):
         controls = train_config.include_controls if include_controls is None else include_controls
         batches = view.paired_batches(
             view.rows.train, train_config.batch_size, train_config.seed, self.max_components,
-            weighting=train_config.weighting, include_controls=controls, index_cache=Path(run_dir) / ROW_INDEX_FILE, **arrays,
+            weighting=train_config.weighting, include_controls=controls, index_cache=Path(run_dir) / ROW_INDEX_FILE,
+            **arrays,
         )
-        val = view.validation_batches(train_config.val_batches, train_config.batch_size, train_config.seed + 1, self.max_components, **arrays)
+        val = view.validation_batches(train_config.val_batches, train_config.batch_size, train_config.seed + 1,
+                                      self.max_components, **arrays)
         trainer = Trainer(self.module, train_config, run_dir, batches, val,
                           metadata={**self.describe(), **self.extra_state(), **(metadata or {})}, selector=selector)
         result = trainer.fit(resume=resume)

@@ -74,8 +74,9 @@ def predict_split(
     data = view.data
     to_label = model_labels(data.spec, model.spec, label_map)
     if model.spec.pert_col != data.spec.pert_col or list(model.spec.context_cols) != list(data.spec.context_cols):
-        print(f"note: the file's perturbation column '{data.spec.pert_col}' and context columns {list(data.spec.context_cols)} are "
-              f"read as the model's '{model.spec.pert_col}' and {list(model.spec.context_cols)} (labels matched by value"
+        print(f"note: the file's perturbation column '{data.spec.pert_col}' and context columns "
+              f"{list(data.spec.context_cols)} are read as the model's '{model.spec.pert_col}' and "
+              f"{list(model.spec.context_cols)} (labels matched by value"
               f"{', with the label map ' + str(label_map) if label_map else ''}).", flush=True)
     if set(view.genes) != set(model.genes) or len(view.genes) != len(model.genes):
         missing = [g for g in model.genes if g not in set(view.genes)]
@@ -85,9 +86,10 @@ def predict_split(
         )
     if model.spec.dose_col != data.spec.dose_col:
         raise InputError(
-            f"the model was trained with dose column {model.spec.dose_col!r}, the data spec has {data.spec.dose_col!r}: "
-            "conditions with and without doses do not match. "
-            + (f"Pass --dose-col {model.spec.dose_col}." if model.spec.dose_col else "Predict data without a dose column, or retrain.")
+            f"the model was trained with dose column {model.spec.dose_col!r}, the data spec has "
+            f"{data.spec.dose_col!r}: conditions with and without doses do not match. "
+            + (f"Pass --dose-col {model.spec.dose_col}." if model.spec.dose_col
+               else "Predict data without a dose column, or retrain.")
         )
     to_model = pd.Index(view.genes).get_indexer(model.genes)  # the view's columns, in the model's order
     check_known_labels(model, view, to_label)
@@ -107,7 +109,8 @@ def predict_split(
     interval_cfg = settings or model.predict_config
     want_interval = interval_cfg.interval is not None
     intervals: dict[str, list] = {"perturbation": [], "context": [], "mean": [], "lower": [], "upper": []}
-    control_means = {ctx: view.expression.get(pool).mean(axis=0) for ctx, pool in pools.items()} if want_interval else {}
+    control_means = ({ctx: view.expression.get(pool).mean(axis=0) for ctx, pool in pools.items()} if want_interval
+                     else {})
     blocks, obs_rows = [], []
     context_cols = list(data.spec.context_cols)
     dose_col = data.spec.dose_col
@@ -130,7 +133,8 @@ def predict_split(
         crash_point("predict")
         pred = model.generate(controls, to_label(pert), to_label(ctx), model_rng, settings)
         if pred.shape != (len(group), len(model.genes)) or not np.isfinite(pred).all():
-            raise RuntimeError(f"model '{model.name}' returned a bad prediction for {pert} in {ctx}: shape {pred.shape}")
+            raise RuntimeError(f"model '{model.name}' returned a bad prediction for {pert} in {ctx}: shape "
+                               f"{pred.shape}")
         cells = to_file(pred, own, controls)
         blocks.append(cells)
         if want_interval:
@@ -140,7 +144,8 @@ def predict_split(
                 chosen = extra_rng.choice(pool, size=len(group), replace=len(pool) < len(group))
                 own = view.expression.get(chosen)[:, to_model]
                 controls = model_controls(own)
-                more = model.generate(controls, to_label(pert), to_label(ctx), np.random.default_rng([seed, 3, extra]), settings)
+                more = model.generate(controls, to_label(pert), to_label(ctx), np.random.default_rng([seed, 3, extra]),
+                                      settings)
                 generations.append(to_file(more, own, controls))
             mean, lower, upper = shift_intervals(np.concatenate(generations), control_means[ctx], interval_cfg.interval,
                                                  interval_cfg.n_bootstrap, np.random.default_rng([seed, 4]))
@@ -154,8 +159,8 @@ def predict_split(
     for ctx, pool in pools.items():
         blocks.append(view.expression.get(pool))
         ctx_obs = data.adata.obs.iloc[pool]
-        obs_rows += [{data.spec.pert_col: data.spec.control, **dose_of(data.spec.control), **{c: str(v[c]) for c in context_cols},
-                      "source": "control"} for _, v in ctx_obs.iterrows()]
+        obs_rows += [{data.spec.pert_col: data.spec.control, **dose_of(data.spec.control),
+                      **{c: str(v[c]) for c in context_cols}, "source": "control"} for _, v in ctx_obs.iterrows()]
     obs = pd.DataFrame(obs_rows)
     obs.index = [f"pred_{i}" for i in range(len(obs))]
     for col in obs.columns:
@@ -165,7 +170,8 @@ def predict_split(
     out.uns["pertflow"] = {"model": model.name, "split": view.split.name or "", "seed": seed}
     if want_interval:
         out.uns["pertflow_interval"] = {
-            "perturbation": np.array(intervals["perturbation"], dtype=str), "context": np.array(intervals["context"], dtype=str),
+            "perturbation": np.array(intervals["perturbation"], dtype=str),
+            "context": np.array(intervals["context"], dtype=str),
             **{k: np.stack(intervals[k]).astype(np.float32) for k in ("mean", "lower", "upper")},
             "level": float(interval_cfg.interval), "n_seeds": int(interval_cfg.n_seeds),
         }
@@ -264,8 +270,8 @@ def predict_cells(
     genes = pd.Index(controls.var_names.astype(str))
     missing = [g for g in model.genes if g not in genes]
     if missing:
-        raise InputError(f"the controls lack {len(missing)} of the model's genes (e.g. {missing[:5]}). Give control cells "
-                         "with the genes the model was trained on.")
+        raise InputError(f"the controls lack {len(missing)} of the model's genes (e.g. {missing[:5]}). Give control "
+                         "cells with the genes the model was trained on.")
     x = controls.X[:, genes.get_indexer(model.genes)]
     x = np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
     if x.size and (x.min() < 0 or x.max() >= 15 or np.all(np.modf(x)[0] == 0)):
@@ -328,12 +334,11 @@ def check_known_labels(model: PerturbationModel, view: SplitView, to_label: Call
     names = sorted({c for parts in unknown.values() for c in parts})
     if not model.predicts_unknown_labels:
         raise InputError(
-            f"model '{model.name}' has never seen {names[:5]}{' ...' if len(names) > 5 else ''} (not a perturbation or gene of "
-            "the file it was trained on) and can only predict no change for them. If they are training labels under "
-            "other names, map them (--map-labels MODEL_LABEL=FILE_LABEL); else predict them with a model that reads "
-            "unseen perturbations (mean, linear, a flow).")
+            f"model '{model.name}' has never seen {names[:5]}{' ...' if len(names) > 5 else ''} (not a perturbation or "
+            "gene of the file it was trained on) and can only predict no change for them. If they are training labels "
+            "under other names, map them (--map-labels MODEL_LABEL=FILE_LABEL); else predict them with a model that "
+            "reads unseen perturbations (mean, linear, a flow).")
     for pert, parts in unknown.items():
-        print(f"note: '{pert}': the model has never seen {parts} (not a perturbation or gene of the file it was trained "
-              "on); predicted as an unseen perturbation. If it is a training label under another name, map it "
-              "(--map-labels MODEL_LABEL=FILE_LABEL).",
-              flush=True)
+        print(f"note: '{pert}': the model has never seen {parts} (not a perturbation or gene of the file it was "
+              "trained on); predicted as an unseen perturbation. If it is a training label under another name, map it "
+              "(--map-labels MODEL_LABEL=FILE_LABEL).", flush=True)

@@ -27,13 +27,13 @@ norman-unseen-single, latent-shift under the linear prior predicted MAP2K3+MAP2K
 top-20 DE Pearson delta, the linear baseline 0.252). A condition at a dose
 (``drugA@1``, with a dose column) is always left out: at an unmeasured dose the prior is an
 interpolation of the other doses (:meth:`~pertflow.models.baselines.DeltaModel.dose_response`),
-and in training it is the same, so the flow learns how far a dose is from that estimate. ``auto`` picks the baseline that scores best on the split's
-validation perturbations, each also predicted leave-one-out (:mod:`pertflow.models.validation`);
-test cells are never read. One case validation cannot judge: a split that predicts combinations
-of measured singles whose validation has no such combination (norman-combo-seen2: every
-combination with both singles measured is a test one); there ``auto`` takes ``additive``, the
-baseline built from the measured singles, says so, and the flow model predicts with it (validation
-cannot judge the flow on that case either).
+and in training it is the same, so the flow learns how far a dose is from that estimate. ``auto``
+picks the baseline that scores best on the split's validation perturbations, each also predicted
+leave-one-out (:mod:`pertflow.models.validation`); test cells are never read. One case validation
+cannot judge: a split that predicts combinations of measured singles whose validation has no such
+combination (norman-combo-seen2: every combination with both singles measured is a test one);
+there ``auto`` takes ``additive``, the baseline built from the measured singles, says so, and the
+flow model predicts with it (validation cannot judge the flow on that case either).
 
 A prior also has a strength: its shift scaled by a factor chosen on validation among the
 config's ``prior_strengths`` (default ``[1.0]``: the baseline as it is; :data:`PRIOR_STRENGTHS`
@@ -58,13 +58,14 @@ from pertflow.models.validation import ValidationScore, ValidationSet
 from pertflow.train.launch import is_main_process
 
 #: Prior names and the baseline each one is (``none``: the controls themselves, no change).
-PRIOR_BASELINES = {"none": "no-change", "mean": "mean", "additive": "additive", "linear": "linear", "context-shift": "context-shift",
-                   "target-effect": "target-effect"}
+PRIOR_BASELINES = {"none": "no-change", "mean": "mean", "additive": "additive", "linear": "linear",
+                   "context-shift": "context-shift", "target-effect": "target-effect"}
 #: The prior strengths to give ``prior_strengths`` to let validation shrink the prior (strongest first).
 PRIOR_STRENGTHS = (1.0, 0.75, 0.5)
 #: why ``auto`` took additive without validation's judgement (see the module docstring)
 UNJUDGED_COMBINATIONS = ("the split predicts combinations of measured singles, and no validation combination has its "
-                         "singles measured: validation cannot judge that case, and additive is the baseline built from them")
+                         "singles measured: validation cannot judge that case, "
+                         "and additive is the baseline built from them")
 
 
 class Prior:
@@ -166,7 +167,8 @@ class Prior:
         None where the baseline's own combination stands: a single, a dose, no measured
         component, or the ``none`` and ``additive`` priors (additive composes so already)."""
         comps = self.baseline.components(perturbation)
-        if self.name in ("none", "additive") or len(comps) < 2 or self.baseline.spec.split_dose(perturbation)[1] is not None:
+        if (self.name in ("none", "additive") or len(comps) < 2
+                or self.baseline.spec.split_dose(perturbation)[1] is not None):
             return None
         measured = [(c, context) in self.baseline.keys for c in comps]
         if not any(measured):
@@ -202,7 +204,8 @@ class Prior:
         except for a measured single under the additive prior, whose shift is its own response
         (the additive prior's input; see the module docstring). Never used for scoring."""
         if self.name == "additive" and (perturbation, context) in self.baseline.keys \
-                and len(self.baseline.components(perturbation)) == 1 and self.baseline.spec.split_dose(perturbation)[1] is None:
+                and len(self.baseline.components(perturbation)) == 1 \
+                and self.baseline.spec.split_dose(perturbation)[1] is None:
             return self.delta(perturbation, context)
         return self.held_out_delta(perturbation, context)
 
@@ -215,8 +218,8 @@ class Prior:
         return {f"prior.{k}": v for k, v in self.baseline.state_tensors().items()}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"name": self.name, "baseline": self.baseline.extra_state(), "scores": self.scores, "reason": self.reason,
-                "strength": self.strength}
+        return {"name": self.name, "baseline": self.baseline.extra_state(), "scores": self.scores,
+                "reason": self.reason, "strength": self.strength}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], tensors: dict[str, torch.Tensor], model: Any) -> Prior:
@@ -224,8 +227,10 @@ class Prior:
         baseline = model_class(PRIOR_BASELINES[state["name"]])(
             model_class(PRIOR_BASELINES[state["name"]]).config_class(), model.genes, model.vocab, model.spec
         )
-        baseline.load_state({k.removeprefix("prior."): v for k, v in tensors.items() if k.startswith("prior.")}, state["baseline"])
-        prior = cls(state["name"], baseline, state.get("scores"), state.get("strength", 1.0))  # 1: saved before strengths
+        baseline.load_state({k.removeprefix("prior."): v for k, v in tensors.items() if k.startswith("prior.")},
+                            state["baseline"])
+        # strength 1: saved before strengths
+        prior = cls(state["name"], baseline, state.get("scores"), state.get("strength", 1.0))
         prior.reason = state.get("reason", prior.reason)
         return prior
 
@@ -249,7 +254,8 @@ def mode_cells(mode: str, controls: np.ndarray, shift: np.ndarray, model_cells: 
     return cells
 
 
-def choose_prediction_mode(score: Callable[[str], ValidationScore], prior: Prior, what: str = "the flow") -> tuple[str, dict[str, Any]]:
+def choose_prediction_mode(score: Callable[[str], ValidationScore], prior: Prior,
+                           what: str = "the flow") -> tuple[str, dict[str, Any]]:
     """The prediction mode that scores best on validation (``score(mode)``; ties go to the first of
     :data:`PREDICTION_MODES`), and the scores for the fit report (``{"validation": {mode: ...}}``).
 

@@ -28,7 +28,7 @@ MODELS: dict[str, str] = {
     "ccfm": "pertflow.models.ccfm.model",
     "latent-shift": "pertflow.models.latent_shift.model",
     "cfmvc": "pertflow.models.cfmvc.model",
-    "scgpt-generator": "pertflow.models.scgpt.generator",
+    "scgpt-generator": "pertflow.models.scgpt_generator.model",
 }
 BASELINES = ("no-change", "mean", "additive", "linear", "context-shift")
 

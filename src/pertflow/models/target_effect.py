@@ -56,7 +56,8 @@ class TargetEffect(DeltaModel):
         self.common: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, view: SplitView, train_config: TrainConfig | None = None, run_dir: Any = None, resume: bool = False) -> None:
+    def fit(self, view: SplitView, train_config: TrainConfig | None = None, run_dir: Any = None,
+            resume: bool = False) -> None:
         data = view.data
         position = self._gene_pos
         self.targets = sorted({c for p in data.perturbation_names for c in data.components(p) if c in position})
@@ -85,7 +86,8 @@ class TargetEffect(DeltaModel):
 
     def fit_responses(self, keys: list[tuple[str, str]], responses: np.ndarray) -> None:
         super().fit_responses(keys, responses)
-        singles = [i for i, (p, _) in enumerate(self.keys) if len(self._measured(p)) == 1 and len(self.components(p)) == 1]
+        singles = [i for i, (p, _) in enumerate(self.keys) if len(self._measured(p)) == 1
+                   and len(self.components(p)) == 1]
         folds = {i: self._log_fold(i) for i in singles}
         folds = {i: f for i, f in folds.items() if f is not None}
         self.log_fold = float(np.mean(list(folds.values()))) if folds else 0.0

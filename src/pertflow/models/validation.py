@@ -52,7 +52,8 @@ class ValidationScore:
     score: float
 
     def as_dict(self, prefix: str = "val_") -> dict[str, float]:
-        return {f"{prefix}pearson_top20_de": self.pearson_top20_de, f"{prefix}edistance": self.edistance, f"{prefix}score": self.score}
+        return {f"{prefix}pearson_top20_de": self.pearson_top20_de, f"{prefix}edistance": self.edistance,
+                f"{prefix}score": self.score}
 
 
 Kind = tuple[int, int]  # (components, how many of them are measured as singles in training)
@@ -98,7 +99,8 @@ class TaskKinds:
         return bool(self.kinds) and all(n > 1 and seen == n for n, seen in self.kinds)
 
 
-def like_test(view: SplitView, keys: list[tuple[str, str]], kinds: TaskKinds | None = None) -> tuple[list[tuple[str, str]], bool]:
+def like_test(view: SplitView, keys: list[tuple[str, str]],
+              kinds: TaskKinds | None = None) -> tuple[list[tuple[str, str]], bool]:
     """The validation groups of the kind the split predicts, and whether they are of its kind.
 
     A combination task's test combinations have both singles measured, so only validation
@@ -187,7 +189,8 @@ class ValidationSet:
     def __len__(self) -> int:
         return len(self.groups)
 
-    def _choose(self, view: SplitView, keys: list[tuple[str, str]], n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+    def _choose(self, view: SplitView, keys: list[tuple[str, str]], n: int,
+                rng: np.random.Generator) -> list[tuple[str, str]]:
         """``n`` of the groups (seeded), each test kind's number in proportion to its share of the
         test perturbations (at least one each), so that no kind the test asks for is left out."""
         by_kind: dict[Kind, list[int]] = {}
@@ -217,8 +220,9 @@ class ValidationSet:
         return np.array([shares[k] / total / present[k] for k in kinds])
 
     def _edistance(self, predict: Predictor) -> float:
-        return float(np.average([M.edistance(self.pca.transform(predict(g.perturbation, g.context, g.controls)), g.real_pcs)
-                                 for g in self.groups], weights=self.weights))
+        distances = [M.edistance(self.pca.transform(predict(g.perturbation, g.context, g.controls)), g.real_pcs)
+                     for g in self.groups]
+        return float(np.average(distances, weights=self.weights))
 
     def score(self, predict: Predictor) -> ValidationScore:
         """Score a predictor of validation cells (see the module docstring)."""
@@ -228,5 +232,6 @@ class ValidationSet:
             r = M.pearson_delta_vs_reference(cells.mean(0), g.real.mean(0), g.control_mean, g.de_genes)
             pearsons.append(0.0 if np.isnan(r) else r)
             distances.append(M.edistance(self.pca.transform(cells), g.real_pcs))
-        pearson, distance = float(np.average(pearsons, weights=self.weights)), float(np.average(distances, weights=self.weights))
+        pearson, distance = (float(np.average(pearsons, weights=self.weights)),
+                             float(np.average(distances, weights=self.weights)))
         return ValidationScore(pearson, distance, pearson - distance / max(self._no_change, 1e-12))

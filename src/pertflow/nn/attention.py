@@ -121,7 +121,8 @@ class DifferentialAttention(nn.Module):
 class AdaLNAttentionBlock(nn.Module):
     """DiT block: AdaLN-modulated (differential) attention and MLP, gated, conditioned on ``c``."""
 
-    def __init__(self, d_model: int, n_heads: int, depth: int, mlp_ratio: float = 4.0, differential: bool = True) -> None:
+    def __init__(self, d_model: int, n_heads: int, depth: int, mlp_ratio: float = 4.0,
+                 differential: bool = True) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
         self.attn = DifferentialAttention(d_model, n_heads, depth, differential)
@@ -143,7 +144,8 @@ class AdaLNAttentionBlock(nn.Module):
 class DiffPerceiverBlock(nn.Module):
     """scDFM's block: differential self-attention, then attention referenced on the control cell."""
 
-    def __init__(self, d_model: int, n_heads: int, depth: int, mlp_ratio: float = 4.0, differential: bool = True) -> None:
+    def __init__(self, d_model: int, n_heads: int, depth: int, mlp_ratio: float = 4.0,
+                 differential: bool = True) -> None:
         super().__init__()
         self.self_block = AdaLNAttentionBlock(d_model, n_heads, depth, mlp_ratio, differential)
         self.reference_block = AdaLNAttentionBlock(d_model, n_heads, depth, mlp_ratio, differential)

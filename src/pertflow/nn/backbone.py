@@ -84,7 +84,8 @@ class BackboneLayer(nn.Module):
     def __init__(self, d_model: int, n_heads: int, depth: int, mlp_ratio: float, differential: bool):
         super().__init__()
         self.gene_adaln = GeneAdaLN(d_model)
-        self.adapter = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.LeakyReLU(), nn.Linear(d_model, d_model), nn.LeakyReLU())
+        self.adapter = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.LeakyReLU(), nn.Linear(d_model, d_model),
+                                     nn.LeakyReLU())
         self.block = DiffPerceiverBlock(d_model, n_heads, depth, mlp_ratio, differential)
 
     def forward(self, x: Tensor, gene_emb: Tensor, control_tokens: Tensor, pert_tokens: Tensor, c: Tensor) -> Tensor:
@@ -106,10 +107,12 @@ class GeneFlowBackbone(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_layers: int, mlp_ratio: float = 4.0, differential: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(BackboneLayer(d_model, n_heads, i, mlp_ratio, differential) for i in range(n_layers))
+        self.layers = nn.ModuleList(BackboneLayer(d_model, n_heads, i, mlp_ratio, differential)
+                                    for i in range(n_layers))
         self.grad_checkpointing = False  # see pertflow.nn.checkpointing
 
-    def forward(self, x: Tensor, gene_emb: Tensor, control_tokens: Tensor, pert: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, gene_emb: Tensor, control_tokens: Tensor, pert: Tensor,
+                c: Tensor) -> tuple[Tensor, Tensor]:
         """
         Parameters
         ----------

@@ -75,7 +75,8 @@ class LatentRead(nn.Module):
         h = modulate(self.norm_latents(latents), shift, scale)
         t = self.norm_tokens(tokens)
         v = _split_heads(self.v(t), self.n_heads)
-        out = F.scaled_dot_product_attention(_split_heads(self.q1(h), self.n_heads), _split_heads(self.k1(t), self.n_heads), v)
+        out = F.scaled_dot_product_attention(_split_heads(self.q1(h), self.n_heads),
+                                             _split_heads(self.k1(t), self.n_heads), v)
         if self.differential:
             second = F.scaled_dot_product_attention(_split_heads(self.q2(h), self.n_heads), control_keys, v)
             out = self.difference(out, second)
@@ -101,7 +102,8 @@ class LatentWrite(nn.Module):
     def forward(self, tokens: Tensor, latents: Tensor) -> Tensor:
         z = self.norm_latents(latents)
         q = _split_heads(self.q(self.norm_tokens(tokens)), self.n_heads)
-        out = F.scaled_dot_product_attention(q, _split_heads(self.k(z), self.n_heads), _split_heads(self.v(z), self.n_heads))
+        out = F.scaled_dot_product_attention(q, _split_heads(self.k(z), self.n_heads),
+                                             _split_heads(self.v(z), self.n_heads))
         tokens = tokens + self.out(_merge_heads(out))
         return tokens + self.mlp(self.norm_mlp(tokens))
 
@@ -128,7 +130,8 @@ class LatentFlowBackbone(nn.Module):
         d_cross = max(n_heads, d_model // 2) // n_heads * n_heads
         self.latents = nn.Parameter(torch.randn(n_latents, d_model) * 0.02)
         self.read = LatentRead(d_model, d_token, n_heads, d_cross, differential)
-        self.blocks = nn.ModuleList(AdaLNAttentionBlock(d_model, n_heads, i, mlp_ratio, differential=False) for i in range(n_layers))
+        self.blocks = nn.ModuleList(AdaLNAttentionBlock(d_model, n_heads, i, mlp_ratio, differential=False)
+                                    for i in range(n_layers))
         self.write = LatentWrite(d_model, d_token, n_heads, d_cross)
         self.pert_to_tokens = nn.Linear(d_token, d_token)
         self.grad_checkpointing = False  # see pertflow.nn.checkpointing
@@ -156,7 +159,8 @@ class LatentFlowBackbone(nn.Module):
             (B, G, d_t) tokens, and the perturbation tokens (B, G, d_t) for a decoder.
         """
         ckpt = self.grad_checkpointing
-        latents = run_layer(self.read, self.latents.unsqueeze(0).expand(x.shape[0], -1, -1), x, control_keys, c, checkpointed=ckpt)
+        latents = run_layer(self.read, self.latents.unsqueeze(0).expand(x.shape[0], -1, -1), x, control_keys, c,
+                            checkpointed=ckpt)
         for block in self.blocks:
             latents = run_layer(block, latents, c, checkpointed=ckpt)
         x = run_layer(self.write, x, latents, checkpointed=ckpt)

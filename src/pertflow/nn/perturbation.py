@@ -47,8 +47,8 @@ class PerturbationEncoder(nn.Module):
     (none given, or a control) adds nothing.
     """
 
-    def __init__(self, n_tokens: int, first_other_token: int, pad_id: int, d_model: int, descriptors: Tensor | None = None,
-                 dose: bool = False):
+    def __init__(self, n_tokens: int, first_other_token: int, pad_id: int, d_model: int,
+                 descriptors: Tensor | None = None, dose: bool = False):
         super().__init__()
         self.first_other_token = first_other_token
         self.pad_id = pad_id

@@ -54,7 +54,8 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor | None, batched: bool = True) -
                 f"x and y must have the same number of features; got {x.shape[-1]} and {y.shape[-1]}"
             )
         if y.shape[:-2] != x.shape[:-2]:
-            raise ValueError(f"x and y must have the same batch shape; got {tuple(x.shape[:-2])} and {tuple(y.shape[:-2])}")
+            raise ValueError(f"x and y must have the same batch shape; got {tuple(x.shape[:-2])} and "
+                             f"{tuple(y.shape[:-2])}")
 
 
 def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

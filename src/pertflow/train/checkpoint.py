@@ -48,7 +48,9 @@ def holds_checkpoint(run_dir: Path) -> bool:
     """Whether a run folder holds a resumable checkpoint: its own, or one of a stage's."""
     run_dir = Path(run_dir)
     stages = run_dir / STAGES_DIR
-    return CheckpointDir(run_dir).exists() or (stages.is_dir() and any(CheckpointDir(d).exists() for d in stages.iterdir()))
+    if CheckpointDir(run_dir).exists():
+        return True
+    return stages.is_dir() and any(CheckpointDir(d).exists() for d in stages.iterdir())
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -185,7 +187,9 @@ class CheckpointDir:
             shutil.rmtree(old)
         return final
 
-    def load_latest(self, note: Any = print) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    def load_latest(
+        self, note: Any = print
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
         """``(model_state, optimizer_state, rng_tensors, state)`` of the newest complete checkpoint.
 
         The one ``latest.json`` points at, else (it is damaged) the newest folder that verifies;
@@ -206,21 +210,25 @@ class CheckpointDir:
                 problems.append(str(err))
                 continue
             if problems:
-                note(f"note: resuming from {folder.name}, the newest complete checkpoint; passed over: " + "; ".join(problems))
+                note(f"note: resuming from {folder.name}, the newest complete checkpoint; "
+                     "passed over: " + "; ".join(problems))
             return loaded
         if not candidates:
             raise InputError(f"{self.root} holds no checkpoint to resume from. Start the run again without --resume.")
         raise InputError(f"no complete checkpoint in {self.root} to resume from: {problems[0]}. Start the run again "
                          "(--overwrite), or restore the file.")
 
-    def _load(self, folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    def _load(
+        self, folder: Path
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
         """One checkpoint folder, verified against the checksums its ``state.json`` records."""
         state = read_json(folder / "state.json")
         if not isinstance(state, dict) or "step" not in state:
             raise InputError(f"{folder / 'state.json'} is damaged: it holds no checkpoint state")
         if state.get("format_version", 0) > FORMAT_VERSION:
             raise InputError(
-                f"{folder} was written by a newer pertflow (checkpoint format {state['format_version']}); upgrade pertflow."
+                f"{folder} was written by a newer pertflow (checkpoint format {state['format_version']}); "
+                "upgrade pertflow."
             )
         for name, digest in state.pop("checksums", {}).items():  # checkpoints written before checksums: not checked
             path = folder / name

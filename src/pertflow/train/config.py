@@ -102,8 +102,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        require_at_least_one(self, "max_steps", "batch_size", "val_every", "checkpoint_every", "log_every", "keep_checkpoints",
-                             "max_nonfinite", "nan_check_interval", "accumulate")
+        require_at_least_one(self, "max_steps", "batch_size", "val_every", "checkpoint_every", "log_every",
+                             "keep_checkpoints", "max_nonfinite", "nan_check_interval", "accumulate")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -111,8 +111,8 @@ class TrainConfig:
 
 
 #: The settings of how the engine runs (not what it optimises): a stage of a run keeps the run's.
-ENGINE_FIELDS = ("grad_clip", "nonfinite", "max_nonfinite", "nan_check_interval", "keep_checkpoints", "seed", "accumulate",
-                 "mixed_precision", "device", "progress")
+ENGINE_FIELDS = ("grad_clip", "nonfinite", "max_nonfinite", "nan_check_interval", "keep_checkpoints", "seed",
+                 "accumulate", "mixed_precision", "device", "progress")
 
 
 def stage_config(run: TrainConfig, **schedule: Any) -> TrainConfig:

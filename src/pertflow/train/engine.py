@@ -98,7 +98,8 @@ class TrainResult:
     skipped_steps: list[int] = field(default_factory=list)
     history: Path | None = None
     processes: int = 1
-    steps_per_s: float | None = None  # the training loop's rate in this call, validation excluded (resumed: since resuming)
+    # the training loop's rate in this call, validation excluded (resumed: since resuming)
+    steps_per_s: float | None = None
 
     @property
     def first_nonfinite_step(self) -> int | None:
@@ -128,7 +129,8 @@ def stop_requests() -> Iterator[list[int]]:
         received.append(signum)
         restore()
         # os.write, not print: the handler may run while tqdm is inside a write to sys.stderr
-        note = f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint (send it again to stop at once)\n"
+        note = (f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint (send it again to "
+                "stop at once)\n")
         with contextlib.suppress(OSError):
             os.write(sys.stderr.fileno(), note.encode())
 
@@ -207,14 +209,16 @@ class Trainer:
         self.network = module
         if config.grad_checkpointing:
             if not isinstance(module, GradCheckpointing):
-                raise InputError(f"{type(module).__name__} has no gradient checkpointing: set train.grad_checkpointing=false.")
+                raise InputError(f"{type(module).__name__} has no gradient checkpointing: set "
+                                 "train.grad_checkpointing=false.")
             module.set_grad_checkpointing(True)
         self.optimizer = make_optimizer(module.parameters(), config)
         self.module, self.optimizer = self.accelerator.prepare(_LossModule(module), self.optimizer)
         if self.accelerator.num_processes > 1:
             # Every process must take its own share of the batches (and say which it is).
             if not isinstance(train_batches, Shardable):
-                raise InputError("multi-process training needs a batch source with shard(process_index, num_processes).")
+                raise InputError("multi-process training needs a batch source with shard(process_index, "
+                                 "num_processes).")
             train_batches.shard(self.accelerator.process_index, self.accelerator.num_processes)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.ema = ExponentialMovingAverage(module, config.ema_decay) if config.ema_decay > 0 else None
@@ -248,7 +252,8 @@ class Trainer:
             return
         acc = self.accelerator
         backend = getattr(acc.state, "backend", None)
-        print(f"training: processes: {acc.num_processes}{f' ({backend})' if acc.num_processes > 1 and backend else ''}, "
+        spread = f" ({backend})" if acc.num_processes > 1 and backend else ""
+        print(f"training: processes: {acc.num_processes}{spread}, "
               f"device: {acc.device.type}, mixed precision: {self.config.mixed_precision}, "
               f"batches per step: {acc.num_processes * self.config.accumulate} x {self.config.batch_size}",
               file=sys.stderr, flush=True)
@@ -269,7 +274,8 @@ class Trainer:
 
     def _nonfinite_gradients(self) -> str:
         """What made a step's gradient non-finite: the parameters whose gradient is (a few named)."""
-        names = [n for n, p in self.network.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        names = [n for n, p in self.network.named_parameters() if p.grad is not None
+                 and not torch.isfinite(p.grad).all()]
         if not names:
             return "gradient"
         return "gradient of " + " ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
@@ -286,8 +292,8 @@ class Trainer:
         self._write_history()
         raise TrainingDiverged(
             f"non-finite weights at step {self.step} (finite at step {self._weights_checked}, the previous check): "
-            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Lower train.lr or check the data for extreme values; "
-            "the last good checkpoint is in checkpoints/."
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Lower train.lr or check the data for extreme "
+            "values; the last good checkpoint is in checkpoints/."
         )
 
     def _loss(self, batch: Batch, train: bool = True):
@@ -358,9 +364,11 @@ class Trainer:
         self.network.load_state_dict({k: v for k, v in model_state.items() if not k.startswith("ema.")})
         if self.ema is not None:
             if "ema_updates" not in state:
-                raise InputError(f"the checkpoint in {self.run_dir} holds no moving average of the weights (it was trained "
-                                 "without train.ema_decay): resume with --set train.ema_decay=0, or start a new run.")
-            self.ema.load({k.removeprefix("ema."): v for k, v in model_state.items() if k.startswith("ema.")}, state["ema_updates"])
+                raise InputError(f"the checkpoint in {self.run_dir} holds no moving average of the weights (it was "
+                                 "trained without train.ema_decay): resume with --set train.ema_decay=0, or start a "
+                                 "new run.")
+            self.ema.load({k.removeprefix("ema."): v for k, v in model_state.items() if k.startswith("ema.")},
+                          state["ema_updates"])
         if self.accelerator.scaler is not None and "grad_scaler" in state:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.optimizer.load_state_dict(optimizer_state)
@@ -449,7 +457,8 @@ class Trainer:
                     if cfg.grad_clip > 0:
                         grad_norm = float(self.accelerator.clip_grad_norm_(self.module.parameters(), cfg.grad_clip))
                     else:
-                        grad_norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.module.parameters() if p.grad is not None)))
+                        squares = [(p.grad.float() ** 2).sum() for p in self.module.parameters() if p.grad is not None]
+                        grad_norm = float(torch.sqrt(sum(squares)))
                     if self.accelerator.scaler is not None:
                         # fp16: the grad scaler owns overflowing steps (it skips them and lowers its scale).
                         self.optimizer.step()
@@ -469,9 +478,9 @@ class Trainer:
                                                    "nonfinite": nonfinite})
                         self._write_history()
                         raise TrainingDiverged(
-                            f"non-finite loss or gradient at step {self.step} ({nonfinite}; {consecutive_bad} in a row; skipped steps "
-                            f"{self.skipped[-10:]}). Lower train.lr, check the data for extreme values, or use "
-                            "train.mixed_precision=no. The last good checkpoint is in checkpoints/."
+                            f"non-finite loss or gradient at step {self.step} ({nonfinite}; {consecutive_bad} in a "
+                            f"row; skipped steps {self.skipped[-10:]}). Lower train.lr, check the data for extreme "
+                            "values, or use train.mixed_precision=no. The last good checkpoint is in checkpoints/."
                         )
                 else:
                     consecutive_bad = 0
@@ -496,9 +505,11 @@ class Trainer:
                     if criterion is not None and (self.best_val is None or criterion < self.best_val):
                         self.best_val, self.best_step = criterion, self.step
                         if self.accelerator.is_main_process:
-                            self.checkpoints.save_best(self._kept_weights(), {"step": self.step, "val_loss": val, **selected})
+                            self.checkpoints.save_best(self._kept_weights(),
+                                                       {"step": self.step, "val_loss": val, **selected})
                 if self.step % cfg.log_every == 0 or val is not None or bad:
-                    row = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped": int(bad)}
+                    row = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                           "grad_norm": grad_norm, "skipped": int(bad)}
                     if bad:
                         row["nonfinite"] = nonfinite
                     row.update(metrics)

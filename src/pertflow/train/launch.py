@@ -50,6 +50,21 @@ def _worker(index: int, n: int, port: int, fn: Callable[..., Any], args: tuple) 
         raise SystemExit(2) from None
     except TrainingInterrupted as stop:
         raise SystemExit(stop.exit_code) from None
+    _exit_without_teardown()
+
+
+def _exit_without_teardown() -> None:
+    """End a worker that finished its work: leave the process group, flush the streams and exit
+    at once. An ordinary interpreter exit runs C++ destructors while gloo's threads still run,
+    which now and then aborts the process ("terminate called without an active exception",
+    SIGABRT) after a run that succeeded and wrote everything."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_processes(n: int, fn: Callable[..., Any], *args: Any) -> None:
@@ -72,7 +87,8 @@ def run_processes(n: int, fn: Callable[..., Any], *args: Any) -> None:
         if err.exit_code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
             raise KeyboardInterrupt from None
         if err.exit_code == 2:
-            raise InputError(f"training process {err.error_index} stopped on bad input (its message is above).") from None
+            raise InputError(f"training process {err.error_index} stopped on bad input (its message is "
+                             "above).") from None
         raise RuntimeError(f"training process {err.error_index} failed with exit code {err.exit_code}.") from err
     finally:
         for s, handler in previous.items():

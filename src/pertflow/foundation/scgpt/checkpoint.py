@@ -12,7 +12,7 @@ A released scGPT model (e.g. the whole-human model, ``scGPT_human``) is a folder
 * ``best_model.pt`` -- a ``state_dict`` saved with ``torch.save`` (plain tensors, so it opens with
   ``torch.load(..., weights_only=True)``).
 
-The parameter names and how they map onto ours: :mod:`pertflow.models.scgpt.state_layout`.
+The parameter names and how they map onto ours: :mod:`pertflow.foundation.scgpt.state_layout`.
 """
 
 from __future__ import annotations
@@ -29,15 +29,22 @@ from torch import Tensor, nn
 
 from pertflow.errors import InputError
 from pertflow.io import atomic_path, read_json, write_json
-from pertflow.models.scgpt.config import (
+from pertflow.foundation.scgpt.config import (
     ScGPTConfig,
     check_fields,
     fields_from_scgpt_args,
     with_special_tokens,
 )
-from pertflow.models.scgpt.generation_model import TransformerGenerator
-from pertflow.models.scgpt.state_layout import HEAD_PREFIXES, LAYOUTS, from_public_state_dict, infer_architecture, prefix_of, to_public_state_dict
-from pertflow.models.scgpt.transformer import MultiOmicTransformerModel, TransformerModel
+from pertflow.foundation.scgpt.generation_model import TransformerGenerator
+from pertflow.foundation.scgpt.state_layout import (
+    HEAD_PREFIXES,
+    LAYOUTS,
+    from_public_state_dict,
+    infer_architecture,
+    prefix_of,
+    to_public_state_dict,
+)
+from pertflow.foundation.scgpt.transformer import MultiOmicTransformerModel, TransformerModel
 
 ARGS_FILE = "args.json"
 VOCAB_FILE = "vocab.json"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pertflow.errors import InputError
-from pertflow.models.scgpt.tokens import CLS, PAD, SPECIAL_TOKENS
+from pertflow.foundation.scgpt.tokens import CLS, PAD, SPECIAL_TOKENS
 
 INPUT_EMB_STYLES = ("continuous", "category", "scaling")
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
@@ -140,14 +140,14 @@ class ScGPTConfig:
         Cosine threshold of the elastic cell similarity objective.
     explicit_zero_prob
         Decoders also predict, per gene, the probability that the value is non-zero (scGPT calls
-        this ``zero_probs``; see :mod:`pertflow.models.scgpt.losses`).
+        this ``zero_probs``; see :mod:`pertflow.foundation.scgpt.losses`).
     use_fast_transformer, fast_transformer_backend
         Recorded for checkpoint compatibility: scGPT used flash-attn when true. Here attention always
         runs through ``torch.nn.functional.scaled_dot_product_attention`` (which picks a fused kernel
         by itself); the flag only chooses the default export layout. The ``linear`` backend
         (fast_transformers) has other parameters and is not supported.
     pre_norm
-        scGPT's pre-norm scheme (see :class:`~pertflow.models.scgpt.module.ScGPTEncoderLayer`);
+        scGPT's pre-norm scheme (see :class:`~pertflow.foundation.scgpt.layers.ScGPTEncoderLayer`);
         post-norm otherwise (all public checkpoints are post-norm).
     use_generative_training
         Keep scGPT's ``flag_encoder`` (Embedding(2, d)), created by its generative pretraining

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from pertflow.errors import InputError
-from pertflow.models.scgpt.checkpoint import load_pretrained
-from pertflow.models.scgpt.feature_cache import GeneFeatures, GeneSpec
-from pertflow.models.scgpt.tokens import CLS, SPECIAL_TOKENS
-from pertflow.models.scgpt.transformer import TransformerModel
+from pertflow.foundation.scgpt.checkpoint import load_pretrained
+from pertflow.foundation.scgpt.feature_cache import GeneFeatures, GeneSpec
+from pertflow.foundation.scgpt.tokens import CLS, SPECIAL_TOKENS
+from pertflow.foundation.scgpt.transformer import TransformerModel
 
 
 # ============================================================================ normalisation
@@ -169,7 +169,7 @@ class FrozenScGPTExtractor:
     Parameters
     ----------
     model
-        A :class:`~pertflow.models.scgpt.module.TransformerModel` (e.g. from ``load_pretrained``).
+        A :class:`~pertflow.foundation.scgpt.transformer.TransformerModel` (e.g. from ``load_pretrained``).
         It is put in eval mode and its parameters stop requiring gradients.
     vocab
         Token -> id of the model, ``<cls>`` and the pad token included.
@@ -342,7 +342,8 @@ class FrozenScGPTExtractor:
         each encoded as a sequence of its own (``<cls>`` + the block's genes): a gene attends to
         its block only, and the attention costs ``G x block`` per cell instead of ``G x G``
         (kang's 2000 genes in blocks of 512: 4 x 513^2 attention scores instead of 2001^2, 3.8x
-        fewer; its full-length extraction took 185 s for 1863 cells on one CPU thread). Features ``(B, G, d)``, mask ``(G,)``."""
+        fewer; its full-length extraction took 185 s for 1863 cells on one CPU thread). Features
+        ``(B, G, d)``, mask ``(G,)``."""
         symbols = genes if isinstance(genes, Tensor) else list(genes)
         parts = [self._extract_raw(expr[:, start:start + block], symbols[start:start + block])
                  for start in range(0, expr.shape[1], block)]

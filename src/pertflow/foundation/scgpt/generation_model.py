@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pertflow.models.scgpt.config import ScGPTConfig
-from pertflow.models.scgpt.heads import AffineExprDecoder, ClsDecoder, MVCDecoder
-from pertflow.models.scgpt.layers import ScGPTTransformerEncoder
-from pertflow.models.scgpt.losses import perturbation_loss
-from pertflow.models.scgpt.transformer import ScGPTOutput, apply_cell_heads, pool_cell_embedding, sample_or_mean
+from pertflow.foundation.scgpt.config import ScGPTConfig
+from pertflow.foundation.scgpt.heads import AffineExprDecoder, ClsDecoder, MVCDecoder
+from pertflow.foundation.scgpt.layers import ScGPTTransformerEncoder
+from pertflow.foundation.scgpt.losses import perturbation_loss
+from pertflow.foundation.scgpt.transformer import ScGPTOutput, apply_cell_heads, pool_cell_embedding, sample_or_mean
 from pertflow.nn.decoders import ExprDecoder
 from pertflow.nn.embeddings import ContinuousValueEncoder, GeneEncoder
 from pertflow.nn.loss import LossOutput

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pertflow.models.scgpt.layers import grad_reverse
+from pertflow.foundation.scgpt.layers import grad_reverse
 from pertflow.nn.decoders import ExprDecoder, ExprPrediction
 
 def _mlp_stack(d_model: int, nlayers: int, activation: type[nn.Module]) -> nn.ModuleList:

@@ -1,6 +1,6 @@
 """scGPT's encoder parts: fused self-attention, the encoder layer and stack, domain-specific batch
 norm, gradient reversal. Tensors in, tensors out; attribute names are scGPT's, so that a public
-checkpoint maps onto ``state_dict()`` by name (see :mod:`pertflow.models.scgpt.checkpoint`).
+checkpoint maps onto ``state_dict()`` by name (see :mod:`pertflow.foundation.scgpt.checkpoint`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pertflow.models.scgpt.config import ScGPTConfig
+from pertflow.foundation.scgpt.config import ScGPTConfig
 
 class ScGPTSelfAttention(nn.Module):
     """Multi-head self-attention with a fused q/k/v projection, run by PyTorch's fused SDPA kernel.

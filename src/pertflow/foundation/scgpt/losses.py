@@ -28,7 +28,7 @@ from torch import Tensor
 from pertflow.nn.loss import LossOutput
 
 if TYPE_CHECKING:  # module.py imports this file, so the output type is imported for annotations only
-    from pertflow.models.scgpt.transformer import ScGPTOutput
+    from pertflow.foundation.scgpt.transformer import ScGPTOutput
 
 
 def _zero_with_grad(reference: Tensor) -> Tensor:
@@ -281,7 +281,7 @@ def scgpt_loss(
     Parameters
     ----------
     output
-        A :class:`~pertflow.models.scgpt.module.ScGPTOutput`.
+        A :class:`~pertflow.foundation.scgpt.transformer.ScGPTOutput`.
     target_values
         ``(B, L)`` true values.
     masked_positions

@@ -7,8 +7,8 @@ non-zero genes by default, a random subset when there are more), with values bin
 the mask value and the model predicts them (MLM). MVC, ECS, CCE and DAB (when the data has a
 batch column) can be switched on. Training goes through the shared engine, so it checkpoints,
 resumes and runs on CPU or GPU; the result is written as a public scGPT folder (``args.json``,
-``vocab.json``, ``best_model.pt``) that :func:`~pertflow.models.scgpt.load_pretrained` and
-:class:`~pertflow.models.scgpt.FrozenScGPTExtractor` read.
+``vocab.json``, ``best_model.pt``) that :func:`~pertflow.foundation.scgpt.load_pretrained` and
+:class:`~pertflow.foundation.scgpt.FrozenScGPTExtractor` read.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from pertflow.data.sampler import SeededStream
 from pertflow.errors import InputError
 from pertflow.io import write_json
 from pertflow.data.view import ExpressionCache
-from pertflow.models.scgpt.checkpoint import ARGS_FILE, TORCH_WEIGHTS_FILE, VOCAB_FILE, export_pretrained
-from pertflow.models.scgpt.config import ScGPTConfig
-from pertflow.models.scgpt.tokens import CLS, PAD, SPECIAL_TOKENS
-from pertflow.models.scgpt.extractor import bin_expression
-from pertflow.models.scgpt.losses import ScGPTLossWeights, random_mask_value
-from pertflow.models.scgpt.transformer import TransformerModel
+from pertflow.foundation.scgpt.checkpoint import ARGS_FILE, TORCH_WEIGHTS_FILE, VOCAB_FILE, export_pretrained
+from pertflow.foundation.scgpt.config import ScGPTConfig
+from pertflow.foundation.scgpt.tokens import CLS, PAD, SPECIAL_TOKENS
+from pertflow.foundation.scgpt.extractor import bin_expression
+from pertflow.foundation.scgpt.losses import ScGPTLossWeights, random_mask_value
+from pertflow.foundation.scgpt.transformer import TransformerModel
 from pertflow.train import Trainer, TrainConfig
 
 # What `pretrain` writes into its folder (the public scGPT files, its own record, the run's log and checkpoints).
@@ -108,7 +108,8 @@ class MaskedCellBatches(SeededStream):
             ids[i, 1 : 1 + len(genes)] = self.gene_tokens[genes]
             values[i, 1 : 1 + len(genes)] = cell_values[i, genes].numpy()
         values_t = torch.from_numpy(values)
-        masked = random_mask_value(values_t, cfg.mask_ratio, sc.mask_value, sc.pad_value, keep_first_n=1, generator=generator)
+        masked = random_mask_value(values_t, cfg.mask_ratio, sc.mask_value, sc.pad_value, keep_first_n=1,
+                                   generator=generator)
         batch = {
             "gene_ids": torch.from_numpy(ids),
             "values": values_t,
@@ -136,7 +137,8 @@ def pretrain(data: PerturbationData, out: str | Path, config: PretrainConfig, tr
         raise InputError(f"gene symbols collide with scGPT's special tokens {SPECIAL_TOKENS}; rename those genes.")
     batch_col = data.spec.batch_col
     if config.dab and batch_col is None:
-        raise InputError("the DAB objective needs a batch column: set batch_col in the data spec (--batch-col) or dab=0.")
+        raise InputError("the DAB objective needs a batch column: set batch_col in the data spec (--batch-col) or "
+                         "dab=0.")
     labels = None
     n_batches = None
     if config.dab:
@@ -154,12 +156,15 @@ def pretrain(data: PerturbationData, out: str | Path, config: PretrainConfig, tr
     cache = ExpressionCache(data, all_rows, np.arange(data.adata.n_vars))
     gene_tokens = np.array([vocab[s] for s in symbols], dtype=np.int64)
     torch.manual_seed(train_config.seed)
-    weights = ScGPTLossWeights(mlm=1.0, zero=1.0, cls=0.0, mvc=config.mvc, cce=config.cce, ecs=config.ecs, dab=config.dab)
+    weights = ScGPTLossWeights(mlm=1.0, zero=1.0, cls=0.0, mvc=config.mvc, cce=config.cce, ecs=config.ecs,
+                               dab=config.dab)
     model = TransformerModel(scgpt, loss_weights=weights)
-    batches = MaskedCellBatches(cache, train_rows, gene_tokens, config, scgpt, train_config.batch_size, train_config.seed, labels)
+    batches = MaskedCellBatches(cache, train_rows, gene_tokens, config, scgpt, train_config.batch_size,
+                                train_config.seed, labels)
     val = None
     if len(val_rows):
-        source = MaskedCellBatches(cache, val_rows, gene_tokens, config, scgpt, train_config.batch_size, train_config.seed + 1, labels)
+        source = MaskedCellBatches(cache, val_rows, gene_tokens, config, scgpt, train_config.batch_size,
+                                   train_config.seed + 1, labels)
         val = [source.next_batch() for _ in range(train_config.val_batches)]
     metadata = {"pretrain_config": to_dict(config), "scgpt_config": scgpt.to_dict(), "spec": data.spec.to_dict()}
     trainer = Trainer(model, train_config, out, batches, val, metadata=metadata)

@@ -22,7 +22,7 @@ Parameter names of the whole-human model (d = 512, d_hid = 512, 12 layers, 60697
     mvc_decoder.gene2query.{weight,bias}  (d, d), (d,)
     mvc_decoder.W.weight                  (d, d)      no bias
 
-Mapping to our modules (:mod:`pertflow.models.scgpt.transformer`)
+Mapping to our modules (:mod:`pertflow.foundation.scgpt.transformer`)
 --------------------------------------------------------------
 Every name is the same except the fused attention projection::
 

@@ -4,7 +4,7 @@ the output contract, the cell-embedding heads and pooling, then the models.
 Tensors in, small dataclasses out; no AnnData. Attribute names match scGPT's so that a public
 checkpoint maps onto ``state_dict()`` by name, with one rename: flash-attn's fused projection
 ``self_attn.Wqkv.{weight,bias}`` is stored here as ``self_attn.in_proj_{weight,bias}`` (the layout of
-``torch.nn.MultiheadAttention``, identical tensors). See :mod:`pertflow.models.scgpt.checkpoint`.
+``torch.nn.MultiheadAttention``, identical tensors). See :mod:`pertflow.foundation.scgpt.checkpoint`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pertflow.models.scgpt.config import ScGPTConfig
-from pertflow.models.scgpt.heads import AdversarialDiscriminator, ClsDecoder, MVCDecoder
-from pertflow.models.scgpt.layers import DomainSpecificBatchNorm1d, ScGPTTransformerEncoder
-from pertflow.models.scgpt.losses import ScGPTLossWeights, contrastive_cell_loss, elastic_cell_similarity_loss, scgpt_loss
+from pertflow.foundation.scgpt.config import ScGPTConfig
+from pertflow.foundation.scgpt.heads import AdversarialDiscriminator, ClsDecoder, MVCDecoder
+from pertflow.foundation.scgpt.layers import DomainSpecificBatchNorm1d, ScGPTTransformerEncoder
+from pertflow.foundation.scgpt.losses import (
+    ScGPTLossWeights,
+    contrastive_cell_loss,
+    elastic_cell_similarity_loss,
+    scgpt_loss,
+)
 from pertflow.nn.decoders import ExprDecoder, ExprPrediction
 from pertflow.nn.embeddings import BatchLabelEncoder, CategoryValueEncoder, ContinuousValueEncoder, GeneEncoder
 from pertflow.nn.loss import LossOutput
@@ -70,7 +75,8 @@ def sample_or_mean(prediction: ExprPrediction, do_sample: bool) -> tuple[Tensor,
 
 
 def apply_cell_heads(
-    model: nn.Module, out: ScGPTOutput, cell_input: Tensor, gene_embs: Tensor, *, CLS: bool, MVC: bool, ECS: bool,  # noqa: N803
+    model: nn.Module, out: ScGPTOutput, cell_input: Tensor, gene_embs: Tensor, *,
+    CLS: bool, MVC: bool, ECS: bool,  # noqa: N803
     do_sample: bool,
 ) -> None:
     """The heads that read the cell embedding (CLS, MVC, ECS), shared by the model and the generator.
@@ -140,7 +146,7 @@ class TransformerModel(nn.Module):
     Parameters
     ----------
     config
-        Architecture; see :class:`~pertflow.models.scgpt.config.ScGPTConfig`.
+        Architecture; see :class:`~pertflow.foundation.scgpt.config.ScGPTConfig`.
 
     Notes
     -----

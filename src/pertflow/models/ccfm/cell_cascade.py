@@ -69,12 +69,13 @@ class CellCascade(LatentShift, variant=True):
 
     def build_expression_flow(self, train_config: TrainConfig | None = None) -> FlowPredictor:
         cfg = self.config
-        return FlowPredictor(len(self.genes), self.latent_dim, hidden=cfg.expression_hidden, n_layers=cfg.expression_layers,
-                             groups_per_step=cfg.groups_per_step, train_config=train_config,
-                             source_noise=cfg.expression_noise, coupling="independent",
+        return FlowPredictor(len(self.genes), self.latent_dim, hidden=cfg.expression_hidden,
+                             n_layers=cfg.expression_layers, groups_per_step=cfg.groups_per_step,
+                             train_config=train_config, source_noise=cfg.expression_noise, coupling="independent",
                              mean_weight=cfg.expression_mean_weight, reads_start=False)
 
-    def fit_expression_flow(self, view: SplitView, latent: LatentCells, train_config: TrainConfig, run_dir: Path) -> None:
+    def fit_expression_flow(self, view: SplitView, latent: LatentCells, train_config: TrainConfig,
+                            run_dir: Path) -> None:
         """Stage 2 on pairs of training cells (see the module docstring)."""
         cfg = self.config
         steps = cfg.expression_steps

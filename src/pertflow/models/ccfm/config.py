@@ -99,16 +99,19 @@ class CCFMConfig(GeneFlowConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.latent_stream != "gene-features":
-            raise ValueError(f"latent_stream '{self.latent_stream}' is the cascade on a cell-level latent, whose settings "
-                             "are those of CellCascadeConfig (ccfm-cpu.yaml), not of the per-gene-feature cascade")
+            raise ValueError(f"latent_stream '{self.latent_stream}' is the cascade on a cell-level latent, "
+                             "whose settings are those of CellCascadeConfig (ccfm-cpu.yaml), "
+                             "not of the per-gene-feature cascade")
         if not 0.0 < self.choose_latent_p < 1.0:
             raise ValueError(f"choose_latent_p must be in (0, 1): both streams train, got {self.choose_latent_p}")
         if not 0.0 <= self.latent_augment < 1.0:
             raise ValueError(f"latent_augment must be in [0, 1), got {self.latent_augment}")
         if self.foundation_max_seq_len < 2:
-            raise ValueError(f"foundation_max_seq_len must be at least 2 (<cls> and a gene), got {self.foundation_max_seq_len}")
+            raise ValueError("foundation_max_seq_len must be at least 2 (<cls> and a gene), got "
+                             f"{self.foundation_max_seq_len}")
         if self.feature_block is not None and self.feature_block < 1:
-            raise ValueError(f"feature_block must be at least 1 gene (or null: all genes at once), got {self.feature_block}")
+            raise ValueError("feature_block must be at least 1 gene (or null: all genes at once), got "
+                             f"{self.feature_block}")
         if self.dh_depth < 1:
             raise ValueError(f"dh_depth must be at least 1, got {self.dh_depth}")
         if self.dh_heads is not None and self.dh_heads < 1:
@@ -160,7 +163,9 @@ class CellCascadeConfig(LatentShiftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_at_least_one(self, "expression_hidden", "expression_layers", "expression_steps", "expression_batch_size",
-                             "expression_pairs")
-        if self.expression_lr <= 0 or self.expression_noise < 0 or self.expression_mean_weight < 0 or self.latent_augment < 0:
-            raise ValueError("expression_lr must be > 0; expression_noise, expression_mean_weight and latent_augment >= 0")
+        require_at_least_one(self, "expression_hidden", "expression_layers", "expression_steps",
+                             "expression_batch_size", "expression_pairs")
+        if (self.expression_lr <= 0 or self.expression_noise < 0 or self.expression_mean_weight < 0
+                or self.latent_augment < 0):
+            raise ValueError("expression_lr must be > 0; expression_noise, expression_mean_weight and "
+                             "latent_augment >= 0")

@@ -92,8 +92,8 @@ class CCFM(GeneFlowModel):
         foundation_s = time.perf_counter() - start
         width = int(extractor.config.d_model)
         if self.config.latent_dim not in (None, width):
-            raise InputError(f"model.latent_dim is {self.config.latent_dim} but the foundation's features are {width} wide; "
-                             "leave latent_dim unset (it is read off the foundation).")
+            raise InputError(f"model.latent_dim is {self.config.latent_dim} but the foundation's features are {width} "
+                             "wide; leave latent_dim unset (it is read off the foundation).")
         self.config = dataclasses.replace(self.config, latent_dim=width)
         start = time.perf_counter()
         self._latent_rows = self.latent_targets(view, extractor, run_dir)
@@ -113,7 +113,7 @@ class CCFM(GeneFlowModel):
     def frozen_extractor(self, view: SplitView, train_config: TrainConfig, run_dir: Path):
         """The frozen foundation as a feature extractor: the given folder, else a small scGPT
         pretrained on the training cells into ``<run>/foundation`` (reused when already there)."""
-        from pertflow.models.scgpt import FrozenScGPTExtractor, load_pretrained
+        from pertflow.foundation.scgpt import FrozenScGPTExtractor, load_pretrained
 
         folder = Path(self.config.foundation) if self.config.foundation else run_dir / "foundation"
         if self.config.foundation is None and not (folder / "args.json").is_file():
@@ -125,7 +125,8 @@ class CCFM(GeneFlowModel):
         symbols = view.vocab.expression_genes
         # every gene's features: the run's own foundation was pretrained on sampled sequences but
         # has no positional limit; a given folder keeps the length it was trained for
-        max_len = len(symbols) + 1 if self.config.foundation is None else min(len(symbols) + 1, int(loaded.config.max_seq_len))
+        max_len = (len(symbols) + 1 if self.config.foundation is None
+                   else min(len(symbols) + 1, int(loaded.config.max_seq_len)))
         extractor = FrozenScGPTExtractor(loaded.model, loaded.vocab, max_seq_len=max_len, n_bins=self.config.n_bins,
                                          warmup_batches=self.config.warmup_batches, target_std=self.config.target_std,
                                          seed=train_config.seed, chunk_size=32)
@@ -133,22 +134,22 @@ class CCFM(GeneFlowModel):
         return extractor
 
     def pretrain_foundation(self, view: SplitView, train_config: TrainConfig, folder: Path) -> None:
-        from pertflow.models.scgpt.pretrain import PretrainConfig, pretrain
+        from pertflow.foundation.scgpt.pretrain import PretrainConfig, pretrain
 
         cfg = self.config
         config = PretrainConfig(d_model=cfg.foundation_d_model, nhead=4 if cfg.foundation_d_model % 4 == 0 else 1,
                                 d_hid=2 * cfg.foundation_d_model, nlayers=cfg.foundation_layers,
                                 max_seq_len=min(len(view.genes) + 1, cfg.foundation_max_seq_len), n_bins=cfg.n_bins)
         steps = cfg.foundation_steps
-        schedule = stage_config(train_config, max_steps=steps, batch_size=cfg.foundation_batch_size, lr=cfg.foundation_lr,
-                                warmup_steps=min(50, steps // 5), val_every=max(1, steps // 2),
+        schedule = stage_config(train_config, max_steps=steps, batch_size=cfg.foundation_batch_size,
+                                lr=cfg.foundation_lr, warmup_steps=min(50, steps // 5), val_every=max(1, steps // 2),
                                 checkpoint_every=max(1, steps // 2))
         resume = (folder / "checkpoints" / "latest.json").is_file()
         pretrain(view.data, folder, config, schedule, resume=resume, rows=view.rows.train)
 
     def latent_targets(self, view: SplitView, extractor: Any, run_dir: Path) -> LatentRows:
         """The normalised latents of the visible cells, from the feature cache (built when missing)."""
-        from pertflow.models.scgpt import FeatureCache
+        from pertflow.foundation.scgpt import FeatureCache
 
         symbols = view.vocab.expression_genes
         rows = np.sort(view.visible)
@@ -188,6 +189,7 @@ class CCFM(GeneFlowModel):
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         block = self.config.feature_block
         block = f";feature_block={block}" if block is not None and block < len(genes) else ""  # one block: all genes
-        digest.update(f"n_bins={self.config.n_bins};max_seq_len={extractor.max_seq_len};seed={extractor.seed}{block}".encode())
+        settings = f"n_bins={self.config.n_bins};max_seq_len={extractor.max_seq_len};seed={extractor.seed}{block}"
+        digest.update(settings.encode())
         digest.update("\x1f".join(genes).encode())
         return digest.hexdigest()[:16]

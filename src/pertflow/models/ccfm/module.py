@@ -62,8 +62,10 @@ class LatentDecoder(nn.Module):
         super().__init__()
         self.proj = nn.Linear(d_token, d_token)
         self.condition = nn.Identity() if d_model == d_token else nn.Linear(d_model, d_token)
-        self.blocks = nn.ModuleList(AdaLNAttentionBlock(d_token, n_heads, i, mlp_ratio, differential=False) for i in range(depth))
-        self.final = nn.Sequential(nn.LayerNorm(d_token), nn.Linear(d_token, d_token), nn.GELU(), nn.Linear(d_token, latent_dim))
+        self.blocks = nn.ModuleList(AdaLNAttentionBlock(d_token, n_heads, i, mlp_ratio, differential=False)
+                                    for i in range(depth))
+        self.final = nn.Sequential(nn.LayerNorm(d_token), nn.Linear(d_token, d_token), nn.GELU(),
+                                   nn.Linear(d_token, latent_dim))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         h, c = self.proj(x), self.condition(c)
@@ -108,25 +110,27 @@ class CCFMModule(GeneFlowNetwork):
         As :class:`~pertflow.models.flow.GeneFlowNetwork`.
     """
 
-    def __init__(self, config: CCFMConfig, flow: FlowMatching, gene_tokens: Tensor, n_tokens: int, first_other_token: int,
-                 pad_id: int, unk_id: int, latent_dim: int, descriptors: Tensor | None = None):
+    def __init__(self, config: CCFMConfig, flow: FlowMatching, gene_tokens: Tensor, n_tokens: int,
+                 first_other_token: int, pad_id: int, unk_id: int, latent_dim: int, descriptors: Tensor | None = None):
         super().__init__(config, flow, gene_tokens, n_tokens, first_other_token, pad_id, unk_id, descriptors)
         d, d_t = config.d_model, config.token_width
         heads = config.dh_heads or config.n_heads
         if d_t % heads:
-            raise ValueError(f"the latent decoder attends over genes at the token width {d_t}: it must divide by its heads "
-                             f"(dh_heads, else n_heads) {heads}")
+            raise ValueError(f"the latent decoder attends over genes at the token width {d_t}: it must divide by its "
+                             f"heads (dh_heads, else n_heads) {heads}")
         self.latent_dim = latent_dim
         self.latent_embedder = LatentEmbedder(latent_dim, config.bottleneck_dim, d_t)
         self.latent_time_embedder = TimestepEmbedder(d)
         self.latent_decoder = LatentDecoder(d, d_t, latent_dim, heads, config.dh_depth, config.mlp_ratio)
 
-    def streams(self, t_expr: Tensor, t_latent: Tensor, x_t: Tensor, z_t: Tensor, ctx: FieldContext) -> tuple[Tensor, Tensor, Tensor]:
+    def streams(self, t_expr: Tensor, t_latent: Tensor, x_t: Tensor, z_t: Tensor,
+                ctx: FieldContext) -> tuple[Tensor, Tensor, Tensor]:
         """The backbone's tokens of both streams' state at times ``t_expr``, ``t_latent`` (B,):
         (x, pert_tokens, c) for the heads."""
         return self.encode(t_expr, x_t, ctx, self.latent_embedder(z_t), self.latent_time_embedder(t_latent))
 
-    def velocities(self, t_expr: Tensor, t_latent: Tensor, x_t: Tensor, z_t: Tensor, ctx: FieldContext) -> tuple[Tensor, Tensor]:
+    def velocities(self, t_expr: Tensor, t_latent: Tensor, x_t: Tensor, z_t: Tensor,
+                   ctx: FieldContext) -> tuple[Tensor, Tensor]:
         """(B, G) expression and (B, G, D) latent velocities at times ``t_expr``, ``t_latent`` (B,)."""
         x, pert_tokens, c = self.streams(t_expr, t_latent, x_t, z_t, ctx)
         return self.expression_velocity(x, pert_tokens), self.latent_decoder(x, c)
@@ -157,13 +161,15 @@ class CCFMModule(GeneFlowNetwork):
         latent_path = self.flow.interpolate(torch.randn_like(z_1), z_1, times.t_latent)
         ctx = self.context(self.reference_cells(b.anchor), b.pert_ids, b.gene_idx, control_mean=b.control_mean)
         v_expr, v_latent = self.velocities(times.t_expr, times.t_latent, expr_path.x_t, latent_path.x_t, ctx)
-        loss_expr, metrics = self.flow.objective(v_expr, expr_path, self.config.gamma, mask=~times.latent, name="mse_expr")
+        loss_expr, metrics = self.flow.objective(v_expr, expr_path, self.config.gamma, mask=~times.latent,
+                                                 name="mse_expr")
         loss_latent, latent_metrics = self.flow.objective(v_latent, latent_path, mask=times.latent, name="mse_latent")
-        return LossOutput(loss=loss_expr + self.config.latent_weight * loss_latent, metrics={**metrics, **latent_metrics})
+        return LossOutput(loss=loss_expr + self.config.latent_weight * loss_latent,
+                          metrics={**metrics, **latent_metrics})
 
     @torch.no_grad()
-    def sample(self, control: Tensor, pert_ids: Tensor, settings: PredictConfig, generator: torch.Generator | None = None,
-               shift: Tensor | None = None) -> Tensor:
+    def sample(self, control: Tensor, pert_ids: Tensor, settings: PredictConfig,
+               generator: torch.Generator | None = None, shift: Tensor | None = None) -> Tensor:
         """Generate perturbed cells in two stages, one per control cell (see the module docstring).
 
         Parameters are those of :meth:`pertflow.models.cfm.module.CFMModule.sample`; each stage

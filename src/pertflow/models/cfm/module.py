@@ -36,8 +36,9 @@ class CFMModule(GeneFlowNetwork):
         return LossOutput(loss=loss, metrics=metrics)
 
     @torch.no_grad()
-    def sample(self, control: Tensor, pert_ids: Tensor, settings: PredictConfig, generator: torch.Generator | None = None,
-               shift: Tensor | None = None, dose: Tensor | None = None) -> Tensor:
+    def sample(self, control: Tensor, pert_ids: Tensor, settings: PredictConfig,
+               generator: torch.Generator | None = None, shift: Tensor | None = None,
+               dose: Tensor | None = None) -> Tensor:
         """Generate perturbed cells from the source, one per control cell.
 
         Parameters

@@ -98,9 +98,10 @@ class CFMVCConfig(FlowConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_at_least_one(self, "n_latent", "n_tech", "hidden", "n_layers", "vae_steps", "flow_hidden", "flow_layers",
-                             "d_context", "n_basis")
+        require_at_least_one(self, "n_latent", "n_tech", "hidden", "n_layers", "vae_steps", "flow_hidden",
+                             "flow_layers", "d_context", "n_basis")
         if not self.freeze_vae and self.joint_steps < 1:
-            raise ValueError("freeze_vae: false fine-tunes the VAE and the flow together for joint_steps steps: give joint_steps >= 1")
+            raise ValueError("freeze_vae: false fine-tunes the VAE and the flow together for joint_steps steps: give "
+                             "joint_steps >= 1")
         if self.lambda_dist < 0 or self.beta < 0:
             raise ValueError("lambda_dist and beta must be >= 0")

@@ -76,7 +76,8 @@ class CFMVC(AnchoredNetwork):
         self._counts = None
 
     @classmethod
-    def from_view(cls, view: SplitView, config: Any = None, predict_config: PredictConfig | None = None) -> PerturbationModel:
+    def from_view(cls, view: SplitView, config: Any = None,
+                  predict_config: PredictConfig | None = None) -> PerturbationModel:
         """A model on the view's genes, with the covariates' categories read off the data."""
         config = config if config is not None else CFMVCConfig()
         data = view.data
@@ -88,8 +89,9 @@ class CFMVC(AnchoredNetwork):
             changes["batch_names"] = tuple(sorted(set(data.adata.obs[col].astype(str)))) if col else (NO_BATCH,)
         if config.spatial_key is not None:
             if config.spatial_key not in data.adata.obsm:
-                raise InputError(f"model.spatial_key '{config.spatial_key}' is not in obsm (keys: {list(data.adata.obsm)}). "
-                                 "Give the obsm key of the spatial coordinates, or leave spatial_key unset.")
+                raise InputError(f"model.spatial_key '{config.spatial_key}' is not in obsm (keys: "
+                                 f"{list(data.adata.obsm)}). Give the obsm key of the spatial coordinates, or leave "
+                                 "spatial_key unset.")
             changes["spatial_dim"] = int(np.asarray(data.adata.obsm[config.spatial_key]).shape[1])
         return super().from_view(view, dataclasses.replace(config, **changes), predict_config)
 
@@ -98,7 +100,8 @@ class CFMVC(AnchoredNetwork):
                            self.vocab.unk_id, self.spec.target_sum)
 
     def known_components(self, perturbation: str) -> list[str]:
-        """Components as the flow reads them: one not trained on is ``<unk>`` (its multi-hot column was never trained)."""
+        """Components as the flow reads them: one not trained on is ``<unk>`` (its multi-hot column was
+        never trained)."""
         trained = set(self.trained_components)
         return [c if c in trained else UNK for c in self.components(perturbation)]
 
@@ -109,11 +112,14 @@ class CFMVC(AnchoredNetwork):
         contexts = {c: i for i, c in enumerate(self.config.context_names)}
         unknown = sorted(set(map(str, data.contexts)) - set(contexts))
         if unknown:
-            raise InputError(f"contexts {unknown[:5]} were not among the model's {list(contexts)[:5]}. Use data of the same contexts.")
+            raise InputError(f"contexts {unknown[:5]} were not among the model's {list(contexts)[:5]}. Use data of the "
+                             "same contexts.")
         batches = {b: i for i, b in enumerate(self.config.batch_names)}
         col = data.spec.batch_col
-        labels = data.adata.obs[col].astype(str).to_numpy() if col and NO_BATCH not in batches else np.full(data.n_cells, NO_BATCH)
-        return np.stack([np.array([batches.get(b, 0) for b in labels]), np.array([contexts[str(c)] for c in data.contexts])], 1).astype(np.int64)
+        labels = (data.adata.obs[col].astype(str).to_numpy() if col and NO_BATCH not in batches
+                  else np.full(data.n_cells, NO_BATCH))
+        return np.stack([np.array([batches.get(b, 0) for b in labels]),
+                         np.array([contexts[str(c)] for c in data.contexts])], 1).astype(np.int64)
 
     def batch_arrays(self, view: SplitView) -> dict[str, Any]:
         arrays = super().batch_arrays(view)
@@ -121,7 +127,8 @@ class CFMVC(AnchoredNetwork):
         arrays["target_arrays"] = {TARGET_COUNTS: self._counts, TARGET_COVARIATES: covariates}
         arrays["control_arrays"] = {CONTROL_COUNTS: self._counts, CONTROL_COVARIATES: covariates}
         if self.config.spatial_key is not None:
-            arrays["target_arrays"][TARGET_SPATIAL] = RowTable(np.asarray(view.data.adata.obsm[self.config.spatial_key], dtype=np.float32))
+            coords = np.asarray(view.data.adata.obsm[self.config.spatial_key], dtype=np.float32)
+            arrays["target_arrays"][TARGET_SPATIAL] = RowTable(coords)
         return arrays
 
     def fit_covariate_stats(self, view: SplitView) -> None:
@@ -168,16 +175,19 @@ class CFMVC(AnchoredNetwork):
                                   warmup_steps=min(train_config.warmup_steps, cfg.vae_steps // 10))
         out = [("vae", vae, None, True), ("flow", train_config, selector, None)]
         if not cfg.freeze_vae:
-            out.append(("joint", dataclasses.replace(train_config, max_steps=cfg.joint_steps, lr=cfg.joint_lr,
-                                                     warmup_steps=min(train_config.warmup_steps, cfg.joint_steps // 10)), selector, None))
+            joint = dataclasses.replace(train_config, max_steps=cfg.joint_steps, lr=cfg.joint_lr,
+                                        warmup_steps=min(train_config.warmup_steps, cfg.joint_steps // 10))
+            out.append(("joint", joint, selector, None))
         return out
 
-    def train_network(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool, selector: Any) -> dict[str, Any]:
+    def train_network(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool,
+                      selector: Any) -> dict[str, Any]:
         self._counts = view.counts(self.config.counts_layer)
         self.fit_covariate_stats(view)
         reports: dict[str, dict[str, Any]] = {}
         retrained = False  # a stage trained in this call: the later stages' checkpoints are stale
-        for index, (stage, config, stage_selector, include_controls) in enumerate(self.stages(train_config, selector), 1):
+        stages = self.stages(train_config, selector)
+        for index, (stage, config, stage_selector, include_controls) in enumerate(stages, 1):
             folder = stage_dir(run_dir, index, stage)
             checkpoints = CheckpointDir(folder)
             if retrained and folder.exists():
@@ -189,8 +199,9 @@ class CFMVC(AnchoredNetwork):
             result = self.run_engine(view, config, folder, resume and checkpoints.exists(), stage_selector,
                                      include_controls=include_controls, metadata={"stage": stage})
             retrained = retrained or result.steps > start
-            reports[stage] = {"steps": result.steps, "best_step": result.best_step, "best_criterion": result.best_criterion,
-                              "skipped_steps": result.skipped_steps, "first_nonfinite_step": result.first_nonfinite_step}
+            reports[stage] = {"steps": result.steps, "best_step": result.best_step,
+                              "best_criterion": result.best_criterion, "skipped_steps": result.skipped_steps,
+                              "first_nonfinite_step": result.first_nonfinite_step}
         self.module.set_stage("flow")
         self.fit_control_latents(view)
         self._counts = None  # the counts are not part of the trained model
@@ -272,7 +283,8 @@ class CFMVC(AnchoredNetwork):
         context_idx = self.context_index(cell_type)
         context = self.config.context_names[context_idx]
         batch_idx = self.batch_index(batch, context)
-        settings = self.predict_config if n_steps is None else dataclasses.replace(self.predict_config, ode_steps=n_steps)
+        settings = (self.predict_config if n_steps is None
+                    else dataclasses.replace(self.predict_config, ode_steps=n_steps))
         generator = torch.Generator().manual_seed(seed)
         module = self.module.to(inference_device())
         device = next(module.parameters()).device
@@ -290,11 +302,14 @@ class CFMVC(AnchoredNetwork):
                 shift = np.zeros(len(self.genes), np.float32)
             else:
                 ids = self.perturbation_ids(perturbation, n)
-                shift = self.prior.delta(perturbation, context) if self.prior is not None else np.zeros(len(self.genes), np.float32)
+                shift = (self.prior.delta(perturbation, context) if self.prior is not None
+                         else np.zeros(len(self.genes), np.float32))
             covariates = torch.tensor([[batch_idx, context_idx]], device=device).expand(n, 2)
-            coords = None if spatial is None else torch.as_tensor(np.asarray(spatial, np.float32), device=device).expand(n, -1)
-            out = module.sample(cells, ids.to(device), settings, generator, shift=torch.from_numpy(shift).to(device).expand(n, -1),
-                                covariates=covariates, spatial=coords, use_mean=use_mean)
+            coords = (None if spatial is None
+                      else torch.as_tensor(np.asarray(spatial, np.float32), device=device).expand(n, -1))
+            out = module.sample(cells, ids.to(device), settings, generator,
+                                shift=torch.from_numpy(shift).to(device).expand(n, -1), covariates=covariates,
+                                spatial=coords, use_mean=use_mean)
         return out.float().cpu().numpy()
 
     # ------------------------------------------------------------------ persistence

@@ -117,7 +117,8 @@ class CFMVCModule(nn.Module):
                             config.dropout)
         self.context_encoder = ContextEncoder(n_tokens, n_batch, n_context, config.spatial_dim, config.d_context,
                                               config.n_latent if config.context_from_controls else 0)
-        self.field = LatentVelocity(config.n_latent, config.d_context, config.flow_hidden, config.flow_layers, config.n_basis)
+        self.field = LatentVelocity(config.n_latent, config.d_context, config.flow_hidden, config.flow_layers,
+                                    config.n_basis)
         # per context: log-library location and scale (count samples), the control cells' latent
         # (z_int, z_tech) mean and spread (generation without control cells); spatial standardisation
         self.register_buffer("library_loc", torch.zeros(n_context))
@@ -169,7 +170,8 @@ class CFMVCModule(nn.Module):
             return self.control_loc[context_idx.long(), : self.config.n_latent]
         return context_idx
 
-    def latents(self, target: Tensor, anchor_cells: Tensor, target_cov: Tensor, control_cov: Tensor) -> tuple[Tensor, Tensor]:
+    def latents(self, target: Tensor, anchor_cells: Tensor, target_cov: Tensor,
+                control_cov: Tensor) -> tuple[Tensor, Tensor]:
         """``z_int`` posterior means of the target cells and of the anchor cells (controls shifted by
         the prior); computed without a graph, i.e. detached, while the VAE is frozen."""
         frozen = self.stage == "flow"
@@ -211,12 +213,14 @@ class CFMVCModule(nn.Module):
         z_1, anchor = self.latents(target, anchor_cells, target_cov, control_cov)
         pert_ids = batch[BATCH_KEYS.PERT_IDS]
         if self.training:
-            pert_ids = unknown_perturbation_dropout(pert_ids, self.pad_id, self.unk_id, self.config.unknown_perturbation_p)
+            pert_ids = unknown_perturbation_dropout(pert_ids, self.pad_id, self.unk_id,
+                                                    self.config.unknown_perturbation_p)
         x_0, order = self.flow.couple(anchor, z_1)
         x_1, target_cov = z_1[order], target_cov[order]
         spatial = batch.get(TARGET_SPATIAL)
         spatial = self.standardise(None if spatial is None else spatial[order], len(x_1), x_1.device)
-        context = self.context_encoder(self.multi_hot(pert_ids), target_cov[:, 0], self.context_of(target_cov[:, 1]), spatial)
+        context = self.context_encoder(self.multi_hot(pert_ids), target_cov[:, 0], self.context_of(target_cov[:, 1]),
+                                       spatial)
         path = self.flow.interpolate(x_0, x_1)
         v = self.field(path.t, path.x_t, context)
         loss, metrics = self.flow.objective(v, path, self.config.lambda_dist, name="flow_mse")
@@ -224,9 +228,9 @@ class CFMVCModule(nn.Module):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(self, control: Tensor, pert_ids: Tensor, settings: PredictConfig, generator: torch.Generator | None = None,
-               shift: Tensor | None = None, covariates: Tensor | None = None, spatial: Tensor | None = None,
-               use_mean: bool | None = None) -> Tensor:
+    def sample(self, control: Tensor, pert_ids: Tensor, settings: PredictConfig,
+               generator: torch.Generator | None = None, shift: Tensor | None = None, covariates: Tensor | None = None,
+               spatial: Tensor | None = None, use_mean: bool | None = None) -> Tensor:
         """Perturbed cells, one per control cell.
 
         Parameters
@@ -259,7 +263,8 @@ class CFMVCModule(nn.Module):
             covariates = torch.zeros(n, 2, dtype=torch.long, device=control.device)
         batch_idx, context_idx = covariates[:, 0].long(), covariates[:, 1].long()
         own = self.vae.encode(control, batch_idx, context_idx)
-        anchor = own.int_mu if shift is None else self.vae.encode((control + shift).clamp(min=0), batch_idx, context_idx).int_mu
+        anchor = (own.int_mu if shift is None
+                  else self.vae.encode((control + shift).clamp(min=0), batch_idx, context_idx).int_mu)
         context = self.context_encoder(self.multi_hot(pert_ids), batch_idx, self.context_of(context_idx),
                                        self.standardise(spatial, n, control.device))
         z_1 = self.integrate(self.flow.start(anchor, generator), context, settings)
@@ -276,7 +281,8 @@ class CFMVCModule(nn.Module):
 
     def integrate(self, x_0: Tensor, context: Tensor, settings: PredictConfig) -> Tensor:
         """``z(1)`` of the flow from ``x_0`` (non-finite velocities guarded: :meth:`FlowMatching.solve`)."""
-        return self.flow.solve(lambda t, z: self.field(t, z, context), x_0, settings.ode_method, settings.ode_steps, "cfmvc")
+        return self.flow.solve(lambda t, z: self.field(t, z, context), x_0, settings.ode_method, settings.ode_steps,
+                               "cfmvc")
 
     @property
     def nonfinite_velocities(self) -> int:
@@ -284,7 +290,8 @@ class CFMVCModule(nn.Module):
         return self.flow.nonfinite
 
     @torch.no_grad()
-    def control_latents(self, n: int, context_idx: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def control_latents(self, n: int, context_idx: int,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``n`` draws of a context's control latents ``(z_int, z_tech)`` from their fitted Gaussian
         (for generating without control cells)."""
         loc, scale = self.control_loc[context_idx], self.control_scale[context_idx]

@@ -54,7 +54,8 @@ def sample_nb(mu: Tensor, theta: Tensor, generator: torch.Generator | None = Non
     devices = [mu.device] if mu.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        rate = torch.distributions.Gamma(theta.clamp(min=NB_EPS), (theta / mu.clamp(min=NB_EPS)).clamp(min=NB_EPS)).sample()
+        rate = torch.distributions.Gamma(theta.clamp(min=NB_EPS),
+                                         (theta / mu.clamp(min=NB_EPS)).clamp(min=NB_EPS)).sample()
         return torch.poisson(rate)
 
 
@@ -128,7 +129,8 @@ class CountVAE(nn.Module):
         h = self.encoder(torch.cat([x.float(), b, c], dim=-1))
         int_mu, int_logvar = self.int_head(h).chunk(2, dim=-1)
         tech_mu, tech_logvar = self.tech_head(h).chunk(2, dim=-1)
-        return Posterior(int_mu, int_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX), tech_mu, tech_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
+        return Posterior(int_mu, int_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX), tech_mu,
+                         tech_logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
 
     def decode(self, z_int: Tensor, z_tech: Tensor, batch_idx: Tensor) -> Tensor:
         """(B, G + 1) fractions of the library (genes, then the rest), rows summing to 1."""

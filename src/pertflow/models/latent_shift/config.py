@@ -110,15 +110,15 @@ class LatentShiftConfig(AnchoredConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_at_least_one(self, "n_components", "hidden", "n_layers", "groups_per_step", "decoder_hidden", "decoder_layers",
-                             "decoder_steps", "decoder_batch_size")
+        require_at_least_one(self, "n_components", "hidden", "n_layers", "groups_per_step", "decoder_hidden",
+                             "decoder_layers", "decoder_steps", "decoder_batch_size")
         if self.scgpt_max_seq_len < 2:
             raise ValueError("scgpt_max_seq_len must be at least 2 (<cls> and one gene)")
         if self.mmd_weight < 0 or self.mean_weight < 0 or self.source_noise < 0 or self.decoder_lr <= 0:
             raise ValueError("mmd_weight, mean_weight and source_noise must be >= 0 and decoder_lr > 0")
         if self.embedding == "cfm-vc":
-            raise ValueError("the CFM-VC latent (embedding 'cfm-vc') is not wired to latent-shift yet (CFM-VC itself is "
-                             "`--model cfmvc`, with its own flow in that latent). Use model.embedding=pca, or scgpt "
+            raise ValueError("the CFM-VC latent (embedding 'cfm-vc') is not wired to latent-shift yet (CFM-VC itself "
+                             "is `--model cfmvc`, with its own flow in that latent). Use model.embedding=pca, or scgpt "
                              "with model.scgpt_checkpoint=FOLDER")
         if self.embedding == "scgpt" and not self.scgpt_checkpoint:
             raise ValueError("embedding 'scgpt' needs a scGPT folder: set model.scgpt_checkpoint=FOLDER (a public "

@@ -84,11 +84,12 @@ def build_descriptors(kind: str, view: SplitView, training_components: list[str]
             raise InputError("the training cells hold no perturbation, so a one-hot descriptor has no coordinate.")
         return onehot_descriptors(training_components)
     if kind == "gene":
-        wanted = [*view.vocab.expression_genes, *(c for p in view.data.perturbation_names for c in view.data.components(p))]
+        wanted = [*view.vocab.expression_genes,
+                  *(c for p in view.data.perturbation_names for c in view.data.components(p))]
         names, matrix = embedding.gene_vectors(wanted)
         if not names:
-            raise InputError(f"the {embedding.kind} embedding knows none of the data's genes, so the 'gene' descriptor is empty. "
-                             "Use descriptor=onehot or a descriptor file.")
+            raise InputError(f"the {embedding.kind} embedding knows none of the data's genes, so the 'gene' descriptor "
+                             "is empty. Use descriptor=onehot or a descriptor file.")
         return DescriptorTable(names, matrix).scaled()
     if descriptor_file is not None:
         table = load_descriptors(descriptor_file)
@@ -98,6 +99,6 @@ def build_descriptors(kind: str, view: SplitView, training_components: list[str]
         raise InputError("descriptor 'file' needs vectors: set model.descriptor_file to a CSV / parquet file keyed by "
                          "perturbation (component) name, or give the data spec descriptors (descriptors_key).")
     if not any(c in set(table.index) for c in training_components):
-        raise InputError(f"the descriptor file names none of the training perturbations (e.g. {training_components[:3]}); "
-                         "its first column (or index) must hold the perturbation names.")
+        raise InputError("the descriptor file names none of the training perturbations (e.g. "
+                         f"{training_components[:3]}); its first column (or index) must hold the perturbation names.")
     return DescriptorTable(list(map(str, table.index)), table.to_numpy(dtype=np.float32)).scaled()

@@ -82,7 +82,8 @@ class PCAEmbedding:
 
     def encode(self, expression: np.ndarray) -> np.ndarray:
         """(n, G) log1p expression -> (n, k) float32 coordinates."""
-        return ((np.asarray(expression, dtype=np.float64) - self.mean) @ self.components.T / self.scale).astype(np.float32)
+        centred = np.asarray(expression, dtype=np.float64) - self.mean
+        return (centred @ self.components.T / self.scale).astype(np.float32)
 
     def shifted(self, expression: np.ndarray, latent: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """Embeddings of the cells moved by a (G,) shift: exactly ``latent + delta @ components.T / scale``."""
@@ -96,7 +97,8 @@ class PCAEmbedding:
 
     # ------------------------------------------------------------------ persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"mean": torch.from_numpy(self.mean), "components": torch.from_numpy(np.ascontiguousarray(self.components))}
+        return {"mean": torch.from_numpy(self.mean),
+                "components": torch.from_numpy(np.ascontiguousarray(self.components))}
 
     def extra_state(self) -> dict[str, Any]:
         return {"kind": self.kind, "scale": self.scale, "gene_symbols": self.gene_symbols}
@@ -131,7 +133,7 @@ class ScGPTEmbedding:
 
     def __init__(self, checkpoint: str, gene_symbols: list[str], max_seq_len: int, seed: int = 0,
                  center: np.ndarray | None = None, scale: float = 1.0):
-        from pertflow.models.scgpt import FrozenScGPTExtractor, load_pretrained
+        from pertflow.foundation.scgpt import FrozenScGPTExtractor, load_pretrained
 
         if not (Path(checkpoint) / "args.json").is_file():
             raise InputError(f"{checkpoint} is not a scGPT folder (args.json is missing). Give the folder of a public "
@@ -142,8 +144,8 @@ class ScGPTEmbedding:
         self.vocab = dict(loaded.vocab)
         self.gene_symbols = list(gene_symbols)
         if not any(g in self.vocab for g in self.gene_symbols):
-            raise InputError(f"the scGPT model in {checkpoint} knows none of the data's genes (e.g. {self.gene_symbols[:3]}); "
-                             "give a model whose vocabulary holds the data's gene symbols.")
+            raise InputError(f"the scGPT model in {checkpoint} knows none of the data's genes (e.g. "
+                             f"{self.gene_symbols[:3]}); give a model whose vocabulary holds the data's gene symbols.")
         self.max_seq_len, self.seed = int(max_seq_len), int(seed)
         self.extractor = FrozenScGPTExtractor(self.transformer.to("cpu"), self.vocab, max_seq_len=self.max_seq_len,
                                               n_bins=loaded.args.get("n_bins", 51), seed=self.seed)
@@ -210,7 +212,8 @@ def fit_embedding(config: LatentShiftConfig, view: SplitView, seed: int = 0) -> 
     train = view.expression.get(view.rows.train)
     if config.embedding == "pca":
         return PCAEmbedding.fit(train, config.n_components, view.vocab.expression_genes, seed=seed)
-    return ScGPTEmbedding.fit(config.scgpt_checkpoint, train, view.vocab.expression_genes, config.scgpt_max_seq_len, seed)
+    return ScGPTEmbedding.fit(config.scgpt_checkpoint, train, view.vocab.expression_genes, config.scgpt_max_seq_len,
+                              seed)
 
 
 def embedding_from_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Embedding:
@@ -289,5 +292,6 @@ def decoder_train_config(config: LatentShiftConfig, train_config: TrainConfig) -
     return stage_config(
         train_config, max_steps=steps, batch_size=config.decoder_batch_size, lr=config.decoder_lr,
         warmup_steps=min(100, steps // 10), min_lr_ratio=0.05, val_every=max(1, steps // 10),
-        checkpoint_every=min(steps, max(1, train_config.checkpoint_every)), log_every=max(1, min(train_config.log_every, steps)),
+        checkpoint_every=min(steps, max(1, train_config.checkpoint_every)),
+        log_every=max(1, min(train_config.log_every, steps)),
     )

@@ -18,9 +18,10 @@ test cells are never reachable):
 A prediction encodes the context's control cells, shifts them by the prior, lets the predictor
 move them and decodes the result. The model is anchored on its prior as the flow models are
 (:class:`~pertflow.models.anchored.AnchoredModel`: the same validation chooses the prior and the
-prediction mode, ``flow`` being the predictor's own cells); ``predict.mode`` forces one. Any object with ``train(ctrl_emb, pert_emb, pert_cov)`` and
-``predict(ctrl_emb, pert_cov)`` can stand in for the built-in predictors
-(:meth:`LatentShift.use_predictor`); only the built-in ones are saved with a run.
+prediction mode, ``flow`` being the predictor's own cells); ``predict.mode`` forces one. Any
+object with ``train(ctrl_emb, pert_emb, pert_cov)`` and ``predict(ctrl_emb, pert_cov)`` can stand
+in for the built-in predictors (:meth:`LatentShift.use_predictor`); only the built-in ones are
+saved with a run.
 
 The networks train with the shared engine, each in a folder of its own under the run's
 ``checkpoints/`` (``checkpoints/decoder``, ``checkpoints/predictor``); a stage whose folder holds
@@ -143,8 +144,9 @@ class LatentShift(AnchoredModel):
         if self.embedding is None:
             raise InputError("the model is not fitted yet: fit it before embedding cells.")
         expression = np.asarray(expression, dtype=np.float32)
-        return np.concatenate([self.embedding.encode(expression[i:i + ENCODE_CHUNK])
-                               for i in range(0, len(expression), ENCODE_CHUNK)] or [np.zeros((0, self.latent_dim), np.float32)])
+        chunks = [self.embedding.encode(expression[i:i + ENCODE_CHUNK])
+                  for i in range(0, len(expression), ENCODE_CHUNK)]
+        return np.concatenate(chunks or [np.zeros((0, self.latent_dim), np.float32)])
 
     def embed_visible(self, view: SplitView) -> LatentCells:
         """Embeddings of every visible (training and validation) cell."""
@@ -160,14 +162,16 @@ class LatentShift(AnchoredModel):
         config = decoder_train_config(self.config, train_config)
         start = time.perf_counter()
         torch.manual_seed(config.seed)
-        decoder = LatentDecoder(self.embedding.dim, len(self.genes), self.config.decoder_hidden, self.config.decoder_layers)
+        decoder = LatentDecoder(self.embedding.dim, len(self.genes), self.config.decoder_hidden,
+                                self.config.decoder_layers)
         decoder.init_linear(z, expression)
         val = view.rows.val
         val_batches = CellBatches(latent.get(val), view.expression.get(val), 1, 0).all_cells() if len(val) else None
         result = train_network(decoder, CellBatches(z, expression, config.batch_size, config.seed), config,
                                stage_dir(run_dir, "decoder"), {"stage": "decoder", "genes": self.genes}, val_batches)
         self.decoder = decoder.freeze()
-        report = {"steps": result.steps, "best_step": result.best_step, "train_mse": self._reconstruction_error(expression, z),
+        report = {"steps": result.steps, "best_step": result.best_step,
+                  "train_mse": self._reconstruction_error(expression, z),
                   "seconds": round(time.perf_counter() - start, 1)}
         if len(val):
             report["val_mse"] = self._reconstruction_error(view.expression.get(val), latent.get(val))
@@ -185,7 +189,8 @@ class LatentShift(AnchoredModel):
         self.descriptors = build_descriptors(self.config.descriptor, view, self.trained_components, self.embedding,
                                              self.config.descriptor_file)
         visible_controls = view.visible[data.is_control[view.visible]]
-        self.context_means = {ctx: latent.get(view.control_rows(ctx)).mean(0) for ctx in sorted(set(data.contexts[visible_controls]))}
+        self.context_means = {ctx: latent.get(view.control_rows(ctx)).mean(0)
+                              for ctx in sorted(set(data.contexts[visible_controls]))}
         source, target, cov, groups = self.training_pairs(view, latent, np.random.default_rng(train_config.seed))
         if not self._own_predictor:
             self.predictor = self.build_predictor(train_config)
@@ -200,8 +205,8 @@ class LatentShift(AnchoredModel):
     def build_predictor(self, train_config: TrainConfig | None = None) -> NetworkPredictor:
         """The config's predictor, for this model's embedding and covariate widths."""
         cfg = self.config
-        options: dict[str, Any] = {"hidden": cfg.hidden, "n_layers": cfg.n_layers, "groups_per_step": cfg.groups_per_step,
-                                   "train_config": train_config}
+        options: dict[str, Any] = {"hidden": cfg.hidden, "n_layers": cfg.n_layers,
+                                   "groups_per_step": cfg.groups_per_step, "train_config": train_config}
         if cfg.predictor == "mlp":
             options["mmd_weight"] = cfg.mmd_weight
         else:
@@ -224,7 +229,8 @@ class LatentShift(AnchoredModel):
         pools = {ctx: rows for (pert, ctx), rows in groups.items() if pert == control}
         keys = [k for k in sorted(groups) if k[0] != control and k[1] in pools]
         if not keys:
-            raise InputError("the training cells hold no perturbed cells with control cells of their context; check the split.")
+            raise InputError("the training cells hold no perturbed cells with control cells of their context; check "
+                             "the split.")
         blocks = [self._pairs(view, latent, groups[k], pools[k[1]], self.prior.training_delta(*k),
                               self.covariate(k[0], k[1]), k[1], rng) for k in keys]
         if self.config.train_unknown:
@@ -315,15 +321,17 @@ class LatentShift(AnchoredModel):
         predicted = self.predict_latent(controls, latent, perturbation, context, shift, rng, settings)
         return predicted, self.decode(predicted, controls, latent)
 
-    def predict_latent(self, controls: np.ndarray, latent: np.ndarray, perturbation: str, context: str, delta: np.ndarray,
-                       rng: np.random.Generator, settings: PredictConfig | None = None) -> np.ndarray:
+    def predict_latent(self, controls: np.ndarray, latent: np.ndarray, perturbation: str, context: str,
+                       delta: np.ndarray, rng: np.random.Generator,
+                       settings: PredictConfig | None = None) -> np.ndarray:
         """(n, k) predicted embeddings of a perturbation from control cells and their embeddings."""
         anchor = self.embedding.shifted(controls, latent, delta) if np.any(delta) else latent
         cov = np.repeat(self.covariate(perturbation, context, latent)[None, :], len(latent), axis=0)
         origin = self.origin(context, latent)
         if isinstance(self.predictor, NetworkPredictor):
             generator = torch.Generator().manual_seed(int(rng.integers(2**31 - 1)))
-            moved = self.predictor.predict(anchor - origin, cov, generator=generator, settings=settings or self.predict_config)
+            moved = self.predictor.predict(anchor - origin, cov, generator=generator,
+                                           settings=settings or self.predict_config)
         else:
             moved = np.asarray(self.predictor.predict(anchor - origin, cov), dtype=np.float32)
         return moved + origin
@@ -337,7 +345,8 @@ class LatentShift(AnchoredModel):
 
     # ------------------------------------------------------------------ scoring itself
     def latent_knn_purity(self, controls: np.ndarray, perturbation: str, context: str, real: np.ndarray,
-                          rng: np.random.Generator | None = None, k: int = KNN_K, delta: np.ndarray | None = None) -> float:
+                          rng: np.random.Generator | None = None, k: int = KNN_K,
+                          delta: np.ndarray | None = None) -> float:
         """KNN purity in the model's own embedding (SPEC 2.5): the cells predicted from ``controls``
         among the embedded real perturbed cells ``real`` and the embedded ``controls``.
 
@@ -354,9 +363,10 @@ class LatentShift(AnchoredModel):
         """Mean KNN purity in the embedding over the validation groups (the prior's shift left out)."""
         rng = np.random.default_rng(VALIDATION_SEED)
         return float(np.mean([
-            self.latent_knn_purity(g.controls, g.perturbation, g.context,
-                                   g.real[rng.choice(len(g.real), size=min(len(g.real), len(g.controls)), replace=False)],
-                                   rng, delta=self.prior.held_out_delta(g.perturbation, g.context))
+            self.latent_knn_purity(
+                g.controls, g.perturbation, g.context,
+                g.real[rng.choice(len(g.real), size=min(len(g.real), len(g.controls)), replace=False)],
+                rng, delta=self.prior.held_out_delta(g.perturbation, g.context))
             for g in validation.groups]))
 
     # ------------------------------------------------------------------ persistence
@@ -370,7 +380,8 @@ class LatentShift(AnchoredModel):
         out.update({f"decoder.{k}": v.detach().cpu() for k, v in self.decoder.state_dict().items()})
         out.update({f"predictor.{k}": v for k, v in self.predictor.state_tensors().items()})
         out.update(self.descriptors.state_tensors())
-        out["context_means"] = torch.from_numpy(np.stack([self.context_means[c] for c in sorted(self.context_means)]).astype(np.float32))
+        means = np.stack([self.context_means[c] for c in sorted(self.context_means)])
+        out["context_means"] = torch.from_numpy(means.astype(np.float32))
         return {**out, **super().state_tensors()}
 
     def extra_state(self) -> dict[str, Any]:
@@ -389,7 +400,8 @@ class LatentShift(AnchoredModel):
             return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
         self.embedding = embedding_from_state(extra["embedding"], part("embedding."))
-        self.decoder = LatentDecoder(self.embedding.dim, len(self.genes), self.config.decoder_hidden, self.config.decoder_layers)
+        self.decoder = LatentDecoder(self.embedding.dim, len(self.genes), self.config.decoder_hidden,
+                                     self.config.decoder_layers)
         self.decoder.load_state_dict(part("decoder."))
         self.decoder.freeze()
         self.descriptors = DescriptorTable.from_state(extra["descriptors"], tensors)

@@ -153,9 +153,11 @@ class LatentFlow(nn.Module):
         return LossOutput(loss=loss, metrics=metrics)
 
     @torch.no_grad()
-    def sample(self, anchor: torch.Tensor, cov: torch.Tensor, generator: torch.Generator | None, method: str, steps: int) -> torch.Tensor:
+    def sample(self, anchor: torch.Tensor, cov: torch.Tensor, generator: torch.Generator | None, method: str,
+               steps: int) -> torch.Tensor:
         z_0 = self.flow.start(anchor, generator)
-        return self.flow.solve(lambda t, z: self.velocity(t, z, cov, z_0), z_0, method, steps, "the latent flow predictor")
+        return self.flow.solve(lambda t, z: self.velocity(t, z, cov, z_0), z_0, method, steps,
+                               "the latent flow predictor")
 
 
 # ============================================================================ predictors
@@ -197,8 +199,9 @@ class NetworkPredictor:
         if x.ndim != 2 or x.shape[1] != width:
             raise ValueError(f"{name} must be (n, {width}), got {x.shape}")
 
-    def train(self, ctrl_emb: np.ndarray, pert_emb: np.ndarray, pert_cov: np.ndarray, *, groups: np.ndarray | None = None,
-              run_dir: Path | None = None, metadata: dict[str, Any] | None = None) -> None:
+    def train(self, ctrl_emb: np.ndarray, pert_emb: np.ndarray, pert_cov: np.ndarray, *,
+              groups: np.ndarray | None = None, run_dir: Path | None = None,
+              metadata: dict[str, Any] | None = None) -> None:
         """Fit on pairs (see the module docstring).
 
         ``groups``: (n,) a label per pair, its (perturbation, context), when the covariates do not
@@ -210,11 +213,13 @@ class NetworkPredictor:
         self._check("pert_emb", pert_emb, self.latent_dim)
         self._check("pert_cov", pert_cov, self.cov_dim)
         config = self.train_config
-        batches = GroupBatches(ctrl_emb, pert_emb, pert_cov, config.batch_size, self.groups_per_step, config.seed, groups)
+        batches = GroupBatches(ctrl_emb, pert_emb, pert_cov, config.batch_size, self.groups_per_step, config.seed,
+                               groups)
         torch.manual_seed(config.seed)
         self.network = self.build_network()
         result = train_network(self.network, batches, config, run_dir,
-                               {"predictor": self.name, "latent_dim": self.latent_dim, "cov_dim": self.cov_dim, **(metadata or {})})
+                               {"predictor": self.name, "latent_dim": self.latent_dim, "cov_dim": self.cov_dim,
+                                **(metadata or {})})
         self.network.eval()
         self.fit_report = {"steps": result.steps, "pairs": len(ctrl_emb), "groups": len(batches.groups),
                            "parameters": sum(p.numel() for p in self.network.parameters())}
@@ -235,7 +240,8 @@ class NetworkPredictor:
         self.network.train(was_training)
         return np.concatenate(out) if out else np.zeros((0, self.latent_dim), np.float32)
 
-    def _predict(self, latent: torch.Tensor, cov: torch.Tensor, generator: torch.Generator | None, settings: PredictConfig) -> torch.Tensor:
+    def _predict(self, latent: torch.Tensor, cov: torch.Tensor, generator: torch.Generator | None,
+                 settings: PredictConfig) -> torch.Tensor:
         raise NotImplementedError
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -286,8 +292,8 @@ class FlowPredictor(NetworkPredictor):
         super().__init__(latent_dim, cov_dim, **kwargs)
 
     def build_network(self) -> LatentFlow:
-        return LatentFlow(self.latent_dim, self.cov_dim, self.flow, self.hidden, self.n_layers, mean_weight=self.mean_weight,
-                          reads_start=self.reads_start)
+        return LatentFlow(self.latent_dim, self.cov_dim, self.flow, self.hidden, self.n_layers,
+                          mean_weight=self.mean_weight, reads_start=self.reads_start)
 
     def _predict(self, latent, cov, generator, settings):
         return self.network.sample(latent, cov, generator, settings.ode_method, settings.ode_steps)

@@ -61,7 +61,8 @@ class CellBatches(SeededStream):
         self.batch_size = batch_size
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        rows = torch.from_numpy(self.rng.choice(len(self.latent), size=self.batch_size, replace=len(self.latent) < self.batch_size))
+        rows = torch.from_numpy(self.rng.choice(len(self.latent), size=self.batch_size,
+                                                replace=len(self.latent) < self.batch_size))
         return {"latent": self.latent[rows], "expression": self.expression[rows]}
 
     def all_cells(self, chunk: int = 1024) -> list[dict[str, torch.Tensor]]:
@@ -105,7 +106,8 @@ class GroupBatches(SeededStream):
     def next_batch(self) -> dict[str, torch.Tensor]:
         chosen = self.rng.choice(len(self.groups), size=self.groups_per_step, replace=False)
         rows = np.concatenate([
-            self.rng.choice(self.groups[g], size=self.batch_size, replace=len(self.groups[g]) < self.batch_size) for g in chosen
+            self.rng.choice(self.groups[g], size=self.batch_size, replace=len(self.groups[g]) < self.batch_size)
+            for g in chosen
         ])
         index = torch.from_numpy(rows)
         return {

@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from pertflow.data.keys import BATCH_KEYS
+from pertflow.foundation.scgpt.config import ScGPTConfig
+from pertflow.foundation.scgpt.generation_model import TransformerGenerator
+from pertflow.foundation.scgpt.losses import perturbation_loss
 from pertflow.models.config import PredictConfig
 from pertflow.models.network import NetworkModel
-from pertflow.models.scgpt.config import ScGPTConfig
-from pertflow.models.scgpt.generation_model import TransformerGenerator
-from pertflow.models.scgpt.losses import perturbation_loss
 from pertflow.nn.loss import LossOutput
 from pertflow.nn.perturbation import unknown_perturbation_dropout
 
@@ -77,7 +77,8 @@ class GeneratorModule(nn.Module):
         self.config = config
         self.pad_id, self.unk_id = pad_id, unk_id
         self.register_buffer("gene_tokens", gene_tokens.long())
-        self.network = TransformerGenerator(config.architecture(ntoken=n_tokens, pad_token_id=pad_id, n_pert_flags=3, pert_pad_id=FLAG_PAD))
+        architecture = config.architecture(ntoken=n_tokens, pad_token_id=pad_id, n_pert_flags=3, pert_pad_id=FLAG_PAD)
+        self.network = TransformerGenerator(architecture)
 
     def perturbed_columns(self, pert_ids: Tensor) -> Tensor:
         """Columns (expression genes) that are components of any perturbation of the batch."""
@@ -111,7 +112,8 @@ class GeneratorModule(nn.Module):
         """MSE of the predicted perturbed cell on a random gene subset (perturbed genes included)."""
         target, control, pert_ids = batch[BATCH_KEYS.TARGET], batch[BATCH_KEYS.CONTROL], batch[BATCH_KEYS.PERT_IDS]
         if self.training:
-            pert_ids = unknown_perturbation_dropout(pert_ids, self.pad_id, self.unk_id, self.config.unknown_perturbation_p)
+            pert_ids = unknown_perturbation_dropout(pert_ids, self.pad_id, self.unk_id,
+                                                    self.config.unknown_perturbation_p)
         n_genes = target.shape[1]
         columns = torch.arange(n_genes, device=target.device)
         if self.config.genes_per_step < n_genes:
@@ -122,7 +124,8 @@ class GeneratorModule(nn.Module):
         return LossOutput(loss=mse, metrics={"mse": float(mse.detach())})
 
     @torch.no_grad()
-    def sample(self, control: Tensor, pert_ids: Tensor, settings: PredictConfig, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, control: Tensor, pert_ids: Tensor, settings: PredictConfig,
+               generator: torch.Generator | None = None) -> Tensor:
         """(B, G) predicted expression of all genes, clamped at 0; genes in chunks of about
         ``settings.gene_chunk`` (the perturbed genes in every chunk) when it is set."""
         n_genes = control.shape[1]
@@ -148,6 +151,5 @@ class ScGPTGenerator(NetworkModel):
 
     def build_module(self) -> GeneratorModule:
         vocab = self.vocab
-        return GeneratorModule(
-            self.config, torch.from_numpy(vocab.gene_ids(vocab.expression_genes)), len(vocab), vocab.pad_id, vocab.unk_id
-        )
+        gene_tokens = torch.from_numpy(vocab.gene_ids(vocab.expression_genes))
+        return GeneratorModule(self.config, gene_tokens, len(vocab), vocab.pad_id, vocab.unk_id)

@@ -1,0 +1,1 @@
+"""scgpt-generator: scGPT's ``TransformerGenerator`` (from :mod:`pertflow.foundation.scgpt`) as a perturbation model."""
