@@ -83,17 +83,17 @@ def measure_support(source: np.ndarray, target: np.ndarray, adapted: np.ndarray,
     source = _subsample(np.asarray(source, np.float32), rng)
     keep = rng.permutation(len(target))[:MAX_CELLS]
     target, adapted = np.asarray(target, np.float32)[keep], np.asarray(adapted, np.float32)[keep]
+    # in a PCA of both sides: the source's own would hide the directions the target differs in
+    project = _principal_components(np.concatenate([source, target]))
+    pcs = {"source": project(source), "target": project(target), "adapted": project(adapted)}
     order = rng.permutation(len(source))
-    reference, held = source[order[: len(order) // 2]], source[order[len(order) // 2:]]
-    project = _principal_components(np.concatenate([source, target]))  # the source's own PCA would hide
-    tree = cKDTree(project(reference))                                   # the directions the target differs in
-    radius = np.quantile(tree.query(project(held))[0], SUPPORT_QUANTILE)
+    tree = cKDTree(pcs["source"][order[: len(order) // 2]])
+    radius = np.quantile(tree.query(pcs["source"][order[len(order) // 2:]])[0], SUPPORT_QUANTILE)
 
-    def outside(x: np.ndarray) -> float:
-        return float((tree.query(project(x))[0] > radius).mean())
+    def outside(points: np.ndarray) -> float:
+        return float((tree.query(points)[0] > radius).mean())
 
-    coords = {name: project(x)[:, :2] for name, x in (("source", source), ("target", target), ("adapted", adapted))}
-    return Support(outside(target), outside(adapted), coords)
+    return Support(outside(pcs["target"]), outside(pcs["adapted"]), {name: x[:, :2] for name, x in pcs.items()})
 
 
 def warn_if_untrusted(support: Support) -> None:

@@ -187,10 +187,9 @@ class Prior:
         """:meth:`held_out_delta` at strength 1 (computed once, shared by every strength)."""
         key = (perturbation, context)
         if key not in self._left_out:
-            composed = None if perturbation == self.baseline.spec.control else self.composed(perturbation, context)
             if perturbation == self.baseline.spec.control:
                 shift = np.zeros(len(self.baseline.genes), dtype=np.float32)
-            elif composed is not None:
+            elif (composed := self.composed(perturbation, context)) is not None:
                 shift = composed
             elif key in self.baseline.keys:
                 shift = self.baseline.without(key).predicted_delta(perturbation, context)
