@@ -23,9 +23,13 @@ class LatentShiftConfig(AnchoredConfig):
     embedding
         The embedding space, fitted on the split's training cells only: ``pca`` (principal
         components of the log1p expression), ``scgpt`` (cell embeddings of the frozen scGPT in
-        the folder ``scgpt_checkpoint``) or ``cfm-vc`` (the CFM-VC latent; not wired to this model yet).
+        the folder ``scgpt_checkpoint``) or ``cfm-vc`` (the intrinsic latent of CFM-VC's count VAE,
+        trained on the training cells' counts: :mod:`pertflow.models.latent_shift.vae_embedding`).
     n_components
-        Principal components of the ``pca`` embedding.
+        Principal components of the ``pca`` embedding; the latent's width with ``cfm-vc``.
+    vae_steps, counts_layer
+        ``cfm-vc``: the VAE's training steps, and the layer of raw counts (None: found as CFM-VC
+        finds it).
     scgpt_checkpoint
         A scGPT folder (``args.json``, ``vocab.json``, ``best_model.pt``: a public model, or one
         of ``pertflow pretrain``); the run records its path and reads it again when loaded.
@@ -83,6 +87,8 @@ class LatentShiftConfig(AnchoredConfig):
 
     embedding: Literal["pca", "scgpt", "cfm-vc"] = "pca"
     n_components: int = 50
+    vae_steps: int = 2000
+    counts_layer: str | None = None
     scgpt_checkpoint: str | None = None
     scgpt_max_seq_len: int = 1200
     predictor: Literal["mlp", "flow"] = "mlp"
@@ -110,16 +116,15 @@ class LatentShiftConfig(AnchoredConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_at_least_one(self, "n_components", "hidden", "n_layers", "groups_per_step", "decoder_hidden",
-                             "decoder_layers", "decoder_steps", "decoder_batch_size")
+        require_at_least_one(self, "n_components", "vae_steps", "hidden", "n_layers", "groups_per_step",
+                             "decoder_hidden", "decoder_layers", "decoder_steps", "decoder_batch_size")
         if self.scgpt_max_seq_len < 2:
             raise ValueError("scgpt_max_seq_len must be at least 2 (<cls> and one gene)")
         if self.mmd_weight < 0 or self.mean_weight < 0 or self.source_noise < 0 or self.decoder_lr <= 0:
             raise ValueError("mmd_weight, mean_weight and source_noise must be >= 0 and decoder_lr > 0")
-        if self.embedding == "cfm-vc":
-            raise ValueError("the CFM-VC latent (embedding 'cfm-vc') is not wired to latent-shift yet (CFM-VC itself "
-                             "is `--model cfmvc`, with its own flow in that latent). Use model.embedding=pca, or scgpt "
-                             "with model.scgpt_checkpoint=FOLDER")
+        if self.embedding == "cfm-vc" and self.descriptor == "gene":
+            raise ValueError("descriptor 'gene' needs gene vectors, which the CFM-VC latent has none of: use "
+                             "model.embedding=pca (or scgpt), or model.descriptor=onehot with embedding 'cfm-vc'")
         if self.embedding == "scgpt" and not self.scgpt_checkpoint:
             raise ValueError("embedding 'scgpt' needs a scGPT folder: set model.scgpt_checkpoint=FOLDER (a public "
                              "scGPT model, or one made by `pertflow pretrain`)")

@@ -3,15 +3,15 @@
 An embedding space is fitted on a split's training cells only and maps log1p expression to
 ``k`` coordinates (``encode(X) -> Z``), standardised by the training cells' centre and one overall
 scale (so that every space has an average variance of 1 per coordinate and distances keep their
-geometry). Two spaces:
+geometry). Three spaces:
 
 * :class:`PCAEmbedding`: principal components of the training cells (the evaluator's PCA is
   the same kind of projection, so ``knn_purity_pca`` is KNN purity in this space);
 * :class:`ScGPTEmbedding`: cell embeddings of a frozen scGPT (a public model's folder, or one
   of ``pertflow pretrain``).
 
-(The CFM-VC latent is the third space of SPEC 2.5; it is refused with a clear message until a
-CFM-VC model exists.)
+* :class:`~pertflow.models.latent_shift.vae_embedding.CountVAEEmbedding`: the intrinsic latent of
+  CFM-VC's count VAE, trained on the training cells' counts (SPEC 2.5's third space).
 
 Each also gives the model what it needs besides ``encode``: the embedding of shifted cells (the
 prior's shift carried into the space) and gene vectors for the ``gene`` descriptor. The
@@ -32,6 +32,7 @@ from torch import nn
 from pertflow.data.view import SplitView
 from pertflow.eval import metrics as M
 from pertflow.models.latent_shift.config import LatentShiftConfig
+from pertflow.models.latent_shift.vae_embedding import CountVAEEmbedding
 from pertflow.nn.loss import LossOutput
 from pertflow.errors import InputError
 from pertflow.train.config import TrainConfig, stage_config
@@ -203,8 +204,8 @@ class ScGPTEmbedding:
                    tensors["center"].numpy(), state["scale"])
 
 
-EMBEDDINGS = {"pca": PCAEmbedding, "scgpt": ScGPTEmbedding}
-Embedding = PCAEmbedding | ScGPTEmbedding
+EMBEDDINGS = {"pca": PCAEmbedding, "scgpt": ScGPTEmbedding, "cfm-vc": CountVAEEmbedding}
+Embedding = PCAEmbedding | ScGPTEmbedding | CountVAEEmbedding
 
 
 def fit_embedding(config: LatentShiftConfig, view: SplitView, seed: int = 0) -> Embedding:
@@ -212,6 +213,10 @@ def fit_embedding(config: LatentShiftConfig, view: SplitView, seed: int = 0) -> 
     train = view.expression.get(view.rows.train)
     if config.embedding == "pca":
         return PCAEmbedding.fit(train, config.n_components, view.vocab.expression_genes, seed=seed)
+    if config.embedding == "cfm-vc":
+        embedding = CountVAEEmbedding.fit(view, config.n_components, config.vae_steps, config.counts_layer, seed)
+        embedding.center, embedding.scale = _standardisation(embedding.raw(train))
+        return embedding
     return ScGPTEmbedding.fit(config.scgpt_checkpoint, train, view.vocab.expression_genes, config.scgpt_max_seq_len,
                               seed)
 
