@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-from nfe_curve import solver_scores
-from pertflow.benchmark import score_runs
+from pertflow.benchmark import score_runs, solver_scores
 from pertflow.data.tasks import find_tasks, resolve_data_dir
 from pertflow.io import read_json
 from pertflow.runtime import set_threads

@@ -3,7 +3,6 @@ the cost report (with both probes, each in its own process)."""
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,13 +17,9 @@ TINY = dict(d_model=32, n_heads=4, n_layers=1, dropout=0.0, genes_per_step=60, s
 
 
 def load_script():
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports nfe_curve beside it, as when run from there
-    try:
-        spec = importlib.util.spec_from_file_location("ccfm_steps", BENCHMARKS / "ccfm_steps.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("ccfm_steps", BENCHMARKS / "ccfm_steps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 

@@ -50,6 +50,7 @@ from pertflow.eval.metrics import group_means
 from pertflow.eval.plots import (EMBED_CELLS, plot_deltas, plot_embeddings, plot_metrics, plot_training, project,
                                  shared_pca)
 from pertflow.errors import InputError
+from pertflow.flows import EVALUATIONS_PER_STEP
 from pertflow.io import atomic_path, check_writable, package_dir, read_json, write_text
 from pertflow.models.capabilities import EmbedsCells
 from pertflow.models.registry import model_class
@@ -143,6 +144,26 @@ def rescore(run: Path, view: SplitView, sets: list[str], metrics: tuple[str, ...
     agg = result.aggregate.loc["mean"]
     cells = int((pred.obs[inputs.pert_col].astype(str) != inputs.control).sum())
     return {**{m: float(agg[m]) for m in metrics}, "predict_seconds": seconds, "predicted_cells": cells}
+
+
+#: what the analyses of finished runs score by default (cell-eval's DE-based metrics do not depend
+#: on the solver more than these)
+RESCORE_METRICS = ("pearson_delta_top20_de", "edistance_pca", "mmd_rbf_pca")
+
+
+def solver_scores(run: Path, view: SplitView, grid: dict[str, tuple[int, ...]], sets: tuple[str, ...] = (),
+                  metrics: tuple[str, ...] = RESCORE_METRICS) -> list[dict]:
+    """One row per (ODE solver, steps) of ``grid``: a finished run's own flow cells of the split's
+    test perturbations (``predict.mode=flow``) scored by :func:`rescore`, with the network
+    evaluations per sample (``nfe``)."""
+    rows = []
+    for method, steps_list in grid.items():
+        for steps in steps_list:
+            sets_here = [f"predict.ode_method={method}", f"predict.ode_steps={steps}", "predict.mode=flow", *sets]
+            rows.append({"split": run.parent.name, "model": run.name, "method": method, "steps": steps,
+                         "nfe": steps * EVALUATIONS_PER_STEP[method], **rescore(run, view, sets_here, metrics)})
+            print(rows[-1], flush=True)
+    return rows
 
 
 def score_runs(bench: Path, models: list[str], tasks: dict[str, Task], data_dir: Path, out: Path,

@@ -86,6 +86,28 @@ def plot_metrics(summary: pd.DataFrame, plots: Path, baselines: tuple[str, ...] 
     return written
 
 
+def plot_solver_curves(table: pd.DataFrame, path: Path, xlabel: str = "network evaluations per sample") -> Path:
+    """Quality against the ODE solver's network evaluations: one column per split, top-20 DE
+    Pearson delta above E-distance, one line per solver (``table``: columns ``split``, ``method``,
+    ``nfe`` and the two metrics, as :func:`pertflow.benchmark.solver_scores` writes them)."""
+    plt = _pyplot()
+    splits = list(dict.fromkeys(table["split"]))
+    fig, axes = plt.subplots(2, len(splits), figsize=(4 * len(splits), 6), squeeze=False)
+    for col, split in enumerate(splits):
+        block = table[table["split"] == split]
+        for row, metric in enumerate(("pearson_delta_top20_de", "edistance_pca")):
+            ax = axes[row, col]
+            for method, part in block.groupby("method"):
+                ax.plot(part["nfe"], part[metric], marker="o", label=method)
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_title(f"{split}: {metric}", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(plt, fig, path, 110)
+    return path
+
+
 def plot_deltas(results: pd.DataFrame, out: Path, models: list[str]) -> list[Path]:
     """Predicted vs real mean shift per gene: a row per held-out perturbation, a column per model,
     :data:`ROWS_PER_PAGE` perturbations a page (``<task>_deltas.png``, then ``_deltas_2.png`` ...)."""
