@@ -117,7 +117,7 @@ class LatentFlow(nn.Module):
     glioblastoma line (read without it the flow carried the cells onto the training lines'
     spread: E-distance 2.3 against 0.27 for no change), and hurt on kang's held-out cell types,
     where a field of ``z_t`` alone with more source noise transferred far better (CD14+Mono:
-    E-distance 1.26 against 7.65; ``benchmarks/results/README.md``).
+    E-distance 1.26 against 7.65; ``benchmarks/results/NOTES.md``).
 
     Parameters
     ----------
