@@ -22,6 +22,8 @@ TINY: dict[str, dict] = {
     "ccfm@cell": {"model.latent_stream": "cell", "model.n_components": 4, "model.hidden": 16, "model.decoder_hidden": 16,
                   "model.decoder_steps": 3, "model.expression_hidden": 16, "model.expression_steps": 3},
     "latent-shift": {"model.n_components": 4, "model.hidden": 16, "model.decoder_hidden": 16, "model.decoder_steps": 3},
+    "latent-shift@cfm-vc": {"model.embedding": "cfm-vc", "model.n_components": 4, "model.vae_steps": 3, "model.hidden": 16,
+                            "model.decoder_hidden": 16, "model.decoder_steps": 3},
     "cfmvc": {"model.n_latent": 4, "model.n_tech": 2, "model.hidden": 16, "model.n_layers": 1, "model.flow_hidden": 16,
               "model.d_context": 8, "model.n_basis": 2, "model.vae_steps": 3},
     "scgpt-generator": {"model.d_model": 16, "model.nhead": 2, "model.d_hid": 32, "model.nlayers": 1,
