@@ -287,7 +287,8 @@ def predict(
     only (``["predict.ode_steps=4"]``): the ``model`` section is fixed by the trained weights.
     ``adapter`` (a folder of :func:`adapt`, any transport) maps the control cells the model reads
     (the real control cells in the file stay as they are); ``shift_back`` carries the predicted
-    cells back onto the data's own scale (see :func:`~pertflow.models.predict.predict_split`).
+    change back onto the data's own cells, read on their scale through the transport run backwards
+    (see :func:`~pertflow.models.predict.predict_split`).
 
     Another file than the model's: where it lacks the model's perturbation or context column, its
     own spec is read (recorded by its split file, else detected; a batch column the model never
@@ -317,7 +318,8 @@ def predict(
         read_args["spec"] = model.spec  # the file the model was trained on, or one labelled like it
     with _view(data, split, list(model.genes), **read_args) as view:
         pred = predict_split(model, view, seed=seed, settings=settings, shift_back=shift_back, progress=progress,
-                             control_map=None if adapter is None else adapter.apply, label_map=map_labels)
+                             control_map=None if adapter is None else adapter.apply,
+                             control_unmap=None if adapter is None else adapter.invert, label_map=map_labels)
         context_col, pert_col = view.context_col, view.data.spec.pert_col  # the file's names
     if out is not None:
         out = Path(out)

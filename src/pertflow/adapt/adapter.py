@@ -124,6 +124,11 @@ class Adapter:
                              f"{controls.shape}.")
         return self.transport.apply(controls)
 
+    def invert(self, cells: np.ndarray) -> np.ndarray:
+        """(n, G) cells on the source's (training data's) scale -> the target's: the transport run
+        backwards (:meth:`~pertflow.adapt.transports.Transport.invert`; not clipped)."""
+        return self.transport.invert(np.asarray(cells, dtype=np.float32))
+
     def check_genes(self, model: PerturbationModel) -> None:
         """The adapter must have been learnt for the model's genes, in its order."""
         if list(model.genes) != self.genes:

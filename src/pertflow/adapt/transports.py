@@ -11,8 +11,12 @@ the source's, each a small class that is fitted, applied, saved to and loaded fr
 ``shift`` and ``affine`` are parametric: :mod:`pertflow.adapt.shift` learns their parameters by
 MMD through the model's control embedding (:meth:`initial`, :meth:`transform` on tensors,
 :meth:`from_params`). ``quantile`` is fitted directly on the control cells (:meth:`QuantileTransport.fit`).
-Every transport clips its output at 0 (log1p expression is >= 0). No pickles: CSV tables, written
-atomically, one row per model gene in the model's order.
+Every transport clips its output at 0 (log1p expression is >= 0). Each also maps back
+(:meth:`Transport.invert`: source -> target scale), which carries a prediction made on the
+source's scale onto the target's (``predict --shift-back``): the shift's offset subtracted, the
+affine map undone, the quantile map run the other way (the source's CDF, then the target's
+quantile function). No pickles: CSV tables, written atomically, one row per model gene in the
+model's order.
 """
 
 from __future__ import annotations
@@ -62,6 +66,13 @@ class Transport:
 
     def apply(self, controls: np.ndarray) -> np.ndarray:
         """(n, G) log1p expression on the adapter's genes -> (n, G) float32, clipped at 0."""
+        raise NotImplementedError
+
+    def invert(self, cells: np.ndarray) -> np.ndarray:
+        """(n, G) log1p expression on the source's scale -> the target's (the map back), float32.
+        Deterministic. The shift and the affine map are undone before their clipping at 0 (not
+        clipped here), so that a change carried back through them (``own + invert(predicted) -
+        invert(mapped)``) is exactly the change on their scale; the caller clips."""
         raise NotImplementedError
 
     def save(self, folder: Path, genes: list[str]) -> None:
@@ -139,6 +150,9 @@ class ShiftTransport(ParametricTransport):
     def apply(self, controls: np.ndarray) -> np.ndarray:
         return np.clip(controls + self.shift[None, :], 0, None).astype(np.float32)
 
+    def invert(self, cells: np.ndarray) -> np.ndarray:
+        return (cells - self.shift[None, :]).astype(np.float32)
+
     def save(self, folder: Path, genes: list[str]) -> None:
         with atomic_path(folder / "shift.csv") as tmp:
             pd.DataFrame({"gene": genes, "shift": self.shift}).to_csv(tmp, index=False, float_format="%.6g")
@@ -190,6 +204,9 @@ class AffineTransport(ParametricTransport):
 
     def apply(self, controls: np.ndarray) -> np.ndarray:
         return np.clip(controls * self.scale[None, :] + self.shift[None, :], 0, None).astype(np.float32)
+
+    def invert(self, cells: np.ndarray) -> np.ndarray:
+        return ((cells - self.shift[None, :]) / self.scale[None, :]).astype(np.float32)
 
     def save(self, folder: Path, genes: list[str]) -> None:
         with atomic_path(folder / "affine.csv") as tmp:
@@ -270,6 +287,23 @@ class QuantileTransport(Transport):
             out[:, g] = np.interp(self._positions(np.asarray(controls[:, g], np.float64), g, rng), self.grid,
                                   self.source_quantiles[g])
         return np.clip(out, 0, None)
+
+    def invert(self, cells: np.ndarray) -> np.ndarray:
+        """Per gene ``x = Q_T(F_S(y))``: a value's position among the source's quantiles (tied knots at
+        their mid-rank, so a 0 sits in the middle of the source's zero mass), then the target's
+        value there (0 in its zero mass, its positive quantiles above it); a 0 stays 0."""
+        out = np.zeros(cells.shape, np.float32)
+        for g in range(cells.shape[1]):
+            knots, first = np.unique(self.source_quantiles[g], return_index=True)
+            if len(knots) < 2 or np.isnan(self.target_positive[g]).any():
+                continue  # a constant source gene, or a target gene never expressed: the target's 0
+            last = len(self.grid) - 1 - np.unique(self.source_quantiles[g][::-1], return_index=True)[1]
+            values = np.asarray(cells[:, g], np.float64)
+            u = np.interp(values, knots, (self.grid[first] + self.grid[last]) / 2)
+            z = self.target_zero[g]
+            above = (u > z) & (values > 0)  # nothing expressed on the source's scale is nothing on the target's
+            out[above, g] = np.interp((u[above] - z) / max(1 - z, 1e-12), self.grid, self.target_positive[g])
+        return out
 
     def save(self, folder: Path, genes: list[str]) -> None:
         k = self.source_quantiles.shape[1]

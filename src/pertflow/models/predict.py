@@ -25,6 +25,7 @@ def predict_split(
     progress: bool = False,
     control_map: Callable[[np.ndarray], np.ndarray] | None = None,
     shift_back: bool = False,
+    control_unmap: Callable[[np.ndarray], np.ndarray] | None = None,
     label_map: dict[str, str] | None = None,
 ) -> ad.AnnData:
     """A cell-eval-ready prediction of a split's test cells.
@@ -64,10 +65,16 @@ def predict_split(
         prediction keeps the file's names and labels.
     shift_back
         Carry the predicted cells back onto the data's own scale: each predicted cell is its
-        control cell *unmapped* plus the change the model predicted from the mapped one (then
-        clipped at 0). (Undoing the map instead does not: the mapped controls were clipped at 0,
-        and on zero-inflated genes the shift that matches the source is several times the
-        difference of the means.)
+        control cell *unmapped* plus the change the model predicted from the mapped one, read on
+        the data's scale through ``control_unmap``: ``own + unmap(predicted) - unmap(mapped)``
+        (then clipped at 0). Without ``control_unmap`` the change is added as it is (right for a
+        shift). (Unmapping the predicted cells alone does not do: the mapped controls were
+        clipped at 0, and on zero-inflated genes the shift that matches the source is several
+        times the difference of the means.)
+    control_unmap
+        The inverse of ``control_map`` (:meth:`pertflow.adapt.Adapter.invert`): for a scale change
+        (an affine or quantile map) the change of a gene is divided by its scale, or read through
+        the quantile map run backwards.
     """
     from pertflow.runtime import progress_bar
 
@@ -119,7 +126,7 @@ def predict_split(
 
     def to_file(pred: np.ndarray, own: np.ndarray, controls: np.ndarray) -> np.ndarray:
         if shift_back and control_map is not None:
-            pred = own + (pred - controls)
+            pred = own + (pred - controls if control_unmap is None else control_unmap(pred) - control_unmap(controls))
         cells = np.empty_like(pred, dtype=np.float32)
         cells[:, to_model] = np.clip(pred, 0, None)
         return cells
