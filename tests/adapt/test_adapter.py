@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import torch
 
 from pertflow import api
-from pertflow.adapt import Adapter, AdapterConfig, ShiftTransport
+from pertflow.adapt import Adapter, AdapterConfig, AffineTransport, ShiftTransport
 from pertflow.cli import main
 from pertflow.data import PerturbationData, SplitView, make_split
 from pertflow.data import dataset as dataset_module
@@ -289,6 +289,31 @@ def test_shift_back_adds_the_predicted_change_to_the_unshifted_controls(syntheti
     np.testing.assert_allclose(back.X[predicted], expected, rtol=1e-5, atol=1e-6)  # the model's genes are the split's here
     # not the shift subtracted: the shifted controls were clipped at 0, which subtracting cannot undo
     assert not np.allclose(back.X[predicted], np.clip(np.concatenate(outputs) - shift, 0, None), atol=1e-3)
+
+
+def test_shift_back_reads_the_change_on_the_datas_scale_where_a_cell_expresses_the_gene(synthetic_run, tmp_path):
+    """An affine adapter (scale a, offset b): a change the model makes on the training scale comes
+    back divided by a where the control cell expresses the gene, as it is where the cell has a 0."""
+    f = synthetic_run["folder"]
+    model = PerturbationModel.load(f / "run")
+    n = len(model.genes)
+    scale = np.where(np.arange(n) % 2 == 0, 2.0, 0.5).astype(np.float32)
+    Adapter(list(model.genes), AffineTransport(scale, np.full(n, 0.1, np.float32)), AdapterConfig(),
+            [(0, 1.0, 0.0), (1, 0.5, 0.05)]).save(tmp_path / "affine")
+    outputs = []
+    generate = model.generate
+    model.generate = lambda controls, *a, **kw: outputs.append(generate(controls, *a, **kw)) or outputs[-1]
+    _, mapped = recorded_predict(f / "run", synthetic_run["data"], f / "split.json", adapter=tmp_path / "affine",
+                                 sets=["predict.ode_steps=1"])
+    back = api.predict(model, synthetic_run["data"], f / "split.json", adapter=tmp_path / "affine", shift_back=True,
+                       sets=["predict.ode_steps=1"])
+    _, own = recorded_predict(f / "run", synthetic_run["data"], f / "split.json", sets=["predict.ode_steps=1"])
+    own, mapped, outputs = np.concatenate(own), np.concatenate(mapped), np.concatenate(outputs)
+    change = outputs - mapped
+    expected = np.clip(own + np.where(own > 0, change / scale, change), 0, None)
+    predicted = (back.obs["source"] == "predicted").to_numpy()
+    np.testing.assert_allclose(back.X[predicted], expected, rtol=1e-5, atol=1e-5)
+    assert (own > 0).any() and (own == 0).any()  # both rules were exercised
 
 
 def test_shift_back_needs_an_adapter(synthetic_run):
