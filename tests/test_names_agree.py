@@ -7,7 +7,7 @@ import typing
 
 from pertflow.flows import COUPLINGS, SOLVERS, TIME_SAMPLERS
 from pertflow.models.config import PredictConfig, PriorName, ValidationKind
-from pertflow.models.flow import CouplingName, TimeSamplerName
+from pertflow.models.config import CouplingName, TimeSamplerName
 from pertflow.models.inner_split import KINDS
 from pertflow.models.prior import PREDICTION_MODES, PRIOR_BASELINES
 

@@ -68,6 +68,35 @@ class PredictConfig:
                              f"{self.n_bootstrap}")
 
 
+#: How a flow pairs a batch's sources with its targets, and where on the path it trains
+#: (:data:`pertflow.flows.COUPLINGS`, :data:`pertflow.flows.TIME_SAMPLERS`; a test checks they agree).
+CouplingName = Literal["independent", "ot"]
+TimeSamplerName = Literal["uniform", "logit-normal"]
+
+
+@dataclass(frozen=True)
+class FlowPathConfig:
+    """The fields of a flow's path, declared once for every flow model's ``model`` section (the
+    gene-space flows and CFM-VC through :class:`~pertflow.models.flow.FlowConfig`, latent-shift's
+    flow predictor through its own config).
+
+    Attributes
+    ----------
+    source_noise
+        Scale of the standard normal noise added to the control cell (or its latent) where the
+        flow starts.
+    coupling
+        How the targets are paired with the sources (within a batch, or within a group):
+        ``independent`` (as drawn) or ``ot`` (minibatch optimal transport, straighter paths).
+    time_sampler
+        Where on the path training samples are taken.
+    """
+
+    source_noise: float = 0.1
+    coupling: CouplingName = "independent"
+    time_sampler: TimeSamplerName = "uniform"
+
+
 #: The baselines a model can be anchored on (``auto``: the one that scores best on validation).
 PriorName = Literal["none", "mean", "additive", "linear", "context-shift", "target-effect", "auto"]
 #: What validation holds out (:mod:`pertflow.models.inner_split`).

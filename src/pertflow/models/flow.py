@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pertflow.data.keys import BATCH_KEYS
 from pertflow.flows import COUPLINGS, TIME_SAMPLERS, AnchoredSource, FlowMatching, GaussianSource
-from pertflow.models.config import AnchoredConfig, PredictConfig
+from pertflow.models.config import AnchoredConfig, FlowPathConfig, PredictConfig
 from pertflow.nn import ExprDecoder, GeneEncoder
 from pertflow.nn.backbone import ContextSummary, ExpressionTokens, GeneFlowBackbone
 from pertflow.nn.conditioning import TimestepEmbedder
@@ -28,14 +28,12 @@ from pertflow.nn.latent import LatentFlowBackbone
 from pertflow.nn.perturbation import PerturbationEncoder, unknown_perturbation_dropout
 
 
-#: The names a flow config's fields take (one home for each list).
+#: Where a flow starts (the other names of a flow's fields: :mod:`pertflow.models.config`).
 FlowSourceName = Literal["noise", "control"]
-CouplingName = Literal["independent", "ot"]
-TimeSamplerName = Literal["uniform", "logit-normal"]
 
 
 @dataclass(frozen=True)
-class FlowConfig(AnchoredConfig):
+class FlowConfig(AnchoredConfig, FlowPathConfig):
     """The ``model`` section fields of every flow model anchored on a prior: the flow's parts
     (:func:`flow_matching`), its prior and how it reads perturbations. The gene-space models
     (:class:`GeneFlowConfig`) and CFM-VC's latent flow subclass it; a subclass may give a field
@@ -49,13 +47,8 @@ class FlowConfig(AnchoredConfig):
         control cell (or its latent) plus ``source_noise`` times a standard normal: the flow then
         transports the control distribution onto the perturbed one, a much shorter path that a
         small budget learns well.
-    source_noise
-        Scale of the noise added to a control source.
-    coupling
-        How the B targets of a batch are paired with the B sources (:data:`pertflow.flows.COUPLINGS`):
-        ``independent`` (as drawn) or ``ot`` (minibatch optimal transport, straighter paths).
-    time_sampler
-        Where on the path training samples are taken (:data:`pertflow.flows.TIME_SAMPLERS`).
+    source_noise, coupling, time_sampler
+        The flow's path (:class:`~pertflow.models.config.FlowPathConfig`).
     prior, validation, validation_held_out, refit
         Those of every anchored model (:class:`~pertflow.models.config.AnchoredConfig`): the flow
         starts from the control cells shifted by the prior's predicted response (with ``source:
@@ -69,9 +62,6 @@ class FlowConfig(AnchoredConfig):
     """
 
     source: FlowSourceName = "noise"
-    source_noise: float = 0.1
-    coupling: CouplingName = "independent"
-    time_sampler: TimeSamplerName = "uniform"
     max_components: int = 2
     unknown_perturbation_p: float = 0.1
 

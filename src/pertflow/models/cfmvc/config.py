@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pertflow.configs import require_at_least_one
-from pertflow.models.config import PriorName
-from pertflow.models.flow import CouplingName, FlowConfig, FlowSourceName
+from pertflow.models.config import CouplingName, PriorName
+from pertflow.models.flow import FlowConfig, FlowSourceName
 
 
 @dataclass(frozen=True)

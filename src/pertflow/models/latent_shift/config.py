@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pertflow.configs import require_at_least_one
-from pertflow.models.config import AnchoredConfig
-from pertflow.models.flow import CouplingName, TimeSamplerName
+from pertflow.models.config import AnchoredConfig, FlowPathConfig
 
 
 @dataclass(frozen=True)
-class LatentShiftConfig(AnchoredConfig):
+class LatentShiftConfig(AnchoredConfig, FlowPathConfig):
     """A perturbation predictor in an embedding space, decoded by a frozen decoder (SPEC 2.5).
 
     The predictor itself is trained with the run's ``train`` section (``max_steps``,
@@ -68,8 +67,9 @@ class LatentShiftConfig(AnchoredConfig):
     mmd_weight
         MLP predictor: weight of the MMD term beside the squared error of the group means.
     source_noise, coupling, time_sampler
-        Flow predictor: the noise added to the (shifted) control embeddings where the flow starts,
-        the minibatch coupling applied within each group, and where on the path to train.
+        Flow predictor (:class:`~pertflow.models.config.FlowPathConfig`): the noise added to the
+        (shifted) control embeddings where the flow starts, the coupling applied within each
+        group, and where on the path to train.
     mean_weight
         Flow predictor: weight of the squared error of each group's mean one-step estimate
         against its real mean, beside the velocity loss (the MLP's mean term, for the flow).
@@ -102,9 +102,6 @@ class LatentShiftConfig(AnchoredConfig):
     n_layers: int = 2
     groups_per_step: int = 8
     mmd_weight: float = 1.0
-    source_noise: float = 0.1
-    coupling: CouplingName = "independent"
-    time_sampler: TimeSamplerName = "uniform"
     mean_weight: float = 0.0
     flow_reads_start: bool = True
     decoder_hidden: int = 256
