@@ -30,10 +30,11 @@ from torch import Tensor, nn
 from pertflow.data.keys import BATCH_KEYS
 from pertflow.flows import FlowMatching
 from pertflow.models.cfmvc.config import CFMVCConfig
-from pertflow.models.cfmvc.vae import CountVAE, mlp
+from pertflow.models.cfmvc.vae import CountVAE
 from pertflow.models.config import PredictConfig
 from pertflow.nn.conditioning import TimestepEmbedder
 from pertflow.nn.loss import LossOutput
+from pertflow.nn.mlp import mlp
 from pertflow.nn.perturbation import unknown_perturbation_dropout
 
 # Names of the per-cell arrays of a CFM-VC batch (besides BATCH_KEYS).
@@ -76,7 +77,7 @@ class LatentVelocity(nn.Module):
         super().__init__()
         self.n_latent, self.n_basis = n_latent, n_basis
         self.time = TimestepEmbedder(d_context)
-        self.trunk = mlp(n_latent + d_context, hidden, n_layers, 0.0)
+        self.trunk = mlp(n_latent + d_context, hidden, n_layers, layer_norm=True, dropout=0.0, xavier=True)
         self.basis = nn.Linear(hidden, n_basis * n_latent)
         self.adapter = nn.Linear(d_context, n_basis)
         nn.init.xavier_uniform_(self.basis.weight, gain=0.1)

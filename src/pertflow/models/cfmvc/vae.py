@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from pertflow.nn.mlp import mlp
+
 LOGVAR_MIN, LOGVAR_MAX = -10.0, 10.0
 NB_EPS = 1e-8
 
@@ -64,17 +66,6 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
 
 
-def mlp(d_in: int, hidden: int, n_layers: int, dropout: float) -> nn.Sequential:
-    """``n_layers`` x (Linear, LayerNorm, SiLU, Dropout), Xavier-initialised."""
-    layers: list[nn.Module] = []
-    for i in range(n_layers):
-        linear = nn.Linear(d_in if i == 0 else hidden, hidden)
-        nn.init.xavier_uniform_(linear.weight)
-        nn.init.zeros_(linear.bias)
-        layers += [linear, nn.LayerNorm(hidden), nn.SiLU(), nn.Dropout(dropout)]
-    return nn.Sequential(*layers)
-
-
 @dataclass
 class Posterior:
     """The encoder's Gaussian posteriors: means and (clamped) log-variances, (B, n_latent) and (B, n_tech)."""
@@ -112,10 +103,11 @@ class CountVAE(nn.Module):
         super().__init__()
         self.n_genes, self.n_batch, self.n_context = n_genes, n_batch, n_context
         self.n_latent, self.n_tech = n_latent, n_tech
-        self.encoder = mlp(n_genes + n_batch + n_context, hidden, n_layers, dropout)
+        self.encoder = mlp(n_genes + n_batch + n_context, hidden, n_layers, layer_norm=True, dropout=dropout,
+                           xavier=True)
         self.int_head = nn.Linear(hidden, 2 * n_latent)
         self.tech_head = nn.Linear(hidden, 2 * n_tech)
-        self.decoder = mlp(n_latent + n_tech + n_batch, hidden, n_layers, 0.0)
+        self.decoder = mlp(n_latent + n_tech + n_batch, hidden, n_layers, layer_norm=True, dropout=0.0, xavier=True)
         self.fractions = nn.Linear(hidden, n_genes + 1)
         self.log_theta = nn.Parameter(torch.full((n_genes + 1,), 2.0))
 

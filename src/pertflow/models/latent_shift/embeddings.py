@@ -34,6 +34,7 @@ from pertflow.eval import metrics as M
 from pertflow.models.latent_shift.config import LatentShiftConfig
 from pertflow.models.latent_shift.vae_embedding import CountVAEEmbedding
 from pertflow.nn.loss import LossOutput
+from pertflow.nn.mlp import mlp
 from pertflow.errors import InputError
 from pertflow.train.config import TrainConfig, stage_config
 
@@ -242,15 +243,7 @@ class LatentDecoder(nn.Module):
 
     def __init__(self, latent_dim: int, n_genes: int, hidden: int = 512, n_layers: int = 2):
         super().__init__()
-        layers: list[nn.Module] = []
-        width = latent_dim
-        for _ in range(n_layers):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        layers.append(nn.Linear(width, n_genes))
-        nn.init.zeros_(layers[-1].weight)
-        nn.init.zeros_(layers[-1].bias)
-        self.net = nn.Sequential(*layers)
+        self.net = mlp(latent_dim, hidden, n_layers, n_genes)  # its last layer starts at zero
         self.linear = nn.Linear(latent_dim, n_genes)
 
     @torch.no_grad()

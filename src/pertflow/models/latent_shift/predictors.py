@@ -44,6 +44,7 @@ from pertflow.models.config import PredictConfig
 from pertflow.models.latent_shift.training import GroupBatches, train_network
 from pertflow.nn.conditioning import TimestepEmbedder
 from pertflow.nn.loss import LossOutput
+from pertflow.nn.mlp import mlp
 from pertflow.ops.kernels import mmd2_rbf
 from pertflow.train.config import TrainConfig
 
@@ -57,19 +58,6 @@ class LatentPredictor(Protocol):
     def train(self, ctrl_emb: np.ndarray, pert_emb: np.ndarray, pert_cov: np.ndarray) -> None: ...
 
     def predict(self, ctrl_emb: np.ndarray, pert_cov: np.ndarray) -> np.ndarray: ...
-
-
-def _mlp(d_in: int, hidden: int, n_layers: int, d_out: int) -> nn.Sequential:
-    """An MLP whose last layer starts at zero (the residual networks start as the identity)."""
-    layers: list[nn.Module] = []
-    width = d_in
-    for _ in range(n_layers):
-        layers += [nn.Linear(width, hidden), nn.SiLU()]
-        width = hidden
-    last = nn.Linear(width, d_out)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
-    return nn.Sequential(*layers, last)
 
 
 def _as_tensor(x: np.ndarray) -> torch.Tensor:
@@ -90,7 +78,7 @@ class ConditionalMLP(nn.Module):
 
     def __init__(self, latent_dim: int, cov_dim: int, hidden: int = 256, n_layers: int = 2, mmd_weight: float = 1.0):
         super().__init__()
-        self.net = _mlp(latent_dim + cov_dim, hidden, n_layers, latent_dim)
+        self.net = mlp(latent_dim + cov_dim, hidden, n_layers, latent_dim)
         self.mmd_weight = mmd_weight
 
     def forward(self, latent: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -133,7 +121,7 @@ class LatentFlow(nn.Module):
         self.mean_weight = mean_weight
         self.reads_start = reads_start
         self.time = TimestepEmbedder(time_dim, freq_dim=64)
-        self.net = _mlp((2 if reads_start else 1) * latent_dim + time_dim + cov_dim, hidden, n_layers, latent_dim)
+        self.net = mlp((2 if reads_start else 1) * latent_dim + time_dim + cov_dim, hidden, n_layers, latent_dim)
 
     def velocity(self, t: torch.Tensor, z_t: torch.Tensor, cov: torch.Tensor, z_0: torch.Tensor) -> torch.Tensor:
         inputs = [z_t, self.time(t), cov, z_0] if self.reads_start else [z_t, self.time(t), cov]
