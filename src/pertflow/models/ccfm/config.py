@@ -46,9 +46,9 @@ class CCFMConfig(GeneFlowConfig):
         Value bins of the foundation's input (51 for the released models and for pertflow's
         pretraining); None feeds log1p values.
     bottleneck_dim
-        Width of the ``LatentEmbedder``'s bottleneck (D -> bottleneck -> token width).
+        Width of the ``FeatureEmbedder``'s bottleneck (D -> bottleneck -> token width).
     dh_depth
-        AdaLN self-attention blocks of the ``LatentDecoder``.
+        AdaLN self-attention blocks of the ``FeatureVelocityHead``.
     dh_heads
         Attention heads of those blocks (None: ``n_heads``). They attend over the genes at the
         token width, which the ``latent`` backbone makes narrow (``d_model // 4``): at d_model 64

@@ -6,9 +6,9 @@ then the expression conditioned on them; the foundation model is never called th
 cells, G genes in the step, D feature width, d width, d_t token width.
 
 * tokens: the expression tokens of :class:`~pertflow.models.flow.GeneFlowNetwork` plus
-  ``LatentEmbedder(z_t)`` (D -> bottleneck -> d_t), per gene                   (B, G, d_t)
+  ``FeatureEmbedder(z_t)`` (D -> bottleneck -> d_t), per gene                   (B, G, d_t)
 * condition: ``c = temb(t_expr) + temb_latent(t_latent) + perturbation``       (B, d)
-* heads: the expression velocity (B, G), and ``LatentDecoder`` (AdaLN self-attention blocks
+* heads: the expression velocity (B, G), and ``FeatureVelocityHead`` (AdaLN self-attention blocks
   over the genes conditioned on c) -> the latent velocity                      (B, G, D)
 
 Training samples each cell's stream (:func:`cascaded_times`): with probability
@@ -40,8 +40,10 @@ from pertflow.nn.loss import LossOutput
 TARGET_LATENT = "target_latent"  # batch key: (B, G_full, D) normalised features of the target cells
 
 
-class LatentEmbedder(nn.Module):
-    """(B, G, D) latent -> (B, G, d_t) tokens: Linear -> GELU -> Linear through a bottleneck."""
+class FeatureEmbedder(nn.Module):
+    """(B, G, D) foundation features (the latent stream) -> (B, G, d_t) tokens: Linear -> GELU ->
+    Linear through a bottleneck. (Kept as the module attribute ``latent_embedder``: the name saved
+    runs hold.)"""
 
     def __init__(self, latent_dim: int, bottleneck_dim: int, d_token: int):
         super().__init__()
@@ -51,8 +53,9 @@ class LatentEmbedder(nn.Module):
         return self.net(z)
 
 
-class LatentDecoder(nn.Module):
-    """(B, G, d_t) backbone tokens and (B, d) condition -> (B, G, D) latent velocity.
+class FeatureVelocityHead(nn.Module):
+    """(B, G, d_t) backbone tokens and (B, d) condition -> (B, G, D) velocity of the latent stream
+    (the foundation features; the module attribute ``latent_decoder``, the name saved runs hold).
 
     A projection, ``depth`` AdaLN self-attention blocks over the genes conditioned on c, then
     LayerNorm -> Linear -> GELU -> Linear to D.
@@ -119,9 +122,9 @@ class CCFMModule(GeneFlowNetwork):
             raise ValueError(f"the latent decoder attends over genes at the token width {d_t}: it must divide by its "
                              f"heads (dh_heads, else n_heads) {heads}")
         self.latent_dim = latent_dim
-        self.latent_embedder = LatentEmbedder(latent_dim, config.bottleneck_dim, d_t)
+        self.latent_embedder = FeatureEmbedder(latent_dim, config.bottleneck_dim, d_t)
         self.latent_time_embedder = TimestepEmbedder(d)
-        self.latent_decoder = LatentDecoder(d, d_t, latent_dim, heads, config.dh_depth, config.mlp_ratio)
+        self.latent_decoder = FeatureVelocityHead(d, d_t, latent_dim, heads, config.dh_depth, config.mlp_ratio)
 
     def streams(self, t_expr: Tensor, t_latent: Tensor, x_t: Tensor, z_t: Tensor,
                 ctx: FieldContext) -> tuple[Tensor, Tensor, Tensor]:
