@@ -14,8 +14,11 @@ training checkpoint, the flow against its own prior)::
     score = mean top-20 DE Pearson delta - mean E-distance / mean E-distance of no change
 
 Both parts are better when higher; the E-distance is read relative to predicting no change, so
-the score has no unit and no change scores exactly -1 (its Pearson delta counts as 0, as the
-evaluator counts a prediction without a shift).
+the score has no unit and no change scores -1 plus its Pearson delta. That Pearson delta is not 0:
+the predicted mean is that of the drawn control cells, whose difference from the mean of all the
+context's controls is sampling noise, correlated with the real shift by chance (the evaluator's no
+change has the same noise on a test's larger groups). A choice between ``none`` and a weak prior
+is decided partly by it.
 """
 
 from __future__ import annotations
