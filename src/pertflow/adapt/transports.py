@@ -269,14 +269,20 @@ class QuantileTransport(Transport):
         """The identity cannot be written as a quantile map of unknown data: use the shift's."""
         raise NotImplementedError("the quantile transport's identity is ShiftTransport.identity")
 
+    def _tied_knots(self, quantiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(K,) quantiles at :attr:`grid` -> their distinct values and each one's position on the
+        grid, tied quantiles collapsed to their mid-rank (the CDF as :func:`np.interp` reads it)."""
+        knots, first = np.unique(quantiles, return_index=True)
+        last = len(self.grid) - 1 - np.unique(quantiles[::-1], return_index=True)[1]
+        return knots, (self.grid[first] + self.grid[last]) / 2
+
     def _positions(self, values: np.ndarray, g: int, rng: np.random.Generator) -> np.ndarray:
         z = self.target_zero[g]
         u = rng.uniform(0.0, z, size=len(values))  # drawn for every cell: the same draws whatever the values
         positive = values > 0
         if positive.any() and not np.isnan(self.target_positive[g]).any():
-            knots, first = np.unique(self.target_positive[g], return_index=True)
-            last = len(self.grid) - 1 - np.unique(self.target_positive[g][::-1], return_index=True)[1]
-            mid = (self.grid[first] + self.grid[last]) / 2 if len(knots) > 1 else np.full(1, 0.5)
+            knots, mid = self._tied_knots(self.target_positive[g])
+            mid = mid if len(knots) > 1 else np.full(1, 0.5)
             u[positive] = z + (1 - z) * np.interp(values[positive], knots, mid, left=0.0, right=1.0)
         return u
 
@@ -294,12 +300,11 @@ class QuantileTransport(Transport):
         value there (0 in its zero mass, its positive quantiles above it); a 0 stays 0."""
         out = np.zeros(cells.shape, np.float32)
         for g in range(cells.shape[1]):
-            knots, first = np.unique(self.source_quantiles[g], return_index=True)
+            knots, mid = self._tied_knots(self.source_quantiles[g])
             if len(knots) < 2 or np.isnan(self.target_positive[g]).any():
                 continue  # a constant source gene, or a target gene never expressed: the target's 0
-            last = len(self.grid) - 1 - np.unique(self.source_quantiles[g][::-1], return_index=True)[1]
             values = np.asarray(cells[:, g], np.float64)
-            u = np.interp(values, knots, (self.grid[first] + self.grid[last]) / 2)
+            u = np.interp(values, knots, mid)
             z = self.target_zero[g]
             above = (u > z) & (values > 0)  # nothing expressed on the source's scale is nothing on the target's
             out[above, g] = np.interp((u[above] - z) / max(1 - z, 1e-12), self.grid, self.target_positive[g])
