@@ -5,7 +5,7 @@ CCFM samples in two stages (the latent, then the expression given it), each inte
 a CCFM run folder of ``pertflow benchmark`` (``<out>/runs/<split>/ccfm``), this predicts the
 split's test cells again with Euler, midpoint and RK4 at 1-20 steps per stage and scores them with
 the evaluator (top-20 DE Pearson delta, E-distance, MMD; the flow's own cells,
-``predict.mode=flow``, as ``nfe_curve.py``: both use ``pertflow.benchmark.solver_scores``), and measures the cost:
+``predict.mode=flow``, as ``nfe_curve.py``: both use ``pertflow.analysis.solver_scores``), and measures the cost:
 
 * ``steps.csv`` / ``steps.png``: one row per (solver, steps per stage), with the seconds and
   predicted cells per second of each prediction (model loading included);
@@ -37,7 +37,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from pertflow.benchmark import fold_view, solver_scores
+from pertflow.analysis import fold_view, solver_scores
 from pertflow.api import predict, train
 from pertflow.data.tasks import find_tasks, resolve_data_dir
 from pertflow.eval.plots import plot_solver_curves

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pertflow.benchmark import fold_view, solver_scores
+from pertflow.analysis import fold_view, solver_scores
 from pertflow.data.tasks import find_tasks, resolve_data_dir
 from pertflow.eval.plots import plot_solver_curves
 from pertflow.io import atomic_path

@@ -15,29 +15,17 @@ ablation ``cfm``, issue 14), never a way to choose one: the benchmark's choice s
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from pertflow.benchmark import score_runs, solver_scores
-from pertflow.data.tasks import find_tasks, resolve_data_dir
+from pertflow.analysis import analysis_inputs, analysis_parser, score_runs, solver_scores
 from pertflow.io import read_json
-from pertflow.runtime import set_threads
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", help="a pertflow benchmark output folder (its runs/<split>/<model>)")
-    p.add_argument("--models", required=True, help="flow models to score (comma-separated)")
-    p.add_argument("--data-dir", help="the datasets (default: $PERTFLOW_DATA_DIR)")
-    p.add_argument("--tasks-dir", default=str(Path(__file__).parent / "tasks"))
-    p.add_argument("--out", required=True, help="the CSV to write (rows already there are kept, not redone)")
+    p = analysis_parser(__doc__, "flow models to score")
     p.add_argument("--splits", help="only these run folders' splits (comma-separated; default: all)")
-    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    set_threads(args.threads)
-    data_dir, tasks = resolve_data_dir(args.data_dir), find_tasks(args.tasks_dir)
-    models = [m for m in args.models.split(",") if m]
-    out = Path(args.out)
+    inputs = analysis_inputs(args)
 
     def score(run: Path, view) -> dict:
         meta = read_json(run / "model.json")
@@ -47,8 +35,9 @@ def main() -> None:
         return {**scores, "prior": report.get("prior"), "prediction_mode": report.get("prediction_mode"),
                 **{f"val_score_{mode.replace('-', '_')}": round(v["score"], 4) for mode, v in validation.items()}}
 
-    score_runs(Path(args.bench), models, tasks, data_dir, out, score, args.splits.split(",") if args.splits else None)
-    print(f"wrote {out}")
+    score_runs(inputs.bench, inputs.models, inputs.tasks, inputs.data_dir, inputs.out, score,
+               args.splits.split(",") if args.splits else None)
+    print(f"wrote {inputs.out}")
 
 
 if __name__ == "__main__":

@@ -19,15 +19,12 @@ choose: the benchmark's choice stays validation's.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pandas as pd
 
-from pertflow.benchmark import rescore, score_runs
-from pertflow.data.tasks import find_tasks, resolve_data_dir
+from pertflow.analysis import analysis_inputs, analysis_parser, rescore, score_runs
 from pertflow.io import read_json
-from pertflow.runtime import set_threads
 
 MODES = ("flow", "prior-mean", "prior")
 METRICS = ("pearson_delta_top20_de", "edistance_pca")
@@ -39,17 +36,9 @@ def no_change_edistance(bench: Path, split: str) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", help="a pertflow benchmark output folder (its runs/<split>/<model>, with no-change)")
-    p.add_argument("--models", required=True, help="anchored models to score (comma-separated benchmark names)")
-    p.add_argument("--data-dir", help="the datasets (default: $PERTFLOW_DATA_DIR)")
-    p.add_argument("--tasks-dir", default=str(Path(__file__).parent / "tasks"))
-    p.add_argument("--out", required=True, help="the CSV to write (rows already there are kept, not redone)")
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
-    set_threads(args.threads)
-    bench, data_dir, tasks = Path(args.bench), resolve_data_dir(args.data_dir), find_tasks(args.tasks_dir)
-    out = Path(args.out)
+    parser = analysis_parser(__doc__, "anchored models to score (each fold needs its no-change run)")
+    inputs = analysis_inputs(parser.parse_args())
+    bench, out = inputs.bench, inputs.out
 
     def score(run: Path, view) -> dict:
         e_none = no_change_edistance(bench, run.parent.name)
@@ -70,7 +59,7 @@ def main() -> None:
         return {**row, "best_on_test": best, "right": row["chosen"] == best,
                 "test_loss_of_choice": round(test_score[best] - test_score[row["chosen"]], 4)}
 
-    score_runs(bench, [m for m in args.models.split(",") if m], tasks, data_dir, out, score)
+    score_runs(bench, inputs.models, inputs.tasks, inputs.data_dir, out, score)
     print(f"wrote {out}")
 
 

@@ -19,7 +19,6 @@ the test (from ``benchmarks/selection.py``'s table of the same runs):
 
 from __future__ import annotations
 
-import argparse
 import copy
 from pathlib import Path
 
@@ -27,14 +26,12 @@ import numpy as np
 import pandas as pd
 
 from pertflow.api import split_view
-from pertflow.benchmark import score_runs
-from pertflow.data.tasks import find_tasks, resolve_data_dir
+from pertflow.analysis import analysis_inputs, analysis_parser, score_runs
 from pertflow.models.anchored import VALIDATION_SEED
 from pertflow.models.base import PerturbationModel
 from pertflow.models.inner_split import inner_split
 from pertflow.models.prior import PREDICTION_MODES, Prior
 from pertflow.models.validation import ValidationSet
-from pertflow.runtime import set_threads
 
 RULES = ("mean", "worst", "every")
 
@@ -78,19 +75,12 @@ def rule_choices(row: pd.Series) -> dict[str, str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", help="a pertflow benchmark output folder (its runs/<split>/<model>)")
-    p.add_argument("--models", required=True, help="anchored models (comma-separated benchmark names)")
+    p = analysis_parser(__doc__, "anchored models")
     p.add_argument("--selection", required=True, help="selection.csv of the same runs (benchmarks/selection.py)")
-    p.add_argument("--data-dir", help="the datasets (default: $PERTFLOW_DATA_DIR)")
-    p.add_argument("--tasks-dir", default=str(Path(__file__).parent / "tasks"))
-    p.add_argument("--out", required=True, help="the CSV to write (rows already there are kept, not redone)")
-    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    set_threads(args.threads)
-    out = Path(args.out)
-    score_runs(Path(args.bench), args.models.split(","), find_tasks(args.tasks_dir), resolve_data_dir(args.data_dir),
-               out, context_scores)
+    inputs = analysis_inputs(args)
+    out = inputs.out
+    score_runs(inputs.bench, inputs.models, inputs.tasks, inputs.data_dir, out, context_scores)
     table = pd.read_csv(out)
     table = table[table.get("skipped", pd.Series(np.nan, index=table.index)).isna()]
     best = pd.read_csv(args.selection).set_index(["split", "model"])["best_on_test"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pertflow"
-TOP_LEVEL = ("api", "cli", "benchmark", "demo", "runs", "yardstick")
+TOP_LEVEL = ("api", "cli", "benchmark", "analysis", "demo", "runs", "yardstick")
 
 ANNDATA = {"!anndata", "!scanpy"}  # outside packages are written "!name"
 # layer -> what it may not import
@@ -32,7 +32,7 @@ FORBIDDEN = {
     "foundation": {"models", "eval", "eval.metrics", "flows", "ops", "adapt", *TOP_LEVEL, *ANNDATA},
     "models": {"eval", "adapt", *TOP_LEVEL},  # eval.metrics (pure functions) is allowed
     "adapt": {"eval", "eval.metrics", *TOP_LEVEL},  # the adapter: data, models, ops, train below it
-    "api": {"benchmark", "demo", "cli"},  # the bigger jobs use the API, never the reverse
+    "api": {"benchmark", "analysis", "demo", "cli"},  # the bigger jobs use the API, never the reverse
 }
 #: modules of names and settings that import nothing heavy: what the command line's parser lists
 #: (models, split kinds, the adapter's settings), so that `pertflow --help` imports no torch

@@ -33,9 +33,8 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -50,13 +49,9 @@ from pertflow.eval.metrics import group_means
 from pertflow.eval.plots import (EMBED_CELLS, plot_deltas, plot_embeddings, plot_metrics, plot_training, project,
                                  shared_pca)
 from pertflow.errors import InputError
-from pertflow.flows import EVALUATIONS_PER_STEP
 from pertflow.io import atomic_path, check_writable, package_dir, read_json, write_text
 from pertflow.models.capabilities import EmbedsCells
 from pertflow.models.registry import model_class
-
-if TYPE_CHECKING:
-    from pertflow.data.view import SplitView
 
 CEILING_NOTE = ("*ceiling*: half of the real cells scored against the other half. Its Pearson deltas (corrected to "
                 "full depth) are what the data's sampling noise allows; its other metrics are measured at half depth, "
@@ -117,78 +112,6 @@ def benchmark(models: list[str], tasks: str | list[str], out: str | Path, *, fol
                   folds=folds, configs_dir=Path(configs_dir) if configs_dir else None, config_suffix=config_suffix,
                   threads=threads)
     return out / "summary.md"
-
-
-@contextmanager
-def fold_view(run: Path, tasks: dict[str, Task], data_dir: Path) -> Iterator[SplitView]:
-    """The split view of a benchmark run folder ``<out>/runs/<task>[__<fold>]/<model>`` (the
-    analyses of ``benchmarks/`` re-predict a finished run with it)."""
-    task_name, _, fold = Path(run).parent.name.partition("__")
-    if task_name not in tasks:
-        raise InputError(f"{run}: '{task_name}' is not a task of the tasks folder (a run folder is "
-                         "<out>/runs/<task>[__<fold>]/<model>)")
-    task = tasks[task_name]
-    with task.open_data(data_dir) as data:
-        yield split_view(data, fold_split(task, data, fold or None, data_dir / "splits"))
-
-
-def rescore(run: Path, view: SplitView, sets: list[str], metrics: tuple[str, ...]) -> dict[str, float]:
-    """A finished run's test cells predicted again with ``--set`` overrides (e.g.
-    ``predict.mode=flow``) and scored by pertflow's metrics (cell-eval's DE-based ones skipped):
-    the mean of ``metrics`` over the test perturbations, with the seconds the prediction took."""
-    inputs = evaluation_inputs(view)
-    start = time.perf_counter()
-    pred = predict(run, view, None, sets=sets)
-    seconds = time.perf_counter() - start
-    result = evaluate_split(None, None, pred, inputs=inputs, config=EvalConfig(cell_eval_profile="anndata"))
-    agg = result.aggregate.loc["mean"]
-    cells = int((pred.obs[inputs.pert_col].astype(str) != inputs.control).sum())
-    return {**{m: float(agg[m]) for m in metrics}, "predict_seconds": seconds, "predicted_cells": cells}
-
-
-#: what the analyses of finished runs score by default (cell-eval's DE-based metrics do not depend
-#: on the solver more than these)
-RESCORE_METRICS = ("pearson_delta_top20_de", "edistance_pca", "mmd_rbf_pca")
-
-
-def solver_scores(run: Path, view: SplitView, grid: dict[str, tuple[int, ...]], sets: tuple[str, ...] = (),
-                  metrics: tuple[str, ...] = RESCORE_METRICS) -> list[dict]:
-    """One row per (ODE solver, steps) of ``grid``: a finished run's own flow cells of the split's
-    test perturbations (``predict.mode=flow``) scored by :func:`rescore`, with the network
-    evaluations per sample (``nfe``)."""
-    rows = []
-    for method, steps_list in grid.items():
-        for steps in steps_list:
-            sets_here = [f"predict.ode_method={method}", f"predict.ode_steps={steps}", "predict.mode=flow", *sets]
-            rows.append({"split": run.parent.name, "model": run.name, "method": method, "steps": steps,
-                         "nfe": steps * EVALUATIONS_PER_STEP[method], **rescore(run, view, sets_here, metrics)})
-            print(rows[-1], flush=True)
-    return rows
-
-
-def score_runs(bench: Path, models: list[str], tasks: dict[str, Task], data_dir: Path, out: Path,
-               score: Callable[[Path, SplitView], dict[str, Any]], splits: list[str] | None = None) -> None:
-    """An analysis of a finished benchmark: ``score(run, view)`` -> a row, for every trained run
-    of ``models`` in ``bench/runs`` (``splits``: only these), written to the CSV ``out`` after each
-    run. Rows already in ``out`` (by split and model) are kept and not redone, so an interrupted
-    pass continues; a row gets ``split`` and ``model`` unless ``score`` gives them."""
-    done = pd.read_csv(out) if out.is_file() else pd.DataFrame(columns=["split", "model"])
-    rows = done.to_dict("records")
-    for split in sorted(p.name for p in (bench / "runs").iterdir() if p.is_dir()):
-        if splits and split not in splits:
-            continue
-        runs = [bench / "runs" / split / m for m in models]
-        todo = [r for r in runs if (r / "model.json").is_file()
-                and not ((done["split"] == split) & (done["model"] == r.name)).any()]
-        if not todo:
-            continue
-        with fold_view(todo[0], tasks, data_dir) as view:
-            for run in todo:
-                rows.append({"split": split, "model": run.name, **score(run, view)})
-                print(rows[-1], flush=True)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(out) as tmp:
-                    pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
 def config_file(configs_dir: Path | None, model: str, suffix: str) -> Path | None:
@@ -356,8 +279,6 @@ def _mean_shifts(adata: ad.AnnData, context_col: str | None, pert_col: str,
 def _write_deltas(run_dir: Path, inputs: EvaluationInputs, pred: ad.AnnData) -> None:
     """Mean shift vs control of every held-out perturbation, real and predicted (for the plots), and
     the predicted shift's per-gene interval (``lower``, ``upper``) where the prediction has one."""
-    from pertflow.io import atomic_path
-
     real = _mean_shifts(inputs.real, inputs.context_col, inputs.pert_col, inputs.control)
     predicted = _mean_shifts(pred, inputs.context_col, inputs.pert_col, inputs.control)
     keys = [k for k in real if k in predicted]
@@ -395,8 +316,6 @@ def _write_real_embedding(split_dir: Path, inputs: EvaluationInputs) -> None:
     """Per held-out (context, perturbation): the 2-D PCA of its real cells, the context's controls
     and the perturbation's cells, on its most shifted genes (:func:`pertflow.eval.plots.shared_pca`), with their
     coordinates (``kind`` 0: control, 1: perturbed) into ``embedding.npz``; a model's cells go into the same PCA."""
-    from pertflow.io import atomic_path
-
     real = inputs.real
     perts = real.obs[inputs.pert_col].astype(str).to_numpy()
     ctxs = context_labels(real, inputs.context_col)
@@ -428,8 +347,6 @@ def _write_pred_embedding(run_dir: Path, inputs: EvaluationInputs, pred: ad.AnnD
     """A model's predicted cells of each held-out perturbation projected into that perturbation's
     PCA of the real cells (``../embedding.npz``; not refitted), into ``embedding.npz``."""
     from pertflow.eval.plots import Projection
-    from pertflow.io import atomic_path
-
     found = run_dir.parent / "embedding.npz"
     if not found.is_file():
         return
@@ -570,8 +487,6 @@ def write_manifest(out: Path, models: list[str], configs_dir: Path | None, confi
 
 
 def write_report(results: pd.DataFrame, out: Path, models: list[str]) -> None:
-    from pertflow.io import atomic_path
-
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)

@@ -89,7 +89,7 @@ def plot_metrics(summary: pd.DataFrame, plots: Path, baselines: tuple[str, ...] 
 def plot_solver_curves(table: pd.DataFrame, path: Path, xlabel: str = "network evaluations per sample") -> Path:
     """Quality against the ODE solver's network evaluations: one column per split, top-20 DE
     Pearson delta above E-distance, one line per solver (``table``: columns ``split``, ``method``,
-    ``nfe`` and the two metrics, as :func:`pertflow.benchmark.solver_scores` writes them)."""
+    ``nfe`` and the two metrics, as :func:`pertflow.analysis.solver_scores` writes them)."""
     plt = _pyplot()
     splits = list(dict.fromkeys(table["split"]))
     fig, axes = plt.subplots(2, len(splits), figsize=(4 * len(splits), 6), squeeze=False)

@@ -32,13 +32,11 @@ from torch import nn
 from pertflow.data.view import SplitView
 from pertflow.eval import metrics as M
 from pertflow.models.latent_shift.config import LatentShiftConfig
-from pertflow.models.latent_shift.vae_embedding import CountVAEEmbedding
+from pertflow.models.latent_shift.vae_embedding import ENCODE_CHUNK, CountVAEEmbedding
 from pertflow.nn.loss import LossOutput
 from pertflow.nn.mlp import mlp
 from pertflow.errors import InputError
 from pertflow.train.config import TrainConfig, stage_config
-
-ENCODE_CHUNK = 4096
 
 
 def _standardisation(raw: np.ndarray) -> tuple[np.ndarray, float]:

@@ -31,6 +31,7 @@ from pertflow.models.cfmvc.vae import CountVAE
 #: the VAE's shape and training, as CFM-VC's CPU config (its ``n_tech``, ``hidden``, ``n_layers``)
 N_TECH, HIDDEN, N_LAYERS, DROPOUT = 4, 128, 2, 0.1
 BATCH_SIZE, LR, BETA = 256, 1e-3, 1.0
+#: the most cells encoded at once (bounds the memory an encoding takes; every embedding uses it)
 ENCODE_CHUNK = 4096
 
 
