@@ -34,7 +34,7 @@ from pertflow.io import atomic_path, check_output, folder_lock, remove_outputs, 
 from pertflow.models.base import PerturbationModel
 from pertflow.models.capabilities import GeneratesWithoutControls
 from pertflow.models.config import PredictConfig
-from pertflow.models.predict import interval_table, prediction_means, predict_split
+from pertflow.models.predict import interval_table, prediction_means, predict_split, unread_note
 from pertflow.models.registry import BASELINES, model_class, model_names
 from pertflow.runs import RUN_FILES  # noqa: F401  (benchmark reads RUN_FILES here)
 from pertflow.runs import DataArg, SplitArg, TrainRun, fit_summary, shipped_config, split_of, start_run
@@ -67,6 +67,7 @@ __all__ = [
     "split",
     "split_view",
     "train",
+    "unread_note",
 ]
 
 

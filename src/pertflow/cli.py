@@ -291,7 +291,7 @@ def label_pairs(items: list[str]) -> dict[str, str]:
 
 @command("predict", "predict a split's test cells with a trained model (cell-eval-ready .h5ad)", _predict_arguments)
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pertflow.api import means_path, predict
+    from pertflow.api import means_path, predict, unread_note
 
     pred = predict(args.run, args.data, args.split, args.out, seed=args.seed, sets=args.set, adapter=args.adapter,
                    shift_back=args.shift_back, overwrite=args.overwrite, progress=True,
@@ -300,6 +300,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     means = means_path(args.out)
     print(f"wrote {args.out}: {n_pred} predicted cells and {pred.n_obs - n_pred} control cells x {pred.n_vars} genes; "
           f"mean per perturbation in {means}")
+    note = unread_note(pred)
+    if note:
+        print(f"note: {note}")
     return 0
 
 

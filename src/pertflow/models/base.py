@@ -186,6 +186,14 @@ class PerturbationModel:
     def components(self, perturbation: str) -> tuple[str, ...]:
         return split_components(perturbation, self.spec)
 
+    def unread_components(self, perturbation: str) -> list[str]:
+        """The components of ``perturbation`` the model knows nothing of: in no training
+        perturbation, without a descriptor vector, not a gene it learnt through expression. It
+        predicts them as "some perturbation" (what its ``<unk>`` token or zero descriptor learnt),
+        which a prediction file says per perturbation (``uns["pertflow_unread"]``). None by
+        default: a model that reads no component's identity (a baseline) has none to miss."""
+        return []
+
     # ------------------------------------------------------------------ persistence
     def describe(self) -> dict[str, Any]:
         """What a run folder and every checkpoint record about the model (JSON-ready)."""

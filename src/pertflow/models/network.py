@@ -175,6 +175,10 @@ class NetworkModel(PerturbationModel):
         known = set(self.trained_components) | set(self.vocab.expression_genes) | described
         return [c if c in known else UNK for c in self.components(perturbation)]
 
+    def unread_components(self, perturbation: str) -> list[str]:
+        read_as = self.known_components(perturbation)
+        return [c for c, known in zip(self.components(perturbation), read_as) if known == UNK]
+
     def perturbation_ids(self, perturbation: str, n: int) -> torch.Tensor:
         """(n, max_components) token ids of a perturbation, unknown components as ``<unk>``."""
         ids = self.vocab.encode([self.known_components(perturbation)], self.max_components)

@@ -44,6 +44,12 @@ def predict_split(
     ``mean``, ``lower``, ``upper`` (K, genes in the file's order), ``level``, ``n_seeds``. The
     written cells are the same with or without it.
 
+    A test perturbation with a component the model knows nothing of (never trained on, no
+    descriptor: :meth:`~pertflow.models.base.PerturbationModel.unread_components`) is predicted as
+    "some perturbation"; ``uns["pertflow_unread"]`` names those perturbations (``perturbation``)
+    and their unread components (``components``, ``;``-joined), and :func:`unread_note` says it in
+    a sentence.
+
     The view's genes must be the model's, matched by name (in any order: the model reads them in
     its own order, the file has them in the view's).
 
@@ -182,6 +188,11 @@ def predict_split(
             obs[col] = pd.Categorical(obs[col])
     out = ad.AnnData(X=np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=list(view.genes)))  # the view's order
     out.uns["pertflow"] = {"model": model.name, "split": view.split.name or "", "seed": seed}
+    unread = {pert: model.unread_components(to_label(pert)) for pert in sorted({p for p, _ in test_groups})}
+    unread = {pert: components for pert, components in unread.items() if components}
+    if unread:
+        out.uns["pertflow_unread"] = {"perturbation": np.array(list(unread), dtype=str),
+                                      "components": np.array([";".join(c) for c in unread.values()], dtype=str)}
     if want_interval:
         out.uns["pertflow_interval"] = {
             "perturbation": np.array(intervals["perturbation"], dtype=str),
@@ -190,6 +201,19 @@ def predict_split(
             "level": float(interval_cfg.interval), "n_seeds": int(interval_cfg.n_seeds),
         }
     return out
+
+
+def unread_note(pred: ad.AnnData, shown: int = 5) -> str | None:
+    """A sentence naming the predicted perturbations with components the model knows nothing of
+    (``uns["pertflow_unread"]`` of :func:`predict_split`), or None where there are none."""
+    found = pred.uns.get("pertflow_unread")
+    if found is None or len(found["perturbation"]) == 0:
+        return None
+    pairs = [f"{p} ({c.replace(';', ', ')})" for p, c in zip(found["perturbation"], found["components"])]
+    more = f" and {len(pairs) - shown} more" if len(pairs) > shown else ""
+    return (f"{len(pairs)} test perturbation(s) hold components the model was never trained on and has no "
+            f"descriptor for, predicted as 'some perturbation': {', '.join(pairs[:shown])}{more} "
+            "(uns['pertflow_unread']; a descriptor, model.descriptor, gives it something to read).")
 
 
 def shift_intervals(cells: np.ndarray, control_mean: np.ndarray, level: float, n_bootstrap: int,

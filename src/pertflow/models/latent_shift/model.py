@@ -302,6 +302,9 @@ class LatentShift(AnchoredModel):
         """Components the descriptor has a vector for (the others count as zeros)."""
         return [c for c in self.components(perturbation) if self.descriptors.knows(c)]
 
+    def unread_components(self, perturbation: str) -> list[str]:
+        return [c for c in self.components(perturbation) if not self.descriptors.knows(c)]
+
     # ------------------------------------------------------------------ prediction
     def own_cells(self, controls: np.ndarray, perturbation: str, context: str, shift: np.ndarray,
                   rng: np.random.Generator, settings: PredictConfig) -> np.ndarray:
