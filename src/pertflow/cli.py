@@ -268,8 +268,8 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="an adapter folder (pertflow adapt): map the control cells the model reads with its transport")
     p.add_argument("--shift-back", action="store_true",
                    help="with --adapter: carry the predicted cells back onto the data's own scale (each control cell "
-                        "unmapped plus the change the model predicted from the mapped one; its mean read on the "
-                        "data's scale through the transport run backwards)")
+                        "unmapped plus the change the model predicted from the mapped one, read on the data's scale "
+                        "through the transport run backwards)")
     p.add_argument("--map-labels", action="append", default=[], metavar="MODEL_LABEL=FILE_LABEL",
                    help="a perturbation or context label that this file names differently from the model's training "
                         "file, e.g. stim=stimulated (repeatable)")
