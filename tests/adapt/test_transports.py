@@ -178,3 +178,22 @@ def test_each_transport_maps_back_and_carries_a_change_onto_the_targets_scale():
         expected = np.ones(N_GENES) if transport.name == "shift" else a
         assert np.median(np.abs(per_gene / expected - 1)) < 0.15, transport.name
     assert (transports[0].invert(np.zeros((3, N_GENES), np.float32)) == 0).all()  # nothing stays nothing
+
+
+def test_the_quantile_map_carries_a_change_beyond_every_control_cell():
+    """A perturbation can raise a gene above every control cell (interferon-stimulated genes in
+    monocytes). Past its top quantile the quantile map keeps a value's excess, both ways, so a
+    fold change over the top control cell survives a depth change (an offset in log1p space at
+    high expression) instead of stopping at the top control value."""
+    rng = np.random.default_rng(5)
+    counts = rng.negative_binomial(5, 0.05, size=(2000, N_GENES))
+    source = np.log1p(counts).astype(np.float32)
+    target = np.log1p(rng.binomial(counts, 0.3) * (1 / 0.3 * 2)).astype(np.float32)  # thinned, normalised anew
+    transport = QuantileTransport.fit(source, target)
+    top = source.max(0)
+    back = transport.invert(np.stack([top, top + 1.0]).astype(np.float32))
+    np.testing.assert_allclose(back[1] - back[0], 1.0, atol=1e-5)  # +1 beyond the top stays +1
+    assert np.median(np.abs(back[0] - target.max(0))) < 0.1  # the top maps onto the target's top
+    beyond = transport.apply((target.max(0) + 0.5)[None, :].astype(np.float32))[0]
+    np.testing.assert_allclose(beyond - transport.apply(target.max(0)[None, :])[0], 0.5, atol=1e-5)
+    assert np.all(np.diff(transport.invert(np.linspace(0, top + 2, 50).astype(np.float32)), axis=0) >= -1e-6)

@@ -278,18 +278,19 @@ def _partly_transferring(held_out_response: float, seed: int = 3) -> SplitView:
     return SplitView(data, make_split(data, "context", test_context="c3"))
 
 
-@pytest.mark.parametrize("held_out_response, strength", [(1.5, 1.0), (0.5, 0.5)])
+@pytest.mark.parametrize("held_out_response, strength", [(1.5, 1.0), (0.75, 0.5), (0.375, 0.25)])
 def test_auto_scales_the_prior_by_how_much_the_response_transfers(held_out_response, strength):
     """Where the held-out cell type responds as the training ones, the prior keeps its full
-    shift; where it responds a third as much, auto halves it (the smallest strength), and the
-    prior's prediction for the test cell type is halved with it."""
+    shift; where it responds half or a quarter as much, auto scales it so, and the prior's
+    prediction for the test cell type is scaled with it."""
     view = _partly_transferring(held_out_response)
     inner = inner_split(view, "auto", 0, 0)
     assert inner.held_out == ["c2"]
     validation = ValidationSet(inner.view, seed=0)
     prior = Prior.fit("auto", inner.view, validation, PRIOR_STRENGTHS)
     assert prior.strength == strength, prior.scores
-    assert {"mean", "mean x 0.75", "mean x 0.5", "none"} <= set(prior.scores) and "none x 0.5" not in prior.scores
+    assert {"mean", "mean x 0.75", "mean x 0.5", "mean x 0.25", "none"} <= set(prior.scores)
+    assert "none x 0.5" not in prior.scores
     assert Prior.fit("mean", inner.view, validation, PRIOR_STRENGTHS).strength == strength  # a named baseline too
     assert Prior.fit("auto", inner.view, validation).strength == 1.0  # the default: the baseline as it is
     full = prior.at_strength(1.0)

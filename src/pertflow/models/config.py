@@ -132,7 +132,7 @@ class AnchoredConfig:
         held-out cells (its prior is always refitted on every training cell).
     prior_strengths
         The prior's shift is scaled by the one of these that scores best on validation (first:
-        the strongest; see :mod:`pertflow.models.prior`). ``[1.0, 0.75, 0.5]`` lets validation
+        the strongest; see :mod:`pertflow.models.prior`). ``[1.0, 0.75, 0.5, 0.25]`` lets validation
         shrink a prior whose response transfers only partly to the held-out contexts.
     """
 
@@ -145,5 +145,5 @@ class AnchoredConfig:
 
     def __post_init__(self) -> None:
         if not self.prior_strengths or any(not 0 < s <= 1 for s in self.prior_strengths):
-            raise ValueError(f"prior_strengths must be one or more factors in (0, 1], e.g. [1.0, 0.75, 0.5]; got "
+            raise ValueError(f"prior_strengths must be one or more factors in (0, 1], e.g. [1.0, 0.75, 0.5, 0.25]; got "
                              f"{list(self.prior_strengths)}")
