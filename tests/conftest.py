@@ -49,3 +49,17 @@ def split_file(synthetic_file, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("split") / "split.json"
     assert main(["split", "--data", str(synthetic_file), "--kind", "combinations", "--seen", "2", "--out", str(path)]) == 0
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cfm_run(synthetic_file, split_file, tmp_path_factory) -> Path:
+    """A finished 6-step run of the tiny cfm of ``cli_helpers.TINY_CFM`` (checkpoints at steps 3 and
+    6) on the synthetic file and its split, trained once for the tests that resume, extend or damage
+    such a run. Do not modify; copy (``shutil.copytree``: a run folder names no path of its own)."""
+    from cli_helpers import TINY_CFM, sets
+    from pertflow.cli import main
+
+    run = tmp_path_factory.mktemp("tiny_cfm") / "run"
+    args = ["train", "--model", "cfm", "--data", str(synthetic_file), "--split", str(split_file), "--out", str(run)]
+    assert main([*args, *sets([*TINY_CFM, "train.max_steps=6"])]) == 0
+    return run

@@ -14,30 +14,22 @@ import torch
 
 from pertflow.cli import main
 from pertflow.models.base import PerturbationModel
-from cli_helpers import one_error_line, sets
-
-TINY_CFM = [
-    "model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.genes_per_step=20", "predict.ode_steps=2",
-    "train.batch_size=8", "train.checkpoint_every=3", "train.val_every=3", "train.val_batches=2", "train.progress=false",
-]
+from cli_helpers import TINY_CFM, one_error_line, sets
 
 
-
-
-
-def six_steps(synthetic_file, split_file, run):
-    """A finished 6-step run: checkpoints at steps 3 and 6."""
-    args = ["train", "--model", "cfm", "--data", str(synthetic_file), "--split", str(split_file), "--out", str(run)]
-    assert main([*args, *sets([*TINY_CFM, "train.max_steps=6"])]) == 0
+def six_steps(tiny_cfm_run, run):
+    """A copy at ``run`` of the finished 6-step run of TINY_CFM (checkpoints at steps 3 and 6),
+    trained once per session (the ``tiny_cfm_run`` fixture); returns its step-6 checkpoint."""
+    shutil.copytree(tiny_cfm_run, run)
     return run / "checkpoints" / "step-00000006"
 
 
 @pytest.fixture(scope="module")
-def unbroken(synthetic_file, split_file, tmp_path_factory):
+def unbroken(tiny_cfm_run, tmp_path_factory):
     """The weights of the 6-step run extended to 9 steps from its intact step-3 checkpoint (the
     step-6 one removed cleanly): what a resume that passes over a damaged step 6 must give."""
     run = tmp_path_factory.mktemp("unbroken") / "run"
-    newest = six_steps(synthetic_file, split_file, run)
+    newest = six_steps(tiny_cfm_run, run)
     shutil.rmtree(newest)
     (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 3, "dir": "step-00000003"}))
     assert main(["train", "--resume", "--out", str(run), "--set", "train.max_steps=9"]) == 0
@@ -58,8 +50,8 @@ def other_tensors(path):
 
 
 @pytest.mark.parametrize("damage", [truncate, empty, other_tensors], ids=lambda f: f.__name__)
-def test_resume_passes_over_a_damaged_checkpoint_and_says_so(synthetic_file, split_file, tmp_path, capsys, unbroken, damage):
-    newest = six_steps(synthetic_file, split_file, tmp_path / "run")
+def test_resume_passes_over_a_damaged_checkpoint_and_says_so(tiny_cfm_run, tmp_path, capsys, unbroken, damage):
+    newest = six_steps(tiny_cfm_run, tmp_path / "run")
     damage(newest / "model.safetensors")
     capsys.readouterr()
     assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--set", "train.max_steps=9"]) == 0
@@ -70,8 +62,8 @@ def test_resume_passes_over_a_damaged_checkpoint_and_says_so(synthetic_file, spl
         torch.testing.assert_close(value, unbroken[name], rtol=0, atol=0)
 
 
-def test_a_damaged_latest_pointer_falls_back_to_the_newest_folder(synthetic_file, split_file, tmp_path, capsys):
-    six_steps(synthetic_file, split_file, tmp_path / "run")
+def test_a_damaged_latest_pointer_falls_back_to_the_newest_folder(tiny_cfm_run, tmp_path, capsys):
+    six_steps(tiny_cfm_run, tmp_path / "run")
     (tmp_path / "run" / "checkpoints" / "latest.json").write_text('{"step": 6, "di')
     assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--set", "train.max_steps=9"]) == 0
     assert "latest.json is damaged" in capsys.readouterr().out
@@ -80,8 +72,8 @@ def test_a_damaged_latest_pointer_falls_back_to_the_newest_folder(synthetic_file
     assert steps == sorted(set(steps)) and steps[-1] == 9  # continued from step 6, nothing trained twice
 
 
-def test_no_complete_checkpoint_stops_with_one_line_naming_the_file(synthetic_file, split_file, tmp_path, capsys):
-    newest = six_steps(synthetic_file, split_file, tmp_path / "run")
+def test_no_complete_checkpoint_stops_with_one_line_naming_the_file(tiny_cfm_run, tmp_path, capsys):
+    newest = six_steps(tiny_cfm_run, tmp_path / "run")
     truncate(newest / "optimizer.safetensors")
     empty(newest.parent / "step-00000003" / "model.safetensors")
     capsys.readouterr()
@@ -90,9 +82,9 @@ def test_no_complete_checkpoint_stops_with_one_line_naming_the_file(synthetic_fi
     assert "no complete checkpoint" in line and str(newest / "optimizer.safetensors") in line
 
 
-def test_a_damaged_run_record_or_weights_file_is_named_when_read(synthetic_file, split_file, tmp_path, capsys):
+def test_a_damaged_run_record_or_weights_file_is_named_when_read(synthetic_file, split_file, tiny_cfm_run, tmp_path, capsys):
     run = tmp_path / "run"
-    six_steps(synthetic_file, split_file, run)
+    six_steps(tiny_cfm_run, run)
     predict = ["predict", "--run", str(run), "--data", str(synthetic_file), "--split", str(split_file)]
     truncate(run / "model.safetensors")
     assert main([*predict, "--out", str(tmp_path / "a.h5ad")]) == 2
@@ -107,7 +99,7 @@ def test_a_damaged_run_record_or_weights_file_is_named_when_read(synthetic_file,
 
 
 # ---------------------------------------------------------------------------- one writer per run folder
-def test_a_second_writer_of_a_run_folder_stops_at_once_naming_the_holder(synthetic_file, split_file, tmp_path, capsys):
+def test_a_second_writer_of_a_run_folder_stops_at_once_naming_the_holder(tiny_cfm_run, tmp_path, capsys):
     import os
     import socket
     import subprocess
@@ -116,7 +108,7 @@ def test_a_second_writer_of_a_run_folder_stops_at_once_naming_the_holder(synthet
     from pertflow.io import LOCK_FILE, folder_lock
 
     run = tmp_path / "run"
-    six_steps(synthetic_file, split_file, run)
+    six_steps(tiny_cfm_run, run)
     assert not (run / LOCK_FILE).exists()  # released when the run ended
     # a live holder (another process of this host): the resume stops at once, naming it
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -143,14 +135,13 @@ def test_a_second_writer_of_a_run_folder_stops_at_once_naming_the_holder(synthet
 
 
 # ---------------------------------------------------------------------------- a full disk
-def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_the_run_resumes(synthetic_file, split_file, tmp_path,
-                                                                                  monkeypatch, capsys):
+def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_the_run_resumes(synthetic_file, split_file, tiny_cfm_run,
+                                                                                  tmp_path, monkeypatch, capsys):
     import errno
 
     import pertflow.train.checkpoint as checkpoint
 
     args = ["train", "--model", "cfm", "--data", str(synthetic_file), "--split", str(split_file)]
-    assert main([*args, "--out", str(tmp_path / "unbroken"), *sets([*TINY_CFM, "train.max_steps=6"])]) == 0
     real_save = checkpoint.save_file
     calls = {"n": 0}
 
@@ -171,7 +162,7 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_the_run_resumes
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 3
     monkeypatch.undo()  # space freed: the run resumes and ends as the one that never met a full disk
     assert main(["train", "--resume", "--out", str(run)]) == 0
-    unbroken = PerturbationModel.load(tmp_path / "unbroken").state_tensors()
+    unbroken = PerturbationModel.load(tiny_cfm_run).state_tensors()  # the same run that never met a full disk
     for name, value in PerturbationModel.load(run).state_tensors().items():
         torch.testing.assert_close(value, unbroken[name], rtol=0, atol=0)
 
@@ -270,7 +261,7 @@ set_threads(1)
 cfm = DEMO_CONFIGS["cfm"]
 tiny = {"model": {**cfm["model"], "d_model": 16}, "predict": cfm["predict"],
         "train": {**cfm["train"], "max_steps": 4, "val_every": 2, "checkpoint_every": 2, "log_every": 1, "progress": False}}
-run_demo(Path(sys.argv[1]), models=("no-change", "cfm"), configs={"cfm": tiny}, threads=1)
+run_demo(Path(sys.argv[1]), models=("cfm",), configs={"cfm": tiny}, threads=1)
 """
 
 
@@ -285,12 +276,18 @@ def test_a_benchmark_killed_while_predicting_finishes_on_a_rerun_with_the_same_c
 
     from pertflow.api import predict, split_view
     from pertflow.data.dataset import PerturbationData
+    from pertflow.data.synthetic import make_synthetic
     from pertflow.data.tasks import Task
+    from pertflow.io import write_h5ad
 
     out = tmp_path / "demo"
     run = out / "benchmark" / "runs" / "synthetic-combo-seen2" / "cfm"
-    # no-change predicts the 15 test groups (5 combinations x 3 contexts) first: the 17th is one of cfm's
-    env = {**os.environ, "PERTFLOW_CRASH_AT": "predict:17"}
+    # the demo's task on smaller data (the demo uses a synthetic.h5ad it finds): the same 15 test
+    # groups (5 combinations x 3 contexts), fewer genes and cells to train on, predict and score
+    out.mkdir()
+    write_h5ad(out / "synthetic.h5ad", make_synthetic(n_genes=60, cells_per_group=20, controls_per_context=40))
+    # the first run is killed before cfm predicts its second test group
+    env = {**os.environ, "PERTFLOW_CRASH_AT": "predict:2"}
     first = subprocess.run([sys.executable, "-c", DEMO_SCRIPT, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert (run / "model.json").is_file() and not (run / "pred.h5ad").exists()  # trained, killed while predicting
@@ -308,7 +305,8 @@ def test_a_benchmark_killed_while_predicting_finishes_on_a_rerun_with_the_same_c
 # ---------------------------------------------------------------------------- same seed, same cells
 FAMILIES = {
     "mean": [],
-    "cfm": ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.genes_per_step=30", "predict.ode_steps=2"],
+    "cfm": ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.genes_per_step=30", "predict.ode_steps=2",
+            "predict.ode_method=euler"],
     "ccfm": ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.genes_per_step=30", "model.foundation_d_model=8",
              "model.foundation_layers=1", "model.foundation_steps=4", "model.foundation_batch_size=8", "model.bottleneck_dim=8",
              "model.dh_depth=1", "model.warmup_batches=2", "predict.ode_steps=1", "predict.ode_method=euler"],
@@ -373,16 +371,17 @@ def test_pretrain_killed_mid_run_resumes_to_the_uninterrupted_weights(synthetic_
     flags = ["--data", str(synthetic_file), *sets(["train.max_steps=6", "train.batch_size=8", "train.val_every=3",
                                                      "train.checkpoint_every=3", "train.progress=false", "model.max_seq_len=32",
                                                      "model.d_model=16", "model.d_hid=32"])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every process
-
-    def pretrain(out, *more, crash=None):
-        run_env = {**env, **({"PERTFLOW_CRASH_AT": crash} if crash else {})}
-        return subprocess.run([sys.executable, "-m", "pertflow.cli", "pretrain", *flags, "--out", str(out), *more],
-                              env=run_env, capture_output=True, text=True, timeout=600).returncode
-
-    assert pretrain(tmp_path / "unbroken") == 0
-    assert pretrain(tmp_path / "run", crash="train-step:5") == -signal.SIGKILL
-    assert pretrain(tmp_path / "run", "--resume") == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PERTFLOW_CRASH_AT": "train-step:5"}
+    killed = subprocess.run([sys.executable, "-m", "pertflow.cli", "pretrain", *flags, "--out", str(tmp_path / "run")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the killed process's threads (pretrain does not set them)
+    try:  # the uninterrupted run and the resume in this process
+        assert main(["pretrain", *flags, "--out", str(tmp_path / "unbroken")]) == 0
+        assert main(["pretrain", *flags, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    finally:
+        torch.set_num_threads(before)
     expected = load_pretrained(tmp_path / "unbroken").model.state_dict()
     for name, value in load_pretrained(tmp_path / "run").model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0)

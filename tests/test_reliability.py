@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 
 import torch
@@ -20,13 +21,9 @@ from pertflow.data.dataset import PerturbationData
 from pertflow.data.split_file import Split
 from pertflow.data.synthetic import make_synthetic
 from pertflow.models.base import PerturbationModel
-from cli_helpers import one_error_line, sets
+from cli_helpers import TINY_CFM, one_error_line, sets
 
-TINY_CFM = [
-    "model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.genes_per_step=20", "predict.ode_steps=2",
-    "train.batch_size=8", "train.max_steps=6", "train.checkpoint_every=3", "train.val_every=3", "train.val_batches=2",
-    "train.progress=false",
-]
+SIX_STEPS = [*TINY_CFM, "train.max_steps=6"]  # the tiny_cfm_run fixture's settings
 
 
 
@@ -122,12 +119,11 @@ def weights(run):
     return PerturbationModel.load(run).state_tensors()
 
 
-def test_ctrl_c_during_training_writes_a_checkpoint_and_resume_alone_continues(synthetic_file, split_file, tmp_path,
-                                                                               monkeypatch, capsys):
-    assert main([*train_args(synthetic_file, split_file, tmp_path / "unbroken"), *sets(TINY_CFM)]) == 0
+def test_ctrl_c_during_training_writes_a_checkpoint_and_resume_alone_continues(synthetic_file, split_file, tiny_cfm_run,
+                                                                               tmp_path, monkeypatch, capsys):
     broken = tmp_path / "broken"
     interrupt_training_at(monkeypatch, 2 + 2)  # 2 validation batches are drawn first: Ctrl-C during step 2
-    assert main([*train_args(synthetic_file, split_file, broken), *sets(TINY_CFM)]) == 130
+    assert main([*train_args(synthetic_file, split_file, broken), *sets(SIX_STEPS)]) == 130
     monkeypatch.undo()
     line = one_error_line(capsys, "train")
     found = re.fullmatch(r"pertflow train: interrupted at step (\d+); checkpoint written to (\S+); continue with: (.*)", line)
@@ -136,13 +132,13 @@ def test_ctrl_c_during_training_writes_a_checkpoint_and_resume_alone_continues(s
     assert found[3] == f"pertflow train --resume --out {broken}"
     assert json.loads((broken / "checkpoints" / "latest.json").read_text())["step"] == 2
     assert main(["train", "--resume", "--out", str(broken)]) == 0  # no --model, --data, --split, --set again
-    for name, value in weights(tmp_path / "unbroken").items():
+    for name, value in weights(tiny_cfm_run).items():  # the same 6-step run, never interrupted
         torch.testing.assert_close(weights(broken)[name], value, rtol=0, atol=0)
 
 
-def test_resume_extends_a_finished_run_and_refuses_other_settings(synthetic_file, split_file, tmp_path, capsys):
+def test_resume_extends_a_finished_run_and_refuses_other_settings(tiny_cfm_run, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main([*train_args(synthetic_file, split_file, run), *sets(TINY_CFM)]) == 0
+    shutil.copytree(tiny_cfm_run, run)  # a finished 6-step run
     assert main(["train", "--resume", "--out", str(run)]) == 2
     assert "is a finished run of 6 steps" in one_error_line(capsys, "train")
     assert main(["train", "--resume", "--out", str(run), "--set", "train.lr=0.5"]) == 2
