@@ -20,8 +20,10 @@ from pertflow.models.flow import flow_matching
 from pertflow.nn.attention import DifferentialAttention
 from pertflow.train import TrainConfig
 
-TINY = CFMConfig(d_model=32, n_heads=4, n_layers=2, genes_per_step=60, dropout=0.0)
-FOUR_STEPS = PredictConfig(ode_steps=4)
+TINY = CFMConfig(d_model=32, n_heads=4, n_layers=1, genes_per_step=60, dropout=0.0)
+# two midpoint steps, 4 network calls (4 RK4 steps take 16): a tiny run spends most of its time
+# generating validation cells, at every val_every and once more to choose the prediction mode
+FEW_STEPS = PredictConfig(ode_steps=2, ode_method="midpoint")
 
 
 def make_module(config: CFMConfig, gene_tokens, n_tokens, first_other, pad, unk) -> CFMModule:
@@ -50,11 +52,11 @@ def mean_error(model, view, perturbations, context="line_A"):
 
 def test_tiny_model_learns(view, tmp_path):
     perts = view.data.perturbation_names[:4]
-    untrained = CFM.from_view(view, TINY, FOUR_STEPS)
+    untrained = CFM.from_view(view, TINY, FEW_STEPS)
     torch.manual_seed(0)
     untrained.module = untrained.build_module()
-    model = CFM.from_view(view, TINY, FOUR_STEPS)
-    config = TrainConfig(max_steps=150, batch_size=32, lr=2e-3, val_every=50, checkpoint_every=150, log_every=5, progress=False)
+    model = CFM.from_view(view, TINY, FEW_STEPS)
+    config = TrainConfig(max_steps=150, batch_size=32, lr=2e-3, val_every=75, checkpoint_every=150, log_every=5, progress=False)
     model.fit(view, config, tmp_path)
     model.prediction_mode = "flow"  # the flow itself, whichever way validation chose to predict
     history = pd.read_csv(tmp_path / "history.csv")
@@ -65,7 +67,7 @@ def test_tiny_model_learns(view, tmp_path):
 
 
 def test_save_load_reproduces_predictions(view, tmp_path):
-    model = CFM.from_view(view, TINY, FOUR_STEPS)
+    model = CFM.from_view(view, TINY, FEW_STEPS)
     model.fit(view, TrainConfig(max_steps=3, batch_size=8, progress=False), tmp_path)
     model.save(tmp_path)
     again = PerturbationModel.load(tmp_path)
@@ -82,8 +84,8 @@ def test_interrupted_run_resumes_to_the_same_weights(synthetic_file, tmp_path, m
     data = PerturbationData.read(synthetic_file)
     split = make_split(data, "combinations", seen=[2])
     sets = ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.genes_per_step=20", "predict.ode_steps=2",
-            "train.batch_size=8", "train.max_steps=9", "train.checkpoint_every=3", "train.val_every=3", "train.val_batches=2",
-            "train.progress=false"]
+            "predict.ode_method=euler", "train.batch_size=8", "train.max_steps=9", "train.checkpoint_every=3",
+            "train.val_every=3", "train.val_batches=2", "train.progress=false"]
     train("cfm", data, split, tmp_path / "unbroken", sets=sets)
 
     original = PairedBatches.next_batch
@@ -195,7 +197,7 @@ def test_predict_settings_reach_the_network_and_the_architecture_stays(synthetic
     data = PerturbationData.read(synthetic_file)
     split = make_split(data, "combinations", seen=[2])
     sets = ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "train.batch_size=8", "train.max_steps=3",
-            "train.progress=false", "predict.ode_steps=3"]
+            "train.progress=false", "predict.ode_steps=3", "predict.ode_method=euler"]  # a network call a step
     model = train("cfm", data, split, tmp_path / "run", sets=sets)
     loaded = PerturbationModel.load(tmp_path / "run")
     assert loaded.predict_config.ode_steps == 3  # saved with the run
@@ -291,7 +293,7 @@ def _mean_shift_errors(context_condition: bool) -> float:
     optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
     ids = torch.tensor([[n_genes + 2, 0]])
     contexts = {1.0: 2.0, 4.0: -1.0}  # control level -> response
-    for step in range(400):
+    for step in range(200):
         level = list(contexts)[step % 2]
         control = level + 0.3 * torch.randn(batch, n_genes)
         target = level + contexts[level] + 0.3 * torch.randn(batch, n_genes)
