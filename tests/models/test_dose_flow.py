@@ -158,7 +158,8 @@ def test_a_run_saved_before_doses_were_modelled_loads_without_them(dosed, tmp_pa
     data = dosed[0].data
     plain = PerturbationData.from_anndata(data.adata, spec=data.spec.replace(dose_col=None))
     view = SplitView(plain, make_split(plain, "random"))
-    model = CFM.from_view(view, CFMConfig(d_model=16, n_heads=2, n_layers=1))
+    # one Euler step for the fit's validation (the default, RK4 x 20, is 80 network calls a cell); FLOW predicts
+    model = CFM.from_view(view, CFMConfig(d_model=16, n_heads=2, n_layers=1), PredictConfig(ode_steps=1, ode_method="euler"))
     model.fit(view, TrainConfig(max_steps=2, batch_size=16, val_every=10**6, checkpoint_every=10**6, progress=False), tmp_path)
     model.save(tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "model.json").read_text())

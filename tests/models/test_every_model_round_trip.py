@@ -11,7 +11,7 @@ from pertflow.models.base import PerturbationModel
 from pertflow.models.registry import model_names
 
 SHORT = {"train.max_steps": 4, "train.batch_size": 8, "train.val_every": 2, "train.checkpoint_every": 2,
-         "train.progress": False, "predict.ode_steps": 2}
+         "train.progress": False, "predict.ode_steps": 2, "predict.ode_method": "euler"}
 FLOW = {"model.d_model": 16, "model.n_heads": 2, "model.n_layers": 1, "model.genes_per_step": 60}
 #: tiny settings of each trained model (a model with no entry here fails the coverage test below)
 TINY: dict[str, dict] = {
