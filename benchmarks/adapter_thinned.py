@@ -19,8 +19,8 @@ E-distance in the evaluator's PCA). ``gap recovered`` = (adapted - no adapter) /
 adapter), per metric, where the reference is better than no adapter; where it is not (the
 unadapted prediction already scores as well as a model trained on the shifted data) there is no
 gap to recover, and the table says whether the adapted prediction stays at least as good as the
-reference (``no gap, kept``) or falls below it (``no gap, lost``). Writes ``results.csv`` and ``summary.md`` to ``--out``; the thinned file and
-the runs go to ``--work`` (never committed).
+reference (``no gap, kept``) or falls below it (``no gap, lost``). Writes ``results.csv`` and
+``summary.md`` to ``--out``; the thinned file and the runs go to ``--work`` (never committed).
 
     python benchmarks/adapter_thinned.py --data-dir ../shared/data --fold CD4T \\
         --out benchmarks/results/adapter/thinned --work /tmp/thinned
@@ -40,6 +40,7 @@ import scipy.sparse as sp
 
 from pertflow import api
 from pertflow.errors import InputError
+from pertflow.eval import metric_direction
 from pertflow.io import write_text
 from pertflow.runtime import set_threads
 
@@ -47,7 +48,6 @@ KANG = "kang18_pbmc_ifnb.h5ad"
 COUNTS = "counts_reconstructed"
 TRANSPORTS = ("shift", "affine", "quantile")
 METRICS = {"pearson_delta_top20_de": "top-20 DE Pearson delta", "edistance_pca": "E-distance"}
-HIGHER_IS_BETTER = ("pearson_delta_top20_de",)
 
 
 def thinned_copy(source: Path, out: Path, keep: float, target_sum: float, seed: int) -> Path:
@@ -126,7 +126,7 @@ def main() -> None:
     table = pd.DataFrame(rows)
     none, ref = table.iloc[0], table.iloc[-1]
     for metric in METRICS:
-        better = 1.0 if metric in HIGHER_IS_BETTER else -1.0
+        better = 1.0 if metric_direction(metric) == "higher" else -1.0
         gap = better * (ref[metric] - none[metric])
         table[f"gap_recovered_{metric}"] = better * (table[metric] - none[metric]) / gap if gap > 1e-9 else np.nan
         table[f"no_gap_kept_{metric}"] = (better * (table[metric] - ref[metric]) >= 0) if gap <= 1e-9 else np.nan
