@@ -10,7 +10,8 @@ the thinned file's held-out cell type (a kang context-transfer fold):
 * ``<transport>``: an adapter learnt on the two files' control cells only (``pertflow adapt
   --transport``) maps the thinned controls onto the original scale, and the predicted change is
   carried back onto the thinned cells (``--shift-back``); a transport the model refuses (a shift,
-  for a model that centres its controls) is left out;
+  for a model that centres its controls) is left out; ``quantile per context`` fits one map per
+  cell type (``--per-context``) on that cell type's controls of both files;
 * ``trained on the shifted data``: the same model trained on the thinned file itself (the
   reference an adapter should approach).
 
@@ -29,7 +30,6 @@ reference (``no gap, kept``) or falls below it (``no gap, lost``). Writes ``resu
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -42,11 +42,14 @@ from pertflow import api
 from pertflow.errors import InputError
 from pertflow.eval import metric_direction
 from pertflow.io import write_text
-from pertflow.runtime import set_threads
+from pertflow.benchmark import write_manifest
+from pertflow.runtime import available_cores, set_threads
 
 KANG = "kang18_pbmc_ifnb.h5ad"
 COUNTS = "counts_reconstructed"
 TRANSPORTS = ("shift", "affine", "quantile")
+#: transports also fitted once per cell type (``pertflow adapt --per-context``)
+PER_CONTEXT = ("quantile",)
 METRICS = {"pearson_delta_top20_de": "top-20 DE Pearson delta", "edistance_pca": "E-distance"}
 
 
@@ -111,15 +114,17 @@ def main() -> None:
         runs[name] = run
     sets = args.predict_set or None
     rows = [{"prediction": "no adapter", **scores(shifted, split, api.predict(runs["original"], shifted, split, seed=0, sets=sets))}]
-    for transport in TRANSPORTS:
-        folder = work / f"adapter_{args.model}_{transport}"
+    for transport, per_context in [(t, False) for t in TRANSPORTS] + [(t, True) for t in PER_CONTEXT]:
+        name = transport + (" per context" if per_context else "")
+        folder = work / f"adapter_{args.model}_{name.replace(' ', '_')}"
         try:
-            adapter = api.adapt(runs["original"], original, shifted, folder, transport=transport, overwrite=True)
+            adapter = api.adapt(runs["original"], original, shifted, folder, transport=transport, overwrite=True,
+                                settings={"per_context": per_context})
         except InputError as err:  # a shift cannot reach a model that centres its controls
-            print(f"adapter {transport}: {err}", flush=True)
+            print(f"adapter {name}: {err}", flush=True)
             continue
         pred = api.predict(runs["original"], shifted, split, seed=0, adapter=adapter, shift_back=True, sets=sets)
-        rows.append({"prediction": f"adapter: {transport}", "mmd_before": adapter.mmd_before, "mmd_after": adapter.mmd_after,
+        rows.append({"prediction": f"adapter: {name}", "mmd_before": adapter.mmd_before, "mmd_after": adapter.mmd_after,
                      **scores(shifted, split, pred)})
     rows.append({"prediction": "trained on the shifted data",
                  **scores(shifted, split, api.predict(runs["shifted"], shifted, split, seed=0, sets=sets))})
@@ -149,7 +154,8 @@ def main() -> None:
         lines.append(f"| {row['prediction']} | {row['pearson_delta_top20_de']:.3f} | {row['edistance_pca']:.3f} | {gap} | {mmd} |")
     lines += ["", f"{time.perf_counter() - start:.0f} s on this machine."]
     write_text(out / "summary.md", "\n".join(lines) + "\n")
-    (out / "manifest.json").write_text(json.dumps({"command": command, "seconds": round(time.perf_counter() - start)}, indent=2))
+    write_manifest(out, [args.model], None, "cpu", time.perf_counter() - start, args.threads or available_cores(),
+                   command)
     print("\n".join(lines))
 
 

@@ -325,6 +325,7 @@ ADAPT_FLAGS = {
     "eval_every": (int, "steps between two scores on the held-out cells (the best state is kept)"),
     "patience": (int, "rises of the held-out MMD in a row after which the fit stops"),
     "n_quantiles": (int, "points of each gene's quantile grid (quantile)"),
+    "min_context_cells": (int, "control cells a context needs on each side for a transport of its own (--per-context)"),
 }
 #: Flags with a fixed set of values.
 ADAPT_CHOICES = {"transport": typing.get_args(TransportName), "init": typing.get_args(InitName)}
@@ -352,6 +353,10 @@ def _adapt_arguments(p: argparse.ArgumentParser) -> None:
     for name, (kind, text) in ADAPT_FLAGS.items():
         g.add_argument("--" + name.replace("_", "-"), type=kind, choices=ADAPT_CHOICES.get(name),
                        help=f"{text} (default {getattr(defaults, name)})")
+    g.add_argument("--per-context", action="store_true", default=None,
+                   help="fit one transport per context (cell type) that both files name, on its own control cells, "
+                        "beside the pooled one for the other contexts: where contexts differ in expression or in "
+                        "their mix between the files")
     add_overwrite_flag(p)
     add_spec_flags(p)
 
@@ -361,13 +366,17 @@ def _adapt_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_adapt(args: argparse.Namespace) -> int:
     from pertflow.api import adapt
 
-    settings = {k: getattr(args, k) for k in ADAPT_FLAGS if getattr(args, k) is not None}
+    settings = {k: getattr(args, k) for k in (*ADAPT_FLAGS, "per_context") if getattr(args, k) is not None}
     adapter = adapt(args.run, args.source_data, args.data, args.out, source_spec=args.source_spec,
                     source_contexts=args.source_contexts, contexts=args.contexts, settings=settings, progress=True,
                     overwrite=args.overwrite, **read_args(args))
     print(f"wrote {args.out}: {adapter.config.transport} transport of {len(adapter.genes)} genes from "
           f"{adapter.info['target_cells']} target and {adapter.info['source_cells']} source control cells; held-out "
           f"MMD {adapter.mmd_before:.4f} -> {adapter.mmd_after:.4f}; kept {adapter.kept}")
+    for context, (before, after) in sorted(adapter.context_mmd.items()):
+        print(f"  context {context}: its own transport, held-out MMD {before:.4f} -> {after:.4f}")
+    if adapter.info.get("pooled_contexts"):
+        print(f"  pooled transport for contexts {adapter.info['pooled_contexts']}")
     if adapter.support is not None:
         print(f"target controls outside the source's: {adapter.support.outside_before:.0%} before, "
               f"{adapter.support.outside_after:.0%} after (controls.png)")

@@ -291,9 +291,9 @@ def test_shift_back_adds_the_predicted_change_to_the_unshifted_controls(syntheti
     assert not np.allclose(back.X[predicted], np.clip(np.concatenate(outputs) - shift, 0, None), atol=1e-3)
 
 
-def test_shift_back_reads_the_change_on_the_datas_scale_where_a_cell_expresses_the_gene(synthetic_run, tmp_path):
+def test_shift_back_reads_the_change_on_the_datas_scale(synthetic_run, tmp_path):
     """An affine adapter (scale a, offset b): a change the model makes on the training scale comes
-    back divided by a where the control cell expresses the gene, as it is where the cell has a 0."""
+    back divided by a, where the control cell expresses the gene and where it has a 0 alike."""
     f = synthetic_run["folder"]
     model = PerturbationModel.load(f / "run")
     n = len(model.genes)
@@ -310,10 +310,10 @@ def test_shift_back_reads_the_change_on_the_datas_scale_where_a_cell_expresses_t
     _, own = recorded_predict(f / "run", synthetic_run["data"], f / "split.json", sets=["predict.ode_steps=1"])
     own, mapped, outputs = np.concatenate(own), np.concatenate(mapped), np.concatenate(outputs)
     change = outputs - mapped
-    expected = np.clip(own + np.where(own > 0, change / scale, change), 0, None)
+    expected = np.clip(own + change / scale, 0, None)
     predicted = (back.obs["source"] == "predicted").to_numpy()
     np.testing.assert_allclose(back.X[predicted], expected, rtol=1e-5, atol=1e-5)
-    assert (own > 0).any() and (own == 0).any()  # both rules were exercised
+    assert (own > 0).any() and (own == 0).any()  # both kinds of control value were read
 
 
 def test_shift_back_needs_an_adapter(synthetic_run):
@@ -363,6 +363,35 @@ def test_predict_reads_the_controls_through_any_transport(synthetic_run, transpo
         assert not np.allclose(after, before)
     is_control = (adapted.obs["source"] == "control").to_numpy()
     np.testing.assert_array_equal(adapted.X[is_control], plain.X[is_control])
+
+
+def test_predict_maps_each_contexts_controls_with_its_own_transport(synthetic_run, tmp_path):
+    """A per-context adapter (``--per-context``) maps the test context's controls with that
+    context's transport, not the pooled one, and carries the change back through it."""
+    f = synthetic_run["folder"]
+    model = PerturbationModel.load(f / "run")
+    n = len(model.genes)
+    own = AffineTransport(np.full(n, 2.0), np.zeros(n))
+    Adapter(list(model.genes), ShiftTransport.identity(n), AdapterConfig(transport="affine", per_context=True),
+            [(0, 1.0, 0.0)], by_context={"line_C": own, "line_A": AffineTransport(np.full(n, 0.5), np.zeros(n))},
+            context_mmd={"line_C": (1.0, 0.5), "line_A": (1.0, 0.7)}).save(tmp_path / "adapter")
+    seen = []
+    generate = model.generate
+
+    def recording(controls, *args, **kw):
+        seen.append((controls.copy(), generate(controls, *args, **kw)))
+        return seen[-1][1]
+
+    model.generate = recording
+    pred = api.predict(model, synthetic_run["data"], f / "split.json", adapter=tmp_path / "adapter", shift_back=True,
+                       sets=["predict.ode_steps=1"])
+    assert set(pred.obs["cell_type"]) == {"line_C"}  # the split's test context
+    made = pred.X[(pred.obs["source"] == "predicted").to_numpy()]
+    mapped = np.concatenate([controls for controls, _ in seen])
+    generated = np.concatenate([cells for _, cells in seen])
+    own_controls = mapped / 2.0  # line_C's transport doubles; the pooled one would leave them as they are
+    change = (generated - mapped) / 2.0  # read back through line_C's
+    np.testing.assert_allclose(made, np.clip(own_controls + change, 0, None), rtol=1e-5, atol=1e-5)
 
 
 def test_controls_of_another_cell_type_are_outside_the_sources_support_and_warn(shared_data):

@@ -197,3 +197,99 @@ def test_the_quantile_map_carries_a_change_beyond_every_control_cell():
     beyond = transport.apply((target.max(0) + 0.5)[None, :].astype(np.float32))[0]
     np.testing.assert_allclose(beyond - transport.apply(target.max(0)[None, :])[0], 0.5, atol=1e-5)
     assert np.all(np.diff(transport.invert(np.linspace(0, top + 2, 50).astype(np.float32)), axis=0) >= -1e-6)
+
+
+def test_a_gene_the_targets_controls_never_express_keeps_an_induced_response():
+    """An interferon gene can be 0 in every target control cell (thinned) and still be induced:
+    read backwards, a value above the source's top comes back with the two files' offset at high
+    expression, not as the target's 0; a gene constant in the source comes back as it is."""
+    rng = np.random.default_rng(6)
+    counts = rng.negative_binomial(5, 0.05, size=(2000, N_GENES))
+    source = np.log1p(counts).astype(np.float32)
+    target = np.log1p(rng.binomial(counts, 0.3) * (1 / 0.3 * 2)).astype(np.float32)
+    silent, constant = 0, 1
+    source[:, silent] = np.log1p(rng.poisson(0.05, 2000))  # rare in the source's controls
+    target[:, silent] = 0.0  # never in the target's
+    source[:, constant] = 0.0
+    transport = QuantileTransport.fit(source, target)
+    assert transport.top_offset == pytest.approx(np.log(2.0), abs=0.25)  # normalised to twice the depth
+    cells = np.zeros((2, N_GENES), np.float32)
+    cells[:, silent] = [source[:, silent].max() + 2.0, source[:, silent].max() * 0.5]
+    cells[:, constant] = [1.5, 0.2]
+    back = transport.invert(cells)
+    assert back[0, silent] == pytest.approx(cells[0, silent] + transport.top_offset, abs=1e-5)
+    assert back[1, silent] == 0.0  # within the source's controls: the target's zero mass
+    np.testing.assert_allclose(back[:, constant], cells[:, constant])
+
+
+# ---------------------------------------------------------------------------- one transport per context
+def context_dependent_change():
+    """A source file of three cell lines (200 controls each) and a target whose technical change
+    differs by line: line_A's log1p values halved, line_B's expressed values raised by 0.8,
+    line_C unchanged. No one per-gene map undoes all three."""
+    import anndata as ad
+
+    from pertflow.data import PerturbationData
+    from pertflow.data.synthetic import make_synthetic
+
+    adata = make_synthetic(n_genes=30, n_singles=2, n_combos=0, cells_per_group=10, controls_per_context=200,
+                           n_effect_genes=5, seed=1)
+    source = PerturbationData.from_anndata(adata)
+    x = source.log_expression(np.arange(adata.n_obs), np.arange(adata.n_vars))
+    line = adata.obs["cell_type"].to_numpy()
+    changed = np.where(line[:, None] == "line_A", 0.5 * x, np.where(line[:, None] == "line_B", x + 0.8 * (x > 0), x))
+    target = ad.AnnData(changed.astype(np.float32), obs=adata.obs.copy(), var=adata.var.copy(),
+                        uns={"log1p": {"base": None}})
+    return source, PerturbationData.from_anndata(target), x, changed, line
+
+
+def expression_model(source, folder):
+    """A tiny latent-shift (a few steps): its control embedding is each gene's expression itself,
+    so the adapter's held-out MMD sees every change of the controls."""
+    from pertflow import api
+    from pertflow.data import SplitView, make_split
+
+    view = SplitView(source, make_split(source, "random", test_fraction=0.25))
+    return api.train("latent-shift", view, None, folder, sets=["model.n_components=4", "model.hidden=16",
+                     "model.decoder_hidden=16", "model.decoder_steps=5", "train.max_steps=5", "train.val_every=5"])
+
+
+def test_per_context_maps_undo_a_change_that_differs_by_context(tmp_path):
+    from pertflow import api
+
+    source, target, x, changed, line = context_dependent_change()
+    model = expression_model(source, tmp_path / "run")
+    settings = {"transport": "quantile", "per_context": True, "min_context_cells": 100}
+    adapter = api.adapt(model, source, target, tmp_path / "adapter", settings=settings)
+    assert sorted(adapter.by_context) == ["line_A", "line_B", "line_C"] and not adapter.info["pooled_contexts"]
+    controls = source.is_control
+    for context in ("line_A", "line_B"):
+        rows = controls & (line == context)
+        truth = x[rows].mean(0)
+        own = np.abs(adapter.apply(changed[rows], context).mean(0) - truth).mean()
+        pooled = np.abs(adapter.apply(changed[rows]).mean(0) - truth).mean()
+        assert own < 0.15 and own < 0.35 * pooled, (context, own, pooled)  # 0.09 against 0.42 and 0.37 here
+        back = adapter.invert(adapter.apply(changed[rows], context), context)
+        assert np.abs(back.mean(0) - changed[rows].mean(0)).mean() < 0.05
+    loaded = Adapter.load(tmp_path / "adapter")
+    assert set(loaded.context_mmd) == set(adapter.context_mmd)
+    for context, (before, after) in adapter.context_mmd.items():
+        assert loaded.context_mmd[context] == pytest.approx((before, after)) and after <= before
+    for context in ("line_A", "line_B", "line_C", "not_a_line"):  # an unknown context gets the pooled map
+        np.testing.assert_allclose(loaded.apply(changed[:50], context), adapter.apply(changed[:50], context), atol=1e-6)
+    # a context with too few controls on a side is left to the pooled map, and said so
+    few = api.adapt(model, source, target, settings={**settings, "min_context_cells": 250})
+    assert few.by_context == {} and few.info["pooled_contexts"] == ["line_A", "line_B", "line_C"]
+
+
+def test_per_context_needs_a_context_both_files_name(tmp_path):
+    from pertflow import api
+    from pertflow.data import PerturbationData
+
+    source, target, *_ = context_dependent_change()
+    renamed = target.adata.copy()
+    renamed.obs["cell_type"] = "lab2_" + renamed.obs["cell_type"].astype(str)
+    model = expression_model(source, tmp_path / "run")
+    with pytest.raises(InputError, match="Relabel one file's context column"):
+        api.adapt(model, source, PerturbationData.from_anndata(renamed),
+                  settings={"transport": "quantile", "per_context": True})

@@ -14,13 +14,18 @@ An adapter folder holds (no pickles; every file written atomically):
 * ``mmd.csv`` (``step,mmd,lr``) and ``mmd.png``: the held-out MMD over the steps;
 * ``controls.png``: the source's and the target's controls before and after the transport, and in
   ``adapter.json`` the share of target cells outside the source's support
-  (:mod:`pertflow.adapt.support`; ``pertflow adapt`` warns where most of them are).
+  (:mod:`pertflow.adapt.support`; ``pertflow adapt`` warns where most of them are);
+* with ``per_context``: a folder ``context_<i>`` per context fitted on its own, holding that
+  context's transport table; ``adapter.json`` names each folder's context and its held-out MMD
+  before and after (``contexts``).
 
-Format 1 (a ``shift.csv`` and no transport named) is read as the ``shift`` transport.
+Format 1 (a ``shift.csv`` and no transport named) is read as the ``shift`` transport; format 2 has
+no per-context transports.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,9 +50,9 @@ from pertflow.io import atomic_path, read_json, write_json
 from pertflow.models.base import PerturbationModel
 from pertflow.models.network import inference_device
 
-ADAPTER_FORMAT_VERSION = 2
-#: Adapter formats this pertflow reads (1: a shift only).
-READABLE_FORMATS = (1, 2)
+ADAPTER_FORMAT_VERSION = 3
+#: Adapter formats this pertflow reads (1: a shift only; 2: no per-context transports).
+READABLE_FORMATS = (1, 2, 3)
 #: What an adapter folder holds (a folder holding one of them already holds an adapter).
 ADAPTER_FILES = ("shift.csv", "affine.csv", "quantile.csv", "adapter.json", "mmd.csv", "mmd.png", "controls.png")
 MMD_CONVENTION = (
@@ -56,7 +61,9 @@ MMD_CONVENTION = (
     "(never stepped on; at most eval_cells a side)"
 )
 _META_KEYS = ("format_version", "settings", "steps", "mmd_before", "mmd_after", "mmd", "genes", "transport",
-              "kept_step", "kept")
+              "kept_step", "kept", "contexts")
+#: The folder of the i-th per-context transport.
+CONTEXT_FOLDER = "context_{}"
 
 
 @dataclass
@@ -83,6 +90,11 @@ class Adapter:
     support
         Where the target's controls lie against the source's, before and after
         (:mod:`pertflow.adapt.support`; its shares are also in ``info``); None after loading.
+    by_context
+        Per-context transports (``per_context``): a target context's cells are mapped with its
+        own, every other cell with :attr:`transport`.
+    context_mmd
+        Each per-context transport's held-out MMD before and after, on that context's cells.
     """
 
     genes: list[str]
@@ -94,6 +106,8 @@ class Adapter:
     mmd_before: float = float("nan")
     mmd_after: float = float("nan")
     support: Support | None = None
+    by_context: dict[str, Transport] = field(default_factory=dict)
+    context_mmd: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if np.isnan(self.mmd_before):
@@ -116,18 +130,23 @@ class Adapter:
                              "Adapter.apply.")
         return self.transport.shift
 
-    def apply(self, controls: np.ndarray) -> np.ndarray:
-        """(n, G) log1p expression on :attr:`genes` -> transported, clipped at 0 (float32)."""
+    def transport_for(self, context: str | None) -> Transport:
+        """The transport of a target context's cells: its own where it has one, else the pooled one."""
+        return self.by_context.get(context, self.transport) if context is not None else self.transport
+
+    def apply(self, controls: np.ndarray, context: str | None = None) -> np.ndarray:
+        """(n, G) log1p expression on :attr:`genes` of cells of ``context`` (a target context
+        label; None: the pooled transport) -> transported, clipped at 0 (float32)."""
         controls = np.asarray(controls, dtype=np.float32)
         if controls.ndim != 2 or controls.shape[1] != len(self.genes):
             raise InputError(f"the adapter maps (cells, {len(self.genes)} genes) expression; got shape "
                              f"{controls.shape}.")
-        return self.transport.apply(controls)
+        return self.transport_for(context).apply(controls)
 
-    def invert(self, cells: np.ndarray) -> np.ndarray:
-        """(n, G) cells on the source's (training data's) scale -> the target's: the transport run
-        backwards (:meth:`~pertflow.adapt.transports.Transport.invert`; not clipped)."""
-        return self.transport.invert(np.asarray(cells, dtype=np.float32))
+    def invert(self, cells: np.ndarray, context: str | None = None) -> np.ndarray:
+        """(n, G) cells of ``context`` on the source's (training data's) scale -> the target's: the
+        transport run backwards (:meth:`~pertflow.adapt.transports.Transport.invert`; not clipped)."""
+        return self.transport_for(context).invert(np.asarray(cells, dtype=np.float32))
 
     def check_genes(self, model: PerturbationModel) -> None:
         """The adapter must have been learnt for the model's genes, in its order."""
@@ -144,7 +163,16 @@ class Adapter:
         out.mkdir(parents=True, exist_ok=True)
         for name in {f for t in TRANSPORTS.values() for f in t.files} - set(self.transport.files):
             (out / name).unlink(missing_ok=True)  # another transport's table of an overwritten folder
+        for old in out.glob(CONTEXT_FOLDER.format("*")):
+            shutil.rmtree(old)  # per-context tables of an overwritten folder
         self.transport.save(out, self.genes)
+        contexts = []
+        for i, (context, transport) in enumerate(sorted(self.by_context.items())):
+            (out / CONTEXT_FOLDER.format(i)).mkdir()
+            transport.save(out / CONTEXT_FOLDER.format(i), self.genes)
+            before, after = self.context_mmd.get(context, (None, None))
+            contexts.append({"context": context, "folder": CONTEXT_FOLDER.format(i), "transport": transport.name,
+                             "mmd_before": before, "mmd_after": after})
         history = pd.DataFrame(self.history, columns=["step", "mmd", "lr"])
         with atomic_path(out / "mmd.csv") as tmp:
             history.to_csv(tmp, index=False, float_format="%.6g")
@@ -161,6 +189,7 @@ class Adapter:
             "mmd_after": self.mmd_after,
             "kept_step": self.kept_step,
             "kept": self.kept,
+            "contexts": contexts,
             "mmd": MMD_CONVENTION,
             "genes": self.genes,
         })
@@ -187,9 +216,13 @@ class Adapter:
             history = [(int(s), float(m), float(r)) for s, m, r in zip(table["step"], table["mmd"], lr)]
         kept_step = meta.get("kept_step", history[-1][0]) if version >= 2 else history[-1][0]
         after = meta["mmd_after"]
+        contexts = meta.get("contexts", [])
+        by_context = {c["context"]: transport_class(c["transport"]).load(folder / c["folder"], genes) for c in contexts}
+        context_mmd = {c["context"]: (c["mmd_before"], c["mmd_after"]) for c in contexts}
         return cls(genes=genes, transport=transport, config=build(AdapterConfig, settings, "adapter"), history=history,
                    info={k: v for k, v in meta.items() if k not in _META_KEYS}, kept_step=kept_step,
-                   mmd_before=float(meta["mmd_before"]), mmd_after=float(after))
+                   mmd_before=float(meta["mmd_before"]), mmd_after=float(after), by_context=by_context,
+                   context_mmd=context_mmd)
 
 
 def control_rows(data: PerturbationData, contexts: Sequence[str] | None) -> np.ndarray:
@@ -302,8 +335,55 @@ def learn_adapter(
     support = measure_support(source_x.cpu().numpy(), target_np, fit.transport.apply(target_np), config.seed)
     info["support"] = {**support.as_dict(), "trusted": support.trusted}
     warn_if_untrusted(support)
+    by_context, context_mmd = {}, {}
+    if config.per_context:
+        by_context, context_mmd, info["pooled_contexts"] = fit_per_context(
+            model, sources, target, config, source_contexts, target_contexts, rng)
     return Adapter(list(model.genes), fit.transport, config, fit.history, info, fit.kept_step, fit.mmd_before,
-                   fit.mmd_after, support)
+                   fit.mmd_after, support, by_context, context_mmd)
+
+
+def control_contexts(data: PerturbationData, contexts: Sequence[str] | None) -> set[str]:
+    """The contexts of ``data`` that have control cells (of ``contexts`` only, when given)."""
+    found = set(np.asarray(data.contexts)[data.is_control].tolist())
+    return found & set(contexts) if contexts else found
+
+
+def fit_per_context(model: PerturbationModel, sources: list[PerturbationData], target: PerturbationData,
+                    config: AdapterConfig, source_contexts: Sequence[str] | None,
+                    target_contexts: Sequence[str] | None, rng: np.random.Generator,
+                    ) -> tuple[dict[str, Transport], dict[str, tuple[float, float]], list[str]]:
+    """One transport per target context that the source also names, fitted on that context's
+    control cells of both sides (:attr:`AdapterConfig.per_context`).
+
+    Returns the transports by context, each one's held-out MMD before and after, and the target
+    contexts left to the pooled transport (not in the source, or fewer than
+    ``min_context_cells`` control cells on a side). No shared context at all is an error: the
+    two files label their contexts differently.
+    """
+    on_target = control_contexts(target, target_contexts)
+    on_source = set().union(*(control_contexts(data, source_contexts) for data in sources))
+    shared = sorted(on_target & on_source)
+    if not shared:
+        raise InputError(
+            f"per_context needs contexts that both datasets name; the target's controls are of "
+            f"{sorted(on_target)[:10]}, the source's of {sorted(on_source)[:10]}. Relabel one file's context column "
+            "to match the other's, or learn one pooled transport (leave out --per-context)."
+        )
+    device = inference_device()
+    by_context: dict[str, Transport] = {}
+    context_mmd: dict[str, tuple[float, float]] = {}
+    for context in shared:
+        holders = [data for data in sources if context in control_contexts(data, None)]
+        source_x = read_controls(holders, model.genes, [context], config.max_cells, rng)
+        target_x = read_controls([target], model.genes, [context], config.max_cells, rng)
+        if min(len(source_x), len(target_x)) < config.min_context_cells:
+            continue
+        fit = fit_transport(model.control_embedding, torch.from_numpy(source_x).to(device),
+                            torch.from_numpy(target_x).to(device), config)
+        by_context[context] = fit.transport
+        context_mmd[context] = (float(fit.mmd_before), float(fit.mmd_after))
+    return by_context, context_mmd, sorted(on_target - set(by_context))
 
 
 def plot_history(history: pd.DataFrame, path: Path) -> None:

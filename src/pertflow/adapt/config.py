@@ -51,6 +51,14 @@ class AdapterConfig:
         Rises of the held-out MMD in a row after which the fit stops.
     n_quantiles
         Points of each gene's quantile grid (``quantile``).
+    per_context
+        Fit one transport per context (cell type, cell line) that both datasets name, on that
+        context's control cells alone, beside the pooled one that cells of any other context get.
+        For contexts whose expression differs (a depth change moves a monocyte's genes otherwise
+        than a T cell's) and data whose mix of contexts differs between the two files.
+    min_context_cells
+        Control cells a context needs on each side for a transport of its own (``per_context``);
+        a context with fewer gets the pooled transport.
     seed
         Seeds the subsample, the held-out cells, the batches, the genes of each step and the
         positions the quantile map gives to zeros.
@@ -70,6 +78,8 @@ class AdapterConfig:
     eval_every: int = 10
     patience: int = 5
     n_quantiles: int = 101
+    per_context: bool = False
+    min_context_cells: int = 50
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,6 +87,9 @@ class AdapterConfig:
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name} must be one of {', '.join(get_args(kind))}, got {getattr(self, name)!r}")
         require_at_least_one(self, "steps", "batch_size", "max_cells", "eval_cells", "eval_every", "patience")
+        if self.min_context_cells < 4:
+            raise ValueError(f"min_context_cells must be at least 4 (2 cells a side to fit, 2 to score), got "
+                             f"{self.min_context_cells}")
         if self.batch_size < 2 or self.eval_cells < 2 or self.n_quantiles < 2:
             raise ValueError("batch_size, eval_cells and n_quantiles must be at least 2 (the unbiased MMD needs two "
                              "cells a side)")

@@ -234,7 +234,10 @@ class QuantileTransport(Transport):
     (kang thinned, CD14+Mono). Slope 1 because in log1p space a change of depth or normalisation
     is an offset at high expression, so a fold change over the top control cell stays that fold
     change (a slope fitted on the top quantiles, tried first, ran away on genes with few positive
-    cells).
+    cells). Read backwards, a gene the target's controls never express has no target quantiles: a
+    value above the source's top is carried with the offset between the two files' top quantiles
+    (:attr:`top_offset`, the median over the genes both express), one below it is the target's 0;
+    a gene the source's controls never vary is carried as it is.
 
     Attributes
     ----------
@@ -270,6 +273,15 @@ class QuantileTransport(Transport):
             if len(values):
                 positive[g] = np.quantile(values, grid)
         return cls(source_q, (target <= 0).mean(0), positive, seed)
+
+    @property
+    def top_offset(self) -> float:
+        """The target's top quantile minus the source's, median over the genes both express: the
+        two files' difference of scale at high expression (0 when no gene is expressed on both)."""
+        both = ~np.isnan(self.target_positive).any(axis=1) & (self.source_quantiles[:, -1] > 0)
+        if not both.any():
+            return 0.0
+        return float(np.median(self.target_positive[both, -1] - self.source_quantiles[both, -1]))
 
     @classmethod
     def identity(cls, n_genes: int) -> QuantileTransport:
@@ -308,13 +320,21 @@ class QuantileTransport(Transport):
     def invert(self, cells: np.ndarray) -> np.ndarray:
         """Per gene ``x = Q_T(F_S(y))``: a value's position among the source's quantiles (tied knots at
         their mid-rank, so a 0 sits in the middle of the source's zero mass), then the target's
-        value there (0 in its zero mass, its positive quantiles above it); a 0 stays 0."""
+        value there (0 in its zero mass, its positive quantiles above it); a 0 stays 0. A gene the
+        target's controls never express: above the source's top, the value plus :attr:`top_offset`
+        (an induced gene keeps its response), else 0; a gene constant in the source's: as it is."""
         out = np.zeros(cells.shape, np.float32)
+        offset = self.top_offset
         for g in range(cells.shape[1]):
             knots, mid = self._tied_knots(self.source_quantiles[g])
-            if len(knots) < 2 or np.isnan(self.target_positive[g]).any():
-                continue  # a constant source gene, or a target gene never expressed: the target's 0
             values = np.asarray(cells[:, g], np.float64)
+            if len(knots) < 2:  # no scale to read it on
+                out[:, g] = values
+                continue
+            if np.isnan(self.target_positive[g]).any():
+                beyond = values > knots[-1]
+                out[beyond, g] = values[beyond] + offset
+                continue
             u = np.interp(values, knots, mid)
             z = self.target_zero[g]
             above = (u > z) & (values > 0)  # nothing expressed on the source's scale is nothing on the target's
