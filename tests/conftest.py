@@ -13,6 +13,13 @@ import pytest
 
 from pertflow.data.synthetic import make_synthetic
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes (pytest -n): one core each
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")  # cell-eval's DE tests; read when numba is imported
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import pertflow.runtime
+
+    pertflow.runtime.MAX_DEFAULT_THREADS = 1  # what set_threads(None) (the CLI's default) picks
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PERTFLOW_DATA_DIR", REPO.parent / "shared" / "data"))
 
