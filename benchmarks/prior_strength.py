@@ -11,6 +11,11 @@ with ``notest``). The figures of ``benchmarks/results/NOTES.md`` "Validation sca
     python benchmarks/prior_strength.py kang-celltype-transfer B,CD4T,CD8T,NK nearest > kang.jsonl
     python benchmarks/prior_strength.py zhao-patient-transfer PW030,PW032 both notest > zhao-both.jsonl
 
+``rotate`` (context transfer) holds out every training context in turn instead, and chooses on
+the validation scores averaged over the rotations (``rotations``: each one's own choice)::
+
+    python benchmarks/prior_strength.py gbm-cellline-transfer A172,T98G,U87MG rotate > gbm-rotate.jsonl
+
 (the data is read from ``../shared/data`` beside the repository, or ``$PERTFLOW_DATA``).
 """
 import json
@@ -18,10 +23,12 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from pertflow.api import EvalConfig, evaluate_split, evaluation_inputs, split_view
 from pertflow.benchmark import fold_split
 from pertflow.data.tasks import find_tasks
-from pertflow.models.inner_split import inner_split
+from pertflow.models.inner_split import hold_out, inner_split
 from pertflow.models.predict import predict_split
 from pertflow.models.prior import PRIOR_STRENGTHS, Prior
 from pertflow.models.validation import ValidationSet
@@ -35,10 +42,23 @@ for fold in folds:
     task = tasks[task_name]
     with task.open_data(data_dir) as data:
         view = split_view(data, fold_split(task, data, fold or None, data_dir / "splits"))
-        inner = inner_split(view, "auto", 0, 0, vc)
-        val = ValidationSet(inner.view, seed=0)
-        prior = Prior.fit("auto", inner.view, val, PRIOR_STRENGTHS)
-        row = {"task": task_name, "fold": fold, "chosen": prior.label, "val": prior.scores}
+        if vc == "rotate":
+            train = view.rows.train
+            contexts = sorted(set(map(str, data.contexts[train[~data.is_control[train]]])))
+            rotations = {}
+            for held in contexts:
+                inner = hold_out(view, "contexts", [held])
+                prior = Prior.fit("auto", inner.view, ValidationSet(inner.view, seed=0), PRIOR_STRENGTHS)
+                rotations[held] = {"chosen": prior.label, "val": {k: v["score"] for k, v in prior.scores.items()}}
+            labels = list(rotations[contexts[0]]["val"])
+            val = {label: float(np.mean([r["val"][label] for r in rotations.values()])) for label in labels}
+            row = {"task": task_name, "fold": fold, "chosen": max(labels, key=val.get), "val": val,
+                   "rotations": rotations}
+        else:
+            inner = inner_split(view, "auto", 0, 0, vc)
+            val = ValidationSet(inner.view, seed=0)
+            prior = Prior.fit("auto", inner.view, val, PRIOR_STRENGTHS)
+            row = {"task": task_name, "fold": fold, "chosen": prior.label, "val": prior.scores}
         inputs = evaluation_inputs(view)
         test = {}
         for name in (("none", "mean", "linear", "context-shift") if len(sys.argv) < 5 else ()):

@@ -120,22 +120,29 @@ def inner_split(view: SplitView, kind: str = "auto", n_held_out: int = 0, seed: 
     if kind == "contexts":
         candidates = sorted(set(map(str, data.contexts[perturbed])))
         held = _held_out_contexts(view, candidates, n_held_out, contexts, rng)
-        labels = data.contexts
     elif kind == "perturbations":
         held = _held_out_perturbations(view, perturbed, n_held_out, rng)
-        labels = data.perturbations
     else:
         raise ValueError(f"unknown validation kind '{kind}'")
     if not held:
         return InnerSplit(view, "cells", [],
                           f"{reason}; but nothing could be held out, so the split's validation cells")
+    return hold_out(view, kind, held, reason)
+
+
+def hold_out(view: SplitView, kind: str, held: list[str], reason: str = "") -> InnerSplit:
+    """The inner split whose validation cells are the visible perturbed cells of the ``held``
+    contexts (``kind`` ``contexts``) or perturbations (``perturbations``), with the visible
+    controls; its training cells are the rest of the split's."""
+    data = view.data
+    labels = data.contexts if kind == "contexts" else data.perturbations
     visible_perturbed = view.visible[~data.is_control[view.visible]]
     out = np.isin(labels[visible_perturbed].astype(str), held)
     held_rows = visible_perturbed[out]
-    inner_train = np.setdiff1d(train, held_rows, assume_unique=True)
+    inner_train = np.setdiff1d(view.rows.train, held_rows, assume_unique=True)
     val_controls = view.rows.val[data.is_control[view.rows.val]]
     inner = view.with_rows(inner_train, np.sort(np.concatenate([held_rows, val_controls])))
-    return InnerSplit(inner, kind, held, reason)
+    return InnerSplit(inner, kind, list(held), reason)
 
 
 def _count(n_held_out: int, n_candidates: int) -> int:
