@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,7 +22,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from pertflow.adapt import ADAPTER_FILES, Adapter, AdapterConfig, learn_adapter
+from pertflow.adapt import ADAPTER_FILES, Adapter, AdapterConfig, context_folders, learn_adapter
 from pertflow.configs import build, load_sections, to_dict
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.kinds import SPLIT_KINDS
@@ -318,6 +319,13 @@ def predict(
     if read_args.get("spec") is None and not _spec_keys_given(read_args) and _has_columns_of(data, model.spec):
         read_args["spec"] = model.spec  # the file the model was trained on, or one labelled like it
     with _view(data, split, list(model.genes), **read_args) as view:
+        if adapter is not None and adapter.by_context:
+            pooled = [c for c in view.test_contexts if c not in adapter.by_context]
+            if pooled:
+                warnings.warn(f"the adapter has no transport of its own for test context(s) {pooled[:5]} (it has "
+                              f"{sorted(adapter.by_context)[:5]}): their controls go through the pooled one. Check "
+                              "that the file labels its contexts as the adapter's target did, or that they have enough "
+                              "control cells (min_context_cells).", stacklevel=2)
         pred = predict_split(model, view, seed=seed, settings=settings, shift_back=shift_back, progress=progress,
                              control_map=None if adapter is None else adapter.apply,
                              control_unmap=None if adapter is None else adapter.invert, label_map=map_labels)
@@ -385,6 +393,7 @@ def adapt(
     from pertflow.adapt.transports import transport_class
 
     existing = [] if out is None else check_output(out, "adapter folder", overwrite, holds=ADAPTER_FILES)
+    existing += [] if out is None else context_folders(out)  # an overwritten adapter's per-context tables
     model = run if isinstance(run, PerturbationModel) else PerturbationModel.load(run)
     fields = to_dict(settings) if isinstance(settings, AdapterConfig) else dict(settings or {})
     if transport is not None:

@@ -392,6 +392,12 @@ def test_predict_maps_each_contexts_controls_with_its_own_transport(synthetic_ru
     own_controls = mapped / 2.0  # line_C's transport doubles; the pooled one would leave them as they are
     change = (generated - mapped) / 2.0  # read back through line_C's
     np.testing.assert_allclose(made, np.clip(own_controls + change, 0, None), rtol=1e-5, atol=1e-5)
+    # a per-context adapter without line_C's own map says that line_C goes through the pooled one
+    Adapter(list(model.genes), ShiftTransport.identity(n), AdapterConfig(per_context=True), [(0, 1.0, 0.0)],
+            by_context={"line_A": own}).save(tmp_path / "no_line_c")
+    with pytest.warns(UserWarning, match=r"no transport of its own for test context\(s\) \['line_C'\]"):
+        api.predict(f / "run", synthetic_run["data"], f / "split.json", adapter=tmp_path / "no_line_c",
+                    sets=["predict.ode_steps=1"])
 
 
 def test_controls_of_another_cell_type_are_outside_the_sources_support_and_warn(shared_data):

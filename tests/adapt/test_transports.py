@@ -213,12 +213,14 @@ def test_a_gene_the_targets_controls_never_express_keeps_an_induced_response():
     source[:, constant] = 0.0
     transport = QuantileTransport.fit(source, target)
     assert transport.top_offset == pytest.approx(np.log(2.0), abs=0.25)  # normalised to twice the depth
-    cells = np.zeros((2, N_GENES), np.float32)
-    cells[:, silent] = [source[:, silent].max() + 2.0, source[:, silent].max() * 0.5]
-    cells[:, constant] = [1.5, 0.2]
+    cells = np.zeros((3, N_GENES), np.float32)
+    top, offset = source[:, silent].max(), transport.top_offset
+    cells[:, silent] = [top + 2.0, top * 0.5, top + 0.05]
+    cells[:, constant] = [1.5, 0.2, 0.0]
     back = transport.invert(cells)
-    assert back[0, silent] == pytest.approx(cells[0, silent] + transport.top_offset, abs=1e-5)
+    assert back[0, silent] == pytest.approx(2.0 + offset, abs=1e-5)  # an excess over the offset: all of it
     assert back[1, silent] == 0.0  # within the source's controls: the target's zero mass
+    assert back[2, silent] == pytest.approx(0.05 + offset * 0.05 / offset, abs=1e-5)  # noise over the top stays small
     np.testing.assert_allclose(back[:, constant], cells[:, constant])
 
 
@@ -293,3 +295,23 @@ def test_per_context_needs_a_context_both_files_name(tmp_path):
     with pytest.raises(InputError, match="Relabel one file's context column"):
         api.adapt(model, source, PerturbationData.from_anndata(renamed),
                   settings={"transport": "quantile", "per_context": True})
+
+
+def test_a_context_with_few_controls_falls_back_to_the_pooled_map_and_overwriting_keeps_other_folders(tmp_path):
+    from pertflow import api
+    from pertflow.data import PerturbationData
+
+    source, target, *_ = context_dependent_change()
+    adata = target.adata
+    line_c = np.flatnonzero((adata.obs["cell_type"] == "line_C").to_numpy() & target.is_control)
+    few = PerturbationData.from_anndata(adata[np.setdiff1d(np.arange(adata.n_obs), line_c[3:])].copy())
+    model = expression_model(source, tmp_path / "run")
+    settings = {"transport": "quantile", "per_context": True, "min_context_cells": 100}
+    folder = tmp_path / "adapter"
+    adapter = api.adapt(model, source, few, folder, settings=settings)  # 3 line_C controls: no error
+    assert sorted(adapter.by_context) == ["line_A", "line_B"] and adapter.info["pooled_contexts"] == ["line_C"]
+    assert sorted(p.name for p in folder.glob("context_*")) == ["context_0", "context_1"]
+    (folder / "context_notes").mkdir()  # a folder of the user's beside the adapter's
+    api.adapt(model, source, few, folder, settings={"transport": "quantile"}, overwrite=True)
+    assert sorted(p.name for p in folder.glob("context_*")) == ["context_notes"]  # the old tables went, not it
+    assert Adapter.load(folder).by_context == {}

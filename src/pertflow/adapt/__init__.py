@@ -16,6 +16,7 @@ from pertflow.lazy import lazy_exports
 #: :class:`AdapterConfig` (:mod:`pertflow.adapt.config`) without importing torch
 _HOMES = {
     "ADAPTER_FILES": "adapter", "ADAPTER_FORMAT_VERSION": "adapter", "Adapter": "adapter", "learn_adapter": "adapter",
+    "context_folders": "adapter",
     "AdapterConfig": "config", "TransportFit": "shift", "fit_shift": "shift", "fit_transport": "shift",
     "TRANSPORTS": "transports", "AffineTransport": "transports", "QuantileTransport": "transports",
     "ShiftTransport": "transports", "Transport": "transports",

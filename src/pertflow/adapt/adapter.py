@@ -26,6 +26,7 @@ no per-context transports.
 from __future__ import annotations
 
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -163,8 +164,8 @@ class Adapter:
         out.mkdir(parents=True, exist_ok=True)
         for name in {f for t in TRANSPORTS.values() for f in t.files} - set(self.transport.files):
             (out / name).unlink(missing_ok=True)  # another transport's table of an overwritten folder
-        for old in out.glob(CONTEXT_FOLDER.format("*")):
-            shutil.rmtree(old)  # per-context tables of an overwritten folder
+        for old in context_folders(out):
+            shutil.rmtree(old)  # the per-context tables of the adapter this one replaces
         self.transport.save(out, self.genes)
         contexts = []
         for i, (context, transport) in enumerate(sorted(self.by_context.items())):
@@ -308,6 +309,9 @@ def learn_adapter(
     sources = [source] if isinstance(source, PerturbationData) else list(source)
     if not sources:
         raise InputError("no source data given: name the file(s) the model was trained on (--source-data).")
+    if config.per_context:  # which contexts get their own transport: said before any fitting
+        own_contexts, pooled_contexts = contexts_of_their_own(sources, target, config, source_contexts,
+                                                              target_contexts)
     rng = np.random.default_rng(config.seed)
     device = inference_device()
     source_x = torch.from_numpy(read_controls(sources, model.genes, source_contexts, config.max_cells, rng)).to(device)
@@ -337,53 +341,72 @@ def learn_adapter(
     warn_if_untrusted(support)
     by_context, context_mmd = {}, {}
     if config.per_context:
-        by_context, context_mmd, info["pooled_contexts"] = fit_per_context(
-            model, sources, target, config, source_contexts, target_contexts, rng)
+        by_context, context_mmd = fit_per_context(model, sources, target, config, own_contexts)
+        info["pooled_contexts"] = pooled_contexts
     return Adapter(list(model.genes), fit.transport, config, fit.history, info, fit.kept_step, fit.mmd_before,
                    fit.mmd_after, support, by_context, context_mmd)
 
 
-def control_contexts(data: PerturbationData, contexts: Sequence[str] | None) -> set[str]:
-    """The contexts of ``data`` that have control cells (of ``contexts`` only, when given)."""
-    found = set(np.asarray(data.contexts)[data.is_control].tolist())
-    return found & set(contexts) if contexts else found
+def context_folders(folder: str | Path) -> list[Path]:
+    """The per-context folders an adapter folder's ``adapter.json`` names (none without one):
+    what replacing that adapter removes besides :data:`ADAPTER_FILES` (no other folder of it)."""
+    folder = Path(folder)
+    try:
+        named = read_json(folder / "adapter.json").get("contexts", [])
+    except (OSError, ValueError):
+        return []
+    return [folder / c["folder"] for c in named if (folder / c["folder"]).is_dir()]
 
 
-def fit_per_context(model: PerturbationModel, sources: list[PerturbationData], target: PerturbationData,
-                    config: AdapterConfig, source_contexts: Sequence[str] | None,
-                    target_contexts: Sequence[str] | None, rng: np.random.Generator,
-                    ) -> tuple[dict[str, Transport], dict[str, tuple[float, float]], list[str]]:
-    """One transport per target context that the source also names, fitted on that context's
-    control cells of both sides (:attr:`AdapterConfig.per_context`).
+def control_counts(data: PerturbationData, contexts: Sequence[str] | None) -> dict[str, int]:
+    """Control cells of each context of ``data`` (of ``contexts`` only, when given)."""
+    labels, counts = np.unique(np.asarray(data.contexts)[data.is_control].astype(str), return_counts=True)
+    return {str(c): int(n) for c, n in zip(labels, counts) if not contexts or c in contexts}
 
-    Returns the transports by context, each one's held-out MMD before and after, and the target
-    contexts left to the pooled transport (not in the source, or fewer than
-    ``min_context_cells`` control cells on a side). No shared context at all is an error: the
-    two files label their contexts differently.
-    """
-    on_target = control_contexts(target, target_contexts)
-    on_source = set().union(*(control_contexts(data, source_contexts) for data in sources))
-    shared = sorted(on_target & on_source)
+
+def contexts_of_their_own(sources: list[PerturbationData], target: PerturbationData, config: AdapterConfig,
+                          source_contexts: Sequence[str] | None, target_contexts: Sequence[str] | None,
+                          ) -> tuple[list[str], list[str]]:
+    """The target contexts that get a transport of their own (``per_context``: named by the
+    source too, with at least ``min_context_cells`` control cells on each side) and those left to
+    the pooled one. Contexts named by neither file alike are an error naming both files' labels
+    (raised before anything is fitted)."""
+    on_target = control_counts(target, target_contexts)
+    on_source: dict[str, int] = {}
+    for data in sources:
+        for context, n in control_counts(data, source_contexts).items():
+            on_source[context] = on_source.get(context, 0) + n
+    shared = sorted(set(on_target) & set(on_source))
     if not shared:
         raise InputError(
             f"per_context needs contexts that both datasets name; the target's controls are of "
             f"{sorted(on_target)[:10]}, the source's of {sorted(on_source)[:10]}. Relabel one file's context column "
             "to match the other's, or learn one pooled transport (leave out --per-context)."
         )
+    own = [c for c in shared if min(on_target[c], on_source[c]) >= config.min_context_cells]
+    return own, sorted(set(on_target) - set(own))
+
+
+def fit_per_context(model: PerturbationModel, sources: list[PerturbationData], target: PerturbationData,
+                    config: AdapterConfig, contexts: list[str],
+                    ) -> tuple[dict[str, Transport], dict[str, tuple[float, float]]]:
+    """One transport per context of ``contexts`` (:func:`contexts_of_their_own`), fitted on that
+    context's control cells of both sides; returns the transports and each one's held-out MMD
+    before and after. Each context draws its cells with its own generator (seeded by the seed
+    and its name), so that its transport does not depend on the other contexts."""
     device = inference_device()
     by_context: dict[str, Transport] = {}
     context_mmd: dict[str, tuple[float, float]] = {}
-    for context in shared:
-        holders = [data for data in sources if context in control_contexts(data, None)]
+    for context in contexts:
+        rng = np.random.default_rng([config.seed, zlib.crc32(context.encode())])
+        holders = [data for data in sources if context in control_counts(data, [context])]
         source_x = read_controls(holders, model.genes, [context], config.max_cells, rng)
         target_x = read_controls([target], model.genes, [context], config.max_cells, rng)
-        if min(len(source_x), len(target_x)) < config.min_context_cells:
-            continue
         fit = fit_transport(model.control_embedding, torch.from_numpy(source_x).to(device),
                             torch.from_numpy(target_x).to(device), config)
         by_context[context] = fit.transport
         context_mmd[context] = (float(fit.mmd_before), float(fit.mmd_after))
-    return by_context, context_mmd, sorted(on_target - set(by_context))
+    return by_context, context_mmd
 
 
 def plot_history(history: pd.DataFrame, path: Path) -> None:

@@ -87,6 +87,9 @@ class AdapterConfig:
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name} must be one of {', '.join(get_args(kind))}, got {getattr(self, name)!r}")
         require_at_least_one(self, "steps", "batch_size", "max_cells", "eval_cells", "eval_every", "patience")
+        if self.min_context_cells > self.max_cells:
+            raise ValueError(f"min_context_cells ({self.min_context_cells}) is above max_cells ({self.max_cells}), the "
+                             "control cells read a side: no context could get a transport of its own")
         if self.min_context_cells < 4:
             raise ValueError(f"min_context_cells must be at least 4 (2 cells a side to fit, 2 to score), got "
                              f"{self.min_context_cells}")
