@@ -235,11 +235,12 @@ class QuantileTransport(Transport):
     is an offset at high expression, so a fold change over the top control cell stays that fold
     change (a slope fitted on the top quantiles, tried first, ran away on genes with few positive
     cells). Read backwards, a gene the target's controls never express has no target quantiles: a
-    value above the source's top keeps its excess over it plus the offset between the two files'
-    top quantiles (:attr:`top_offset`, the median over the genes both express), the offset ramped
-    in over the first ``|offset|`` of excess (so that a value just above the top, a flow's noise,
-    stays near 0 instead of jumping to the offset); one below the top is the target's 0. A gene
-    the source's controls never vary is carried as it is.
+    value above the source's top is carried with the offset between the two files' top quantiles
+    (:attr:`top_offset`, the median over the genes both express), as the tail of an expressed gene
+    is; one below the top is the target's 0. (A value just above the top jumps by the whole offset:
+    ramping it in over the first ``|offset|`` of excess, so that a flow's noise over the top stays
+    small, cost the thinned-kang monocytes 0.904 / 2.534 against 0.926 / 2.300, their induced
+    genes coming back too low.) A gene the source's controls never vary is carried as it is.
 
     Attributes
     ----------
@@ -323,9 +324,8 @@ class QuantileTransport(Transport):
         """Per gene ``x = Q_T(F_S(y))``: a value's position among the source's quantiles (tied knots at
         their mid-rank, so a 0 sits in the middle of the source's zero mass), then the target's
         value there (0 in its zero mass, its positive quantiles above it); a 0 stays 0. A gene the
-        target's controls never express: its excess over the source's top plus :attr:`top_offset`
-        ramped in (an induced gene keeps its response), 0 below the top; a gene constant in the
-        source's: as it is."""
+        target's controls never express: above the source's top, the value plus :attr:`top_offset`
+        (an induced gene keeps its response), else 0; a gene constant in the source's: as it is."""
         out = np.zeros(cells.shape, np.float32)
         offset = self.top_offset
         for g in range(cells.shape[1]):
@@ -335,9 +335,8 @@ class QuantileTransport(Transport):
                 out[:, g] = values
                 continue
             if np.isnan(self.target_positive[g]).any():
-                excess = np.clip(values - knots[-1], 0, None)  # over the source's top: 0 in the target below it
-                ramp = np.minimum(1.0, excess / abs(offset)) if offset else 0.0
-                out[:, g] = np.clip(excess + offset * ramp, 0, None)
+                beyond = values > knots[-1]  # below the source's top: the target's 0
+                out[beyond, g] = np.clip(values[beyond] + offset, 0, None)
                 continue
             u = np.interp(values, knots, mid)
             z = self.target_zero[g]
