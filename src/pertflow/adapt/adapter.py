@@ -369,7 +369,7 @@ def contexts_of_their_own(sources: list[PerturbationData], target: PerturbationD
                           ) -> tuple[list[str], list[str]]:
     """The target contexts that get a transport of their own (``per_context``: named by the
     source too, with at least ``min_context_cells`` control cells on each side) and those left to
-    the pooled one. Contexts named by neither file alike are an error naming both files' labels
+    the pooled one. No context named alike by both files is an error naming both files' labels
     (raised before anything is fitted)."""
     on_target = control_counts(target, target_contexts)
     on_source: dict[str, int] = {}
