@@ -55,9 +55,12 @@ def test_a_tiny_ccfm_learns_both_streams(view, trained):
     model, run = trained
     history = pd.read_csv(run / "history.csv")
     # the expression stream starts near its target (controls); the latent stream from noise, and a
-    # target cell's features vary a lot given its perturbation, so its loss has a high floor
-    for stream, ratio in (("mse_expr", 0.7), ("mse_latent", 0.9)):
-        assert history[stream].tail(5).mean() < ratio * history[stream].head(3).mean(), stream
+    # target cell's features vary a lot given its perturbation, so its loss has a high floor: the
+    # last 10 records against the first 5 gave 0.29-0.33 (expression) and 0.87-0.90 (latent) over
+    # seeds 1-5 (2 threads instead of 1 moved them by under 0.01); a stream that stops learning
+    # stays at 1 or above
+    for stream, ratio in (("mse_expr", 0.7), ("mse_latent", 0.95)):
+        assert history[stream].tail(10).mean() < ratio * history[stream].head(5).mean(), stream
     assert (run / "foundation" / "args.json").is_file()  # pretrained on the training cells, in the run folder
     assert model.config.latent_dim == 16
     # End to end, a 200-step tiny CCFM does not yet beat "no change" on these cells (its generated
