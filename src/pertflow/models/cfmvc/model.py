@@ -35,6 +35,7 @@ from pertflow.data.vocab import UNK
 from pertflow.errors import InputError
 from pertflow.io import write_text
 from pertflow.models.base import PerturbationModel
+from pertflow.models.capabilities import ReadsControlExpression
 from pertflow.models.cfmvc.config import CFMVCConfig
 from pertflow.models.cfmvc.module import (
     CONTROL_COUNTS,
@@ -64,7 +65,7 @@ class RowTable:
         return self.table[np.asarray(rows)]
 
 
-class CFMVC(AnchoredNetwork):
+class CFMVC(ReadsControlExpression, AnchoredNetwork):
     """CFM-VC (SPEC 2.4); see the module docstring and :mod:`pertflow.models.cfmvc.module`."""
 
     name = "cfmvc"

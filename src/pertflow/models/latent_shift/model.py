@@ -44,6 +44,7 @@ from pertflow.errors import InputError
 from pertflow.eval import metrics as M
 from pertflow.flows import ot_permutation
 from pertflow.models.anchored import PRIOR_PREFIX, VALIDATION_SEED, AnchoredModel
+from pertflow.models.capabilities import ReadsControlExpression
 from pertflow.models.config import PredictConfig
 from pertflow.models.latent_shift.config import LatentShiftConfig
 from pertflow.models.latent_shift.descriptors import DescriptorTable, build_descriptors
@@ -77,7 +78,7 @@ class LatentCells:
         return self.latent[self.position.loc[np.asarray(rows)].to_numpy()]
 
 
-class LatentShift(AnchoredModel):
+class LatentShift(ReadsControlExpression, AnchoredModel):
     """A predictor in an embedding space and a frozen decoder (see the module docstring)."""
 
     name = "latent-shift"
@@ -310,12 +311,6 @@ class LatentShift(AnchoredModel):
                   rng: np.random.Generator, settings: PredictConfig) -> np.ndarray:
         """Decoded cells of a perturbation from control cells and the prior's (G,) shift."""
         return self.predicted_cells(controls, perturbation, context, shift, rng, settings)[1]
-
-    def control_embedding(self, controls: torch.Tensor) -> torch.Tensor:
-        """(n, G) control cells -> (n, G, 1): each gene's expression itself. The model reads a control
-        cell through a linear embedding of its expression (a PCA, or a foundation model's), so what
-        an adapter (:mod:`pertflow.adapt`) must align across datasets is each gene's values."""
-        return controls.unsqueeze(-1)
 
     def predicted_cells(self, controls: np.ndarray, perturbation: str, context: str, shift: np.ndarray,
                         rng: np.random.Generator, settings: PredictConfig) -> tuple[np.ndarray, np.ndarray]:
