@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import shutil
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -341,7 +342,7 @@ def learn_adapter(
     warn_if_untrusted(support)
     by_context, context_mmd = {}, {}
     if config.per_context:
-        by_context, context_mmd = fit_per_context(model, sources, target, config, own_contexts)
+        by_context, context_mmd = fit_per_context(model, target, config, own_contexts)
         info["pooled_contexts"] = pooled_contexts
     return Adapter(list(model.genes), fit.transport, config, fit.history, info, fit.kept_step, fit.mmd_before,
                    fit.mmd_after, support, by_context, context_mmd)
@@ -358,24 +359,22 @@ def context_folders(folder: str | Path) -> list[Path]:
     return [folder / c["folder"] for c in named if (folder / c["folder"]).is_dir()]
 
 
-def control_counts(data: PerturbationData, contexts: Sequence[str] | None) -> dict[str, int]:
-    """Control cells of each context of ``data`` (of ``contexts`` only, when given)."""
-    labels, counts = np.unique(np.asarray(data.contexts)[data.is_control].astype(str), return_counts=True)
-    return {str(c): int(n) for c, n in zip(labels, counts) if not contexts or c in contexts}
-
-
 def contexts_of_their_own(sources: list[PerturbationData], target: PerturbationData, config: AdapterConfig,
                           source_contexts: Sequence[str] | None, target_contexts: Sequence[str] | None,
-                          ) -> tuple[list[str], list[str]]:
+                          ) -> tuple[dict[str, list[PerturbationData]], list[str]]:
     """The target contexts that get a transport of their own (``per_context``: named by the
-    source too, with at least ``min_context_cells`` control cells on each side) and those left to
-    the pooled one. No context named alike by both files is an error naming both files' labels
-    (raised before anything is fitted)."""
-    on_target = control_counts(target, target_contexts)
-    on_source: dict[str, int] = {}
-    for data in sources:
-        for context, n in control_counts(data, source_contexts).items():
-            on_source[context] = on_source.get(context, 0) + n
+    source too, with at least ``min_context_cells`` control cells on each side), each with the
+    source files that hold its controls, and the target contexts left to the pooled one. No
+    context named alike by both files is an error naming both files' labels (raised before
+    anything is fitted)."""
+    def counts(data: PerturbationData, contexts: Sequence[str] | None) -> dict[str, int]:
+        return {c: n for c, n in data.control_cells_by_context().items() if not contexts or c in contexts}
+
+    on_target = counts(target, target_contexts)
+    by_source = [counts(data, source_contexts) for data in sources]
+    on_source: Counter[str] = Counter()
+    for held in by_source:
+        on_source.update(held)
     shared = sorted(set(on_target) & set(on_source))
     if not shared:
         raise InputError(
@@ -383,23 +382,24 @@ def contexts_of_their_own(sources: list[PerturbationData], target: PerturbationD
             f"{sorted(on_target)[:10]}, the source's of {sorted(on_source)[:10]}. Relabel one file's context column "
             "to match the other's, or learn one pooled transport (leave out --per-context)."
         )
-    own = [c for c in shared if min(on_target[c], on_source[c]) >= config.min_context_cells]
+    own = {c: [data for data, held in zip(sources, by_source) if c in held]
+           for c in shared if min(on_target[c], on_source[c]) >= config.min_context_cells}
     return own, sorted(set(on_target) - set(own))
 
 
-def fit_per_context(model: PerturbationModel, sources: list[PerturbationData], target: PerturbationData,
-                    config: AdapterConfig, contexts: list[str],
+def fit_per_context(model: PerturbationModel, target: PerturbationData, config: AdapterConfig,
+                    contexts: dict[str, list[PerturbationData]],
                     ) -> tuple[dict[str, Transport], dict[str, tuple[float, float]]]:
-    """One transport per context of ``contexts`` (:func:`contexts_of_their_own`), fitted on that
-    context's control cells of both sides; returns the transports and each one's held-out MMD
-    before and after. Each context draws its cells with its own generator (seeded by the seed
-    and its name), so that its transport does not depend on the other contexts."""
+    """One transport per context of ``contexts`` (:func:`contexts_of_their_own`: each with the
+    source files holding its controls), fitted on that context's control cells of both sides;
+    returns the transports and each one's held-out MMD before and after. Each context draws its
+    cells with its own generator (seeded by the seed and its name), so that its transport does
+    not depend on the other contexts."""
     device = inference_device()
     by_context: dict[str, Transport] = {}
     context_mmd: dict[str, tuple[float, float]] = {}
-    for context in contexts:
+    for context, holders in contexts.items():
         rng = np.random.default_rng([config.seed, zlib.crc32(context.encode())])
-        holders = [data for data in sources if context in control_counts(data, [context])]
         source_x = read_controls(holders, model.genes, [context], config.max_cells, rng)
         target_x = read_controls([target], model.genes, [context], config.max_cells, rng)
         fit = fit_transport(model.control_embedding, torch.from_numpy(source_x).to(device),

@@ -471,12 +471,16 @@ class PerturbationData:
         return source
 
     # ------------------------------------------------------------------ description
+    def control_cells_by_context(self) -> dict[str, int]:
+        """Control cells of each context that has any, most first."""
+        counts = pd.Series(self.contexts[self.is_control]).value_counts()
+        return {str(k): int(v) for k, v in counts.items()}
+
     def summary(self) -> dict[str, Any]:
         """What ``pertflow inspect`` prints: spec, evidence and counts."""
         pert = pd.Series(self.perturbations[~self.is_control]).value_counts()
         combos = [p for p in pert.index if len(self.components(p)) > 1]
         contexts = pd.Series(self.contexts).value_counts()
-        ctrl_by_context = pd.Series(self.contexts[self.is_control]).value_counts()
         return {
             "file": str(self.path) if self.path else None,
             "cells": self.n_cells,
@@ -490,7 +494,7 @@ class PerturbationData:
                 + (" on disk" if self.source.on_disk else ""),
             },
             "control_cells": int(self.is_control.sum()),
-            "control_cells_by_context": {str(k): int(v) for k, v in ctrl_by_context.items()},
+            "control_cells_by_context": self.control_cells_by_context(),
             "perturbations": {str(k): int(v) for k, v in pert.items()},
             "n_perturbations": int(len(pert)),
             "n_combinations": len(combos),
