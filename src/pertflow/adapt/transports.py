@@ -334,16 +334,15 @@ class QuantileTransport(Transport):
             if len(knots) < 2:  # no scale to read it on
                 out[:, g] = values
                 continue
-            if np.isnan(self.target_positive[g]).any():
-                beyond = values > knots[-1]  # below the source's top: the target's 0
-                out[beyond, g] = np.clip(values[beyond] + offset, 0, None)
-                continue
-            u = np.interp(values, knots, mid)
-            z = self.target_zero[g]
-            above = (u > z) & (values > 0)  # nothing expressed on the source's scale is nothing on the target's
-            out[above, g] = np.interp((u[above] - z) / max(1 - z, 1e-12), self.grid, self.target_positive[g])
+            expressed = not np.isnan(self.target_positive[g]).any()
+            if expressed:  # else below the source's top is the target's 0
+                u = np.interp(values, knots, mid)
+                z = self.target_zero[g]
+                above = (u > z) & (values > 0)  # nothing expressed on the source's scale is nothing on the target's
+                out[above, g] = np.interp((u[above] - z) / max(1 - z, 1e-12), self.grid, self.target_positive[g])
+            target_top = self.target_positive[g, -1] if expressed else knots[-1] + offset
             beyond = values > knots[-1]
-            out[beyond, g] = self.target_positive[g, -1] + values[beyond] - knots[-1]
+            out[beyond, g] = np.maximum(target_top + values[beyond] - knots[-1], 0)
         return out
 
     def save(self, folder: Path, genes: list[str]) -> None:
