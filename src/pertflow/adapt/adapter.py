@@ -134,7 +134,7 @@ class Adapter:
 
     def transport_for(self, context: str | None) -> Transport:
         """The transport of a target context's cells: its own where it has one, else the pooled one."""
-        return self.by_context.get(context, self.transport) if context is not None else self.transport
+        return self.by_context.get(context, self.transport)
 
     def apply(self, controls: np.ndarray, context: str | None = None) -> np.ndarray:
         """(n, G) log1p expression on :attr:`genes` of cells of ``context`` (a target context

@@ -138,9 +138,8 @@ def predict_split(
 
     def to_file(pred: np.ndarray, own: np.ndarray, controls: np.ndarray, context: str) -> np.ndarray:
         if shift_back and control_map is not None:
-            change = pred - controls
-            if control_unmap is not None:  # read on the data's scale
-                change = control_unmap(pred, context) - control_unmap(controls, context)
+            change = (pred - controls if control_unmap is None  # read on the data's scale where it can be
+                      else control_unmap(pred, context) - control_unmap(controls, context))
             pred = own + change
         cells = np.empty_like(pred, dtype=np.float32)
         cells[:, to_model] = np.clip(pred, 0, None)
