@@ -39,10 +39,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pertflow import api
+from pertflow.benchmark import write_manifest
 from pertflow.errors import InputError
 from pertflow.eval import metric_direction
 from pertflow.io import write_text
-from pertflow.benchmark import write_manifest
 from pertflow.runtime import available_cores, set_threads
 
 KANG = "kang18_pbmc_ifnb.h5ad"
