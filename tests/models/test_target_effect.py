@@ -5,14 +5,23 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import make_split
 from pertflow.data.view import SplitView
 from pertflow.models.base import PerturbationModel
+from pertflow.models.cfm.config import CFMConfig
+from pertflow.models.cfm.model import CFM
+from pertflow.models.cfmvc.config import CFMVCConfig
+from pertflow.models.cfmvc.model import CFMVC
+from pertflow.models.config import PredictConfig
 from pertflow.models.inner_split import inner_split
+from pertflow.models.latent_shift.config import LatentShiftConfig
+from pertflow.models.latent_shift.model import LatentShift
 from pertflow.models.prior import Prior
 from pertflow.models.target_effect import TargetEffect
+from pertflow.train import TrainConfig
 
 N_GENES, MODULE, COMMON_GENE = 30, range(0, 8), 29
 TRAINED = ["G00", "G01", "G02", "G10", "G11", "G12", "G13", "G14", "G15", "G16"]
@@ -113,3 +122,80 @@ def test_validation_holds_out_measured_targets_when_the_test_asks_for_measured_t
     enhancer_test = SplitView(data, make_split(data, "perturbations", test_perturbations=["enh1"]))
     drawn = {p for seed in range(12) for p in inner_split(enhancer_test, "auto", n_held_out=3, seed=seed).held_out}
     assert drawn & set(ENHANCERS) and drawn & set(TRAINED)
+
+
+def test_latent_shift_chooses_its_descriptor_on_held_out_perturbations(screen, tmp_path):
+    """``descriptor: auto``: one predictor per descriptor, scored on validation's held-out training
+    perturbations; the one kept is the predictor a run with that descriptor alone trains."""
+    tiny = dict(n_components=8, hidden=32, decoder_hidden=32, decoder_steps=40, groups_per_step=4, prior="mean",
+                validation_held_out=3)
+    short = TrainConfig(max_steps=40, batch_size=32, val_every=40, checkpoint_every=40, progress=False)
+    auto = LatentShift.from_view(screen, LatentShiftConfig(descriptor="auto", **tiny))
+    auto.fit(screen, short, tmp_path / "auto")
+    report = auto.fit_report["descriptor"]
+    assert report["candidates"] == ["onehot", "gene"]
+    assert report["chosen"] == max(report["candidates"], key=lambda k: report["scores"][k]["score"])
+    assert all((tmp_path / "auto" / "checkpoints" / f"predictor-{k}").is_dir() for k in report["candidates"])
+    alone = LatentShift.from_view(screen, LatentShiftConfig(descriptor=report["chosen"], **tiny))
+    alone.fit(screen, short, tmp_path / "alone")
+    controls = screen.data.log_expression(screen.control_rows("K562")[:50])
+    for model in (auto, alone):
+        model.prediction_mode = "flow"
+    np.testing.assert_allclose(auto.generate(controls, "G04", "K562", np.random.default_rng(0)),
+                               alone.generate(controls, "G04", "K562", np.random.default_rng(0)), atol=1e-5)
+    auto.save(tmp_path / "saved")
+    again = PerturbationModel.load(tmp_path / "saved")
+    assert again.descriptor_kind == report["chosen"] and again.descriptors.names == auto.descriptors.names
+
+
+def test_latent_shift_auto_keeps_onehot_where_every_test_component_is_trained(synthetic_adata, tmp_path):
+    data = PerturbationData.from_anndata(synthetic_adata)
+    view = SplitView(data, make_split(data, "random", test_fraction=0.25))
+    model = LatentShift.from_view(view, LatentShiftConfig(n_components=8, hidden=32, decoder_hidden=32,
+                                                          decoder_steps=20, descriptor="auto"))
+    model.fit(view, TrainConfig(max_steps=10, batch_size=16, val_every=10, checkpoint_every=10, progress=False),
+              tmp_path)
+    assert model.descriptor_kind == "onehot" and "descriptor" not in model.fit_report
+    assert not (tmp_path / "checkpoints" / "predictor-gene").exists()
+
+
+def test_cfm_chooses_its_descriptor_and_a_gene_descriptor_run_loads(screen, tmp_path):
+    """cfm with ``descriptor: auto``: one network per descriptor on the inner split, the best on
+    held-out perturbations kept; a run with the gene descriptor (PCA loadings of the training
+    cells) predicts the same once loaded."""
+    tiny = dict(d_model=16, n_heads=2, n_layers=1, genes_per_step=30, dropout=0.0, source="control",
+                prior="mean", validation_held_out=3)
+    short = TrainConfig(max_steps=6, batch_size=16, val_every=3, checkpoint_every=3, val_batches=1, progress=False)
+    few = PredictConfig(ode_steps=2, ode_method="euler")
+    auto = CFM.from_view(screen, CFMConfig(descriptor="auto", **tiny), few)
+    auto.fit(screen, short, tmp_path / "auto")
+    report = auto.fit_report["descriptor"]
+    assert report["candidates"] == ["onehot", "gene"] and auto.descriptor_kind == report["chosen"]
+    assert report["chosen"] == max(report["candidates"], key=lambda k: report["scores"][k]["score"])
+    gene = CFM.from_view(screen, CFMConfig(descriptor="gene", **tiny), few)
+    gene.fit(screen, short, tmp_path / "gene")
+    descriptors = gene.module.perturbation_encoder.descriptors
+    assert descriptors.shape[0] == len(gene.vocab) and descriptors.abs().sum() > 0
+    assert torch.count_nonzero(descriptors[gene.vocab.id_of("G04")]) > 0  # an unseen target has a vector
+    gene.save(tmp_path / "saved")
+    again = PerturbationModel.load(tmp_path / "saved")
+    assert again.descriptor_kind == "gene"
+    controls = screen.data.log_expression(screen.control_rows("K562")[:20])
+    np.testing.assert_allclose(again.generate(controls, "G04", "K562", np.random.default_rng(0)),
+                               gene.generate(controls, "G04", "K562", np.random.default_rng(0)), atol=1e-5)
+
+
+def test_cfmvc_reads_an_unseen_measured_target_through_its_gene_descriptor(screen, tmp_path):
+    tiny = dict(n_latent=4, n_tech=2, hidden=16, n_layers=1, dropout=0.0, flow_hidden=16, flow_layers=1, d_context=8,
+                n_basis=2, vae_steps=4, prior="none", validation="cells")
+    short = TrainConfig(max_steps=4, batch_size=16, val_every=2, checkpoint_every=2, val_batches=1, progress=False)
+    onehot = CFMVC.from_view(screen, CFMVCConfig(**tiny))
+    assert onehot.known_components("G04") == ["<unk>"]  # never trained, no descriptor
+    model = CFMVC.from_view(screen, CFMVCConfig(descriptor="gene", **tiny), PredictConfig(ode_steps=2))
+    model.fit(screen, short, tmp_path / "run")
+    assert model.known_components("G04") == ["G04"] and model.unread_components("enh9") == ["enh9"]
+    model.save(tmp_path / "saved")
+    again = PerturbationModel.load(tmp_path / "saved")
+    controls = screen.data.log_expression(screen.control_rows("K562")[:20])
+    np.testing.assert_allclose(again.generate(controls, "G04", "K562", np.random.default_rng(0)),
+                               model.generate(controls, "G04", "K562", np.random.default_rng(0)), atol=1e-4)

@@ -59,11 +59,19 @@ class FlowConfig(AnchoredConfig, FlowPathConfig):
         Share of training batches whose perturbation is replaced by ``<unk>``, so that a
         perturbation never seen in training (and without a descriptor) gets the typical
         response instead of an untrained embedding.
+    descriptor
+        What the network reads of a perturbation's component besides the data's descriptors
+        (:mod:`pertflow.models.descriptor_choice`): ``onehot``, its own token (a gene-space
+        flow's gene token is shared with expression); ``gene``, also the target gene's loadings
+        in a PCA of the training cells; ``auto``, the one that scores best on held-out training
+        perturbations where the test asks for unseen ones (the network trained once per
+        descriptor), else ``onehot``.
     """
 
     source: FlowSourceName = "noise"
     max_components: int = 2
     unknown_perturbation_p: float = 0.1
+    descriptor: Literal["onehot", "gene", "auto"] = "onehot"
 
     def __post_init__(self) -> None:
         super().__post_init__()

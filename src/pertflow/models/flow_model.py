@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from pertflow.models.anchored import AnchoredNetwork
+from pertflow.models.descriptor_choice import ChoosesDescriptor
 from pertflow.models.flow import flow_matching
 from pertflow.models.network import frozen
 
 
-class GeneFlowModel(AnchoredNetwork):
+class GeneFlowModel(ChoosesDescriptor, AnchoredNetwork):
     """A flow network over genes anchored on a baseline (see the module docstring).
 
     Its network's ``control_embedding(control (n, G)) -> (n, G, d)`` gives the tokens it reads
@@ -42,9 +43,10 @@ class GeneFlowModel(AnchoredNetwork):
 
     def network_inputs(self) -> dict[str, Any]:
         """What a :class:`~pertflow.models.flow.GeneFlowNetwork` is built from besides its config:
-        the flow matching and the vocabulary's genes, special tokens and descriptors (keywords)."""
+        the flow matching and the vocabulary's genes, special tokens and descriptors (keywords;
+        :meth:`~pertflow.models.descriptor_choice.ChoosesDescriptor.descriptor_matrix`)."""
         vocab = self.vocab
-        descriptors = vocab.descriptor_matrix()
+        descriptors = self.descriptor_matrix()
         return {
             "flow": flow_matching(self.config),
             "gene_tokens": torch.from_numpy(vocab.gene_ids(vocab.expression_genes)),

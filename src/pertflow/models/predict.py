@@ -214,9 +214,9 @@ def unread_note(pred: ad.AnnData, shown: int = 5) -> str | None:
     more = f" and {len(pairs) - shown} more" if len(pairs) > shown else ""
     return (f"{len(pairs)} test perturbation(s) hold components the model was never trained on and has no "
             f"descriptor for, predicted as 'some perturbation': {', '.join(pairs[:shown])}{more} "
-            "(uns['pertflow_unread']). Descriptor vectors give a model something to read: latent-shift's "
-            "model.descriptor=gene or file, or the data's descriptors in uns (data spec descriptors_key) for the "
-            "token-reading models.")
+            "(uns['pertflow_unread']). Descriptor vectors give a model something to read: model.descriptor=gene "
+            "(a target that is a measured gene), latent-shift's model.descriptor=file, or the data's descriptors in "
+            "uns (data spec descriptors_key) for the token-reading models.")
 
 
 def shift_intervals(cells: np.ndarray, control_mean: np.ndarray, level: float, n_bootstrap: int,

@@ -40,6 +40,7 @@ from pertflow.models.config import PredictConfig
 from pertflow.models.latent_shift.model import LatentCells, LatentShift
 from pertflow.models.latent_shift.predictors import FlowPredictor
 from pertflow.models.latent_shift.training import stage_dir
+from pertflow.models.validation import ValidationSet
 from pertflow.train.config import TrainConfig, stage_config
 
 EXPRESSION_PREFIX = "expression."
@@ -62,9 +63,11 @@ class CellCascade(LatentShift, variant=True):
         return "the cascade (latent flow, then expression flow)"
 
     # ------------------------------------------------------------------ fitting
-    def fit_networks(self, view: SplitView, latent: LatentCells, train_config: TrainConfig, run_dir: Path) -> None:
-        """Stage 1 (decoder and latent predictor), then stage 2, the expression flow."""
-        super().fit_networks(view, latent, train_config, run_dir)
+    def fit_networks(self, view: SplitView, latent: LatentCells, train_config: TrainConfig, run_dir: Path,
+                     validation: ValidationSet | None = None) -> None:
+        """Stage 1 (decoder and latent predictor, its descriptor chosen on stage 1's decoded
+        cells), then stage 2, the expression flow."""
+        super().fit_networks(view, latent, train_config, run_dir, validation)
         self.fit_expression_flow(view, latent, train_config, run_dir)
 
     def build_expression_flow(self, train_config: TrainConfig | None = None) -> FlowPredictor:

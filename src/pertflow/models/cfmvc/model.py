@@ -46,6 +46,7 @@ from pertflow.models.cfmvc.module import (
     CFMVCModule,
 )
 from pertflow.models.config import PredictConfig
+from pertflow.models.descriptor_choice import ChoosesDescriptor
 from pertflow.models.flow import flow_matching
 from pertflow.models.anchored import AnchoredNetwork
 from pertflow.models.network import frozen, inference_device
@@ -65,11 +66,12 @@ class RowTable:
         return self.table[np.asarray(rows)]
 
 
-class CFMVC(ReadsControlExpression, AnchoredNetwork):
+class CFMVC(ReadsControlExpression, ChoosesDescriptor, AnchoredNetwork):
     """CFM-VC (SPEC 2.4); see the module docstring and :mod:`pertflow.models.cfmvc.module`."""
 
     name = "cfmvc"
     config_class = CFMVCConfig
+    descriptor_buffer = "context_encoder.descriptors"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -97,14 +99,16 @@ class CFMVC(ReadsControlExpression, AnchoredNetwork):
         return super().from_view(view, dataclasses.replace(config, **changes), predict_config)
 
     def build_module(self) -> CFMVCModule:
+        descriptors = self.descriptor_matrix()
         return CFMVCModule(self.config, flow_matching(self.config), len(self.genes), len(self.vocab), self.vocab.pad_id,
-                           self.vocab.unk_id, self.spec.target_sum)
+                           self.vocab.unk_id, self.spec.target_sum,
+                           None if descriptors is None else torch.from_numpy(descriptors))
 
     def known_components(self, perturbation: str) -> list[str]:
-        """Components as the flow reads them: one not trained on is ``<unk>`` (its multi-hot column was
-        never trained)."""
-        trained = set(self.trained_components)
-        return [c if c in trained else UNK for c in self.components(perturbation)]
+        """Components as the flow reads them: one neither trained on nor described is ``<unk>``
+        (its multi-hot column was never trained)."""
+        known = set(self.trained_components) | self.described_components()
+        return [c if c in known else UNK for c in self.components(perturbation)]
 
     # ------------------------------------------------------------------ covariates
     def covariate_table(self, view: SplitView) -> np.ndarray:

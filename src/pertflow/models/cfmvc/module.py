@@ -48,12 +48,20 @@ class ContextEncoder(nn.Module):
     """Perturbation (multi-hot over the vocabulary), batch, cell type and spatial coordinates ->
     (B, d). The perturbation's weights start at zero, so a token never trained adds nothing. The
     cell type is an embedding per context, or with ``summary_dim`` a linear map of a summary of
-    it (the context's mean control latent, see ``CFMVCConfig.context_from_controls``)."""
+    it (the context's mean control latent, see ``CFMVCConfig.context_from_controls``). Optional
+    descriptor vectors (V, D) of the tokens are summed over a combination's components, projected
+    and added (what an unseen component with a descriptor is read by)."""
 
-    def __init__(self, n_tokens: int, n_batch: int, n_context: int, spatial_dim: int, d: int, summary_dim: int = 0):
+    def __init__(self, n_tokens: int, n_batch: int, n_context: int, spatial_dim: int, d: int, summary_dim: int = 0,
+                 descriptors: Tensor | None = None):
         super().__init__()
         self.perturbation = nn.Linear(n_tokens, d, bias=False)
         nn.init.zeros_(self.perturbation.weight)
+        if descriptors is not None:
+            self.register_buffer("descriptors", descriptors.float())
+            self.descriptor_proj = nn.Linear(descriptors.shape[1], d, bias=False)
+        else:
+            self.descriptors = None
         self.batch = nn.Embedding(n_batch, d)
         self.context = nn.Linear(summary_dim, d) if summary_dim else nn.Embedding(n_context, d)
         self.spatial = nn.Linear(spatial_dim, d) if spatial_dim else None
@@ -63,6 +71,8 @@ class ContextEncoder(nn.Module):
         """``context``: (B,) context indices, or (B, summary_dim) summaries for an encoder built with them."""
         context = self.context(context if isinstance(self.context, nn.Linear) else context.long())
         h = self.perturbation(multi_hot) + self.batch(batch_idx.long()) + context
+        if self.descriptors is not None:
+            h = h + self.descriptor_proj(multi_hot @ self.descriptors)
         if self.spatial is not None and spatial is not None:
             h = h + self.spatial(spatial.float())
         return self.mlp(h)
@@ -108,7 +118,7 @@ class CFMVCModule(nn.Module):
     """
 
     def __init__(self, config: CFMVCConfig, flow: FlowMatching, n_genes: int, n_tokens: int, pad_id: int, unk_id: int,
-                 target_sum: float):
+                 target_sum: float, descriptors: Tensor | None = None):
         super().__init__()
         self.config, self.flow = config, flow
         self.n_tokens, self.pad_id, self.unk_id = n_tokens, pad_id, unk_id
@@ -117,7 +127,7 @@ class CFMVCModule(nn.Module):
         self.vae = CountVAE(n_genes, n_batch, n_context, config.n_latent, config.n_tech, config.hidden, config.n_layers,
                             config.dropout)
         self.context_encoder = ContextEncoder(n_tokens, n_batch, n_context, config.spatial_dim, config.d_context,
-                                              config.n_latent if config.context_from_controls else 0)
+                                              config.n_latent if config.context_from_controls else 0, descriptors)
         self.field = LatentVelocity(config.n_latent, config.d_context, config.flow_hidden, config.flow_layers,
                                     config.n_basis)
         # per context: log-library location and scale (count samples), the control cells' latent

@@ -41,8 +41,15 @@ class LatentShiftConfig(AnchoredConfig, FlowPathConfig):
         ``gene`` (the target gene's PCA loadings, or its scGPT gene embedding with ``embedding:
         scgpt``) or ``file`` (vectors keyed by component name, ``descriptor_file``, or the data
         spec's descriptors when no file is named). A combination is the sum of its components.
+        ``auto``: where the test asks for components no training cell has (unseen
+        perturbations), one predictor per descriptor at hand (``onehot``, ``gene`` unless the
+        embedding is ``cfm-vc``, ``file`` where vectors are given) is trained on the inner split,
+        and the one whose cells score best on its held-out perturbations is kept (the choice is
+        saved with the run, in the fit report's ``descriptor``); elsewhere ``onehot``, which
+        names every trained component.
     descriptor_file
-        CSV / TSV / parquet / npz of descriptor vectors, the first column (or the index) the name.
+        CSV / TSV / parquet / npz of descriptor vectors, the first column (or the index) the name
+        (read with ``descriptor: file`` or ``auto``).
     center
         Work relative to the context: the predictor sees and predicts embeddings minus the mean
         embedding of the context's control cells (added back afterwards), so that a shift learnt
@@ -92,7 +99,7 @@ class LatentShiftConfig(AnchoredConfig, FlowPathConfig):
     scgpt_checkpoint: str | None = None
     scgpt_max_seq_len: int = 1200
     predictor: Literal["mlp", "flow"] = "mlp"
-    descriptor: Literal["onehot", "gene", "file"] = "onehot"
+    descriptor: Literal["onehot", "gene", "file", "auto"] = "onehot"
     descriptor_file: str | None = None
     center: bool = True
     context_summary: bool = True
@@ -125,5 +132,5 @@ class LatentShiftConfig(AnchoredConfig, FlowPathConfig):
         if self.embedding == "scgpt" and not self.scgpt_checkpoint:
             raise ValueError("embedding 'scgpt' needs a scGPT folder: set model.scgpt_checkpoint=FOLDER (a public "
                              "scGPT model, or one made by `pertflow pretrain`)")
-        if self.descriptor_file is not None and self.descriptor != "file":
-            raise ValueError(f"descriptor_file is read with descriptor 'file', not '{self.descriptor}'")
+        if self.descriptor_file is not None and self.descriptor not in ("file", "auto"):
+            raise ValueError(f"descriptor_file is read with descriptor 'file' or 'auto', not '{self.descriptor}'")

@@ -45,6 +45,7 @@ from pertflow.eval import metrics as M
 from pertflow.flows import ot_permutation
 from pertflow.models.anchored import PRIOR_PREFIX, VALIDATION_SEED, AnchoredModel
 from pertflow.models.capabilities import ReadsControlExpression
+from pertflow.models import descriptor_choice
 from pertflow.models.config import PredictConfig
 from pertflow.models.latent_shift.config import LatentShiftConfig
 from pertflow.models.latent_shift.descriptors import DescriptorTable, build_descriptors
@@ -91,6 +92,7 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
         self.decoder: LatentDecoder | None = None
         self.predictor: LatentPredictor | None = None
         self.descriptors: DescriptorTable | None = None
+        self.descriptor_kind: str | None = None  # the descriptor the predictor was trained with
         self.context_means: dict[str, np.ndarray] = {}
         self.trained_components: list[str] = []
         self._own_predictor = False
@@ -123,14 +125,21 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
         docstring); ``resume`` is implied by the stages' checkpoint folders."""
         torch.manual_seed(train_config.seed)
         self.fit_embedding(view, train_config)
-        self.fit_networks(view, self.embed_visible(view), train_config, run_dir)
+        self.fit_networks(view, self.embed_visible(view), train_config, run_dir, validation)
         if validation is not None and len(validation):
             self.fit_report["val_knn_purity_latent"] = self.validation_knn_purity(validation)
 
-    def fit_networks(self, view: SplitView, latent: LatentCells, train_config: TrainConfig, run_dir: Path) -> None:
-        """The networks on the embedding of the visible cells: the decoder, then the predictor."""
+    def fit_networks(self, view: SplitView, latent: LatentCells, train_config: TrainConfig, run_dir: Path,
+                     validation: ValidationSet | None = None) -> None:
+        """The networks on the embedding of the visible cells: the decoder, then the predictor
+        (one per candidate descriptor with ``descriptor: auto``, the best on validation kept)."""
         self.fit_decoder(view, latent, train_config, run_dir)
-        self.fit_predictor(view, latent, train_config, run_dir)
+        kinds = self.descriptor_candidates(view, validation)
+        if len(kinds) == 1:
+            self.descriptor_kind = kinds[0]
+            self.fit_predictor(view, latent, train_config, run_dir)
+        else:
+            self.choose_descriptor(kinds, view, latent, train_config, run_dir, validation)
 
     def fit_embedding(self, view: SplitView, train_config: TrainConfig) -> None:
         """Stage 1: the embedding space, on the training cells."""
@@ -181,13 +190,47 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
     def _reconstruction_error(self, expression: np.ndarray, latent: np.ndarray) -> float:
         return float(np.mean((self.decoder.decode(latent) - expression) ** 2))
 
-    def fit_predictor(self, view: SplitView, latent: LatentCells, train_config: TrainConfig, run_dir: Path) -> None:
-        """Stage 4: descriptors, context summaries, training pairs, and the predictor on them."""
+    def descriptor_candidates(self, view: SplitView, validation: ValidationSet | None) -> list[str]:
+        """The descriptors to train a predictor with (:func:`pertflow.models.descriptor_choice.candidates`):
+        at hand are ``onehot``, ``gene`` where the embedding has gene vectors, ``file`` where a file
+        or the data's descriptors are given (only the config's with a predictor of one's own)."""
+        at_hand = ["onehot"]
+        if not self._own_predictor and self.embedding.kind != "cfm-vc":
+            at_hand.append("gene")
+        if not self._own_predictor and (self.config.descriptor_file is not None or view.vocab.descriptors is not None):
+            at_hand.append("file")
+        return descriptor_choice.candidates(self.config.descriptor, view, validation, self.descriptor_kind, at_hand)
+
+    def choose_descriptor(self, kinds: list[str], view: SplitView, latent: LatentCells, train_config: TrainConfig,
+                          run_dir: Path, validation: ValidationSet) -> None:
+        """One predictor per descriptor (each in ``checkpoints/predictor-<kind>``), scored on the
+        validation's held-out perturbations by its decoded cells (the prior's shift left out, as
+        for the prediction mode); the best is kept. A predictor seeds itself (the train config's
+        seed), so the one kept is the predictor a run with that descriptor alone trains."""
+
+        def fit_and_score(kind: str) -> tuple[Any, Any]:
+            self.descriptor_kind = kind
+            self.fit_predictor(view, latent, train_config, run_dir, stage=f"predictor-{kind}")
+            rng = np.random.default_rng(VALIDATION_SEED)
+            with torch.no_grad():
+                score = validation.score(lambda p, c, controls: self.predicted_cells(
+                    controls, p, c, self.prior.held_out_delta(p, c), rng, self.predict_config)[1])
+            return score, (self.predictor, self.descriptors, self.fit_report["predictor"])
+
+        self.descriptor_kind, kept, report = descriptor_choice.choose(kinds, fit_and_score, self.what)
+        self.predictor, self.descriptors, self.fit_report["predictor"] = kept
+        self.fit_report["descriptor"] = report
+
+    def fit_predictor(self, view: SplitView, latent: LatentCells, train_config: TrainConfig, run_dir: Path,
+                      stage: str = "predictor") -> None:
+        """Stage 4: descriptors (:attr:`descriptor_kind`), context summaries, training pairs, and
+        the predictor on them (trained in ``checkpoints/<stage>``)."""
         data = view.data
         if self.prior is None:
             self.prior = Prior.fit("none", view)
         self.trained_components = sorted({c for p in view.training_perturbations for c in data.components(p)})
-        self.descriptors = build_descriptors(self.config.descriptor, view, self.trained_components, self.embedding,
+        kind = self.descriptor_kind or ("onehot" if self.config.descriptor == "auto" else self.config.descriptor)
+        self.descriptors = build_descriptors(kind, view, self.trained_components, self.embedding,
                                              self.config.descriptor_file)
         visible_controls = view.visible[data.is_control[view.visible]]
         self.context_means = {ctx: latent.get(view.control_rows(ctx)).mean(0)
@@ -196,8 +239,8 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
         if not self._own_predictor:
             self.predictor = self.build_predictor(train_config)
         if isinstance(self.predictor, NetworkPredictor):
-            self.predictor.train(source, target, cov, groups=groups, run_dir=stage_dir(run_dir, "predictor"),
-                                 metadata={"model": self.name, "stage": "predictor", "genes": self.genes})
+            self.predictor.train(source, target, cov, groups=groups, run_dir=stage_dir(run_dir, stage),
+                                 metadata={"model": self.name, "stage": stage, "genes": self.genes})
             self.fit_report["predictor"] = dict(self.predictor.fit_report)
         else:
             self.predictor.train(source, target, cov)
@@ -387,6 +430,7 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
             **super().extra_state(),
             "embedding": self.embedding.extra_state(),
             "descriptors": self.descriptors.extra_state(),
+            "descriptor_kind": self.descriptor_kind,
             "contexts": sorted(self.context_means),
             "trained_components": self.trained_components,
         }
@@ -403,6 +447,7 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
         self.decoder.load_state_dict(part("decoder."))
         self.decoder.freeze()
         self.descriptors = DescriptorTable.from_state(extra["descriptors"], tensors)
+        self.descriptor_kind = extra.get("descriptor_kind", self.config.descriptor)  # not saved before 'auto'
         self.context_means = dict(zip(extra["contexts"], tensors["context_means"].numpy()))
         self.trained_components = list(extra["trained_components"])
         self.predictor = self.build_predictor()

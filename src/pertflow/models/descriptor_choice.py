@@ -1,0 +1,150 @@
+"""The perturbation descriptor of a trained model, chosen on validation (``descriptor: auto``).
+
+Every model that learns perturbations has a ``descriptor`` field with the same values:
+
+* ``onehot``: the component's own learnt vector (a one-hot coordinate for latent-shift, a token
+  embedding for the gene-space flows): it names a trained component and says nothing of an
+  unseen one;
+* ``gene``: the target gene's vector in a PCA of the training cells (its loadings: the genes it
+  co-varies with), for targets that are measured genes, so that an unseen target measured as a
+  gene has a vector of its own;
+* ``file``: vectors read from a file or the data's ``descriptors_key`` (latent-shift; the
+  gene-space flows always add the data's descriptors to their tokens);
+* ``auto``: where the test asks for components no training cell has (unseen perturbations,
+  :func:`~pertflow.models.inner_split.kind_of_test`), the model is trained once per descriptor at
+  hand on the inner split and the one whose cells score best on validation's held-out training
+  perturbations is kept (:func:`choose`); elsewhere ``onehot``, which already names every
+  component the test asks for.
+
+The choice, each candidate's score and why are saved in the fit report's ``descriptor``; a
+refit on every training cell uses the chosen descriptor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+
+from pertflow.data.view import SplitView
+from pertflow.eval import metrics as M
+from pertflow.models.inner_split import kind_of_test
+from pertflow.models.validation import ValidationScore, ValidationSet
+from pertflow.train.config import TrainConfig
+
+AUTO = "auto"
+#: principal components of the gene descriptor of the gene-space flows
+GENE_COMPONENTS = 50
+
+
+def candidates(asked: str, view: SplitView, validation: ValidationSet | None, chosen: str | None,
+               at_hand: list[str]) -> list[str]:
+    """The descriptors to train with: the config's (``asked``) one; with ``auto``, ``at_hand``
+    (``onehot`` first) where the test asks for unseen components and validation has groups, else
+    ``onehot``; on a refit (no ``validation``), the one ``chosen``."""
+    if asked != AUTO:
+        return [asked]
+    if validation is None:
+        return [chosen or "onehot"]
+    if len(at_hand) < 2 or not len(validation) or kind_of_test(view)[0] != "perturbations":
+        return ["onehot"]
+    return at_hand
+
+
+def choose(kinds: list[str], fit_and_score: Callable[[str], tuple[ValidationScore, Any]],
+           what: str) -> tuple[str, Any, dict[str, Any]]:
+    """Fit one model per descriptor (``fit_and_score(kind)`` -> its validation score and what to
+    keep of it) and return the best kind (the first on a tie), what was kept of it, and the
+    report."""
+    kept, scores = {}, {}
+    for kind in kinds:
+        score, kept[kind] = fit_and_score(kind)
+        scores[kind] = {k: round(v, 4) for k, v in score.as_dict("").items()}
+    best = max(kinds, key=lambda k: scores[k]["score"])
+    return best, kept[best], {
+        "chosen": best, "candidates": kinds, "scores": scores,
+        "reason": f"{what}'s cells of the validation's held-out perturbations scored best with the '{best}' descriptor"}
+
+
+def gene_loadings(view: SplitView, tokens: list[str], n_components: int = GENE_COMPONENTS,
+                  seed: int = 0) -> np.ndarray:
+    """(len(tokens), k) each token's loadings in a PCA of the training cells' log1p expression
+    (rows of zeros for a token that is not an expression gene), scaled so that a typical measured
+    gene's vector has norm 1."""
+    train = view.rows.train
+    pca = M.fit_pca(view.expression.get(train), n_components, max_cells=20_000, seed=seed)
+    loadings = np.asarray(pca.components, dtype=np.float32).T  # (G, k)
+    position = {g: i for i, g in enumerate(view.vocab.expression_genes)}
+    out = np.zeros((len(tokens), loadings.shape[1]), np.float32)
+    for row, token in enumerate(tokens):
+        if token in position:
+            out[row] = loadings[position[token]]
+    norms = np.linalg.norm(out, axis=1)
+    scale = float(np.sqrt(np.mean(norms[norms > 0] ** 2))) if np.any(norms > 0) else 1.0
+    return out / scale
+
+
+class ChoosesDescriptor:
+    """The descriptor of an anchored network model (:class:`~pertflow.models.anchored.AnchoredNetwork`)
+    whose ``build_module`` reads :meth:`descriptor_matrix`: the gene-space flows' perturbation
+    encoder, CFM-VC's condition. ``descriptor_buffer`` names the network's buffer that holds the
+    matrix (how a saved run's gene loadings are found again); the config has ``descriptor``.
+    """
+
+    descriptor_buffer: ClassVar[str] = "perturbation_encoder.descriptors"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.descriptor_kind: str | None = None  # the descriptor the network was trained with
+        self.gene_descriptors: np.ndarray | None = None  # (V, k) with 'gene': each token's PCA loadings
+        super().__init__(*args, **kwargs)
+
+    def descriptor_matrix(self) -> np.ndarray | None:
+        """(V, D) the vector of every token the network reads beside its own: the data's
+        descriptors, then with ``gene`` the loadings; None when there are neither."""
+        parts = [m for m in (self.vocab.descriptor_matrix(), self.gene_descriptors) if m is not None]
+        return np.concatenate(parts, axis=1) if parts else None
+
+    def described_components(self) -> set[str]:
+        """Components with a descriptor vector (the data's; with ``gene`` every expression gene)."""
+        described = set() if self.vocab.descriptors is None else set(map(str, self.vocab.descriptors.index))
+        return described | (set(self.vocab.expression_genes) if self.gene_descriptors is not None else set())
+
+    def fit_anchored(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool,
+                     validation: ValidationSet | None) -> None:
+        """The network trained with the config's descriptor; with ``auto`` and a test of unseen
+        perturbations, once per descriptor (each in ``descriptor-<kind>``), the one whose own
+        cells score best on validation kept (see the module docstring)."""
+        kinds = candidates(self.config.descriptor, view, validation, self.descriptor_kind, ["onehot", "gene"])
+        if len(kinds) == 1:
+            self.use_descriptor(kinds[0], view)
+            super().fit_anchored(view, train_config, run_dir, resume, validation)
+            return
+
+        def fit_and_score(kind: str) -> tuple[ValidationScore, Any]:
+            self.use_descriptor(kind, view)
+            super(ChoosesDescriptor, self).fit_anchored(view, train_config, Path(run_dir) / f"descriptor-{kind}",
+                                                        resume, validation)
+            return self.validation_score(validation), (self.module, self.gene_descriptors, self.fit_report)
+
+        self.descriptor_kind, kept, report = choose(kinds, fit_and_score, self.what)
+        self.module, self.gene_descriptors, self.fit_report = kept
+        self.fit_report["descriptor"] = report
+
+    def use_descriptor(self, kind: str, view: SplitView) -> None:
+        """Read perturbations with descriptor ``kind`` (``gene``: loadings fitted on ``view``'s
+        training cells); the network built next reads them."""
+        self.descriptor_kind = kind
+        self.gene_descriptors = gene_loadings(view, self.vocab.tokens) if kind == "gene" else None
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "descriptor_kind": self.descriptor_kind}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        self.descriptor_kind = extra.get("descriptor_kind")  # None: saved before descriptors were chosen
+        if self.descriptor_kind == "gene":  # the loadings are the network's descriptors after the data's
+            data_width = 0 if self.vocab.descriptors is None else self.vocab.descriptors.shape[1]
+            self.gene_descriptors = tensors[self.descriptor_buffer].numpy()[:, data_width:].copy()
+            self.module = self.build_module()
+        super().load_state(tensors, extra)
