@@ -130,12 +130,14 @@ def test_latent_shift_chooses_its_descriptor_on_held_out_perturbations(screen, t
     tiny = dict(n_components=8, hidden=32, decoder_hidden=32, decoder_steps=40, groups_per_step=4, prior="mean",
                 validation_held_out=3)
     short = TrainConfig(max_steps=40, batch_size=32, val_every=40, checkpoint_every=40, progress=False)
-    auto = LatentShift.from_view(screen, LatentShiftConfig(descriptor="auto", **tiny))
+    auto = LatentShift.from_view(screen, LatentShiftConfig(descriptor="auto", descriptor_rotations=2, **tiny))
     auto.fit(screen, short, tmp_path / "auto")
     report = auto.fit_report["descriptor"]
-    assert report["candidates"] == ["onehot", "gene"]
+    assert report["candidates"] == ["onehot", "gene"] and report["inner_splits"] == 2
     assert report["chosen"] == max(report["candidates"], key=lambda k: report["scores"][k]["score"])
-    assert all((tmp_path / "auto" / "checkpoints" / f"predictor-{k}").is_dir() for k in report["candidates"])
+    for kind in report["candidates"]:  # the first inner split's predictor, and the second's
+        assert (tmp_path / "auto" / "checkpoints" / f"predictor-{kind}").is_dir()
+        assert (tmp_path / "auto" / "checkpoints" / f"predictor-{kind}-rotation1").is_dir()
     alone = LatentShift.from_view(screen, LatentShiftConfig(descriptor=report["chosen"], **tiny))
     alone.fit(screen, short, tmp_path / "alone")
     controls = screen.data.log_expression(screen.control_rows("K562")[:50])

@@ -14,7 +14,9 @@ Every model that learns perturbations has a ``descriptor`` field with the same v
   :func:`~pertflow.models.inner_split.kind_of_test`), the model is trained once per descriptor at
   hand on the inner split and the one whose cells score best on validation's held-out training
   perturbations is kept (:func:`choose`); elsewhere ``onehot``, which already names every
-  component the test asks for.
+  component the test asks for. One inner split holds out few perturbations (tapseq: 2 of 8
+  targets); latent-shift's ``descriptor_rotations`` scores each descriptor on more inner splits
+  (:func:`rotations`), at one more predictor training per split and descriptor.
 
 The choice, each candidate's score and why are saved in the fit report's ``descriptor``; a
 refit on every training cell uses the chosen descriptor.
@@ -30,7 +32,7 @@ import torch
 
 from pertflow.data.view import SplitView
 from pertflow.eval import metrics as M
-from pertflow.models.inner_split import kind_of_test
+from pertflow.models.inner_split import inner_split, kind_of_test
 from pertflow.models.validation import ValidationScore, ValidationSet
 from pertflow.train.config import TrainConfig
 
@@ -51,6 +53,28 @@ def candidates(asked: str, view: SplitView, validation: ValidationSet | None, ch
     if len(at_hand) < 2 or not len(validation) or kind_of_test(view)[0] != "perturbations":
         return ["onehot"]
     return at_hand
+
+
+def rotations(view: SplitView, validation: ValidationSet, n: int) -> list[tuple[SplitView, ValidationSet]]:
+    """The inner split a model is fitted on (``view``, ``validation``) and ``n - 1`` more, each
+    holding out as many other training singles of ``view`` (seeds 1, 2, ...; nested: the first
+    split's held-out perturbations stay out), so that a choice is judged on more held-out
+    perturbations than one split has. A rotation that holds nothing out is left out."""
+    out = [(view, validation)]
+    data = view.data
+    held = len({g.perturbation for g in validation.groups if len(data.components(g.perturbation)) == 1}) or 0
+    for seed in range(1, n):
+        inner = inner_split(view, "perturbations", held, seed)
+        if inner.held_out:
+            scored = ValidationSet(inner.view, seed=seed)
+            if len(scored):
+                out.append((inner.view, scored))
+    return out
+
+
+def mean_score(scores: list[ValidationScore]) -> ValidationScore:
+    return ValidationScore(*(float(np.mean([getattr(s, f) for s in scores]))
+                             for f in ("pearson_top20_de", "edistance", "score")))
 
 
 def choose(kinds: list[str], fit_and_score: Callable[[str], tuple[ValidationScore, Any]],

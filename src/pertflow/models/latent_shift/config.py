@@ -47,6 +47,10 @@ class LatentShiftConfig(AnchoredConfig, FlowPathConfig):
         and the one whose cells score best on its held-out perturbations is kept (the choice is
         saved with the run, in the fit report's ``descriptor``); elsewhere ``onehot``, which
         names every trained component.
+    descriptor_rotations
+        ``auto``: inner splits each descriptor is scored on (the mean ranks): the one the model is
+        fitted on and ``descriptor_rotations - 1`` more holding out other training perturbations
+        (their predictors cost one training each).
     descriptor_file
         CSV / TSV / parquet / npz of descriptor vectors, the first column (or the index) the name
         (read with ``descriptor: file`` or ``auto``).
@@ -100,6 +104,7 @@ class LatentShiftConfig(AnchoredConfig, FlowPathConfig):
     scgpt_max_seq_len: int = 1200
     predictor: Literal["mlp", "flow"] = "mlp"
     descriptor: Literal["onehot", "gene", "file", "auto"] = "onehot"
+    descriptor_rotations: int = 1
     descriptor_file: str | None = None
     center: bool = True
     context_summary: bool = True
@@ -120,7 +125,7 @@ class LatentShiftConfig(AnchoredConfig, FlowPathConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_at_least_one(self, "n_components", "vae_steps", "hidden", "n_layers", "groups_per_step",
+        require_at_least_one(self, "n_components", "vae_steps", "descriptor_rotations", "hidden", "n_layers", "groups_per_step",
                              "decoder_hidden", "decoder_layers", "decoder_steps", "decoder_batch_size")
         if self.scgpt_max_seq_len < 2:
             raise ValueError("scgpt_max_seq_len must be at least 2 (<cls> and one gene)")

@@ -205,21 +205,27 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
                           run_dir: Path, validation: ValidationSet) -> None:
         """One predictor per descriptor (each in ``checkpoints/predictor-<kind>``), scored on the
         validation's held-out perturbations by its decoded cells (the prior's shift left out, as
-        for the prediction mode); the best is kept. A predictor seeds itself (the train config's
-        seed), so the one kept is the predictor a run with that descriptor alone trains."""
+        for the prediction mode), and with ``descriptor_rotations`` on that many inner splits
+        (the others' predictors in ``predictor-<kind>-rotation<i>``; the embedding and decoder are
+        the first split's), the mean kept; the best is kept. A predictor seeds itself (the train
+        config's seed), so the one kept is the predictor a run with that descriptor alone trains."""
+        splits = descriptor_choice.rotations(view, validation, self.config.descriptor_rotations)
 
         def fit_and_score(kind: str) -> tuple[Any, Any]:
             self.descriptor_kind = kind
-            self.fit_predictor(view, latent, train_config, run_dir, stage=f"predictor-{kind}")
-            rng = np.random.default_rng(VALIDATION_SEED)
-            with torch.no_grad():
-                score = validation.score(lambda p, c, controls: self.predicted_cells(
-                    controls, p, c, self.prior.held_out_delta(p, c), rng, self.predict_config)[1])
-            return score, (self.predictor, self.descriptors, self.fit_report["predictor"])
+            scores = []
+            for i, (split_view, scored) in reversed(list(enumerate(splits))):  # the first split's, kept, last
+                self.fit_predictor(split_view, latent, train_config, run_dir,
+                                   stage=f"predictor-{kind}" + (f"-rotation{i}" if i else ""))
+                rng = np.random.default_rng(VALIDATION_SEED)
+                with torch.no_grad():
+                    scores.append(scored.score(lambda p, c, controls: self.predicted_cells(
+                        controls, p, c, self.prior.held_out_delta(p, c), rng, self.predict_config)[1]))
+            return descriptor_choice.mean_score(scores), (self.predictor, self.descriptors, self.fit_report["predictor"])
 
         self.descriptor_kind, kept, report = descriptor_choice.choose(kinds, fit_and_score, self.what)
         self.predictor, self.descriptors, self.fit_report["predictor"] = kept
-        self.fit_report["descriptor"] = report
+        self.fit_report["descriptor"] = {**report, "inner_splits": len(splits)}
 
     def fit_predictor(self, view: SplitView, latent: LatentCells, train_config: TrainConfig, run_dir: Path,
                       stage: str = "predictor") -> None:
