@@ -37,6 +37,8 @@ from pertflow.models.validation import ValidationScore, ValidationSet
 from pertflow.train.config import TrainConfig
 
 AUTO = "auto"
+#: validation scores closer than this are a tie (see :func:`choose`)
+TIE = 0.01
 #: principal components of the gene descriptor of the gene-space flows
 GENE_COMPONENTS = 50
 
@@ -80,13 +82,15 @@ def mean_score(scores: list[ValidationScore]) -> ValidationScore:
 def choose(kinds: list[str], fit_and_score: Callable[[str], tuple[ValidationScore, Any]],
            what: str) -> tuple[str, Any, dict[str, Any]]:
     """Fit one model per descriptor (``fit_and_score(kind)`` -> its validation score and what to
-    keep of it) and return the best kind (the first on a tie), what was kept of it, and the
-    report."""
+    keep of it) and return the best kind, what was kept of it, and the report. A kind within
+    :data:`TIE` of the best score counts as a tie, which the first (``onehot``) wins: CFM-VC's
+    two descriptors scored within 1e-4 of each other, and such a choice is noise."""
     kept, scores = {}, {}
     for kind in kinds:
         score, kept[kind] = fit_and_score(kind)
         scores[kind] = {k: round(v, 4) for k, v in score.as_dict("").items()}
-    best = max(kinds, key=lambda k: scores[k]["score"])
+    top = max(scores[k]["score"] for k in kinds)
+    best = next(k for k in kinds if scores[k]["score"] >= top - TIE)
     return best, kept[best], {
         "chosen": best, "candidates": kinds, "scores": scores,
         "reason": f"{what}'s cells of the validation's held-out perturbations scored best with the '{best}' descriptor"}
