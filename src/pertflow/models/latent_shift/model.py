@@ -221,7 +221,8 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
                 with torch.no_grad():
                     scores.append(scored.score(lambda p, c, controls: self.predicted_cells(
                         controls, p, c, self.prior.held_out_delta(p, c), rng, self.predict_config)[1]))
-            return descriptor_choice.mean_score(scores), (self.predictor, self.descriptors, self.fit_report["predictor"])
+            kept = (self.predictor, self.descriptors, self.fit_report["predictor"])
+            return descriptor_choice.mean_score(scores), kept
 
         self.descriptor_kind, kept, report = descriptor_choice.choose(kinds, fit_and_score, self.what)
         self.predictor, self.descriptors, self.fit_report["predictor"] = kept
