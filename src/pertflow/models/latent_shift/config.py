@@ -126,7 +126,8 @@ class LatentShiftConfig(AnchoredConfig, FlowPathConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require_at_least_one(self, "n_components", "vae_steps", "descriptor_rotations", "hidden", "n_layers",
-                             "groups_per_step", "decoder_hidden", "decoder_layers", "decoder_steps", "decoder_batch_size")
+                             "groups_per_step", "decoder_hidden", "decoder_layers", "decoder_steps",
+                             "decoder_batch_size")
         if self.scgpt_max_seq_len < 2:
             raise ValueError("scgpt_max_seq_len must be at least 2 (<cls> and one gene)")
         if self.mmd_weight < 0 or self.mean_weight < 0 or self.source_noise < 0 or self.decoder_lr <= 0:
