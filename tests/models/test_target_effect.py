@@ -215,3 +215,25 @@ def test_a_descriptor_choice_within_the_tie_goes_to_onehot():
     assert choose(["onehot", "gene"], scored({"onehot": -1.0, "gene": -0.995}), "it")[0] == "onehot"
     best, kept, report = choose(["onehot", "gene"], scored({"onehot": -1.0, "gene": -0.9}), "it")
     assert best == kept == "gene" and report["scores"]["gene"]["score"] == -0.9
+
+
+def test_cfmvc_reads_the_datas_descriptors_and_loads_a_run_saved_before_it_did(tmp_path):
+    adata = module_screen(enhancers=("enh1",))
+    names = ["enh1", *TRAINED, *UNSEEN]
+    adata.uns["desc"] = pd.DataFrame(np.random.default_rng(0).normal(size=(len(names), 3)), index=names)
+    data = PerturbationData.from_anndata(adata, descriptors_key="desc")
+    view = SplitView(data, make_split(data, "perturbations", test_perturbations=["enh1"]))
+    tiny = CFMVCConfig(n_latent=4, n_tech=2, hidden=16, n_layers=1, dropout=0.0, flow_hidden=16, flow_layers=1,
+                       d_context=8, n_basis=2, vae_steps=4, prior="none", validation="cells")
+    model = CFMVC.from_view(view, tiny, PredictConfig(ode_steps=2))
+    model.fit(view, TrainConfig(max_steps=4, batch_size=16, val_every=2, checkpoint_every=2, val_batches=1,
+                                progress=False), tmp_path)
+    assert model.known_components("enh1") == ["enh1"]  # never trained, but described
+    assert model.module.context_encoder.descriptors.shape == (len(model.vocab), 3)
+    # a run saved before CFM-VC read descriptors has no descriptor weights: it loads without them
+    tensors = {k: v for k, v in model.state_tensors().items() if not k.startswith("context_encoder.descriptor")}
+    old = CFMVC.from_view(view, tiny, PredictConfig(ode_steps=2))
+    old.load_state(tensors, model.extra_state())
+    assert old.module.context_encoder.descriptors is None and old.known_components("enh1") == ["<unk>"]
+    controls = data.log_expression(view.control_rows("K562")[:10])
+    assert np.isfinite(old.generate(controls, "G03", "K562", np.random.default_rng(0))).all()

@@ -126,17 +126,20 @@ class ChoosesDescriptor:
     def __init__(self, *args: Any, **kwargs: Any):
         self.descriptor_kind: str | None = None  # the descriptor the network was trained with
         self.gene_descriptors: np.ndarray | None = None  # (V, k) with 'gene': each token's PCA loadings
+        self.reads_data_descriptors = True  # False: a run saved before its network read the data's
         super().__init__(*args, **kwargs)
 
     def descriptor_matrix(self) -> np.ndarray | None:
         """(V, D) the vector of every token the network reads beside its own: the data's
         descriptors, then with ``gene`` the loadings; None when there are neither."""
-        parts = [m for m in (self.vocab.descriptor_matrix(), self.gene_descriptors) if m is not None]
+        data = self.vocab.descriptor_matrix() if self.reads_data_descriptors else None
+        parts = [m for m in (data, self.gene_descriptors) if m is not None]
         return np.concatenate(parts, axis=1) if parts else None
 
     def described_components(self) -> set[str]:
         """Components with a descriptor vector (the data's; with ``gene`` every expression gene)."""
-        described = set() if self.vocab.descriptors is None else set(map(str, self.vocab.descriptors.index))
+        data = self.vocab.descriptors if self.reads_data_descriptors else None
+        described = set() if data is None else set(map(str, data.index))
         return described | (set(self.vocab.expression_genes) if self.gene_descriptors is not None else set())
 
     def fit_anchored(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool,
@@ -174,5 +177,8 @@ class ChoosesDescriptor:
         if self.descriptor_kind == "gene":  # the loadings are the network's descriptors after the data's
             data_width = 0 if self.vocab.descriptors is None else self.vocab.descriptors.shape[1]
             self.gene_descriptors = tensors[self.descriptor_buffer].numpy()[:, data_width:].copy()
+            self.module = self.build_module()
+        elif self.descriptor_buffer not in tensors and self.descriptor_matrix() is not None:
+            self.reads_data_descriptors = False  # CFM-VC saved before its condition read descriptors
             self.module = self.build_module()
         super().load_state(tensors, extra)
