@@ -18,6 +18,7 @@ from pertflow.data.split_file import Split
 from pertflow.data.view import SplitView
 from pertflow.errors import InputError
 from pertflow.io import check_output, read_json, remove_outputs, write_json
+from pertflow.models.anchored import REFIT_DIR
 from pertflow.models.config import PredictConfig
 from pertflow.models.registry import model_class
 from pertflow.train.checkpoint import STAGES_DIR, holds_checkpoint
@@ -108,7 +109,7 @@ def split_of(data: DataArg | None, split: SplitArg) -> Split:
 RUN_FILE = "run.json"
 RUN_FILE_VERSION = 1
 # What `train` writes into a run folder: the folder holds a run when one of them is there.
-RUN_FILES = (RUN_FILE, "model.json", "model.safetensors", "checkpoints", "history.csv", STAGES_DIR)
+RUN_FILES = (RUN_FILE, "model.json", "model.safetensors", "checkpoints", "history.csv", STAGES_DIR, REFIT_DIR)
 
 
 def run_settings(out: Path, resume: bool, saved: dict[str, Any] | None, model: str | None, data: DataArg | None,

@@ -22,6 +22,7 @@ from pertflow.models.latent_shift.model import LatentShift
 from pertflow.models.prior import Prior
 from pertflow.models.target_effect import TargetEffect
 from pertflow.train import TrainConfig
+from pertflow.train.checkpoint import holds_checkpoint
 
 N_GENES, MODULE, COMMON_GENE = 30, range(0, 8), 29
 TRAINED = ["G00", "G01", "G02", "G10", "G11", "G12", "G13", "G14", "G15", "G16"]
@@ -174,6 +175,7 @@ def test_cfm_chooses_its_descriptor_and_a_gene_descriptor_run_loads(screen, tmp_
     auto.fit(screen, short, tmp_path / "auto")
     report = auto.fit_report["descriptor"]
     assert report["candidates"] == ["onehot", "gene"] and auto.descriptor_kind == report["chosen"]
+    assert holds_checkpoint(tmp_path / "auto")  # each candidate under stages/: resume and overwrite find it
     top = max(report["scores"][k]["score"] for k in report["candidates"])
     assert report["chosen"] == next(k for k in report["candidates"] if report["scores"][k]["score"] >= top - 0.01)
     gene = CFM.from_view(screen, CFMConfig(descriptor="gene", **tiny), few)

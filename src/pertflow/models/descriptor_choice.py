@@ -18,8 +18,9 @@ Every model that learns perturbations has a ``descriptor`` field with the same v
   targets); latent-shift's ``descriptor_rotations`` scores each descriptor on more inner splits
   (:func:`rotations`), at one more predictor training per split and descriptor.
 
-The choice, each candidate's score and why are saved in the fit report's ``descriptor``; a
-refit on every training cell uses the chosen descriptor.
+The choice, each candidate's score and why are saved in the fit report's ``descriptor`` (with
+``refit``, in its ``inner_fit``); a refit on every training cell uses the chosen descriptor.
+``gene`` is a candidate only where an unseen test component is a measured gene.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pertflow.data.view import SplitView
 from pertflow.eval import metrics as M
 from pertflow.models.inner_split import inner_split, kind_of_test
 from pertflow.models.validation import ValidationScore, ValidationSet
+from pertflow.train.checkpoint import STAGES_DIR
 from pertflow.train.config import TrainConfig
 
 AUTO = "auto"
@@ -52,16 +54,36 @@ def candidates(asked: str, view: SplitView, validation: ValidationSet | None, ch
         return [asked]
     if validation is None:
         return [chosen or "onehot"]
-    if len(at_hand) < 2 or not len(validation) or kind_of_test(view)[0] != "perturbations":
+    if not len(validation) or kind_of_test(view)[0] != "perturbations":
         return ["onehot"]
-    return at_hand
+    if not unseen_measured(view):  # no unseen target has loadings: 'gene' would name none of them
+        at_hand = [k for k in at_hand if k != "gene"]
+    return at_hand if len(at_hand) > 1 else ["onehot"]
+
+
+def unseen_measured(view: SplitView) -> list[str]:
+    """The test's components that no training perturbation has and that are measured genes."""
+    data = view.data
+    trained = {c for p in view.training_perturbations for c in data.components(p)}
+    test = {c for p in view.split.test_perturbations for c in data.components(p)}
+    return sorted((test - trained) & set(view.vocab.expression_genes))
+
+
+def descriptor_dir(run_dir: Path, kind: str) -> Path:
+    """Where a network model trained with descriptor ``kind`` keeps its checkpoints."""
+    return Path(run_dir) / STAGES_DIR / f"descriptor-{kind}"
 
 
 def rotations(view: SplitView, validation: ValidationSet, n: int) -> list[tuple[SplitView, ValidationSet]]:
     """The inner split a model is fitted on (``view``, ``validation``) and ``n - 1`` more, each
     holding out as many other training singles of ``view`` (seeds 1, 2, ...; nested: the first
     split's held-out perturbations stay out), so that a choice is judged on more held-out
-    perturbations than one split has. A rotation that holds nothing out is left out."""
+    perturbations than one split has. A rotation that holds nothing out is left out.
+
+    latent-shift keeps the first split's embedding and decoder for every rotation, which have
+    read the later rotations' held-out cells: with a PCA embedding the ``gene`` descriptor of such
+    a target was fitted with its own cells, so the later rotations favour ``gene`` (on tapseq
+    validation still kept ``onehot`` on every fold)."""
     out = [(view, validation)]
     data = view.data
     held = len({g.perturbation for g in validation.groups if len(data.components(g.perturbation)) == 1}) or 0
@@ -91,9 +113,11 @@ def choose(kinds: list[str], fit_and_score: Callable[[str], tuple[ValidationScor
         scores[kind] = {k: round(v, 4) for k, v in score.as_dict("").items()}
     top = max(scores[k]["score"] for k in kinds)
     best = next(k for k in kinds if scores[k]["score"] >= top - TIE)
+    how = "best" if scores[best]["score"] == top else f"within {TIE} of the best (a tie, which the first wins)"
     return best, kept[best], {
         "chosen": best, "candidates": kinds, "scores": scores,
-        "reason": f"{what}'s cells of the validation's held-out perturbations scored best with the '{best}' descriptor"}
+        "reason": f"{what}'s cells of the validation's held-out perturbations scored {how} with the '{best}' "
+                  "descriptor"}
 
 
 def gene_loadings(view: SplitView, tokens: list[str], n_components: int = GENE_COMPONENTS,
@@ -145,8 +169,9 @@ class ChoosesDescriptor:
     def fit_anchored(self, view: SplitView, train_config: TrainConfig, run_dir: Path, resume: bool,
                      validation: ValidationSet | None) -> None:
         """The network trained with the config's descriptor; with ``auto`` and a test of unseen
-        perturbations, once per descriptor (each in ``descriptor-<kind>``), the one whose own
-        cells score best on validation kept (see the module docstring)."""
+        perturbations, once per descriptor (each in ``stages/descriptor-<kind>``, which resume and
+        overwrite find), the one whose own cells score best on validation kept (see the module
+        docstring)."""
         kinds = candidates(self.config.descriptor, view, validation, self.descriptor_kind, ["onehot", "gene"])
         if len(kinds) == 1:
             self.use_descriptor(kinds[0], view)
@@ -155,7 +180,7 @@ class ChoosesDescriptor:
 
         def fit_and_score(kind: str) -> tuple[ValidationScore, Any]:
             self.use_descriptor(kind, view)
-            super(ChoosesDescriptor, self).fit_anchored(view, train_config, Path(run_dir) / f"descriptor-{kind}",
+            super(ChoosesDescriptor, self).fit_anchored(view, train_config, descriptor_dir(run_dir, kind),
                                                         resume, validation)
             return self.validation_score(validation), (self.module, self.gene_descriptors, self.fit_report)
 

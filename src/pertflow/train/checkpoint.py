@@ -45,12 +45,13 @@ def stage_dir(run_dir: Path, index: int, name: str) -> Path:
 
 
 def holds_checkpoint(run_dir: Path) -> bool:
-    """Whether a run folder holds a resumable checkpoint: its own, or one of a stage's."""
+    """Whether a run folder holds a resumable checkpoint: its own, or one of a stage's (a stage
+    may be trained in stages of its own: a model trained once per candidate descriptor)."""
     run_dir = Path(run_dir)
     stages = run_dir / STAGES_DIR
     if CheckpointDir(run_dir).exists():
         return True
-    return stages.is_dir() and any(CheckpointDir(d).exists() for d in stages.iterdir())
+    return stages.is_dir() and any(holds_checkpoint(d) for d in stages.iterdir() if d.is_dir())
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

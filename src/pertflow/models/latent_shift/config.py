@@ -104,7 +104,7 @@ class LatentShiftConfig(AnchoredConfig, FlowPathConfig):
     scgpt_max_seq_len: int = 1200
     predictor: Literal["mlp", "flow"] = "mlp"
     descriptor: Literal["onehot", "gene", "file", "auto"] = "onehot"
-    descriptor_rotations: int = 1
+    descriptor_rotations: int = 3
     descriptor_file: str | None = None
     center: bool = True
     context_summary: bool = True
