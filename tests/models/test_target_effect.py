@@ -10,6 +10,7 @@ import torch
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import make_split
 from pertflow.data.view import SplitView
+from pertflow.errors import InputError
 from pertflow.models.base import PerturbationModel
 from pertflow.models.cfm.config import CFMConfig
 from pertflow.models.cfm.model import CFM
@@ -239,3 +240,15 @@ def test_cfmvc_reads_the_datas_descriptors_and_loads_a_run_saved_before_it_did(t
     assert old.module.context_encoder.descriptors is None and old.known_components("enh1") == ["<unk>"]
     controls = data.log_expression(view.control_rows("K562")[:10])
     assert np.isfinite(old.generate(controls, "G03", "K562", np.random.default_rng(0))).all()
+
+
+def test_auto_with_a_descriptor_file_naming_no_training_perturbation_stops_before_training(screen, tmp_path):
+    path = tmp_path / "vectors.csv"
+    pd.DataFrame(np.ones((2, 3)), index=["drugX", "drugY"]).to_csv(path)
+    model = LatentShift.from_view(screen, LatentShiftConfig(n_components=8, hidden=16, decoder_hidden=16,
+                                                            decoder_steps=5, descriptor="auto",
+                                                            descriptor_file=str(path), validation_held_out=3))
+    short = TrainConfig(max_steps=5, batch_size=16, val_every=5, checkpoint_every=5, progress=False)
+    with pytest.raises(InputError, match="names none of the training perturbations"):
+        model.fit(screen, short, tmp_path / "run")
+    assert not list((tmp_path / "run" / "checkpoints").glob("predictor-*"))

@@ -193,13 +193,18 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
     def descriptor_candidates(self, view: SplitView, validation: ValidationSet | None) -> list[str]:
         """The descriptors to train a predictor with (:func:`pertflow.models.descriptor_choice.candidates`):
         at hand are ``onehot``, ``gene`` where the embedding has gene vectors, ``file`` where a file
-        or the data's descriptors are given (only the config's with a predictor of one's own)."""
+        or the data's descriptors are given (only the config's with a predictor of one's own). Vectors
+        that name no training component stop the run here, before any predictor trains."""
         at_hand = ["onehot"]
         if not self._own_predictor and self.embedding.kind != "cfm-vc":
             at_hand.append("gene")
         if not self._own_predictor and (self.config.descriptor_file is not None or view.vocab.descriptors is not None):
             at_hand.append("file")
-        return descriptor_choice.candidates(self.config.descriptor, view, validation, self.descriptor_kind, at_hand)
+        kinds = descriptor_choice.candidates(self.config.descriptor, view, validation, self.descriptor_kind, at_hand)
+        if "file" in kinds and len(kinds) > 1:  # the file's error before the other candidates train
+            trained = sorted({c for p in view.training_perturbations for c in view.data.components(p)})
+            build_descriptors("file", view, trained, self.embedding, self.config.descriptor_file)
+        return kinds
 
     def choose_descriptor(self, kinds: list[str], view: SplitView, latent: LatentCells, train_config: TrainConfig,
                           run_dir: Path, validation: ValidationSet) -> None:
