@@ -273,6 +273,11 @@ class SplitView:
         """Perturbations with training cells (control excluded), sorted."""
         return sorted(set(self.data.perturbations[self.rows.train]) - {self.data.spec.control})
 
+    @property
+    def training_components(self) -> list[str]:
+        """Components of the perturbations with training cells (a combination's singles), sorted."""
+        return sorted({c for p in self.training_perturbations for c in self.data.components(p)})
+
     def counts(self, layer: str | None = None) -> CountsCache:
         """Raw counts and library sizes of the visible cells on :attr:`genes` (see :class:`CountsCache`;
         ``layer``: the counts layer, found when None)."""

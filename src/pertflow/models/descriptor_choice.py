@@ -63,10 +63,8 @@ def candidates(asked: str, view: SplitView, validation: ValidationSet | None, ch
 
 def unseen_measured(view: SplitView) -> list[str]:
     """The test's components that no training perturbation has and that are measured genes."""
-    data = view.data
-    trained = {c for p in view.training_perturbations for c in data.components(p)}
-    test = {c for p in view.split.test_perturbations for c in data.components(p)}
-    return sorted((test - trained) & set(view.vocab.expression_genes))
+    test = {c for p in view.split.test_perturbations for c in view.data.components(p)}
+    return sorted((test - set(view.training_components)) & set(view.vocab.expression_genes))
 
 
 def descriptor_dir(run_dir: Path, kind: str) -> Path:
@@ -86,7 +84,7 @@ def rotations(view: SplitView, validation: ValidationSet, n: int) -> list[tuple[
     validation still kept ``onehot`` on every fold)."""
     out = [(view, validation)]
     data = view.data
-    held = len({g.perturbation for g in validation.groups if len(data.components(g.perturbation)) == 1}) or 0
+    held = len({g.perturbation for g in validation.groups if len(data.components(g.perturbation)) == 1})
     for seed in range(1, n):
         inner = inner_split(view, "perturbations", held, seed)
         if inner.held_out:

@@ -79,7 +79,7 @@ class NetworkModel(PerturbationModel):
         """Train the network on paired batches with the shared engine; keep the best weights
         (by the validation loss, or by ``selector``'s score: see :class:`~pertflow.train.Trainer`)."""
         torch.manual_seed(train_config.seed)
-        self.trained_components = sorted({c for p in view.training_perturbations for c in view.data.components(p)})
+        self.trained_components = view.training_components
         self.module = self.build_module()
         self.fit_report = self.train_network(view, train_config, Path(run_dir), resume, selector)
 

@@ -202,8 +202,7 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
             at_hand.append("file")
         kinds = descriptor_choice.candidates(self.config.descriptor, view, validation, self.descriptor_kind, at_hand)
         if "file" in kinds and len(kinds) > 1:  # the file's error before the other candidates train
-            trained = sorted({c for p in view.training_perturbations for c in view.data.components(p)})
-            build_descriptors("file", view, trained, self.embedding, self.config.descriptor_file)
+            build_descriptors("file", view, view.training_components, self.embedding, self.config.descriptor_file)
         return kinds
 
     def choose_descriptor(self, kinds: list[str], view: SplitView, latent: LatentCells, train_config: TrainConfig,
@@ -240,7 +239,7 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
         data = view.data
         if self.prior is None:
             self.prior = Prior.fit("none", view)
-        self.trained_components = sorted({c for p in view.training_perturbations for c in data.components(p)})
+        self.trained_components = view.training_components
         kind = self.descriptor_kind or ("onehot" if self.config.descriptor == "auto" else self.config.descriptor)
         self.descriptors = build_descriptors(kind, view, self.trained_components, self.embedding,
                                              self.config.descriptor_file)
