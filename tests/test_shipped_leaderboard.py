@@ -1,0 +1,76 @@
+"""benchmarks/shipped.py: the shipped configs' leaderboard, on two tiny hand-made result folders.
+A later run overrides an earlier one on its folds, a fold below the strongest baseline is listed,
+a setting that differs from the shipped config is shown, and a config that is not the one the
+run's manifest recorded is refused."""
+
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TOP20, EDIST = "pearson_delta_top20_de", "edistance_pca"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("shipped", BENCHMARKS / "shipped.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _folder(root: Path, name: str, rows: list[tuple], config: str | None = None, label: str = "",
+            sha: str | None = None) -> None:
+    folder = root / name
+    folder.mkdir(parents=True)
+    lines = ["task,fold,model,perturbation," + TOP20 + "," + EDIST]
+    lines += [f"t,{fold},{model},p,{top20},{edist}" for fold, model, top20, edist in rows]
+    (folder / "results.csv").write_text("\n".join(lines) + "\n")
+    if config is not None:
+        (folder / "run.yaml").write_text(config)
+        digest = sha or hashlib.sha256(config.encode()).hexdigest()[:16]
+        (folder / "manifest.json").write_text(json.dumps({"configs": {label: {"sha256": digest}}}))
+
+
+def test_shipped_rows_override_by_run_and_report_what_differs(tmp_path, monkeypatch):
+    shipped = load_script()
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "latent-shift-cpu.yaml").write_text("model:\n  hidden: 256\ntrain:\n  max_steps: 1500\n")
+    monkeypatch.setattr(shipped, "SHIPPED", configs)
+    results = tmp_path / "results"
+    _folder(results, "base", [("A", "mean", 0.5, 2.0), ("A", "no-change", 0.0, 3.0),
+                              ("B", "mean", 0.5, 2.0), ("B", "no-change", 0.0, 3.0)])
+    _folder(results, "old", [("A", "latent-shift", 0.1, 9.0), ("B", "latent-shift", 0.9, 1.0)],
+            "model:\n  hidden: 128\ntrain:\n  max_steps: 1500\n", "latent-shift")
+    _folder(results, "new", [("A", "latent-shift@v", 0.6, 1.5)],
+            "model:\n  hidden: 256\ntrain:\n  max_steps: 1500\n", "latent-shift@v")
+    spec = {"baselines": ["base"], "models": {"latent-shift": [
+        {"folder": "old", "label": "latent-shift", "config": "run.yaml", "why": "width"},
+        {"folder": "new", "label": "latent-shift@v", "config": "run.yaml"}]}}
+    (results / "shipped.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "shipped.md"
+    monkeypatch.setattr(sys, "argv", ["shipped.py", str(results / "shipped.yaml"), "--out", str(out),
+                                      "--csv", str(tmp_path / "shipped.csv")])
+    shipped.main()
+    text = out.read_text()
+    assert "| latent-shift | 0.750 | 1.250 | 2/2 | 2/2 | - |" in text  # A from 'new', B from 'old'
+    assert "model.hidden: 128 -> 256" in text and "width" in text
+    assert "## Folds below the bar" in text and "| t | A |" not in text
+
+    _folder(results, "wrong", [("A", "latent-shift", 0.1, 9.0)], "model:\n  hidden: 256\n", "latent-shift",
+            sha="0000000000000000")
+    spec["models"]["latent-shift"].append({"folder": "wrong", "label": "latent-shift", "config": "run.yaml"})
+    (results / "shipped.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit, match="not the one its manifest recorded"):
+        shipped.main()
+    spec["models"]["latent-shift"][-1]["unchecked"] = "its comments were rewritten"
+    (results / "shipped.yaml").write_text(yaml.safe_dump(spec))
+    shipped.main()
+    text = out.read_text()
+    assert "| t | A | latent-shift | 0.100 | 9.000 |" in text  # the last run's fold, now below the bar
+    assert "its comments were rewritten" in text
