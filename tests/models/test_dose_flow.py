@@ -137,10 +137,10 @@ def test_models_that_do_not_read_dose_refuse_it_and_predictions_must_agree_on_it
     with pytest.raises(InputError, match="does not condition on dose"):
         CCFM.from_view(view, CCFMConfig(d_model=16, n_heads=2, n_layers=1, foundation_d_model=16, foundation_layers=1))
     # every registered model either reads dose or refuses it (latent-shift and scgpt-generator
-    # once read drugA@1 as a drug of its own): only cfm, the baselines and target-effect (the mean
-    # over conditions where no target is a measured gene) read it
+    # once read drugA@1 as a drug of its own): only cfm, the baselines, target-effect (the mean
+    # over conditions where no target is a measured gene) and additive-mean read it
     readers = {name for name in registry.model_names() if registry.model_class(name).reads_dose}
-    assert readers == {"cfm", "target-effect", *registry.BASELINES}
+    assert readers == {"cfm", "target-effect", "additive-mean", *registry.BASELINES}
     for name in registry.model_names():
         if name not in readers:
             with pytest.raises(InputError, match="does not condition on dose"):

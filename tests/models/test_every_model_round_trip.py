@@ -15,7 +15,8 @@ SHORT = {"train.max_steps": 4, "train.batch_size": 8, "train.val_every": 2, "tra
 FLOW = {"model.d_model": 16, "model.n_heads": 2, "model.n_layers": 1, "model.genes_per_step": 60}
 #: tiny settings of each trained model (a model with no entry here fails the coverage test below)
 TINY: dict[str, dict] = {
-    "no-change": {}, "mean": {}, "additive": {}, "linear": {}, "context-shift": {}, "target-effect": {},
+    "no-change": {}, "mean": {}, "additive": {}, "additive-mean": {}, "linear": {}, "context-shift": {},
+    "target-effect": {},
     "cfm": FLOW,
     "ccfm": {**FLOW, "model.foundation_d_model": 16, "model.foundation_layers": 1, "model.foundation_steps": 2,
              "model.foundation_batch_size": 8, "model.bottleneck_dim": 16, "model.dh_depth": 1, "model.warmup_batches": 2},

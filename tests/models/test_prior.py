@@ -73,7 +73,7 @@ def test_the_additive_prior_builds_on_measured_singles():
     np.testing.assert_allclose(prior.training_delta(combo, ctx), expected, atol=1e-5)  # never its own response
 
 
-@pytest.mark.parametrize("name", ["mean", "linear", "context-shift", "additive"])
+@pytest.mark.parametrize("name", ["mean", "linear", "context-shift", "additive", "additive-mean"])
 def test_a_measured_single_enters_a_combination_once_whatever_the_prior(name):
     """The model learns each single's residual against the shift its batches start from, and a
     combination's condition is the sum of its singles': so the prior of a combination of measured
@@ -91,7 +91,7 @@ def test_a_measured_single_enters_a_combination_once_whatever_the_prior(name):
         residuals = [r - prior.training_delta(c, context) for c, r in zip(comps, responses)]  # what the model learns
         np.testing.assert_allclose(prior.delta(combo, context) + np.sum(residuals, 0), np.sum(responses, 0), atol=1e-5)
     # a component never measured as a single is the baseline's estimate of it
-    if name != "additive":
+    if name not in ("additive", "additive-mean"):
         single, context = next((p, c) for p, c in prior.baseline.keys if "+" not in p)
         unseen = f"{single}+NEVER_MEASURED"
         expected = prior.training_delta(single, context) + prior.baseline.predicted_delta("NEVER_MEASURED", context)
@@ -311,3 +311,65 @@ def test_prior_strengths_must_be_factors_in_zero_one():
         CFMConfig(prior_strengths=(1.0, 1.5))
     with pytest.raises(ValueError, match="prior_strengths"):
         LatentShiftConfig(prior_strengths=())
+
+
+def _shared_response_screen(seed: int = 5) -> ad.AnnData:
+    """Singles that share one common response (what every knock-down of the screen does) plus a
+    specific one each, and combinations that add their singles' specific parts to that common
+    response once."""
+    adata = make_synthetic(n_genes=40, n_singles=8, n_combos=6, cells_per_group=40, controls_per_context=80,
+                           n_effect_genes=10, n_contexts=1, seed=seed)
+    rng = np.random.default_rng(seed)
+    perts = adata.obs["perturbation"].astype(str).to_numpy()
+    singles = sorted({q for p in set(perts) if p != "control" for q in p.split("+")})
+    common = np.zeros(40)
+    common[:12] = rng.choice([-1.0, 1.0], 12) * rng.uniform(0.8, 1.2, 12)
+    specific = {q: np.zeros(40) for q in singles}
+    for q in singles:
+        specific[q][rng.choice(np.arange(12, 40), 4, replace=False)] = rng.normal(0, 0.5, 4)
+    base = rng.uniform(2.5, 4.0, 40)
+    X = np.stack([base if p == "control" else base + common + sum(specific[q] for q in p.split("+")) for p in perts])
+    adata.X = np.clip(X + rng.normal(0, 0.3, X.shape), 0, None).astype(np.float32)
+    adata.uns["log1p"] = {"base": None}
+    return adata
+
+
+def test_additive_mean_predicts_an_unmeasured_single_as_the_measured_singles_average():
+    data = PerturbationData.from_anndata(_shared_response_screen())
+    view = SplitView(data, make_split(data, "combinations", seen=[2], fraction=0.5, seed=1))
+    prior = Prior.fit("additive-mean", view)
+    baseline = prior.baseline
+    singles = [(p, c) for p, c in baseline.keys if "+" not in p]
+    context = singles[0][1]
+    average = np.mean([baseline.response(p, c) for p, c in singles], axis=0)
+    np.testing.assert_allclose(baseline.predicted_delta("NEVER_MEASURED", context), average, atol=1e-5)
+    # a measured single is its own response; in a combination an unmeasured gene adds nothing
+    single = singles[0][0]
+    np.testing.assert_allclose(baseline.predicted_delta(single, context), baseline.response(single, context), atol=1e-6)
+    np.testing.assert_allclose(baseline.predicted_delta(f"{single}+NEVER_MEASURED", context),
+                               baseline.response(single, context), atol=1e-6)
+    # left out, a single is unmeasured: the other singles' average
+    others = np.mean([baseline.response(p, c) for p, c in singles[1:]], axis=0)
+    np.testing.assert_allclose(prior.held_out_delta(single, context), others, atol=1e-5)
+    np.testing.assert_allclose(prior.training_delta(single, context), baseline.response(single, context), atol=1e-6)
+
+
+def test_auto_chooses_additive_mean_where_unseen_singles_share_the_screens_response():
+    """Validation that holds out training singles (with their combinations) sees that an unseen
+    single still moves the common genes: it takes additive-mean over additive (which predicts
+    no change for it), and on the test's unseen singles that prior is closer to the truth."""
+    data = PerturbationData.from_anndata(_shared_response_screen())
+    singles = sorted({p for p in map(str, data.perturbations) if p != "control" and "+" not in p})
+    unseen = singles[:2]
+    view = SplitView(data, make_split(data, "perturbations", test_perturbations=unseen))
+    inner = inner_split(view, "auto", 0, 0)
+    assert inner.kind == "perturbations"
+    chosen = Prior.fit("auto", inner.view, ValidationSet(inner.view, seed=0))
+    assert chosen.name == "additive-mean", chosen.scores
+    assert chosen.scores["additive-mean"]["score"] > chosen.scores["additive"]["score"]
+    X = np.asarray(data.adata.X)  # the test's truth, read here only to judge
+    truth = X[data.perturbations == unseen[0]].mean(0) - X[data.is_control].mean(0)
+    fitted = {name: Prior.fit(name, view) for name in ("additive", "additive-mean")}
+    context = next(c for _, c in view.test_groups())
+    error = {name: np.abs(p.delta(unseen[0], context) - truth).mean() for name, p in fitted.items()}
+    assert error["additive-mean"] < 0.5 * error["additive"], error

@@ -98,7 +98,7 @@ class FlowPathConfig:
 
 
 #: The baselines a model can be anchored on (``auto``: the one that scores best on validation).
-PriorName = Literal["none", "mean", "additive", "linear", "context-shift", "target-effect", "auto"]
+PriorName = Literal["none", "mean", "additive", "additive-mean", "linear", "context-shift", "target-effect", "auto"]
 #: What validation holds out (:mod:`pertflow.models.inner_split`).
 ValidationKind = Literal["auto", "cells", "contexts", "perturbations"]
 

@@ -59,8 +59,10 @@ from pertflow.models.validation import ValidationScore, ValidationSet
 from pertflow.train.launch import is_main_process
 
 #: Prior names and the baseline each one is (``none``: the controls themselves, no change).
-PRIOR_BASELINES = {"none": "no-change", "mean": "mean", "additive": "additive", "linear": "linear",
-                   "context-shift": "context-shift", "target-effect": "target-effect"}
+PRIOR_BASELINES = {"none": "no-change", "mean": "mean", "additive": "additive", "additive-mean": "additive-mean",
+                   "linear": "linear", "context-shift": "context-shift", "target-effect": "target-effect"}
+#: The priors that build a combination from its measured singles (a measured single is their input)
+ADDITIVE = ("additive", "additive-mean")
 #: The prior strengths to give ``prior_strengths`` to let validation shrink the prior (strongest first).
 PRIOR_STRENGTHS = (1.0, 0.75, 0.5, 0.25)
 #: why ``auto`` took additive without validation's judgement (see the module docstring)
@@ -166,9 +168,9 @@ class Prior:
         learnt on that single its response counts once; any other component as the baseline's
         estimate of it (fitted without the combination's own response, where that was measured).
         None where the baseline's own combination stands: a single, a dose, no measured
-        component, or the ``none`` and ``additive`` priors (additive composes so already)."""
+        component, or the ``none``, ``additive`` and ``additive-mean`` priors (they compose so already)."""
         comps = self.baseline.components(perturbation)
-        if (self.name in ("none", "additive") or len(comps) < 2
+        if (self.name in ("none", *ADDITIVE) or len(comps) < 2
                 or self.baseline.spec.split_dose(perturbation)[1] is not None):
             return None
         measured = [(c, context) in self.baseline.keys for c in comps]
@@ -203,7 +205,7 @@ class Prior:
         """(G,) the shift a training batch of this perturbation starts from: :meth:`held_out_delta`,
         except for a measured single under the additive prior, whose shift is its own response
         (the additive prior's input; see the module docstring). Never used for scoring."""
-        if self.name == "additive" and (perturbation, context) in self.baseline.keys \
+        if self.name in ADDITIVE and (perturbation, context) in self.baseline.keys \
                 and len(self.baseline.components(perturbation)) == 1 \
                 and self.baseline.spec.split_dose(perturbation)[1] is None:
             return self.delta(perturbation, context)

@@ -21,6 +21,7 @@ MODELS: dict[str, str] = {
     "no-change": "pertflow.models.baselines",
     "mean": "pertflow.models.baselines",
     "additive": "pertflow.models.baselines",
+    "additive-mean": "pertflow.models.baselines",
     "linear": "pertflow.models.baselines",
     "context-shift": "pertflow.models.baselines",
     "target-effect": "pertflow.models.target_effect",
