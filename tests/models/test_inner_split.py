@@ -11,9 +11,10 @@ from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import make_split
 from pertflow.data.synthetic import make_synthetic
 from pertflow.data.view import SplitView
-from pertflow.models.inner_split import inner_split, kind_of_test
+from pertflow.models.inner_split import inner_split, kind_of_test, rotations
 from pertflow.models.latent_shift.config import LatentShiftConfig
 from pertflow.models.latent_shift.model import LatentShift
+from pertflow.models.prior import PRIOR_STRENGTHS, Prior
 from pertflow.models.validation import ValidationSet
 from pertflow.train import TrainConfig
 
@@ -159,3 +160,63 @@ def test_validation_contexts_nearest_as_novel_or_both():
     assert sorted(inner_split(view, "auto", contexts="both").held_out) == ["lone", "near"]
     with pytest.raises(ValueError, match="as-novel"):
         inner_split(view, "auto", contexts="farthest")
+
+
+def test_rotations_hold_out_other_contexts_and_perturbations_in_turn(data):
+    """Each rotation holds out as many training contexts (perturbations) as the first split, none
+    held out before, in the order the first was chosen by; a split of the split's own cells has none."""
+    cell_types = _cell_types({"sib_a": 0.0, "sib_b": 0.1, "lone": 0.9, "near": 2.0, "test": 2.8})
+    view = SplitView(cell_types, make_split(cell_types, "context", test_context="test"))
+    first = inner_split(view, "auto")
+    splits = rotations(view, first, 3)
+    assert [s.held_out for s in splits] == [["near"], ["lone"], ["sib_b"]]  # nearest the test first
+    assert rotations(view, first, 9)[-1].held_out == ["sib_a"] and len(rotations(view, first, 9)) == 4
+    for split in splits[1:]:
+        held = split.held_out[0]
+        assert not (cell_types.contexts[_perturbed(view, split.view.rows.train)] == held).any()
+        assert {g.context for g in ValidationSet(split.view).groups} == {held}
+
+    unseen = SplitView(data, make_split(data, "perturbations", n_test=2, seed=0))
+    first = inner_split(unseen, "auto", n_held_out=1)
+    splits = rotations(unseen, first, 3)
+    assert len(splits) == 3
+    singles = [[p for p in s.held_out if len(data.components(p)) == 1] for s in splits]
+    assert all(len(s) == 1 for s in singles) and len({s[0] for s in singles}) == 3  # one other single each
+    for split, (single,) in zip(splits, singles):
+        trained = set(data.perturbations[_perturbed(unseen, split.view.rows.train)])
+        assert not any(single in data.components(p) for p in trained)  # with its combinations
+
+    combos = SplitView(data, make_split(data, "combinations", seen=[2], fraction=0.5, seed=1))
+    assert rotations(combos, inner_split(combos, "auto"), 3) == [inner_split(combos, "auto")]
+
+
+def test_the_prior_and_mode_are_chosen_on_the_mean_over_rotations(tmp_path):
+    cell_types = _cell_types({"sib_a": 0.0, "sib_b": 0.1, "lone": 0.9, "near": 2.0, "test": 2.8})
+    view = SplitView(cell_types, make_split(cell_types, "context", test_context="test"))
+    first = inner_split(view, "auto")
+    second = rotations(view, first, 2)[1]
+    splits = [(s.view, ValidationSet(s.view, seed=0)) for s in (first, second)]
+    one = [Prior.fit("auto", v, val, PRIOR_STRENGTHS) for v, val in splits]
+    both = Prior.fit("auto", *splits[0], PRIOR_STRENGTHS, more=[splits[1]])
+    for label, scores in both.scores.items():
+        assert scores["score"] == pytest.approx((one[0].scores[label]["score"] + one[1].scores[label]["score"]) / 2)
+    assert both.label == max(both.scores, key=lambda label: both.scores[label]["score"])
+    assert "over 2 inner splits" in both.reason
+
+    config = LatentShiftConfig(n_components=8, hidden=32, decoder_hidden=32, decoder_steps=20, groups_per_step=4,
+                               prior="auto", validation_rotations=2)
+    model = LatentShift.from_view(view, config)
+    model.fit(view, TrainConfig(max_steps=20, batch_size=16, val_every=20, checkpoint_every=20, progress=False), tmp_path)
+    report = model.fit_report
+    assert report["validation_split"]["held_out"] == ["near"]
+    (rotation,) = report["validation_rotations"]
+    assert rotation["held_out"] == ["lone"] and set(rotation["validation"]) == {"flow", "prior-mean", "prior"}
+    assert (tmp_path / "stages" / "rotation-1").is_dir()  # trained once more, on the second split
+    assert report["prior"] == both.label
+    means = {m: s["score"] for m, s in report["validation"].items()}
+    for mode, mean in means.items():  # each mode's score is its mean over the two splits
+        assert mean == pytest.approx((report["validation_first_split"][mode]["score"]
+                                      + rotation["validation"][mode]["score"]) / 2)
+    assert model.prediction_mode == max(means, key=means.get)
+    model.save(tmp_path / "saved")
+    assert "validation_rotations" in json.loads((tmp_path / "saved" / "model.json").read_text())["fit_report"]

@@ -13,6 +13,10 @@ baseline's predicted shift (:mod:`pertflow.models.prior`) and learns what the ba
     self.prediction_mode = choose on validation      # flow / prior-mean / prior
     self.prior = the chosen prior refitted on view   # (and the model trained again with refit)
 
+With ``validation_rotations`` > 1 the prior and the mode are chosen on the mean over that many
+inner splits (:func:`~pertflow.models.inner_split.rotations`): the model is first trained on each
+extra one (``stages/rotation-<r>``) and its modes scored there, then on the first as above.
+
 A family implements :meth:`fit_anchored` and :meth:`own_cells` (its own cells of a perturbation
 from control cells and the prior's shift); prediction (:meth:`generate`), validation scoring and
 the choice of mode are the contract's, so a new kind of validation is one change here.
@@ -43,10 +47,11 @@ from pertflow.data.keys import BATCH_KEYS
 from pertflow.data.view import SplitView
 from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
-from pertflow.models.inner_split import inner_split
+from pertflow.models.inner_split import InnerSplit, inner_split, rotations
 from pertflow.models.network import NetworkModel, inference_device
-from pertflow.models.prior import Prior, choose_prediction_mode, mode_cells
-from pertflow.models.validation import ValidationScore, ValidationSet
+from pertflow.models.prior import PREDICTION_MODES, Prior, choose_prediction_mode, mode_cells
+from pertflow.models.validation import ValidationScore, ValidationSet, mean_score
+from pertflow.train.checkpoint import STAGES_DIR
 from pertflow.train.config import TrainConfig
 
 VALIDATION_SEED = 0
@@ -95,13 +100,29 @@ class AnchoredModel(PerturbationModel):
         inner = inner_split(view, self.config.validation, self.config.validation_held_out, VALIDATION_SEED,
                             self.config.validation_contexts)
         validation = ValidationSet(inner.view, seed=VALIDATION_SEED)
-        self.prior = Prior.fit(self.config.prior, inner.view, validation, self.config.prior_strengths)
+        others = [(split, ValidationSet(split.view, seed=VALIDATION_SEED + r)) for r, split in enumerate(
+            rotations(view, inner, self.config.validation_rotations, self.config.validation_contexts,
+                      VALIDATION_SEED)[1:], start=1)]
+        self.prior = Prior.fit(self.config.prior, inner.view, validation, self.config.prior_strengths,
+                               more=[(split.view, val) for split, val in others])
+        rotation_scores = [self.fit_rotation(r, split, val, train_config, run_dir, resume)
+                           for r, (split, val) in enumerate(others, start=1)]
+        if others:  # the rotations trained the model on other splits: the first one's now
+            self.fit_report = {}
+            self.prior = self.prior.refitted(inner.view)
         self.fit_anchored(inner.view, train_config, run_dir, resume, validation)
         chosen: dict[str, Any] = {"validation_split": {**inner.describe(), "groups": len(validation)}}
         if len(validation):
+            first = {mode: self.validation_score(validation, mode) for mode in PREDICTION_MODES}
             self.prediction_mode, choice = choose_prediction_mode(
-                lambda mode: self.validation_score(validation, mode), self.prior, self.what)
-            chosen.update(choice)
+                lambda mode: mean_score([first[mode]] + [s[mode] for s in rotation_scores]), self.prior, self.what)
+            chosen.update(choice)  # with rotations, "validation" is the mean over the inner splits
+            if others:
+                chosen["validation_first_split"] = {m: s.as_dict("") for m, s in first.items()}
+        if others:
+            chosen["validation_rotations"] = [{**split.describe(), "groups": len(val),
+                                               "validation": {m: s.as_dict("") for m, s in scores.items()}}
+                                              for (split, val), scores in zip(others, rotation_scores)]
         if inner.held_out:
             self.prior = self.prior.refitted(view)  # the chosen baseline, on every training cell
             if self.config.refit:
@@ -112,6 +133,15 @@ class AnchoredModel(PerturbationModel):
                 "the training cells without the held-out ones (refit: false)")
         self.fit_report.update({"prior": self.prior.label, "prior_reason": self.prior.reason,
                                 "prior_scores": self.prior.scores, **chosen, "prediction_mode": self.prediction_mode})
+
+    def fit_rotation(self, r: int, split: InnerSplit, validation: ValidationSet, train_config: TrainConfig,
+                     run_dir: Path, resume: bool) -> dict[str, ValidationScore]:
+        """Train the model on one more inner split (``validation_rotations``; its checkpoints in
+        ``stages/rotation-<r>``) with the chosen prior refitted on it, and score each prediction
+        mode on its held-out groups."""
+        self.prior = self.prior.refitted(split.view)
+        self.fit_anchored(split.view, train_config, run_dir / STAGES_DIR / f"rotation-{r}", resume, validation)
+        return {mode: self.validation_score(validation, mode) for mode in PREDICTION_MODES}
 
     def validation_score(self, validation: ValidationSet, mode: str = "flow", **how: Any) -> ValidationScore:
         """The validation score of the cells of one prediction mode; every shift is the prior's

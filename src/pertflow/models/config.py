@@ -134,6 +134,11 @@ class AnchoredConfig:
         The prior's shift is scaled by the one of these that scores best on validation (first:
         the strongest; see :mod:`pertflow.models.prior`). ``[1.0, 0.75, 0.5, 0.25]`` lets validation
         shrink a prior whose response transfers only partly to the held-out contexts.
+    validation_rotations
+        How many inner splits the prior and the prediction mode are chosen on (their scores
+        averaged): the first as above, each other one holding out as many other training contexts
+        or perturbations, none held out before (:func:`pertflow.models.inner_split.rotations`).
+        The model is trained once more per extra split; 1: one inner split.
     """
 
     prior: PriorName = "none"
@@ -142,8 +147,12 @@ class AnchoredConfig:
     validation_contexts: Literal["nearest", "as-novel", "both"] = "nearest"
     refit: bool = False
     prior_strengths: tuple[float, ...] = (1.0,)
+    validation_rotations: int = 1
 
     def __post_init__(self) -> None:
+        if self.validation_rotations < 1:
+            raise ValueError(f"validation_rotations must be 1 or more (1: one inner split); "
+                             f"got {self.validation_rotations}")
         if not self.prior_strengths or any(not 0 < s <= 1 for s in self.prior_strengths):
             raise ValueError(f"prior_strengths must be one or more factors in (0, 1], e.g. [1.0, 0.75, 0.5, 0.25]; got "
                              f"{list(self.prior_strengths)}")

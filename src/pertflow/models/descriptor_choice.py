@@ -94,11 +94,6 @@ def rotations(view: SplitView, validation: ValidationSet, n: int) -> list[tuple[
     return out
 
 
-def mean_score(scores: list[ValidationScore]) -> ValidationScore:
-    return ValidationScore(*(float(np.mean([getattr(s, f) for s in scores]))
-                             for f in ("pearson_top20_de", "edistance", "score")))
-
-
 def choose(kinds: list[str], fit_and_score: Callable[[str], tuple[ValidationScore, Any]],
            what: str) -> tuple[str, Any, dict[str, Any]]:
     """Fit one model per descriptor (``fit_and_score(kind)`` -> its validation score and what to

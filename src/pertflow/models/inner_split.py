@@ -22,6 +22,10 @@ on cells held out the way the test holds out its own:
   cells, as before (:class:`~pertflow.models.validation.ValidationSet` then scores the kind of
   perturbation the test predicts where it can, and the prior says where it cannot).
 
+One held-out context or perturbation is a small sample: :func:`rotations` gives more inner
+splits of the same kind, each holding out others (``validation_rotations``: the prior and the
+prediction mode are then chosen on the mean over them).
+
 The model is then fitted on the inner split's training cells. Its prior is refitted on every
 training cell once the choices are made (cheap); the network is trained again on every
 training cell only with ``refit`` (twice the training time): otherwise it never read the
@@ -145,6 +149,38 @@ def hold_out(view: SplitView, kind: str, held: list[str], reason: str = "") -> I
     return InnerSplit(inner, kind, list(held), reason)
 
 
+def rotations(view: SplitView, first: InnerSplit, n: int, contexts: str = "nearest", seed: int = 0) -> list[InnerSplit]:
+    """``first`` (the inner split a model is fitted on) and up to ``n - 1`` more of its kind, each
+    holding out as many training contexts or perturbations as ``first``, none held out by an
+    earlier one (contexts in the order ``contexts`` ranks them; perturbations drawn with seeds
+    ``seed + 1``, ...), so that a choice is judged on more held-out groups than one split has.
+    Fewer where the candidates run out (one context always stays in training); ``cells`` has none."""
+    out = [first]
+    if first.kind == "cells" or n <= 1:
+        return out
+    data = view.data
+    train = view.rows.train
+    perturbed = train[~data.is_control[train]]
+    held: set[str] = set(first.held_out)
+    if first.kind == "contexts":
+        candidates = sorted(set(map(str, data.contexts[perturbed])))
+        ranked = [c for c in _ranked_contexts(view, candidates, contexts, np.random.default_rng(seed)) if c not in held]
+        size = len(first.held_out)
+        while len(out) < n and ranked and len(candidates) - size >= 1:
+            chosen, ranked = ranked[:size], ranked[size:]
+            out.append(hold_out(view, "contexts", chosen, f"{first.reason}; rotation {len(out)}"))
+        return out
+    size = len({c for p in first.held_out for c in data.components(p) if len(data.components(p)) == 1}) or 1
+    for r in range(1, n):
+        singles = {p for p in held if len(data.components(p)) == 1}
+        chosen = _held_out_perturbations(view, perturbed, size, np.random.default_rng(seed + r), exclude=singles)
+        if not chosen:
+            break
+        held |= set(chosen)
+        out.append(hold_out(view, "perturbations", chosen, f"{first.reason}; rotation {len(out)}"))
+    return out
+
+
 def _count(n_held_out: int, n_candidates: int) -> int:
     n = n_held_out or max(1, int(round(n_candidates / 5)))
     return max(0, min(n, n_candidates - 1))
@@ -160,13 +196,16 @@ def _control_mean(view: SplitView, context: str, rng: np.random.Generator) -> np
 def _held_out_contexts(view: SplitView, candidates: list[str], n_held_out: int, choice: str,
                        rng: np.random.Generator) -> list[str]:
     """The training contexts to hold out (see the module docstring), by their control means."""
-    if choice not in CONTEXT_CHOICES:
-        raise ValueError(f"unknown choice of validation contexts '{choice}'; choose one of {CONTEXT_CHOICES}")
     n = _count(n_held_out, len(candidates))
     if choice == "both":
         n = min(max(n, 2), len(candidates) - 1)
-    if n <= 0:
-        return []
+    return _ranked_contexts(view, candidates, choice, rng)[:n] if n > 0 else []
+
+
+def _ranked_contexts(view: SplitView, candidates: list[str], choice: str, rng: np.random.Generator) -> list[str]:
+    """Every candidate context in the order validation holds them out (``choice``)."""
+    if choice not in CONTEXT_CHOICES:
+        raise ValueError(f"unknown choice of validation contexts '{choice}'; choose one of {CONTEXT_CHOICES}")
     tests = sorted({c for _, c in view.test_groups()})
     means = {c: _control_mean(view, c, rng) for c in candidates + tests}  # each context's controls read once
     gap = {(a, b): float(np.linalg.norm(means[a] - means[b])) for a in means for b in means}
@@ -174,27 +213,28 @@ def _held_out_contexts(view: SplitView, candidates: list[str], n_held_out: int, 
     nearest = sorted(candidates, key=lambda c: (to_test[c], c))
     # how new the test is to training, and each candidate to the rest of training
     test_novelty = float(np.mean([min(gap[t, c] for c in candidates) for t in tests]))
-    novelty = {c: min(gap[c, o] for o in candidates if o != c) for c in candidates}
+    novelty = {c: min(gap[c, o] for o in candidates if o != c) if len(candidates) > 1 else 0.0 for c in candidates}
     as_novel = sorted(candidates, key=lambda c: (abs(novelty[c] - test_novelty), c))
     if choice == "nearest":
-        return nearest[:n]
+        return nearest
     if choice == "as-novel":
-        return as_novel[:n]
-    held: list[str] = []
+        return as_novel
+    ranked: list[str] = []
     for pick in (p for pair in zip(nearest, as_novel) for p in pair):  # alternate: nearest, as novel, ...
-        if pick not in held and len(held) < n:
-            held.append(pick)
-    return held
+        if pick not in ranked:
+            ranked.append(pick)
+    return ranked
 
 
 def _held_out_perturbations(view: SplitView, perturbed: np.ndarray, n_held_out: int,
-                            rng: np.random.Generator) -> list[str]:
+                            rng: np.random.Generator, exclude: set[str] = frozenset()) -> list[str]:
     """Training singles (seeded) and every training perturbation that contains one of them. Where the
     test holds combinations with an unseen component, the singles are drawn among those that are
     components of training combinations, so that validation has that kind too; where every unseen
     component of the test is a measured gene (a CRISPR target the data measures), among the
     training singles that are measured genes (at least two), so that validation judges what the
-    data says about a target (:mod:`pertflow.models.target_effect`) where the test does."""
+    data says about a target (:mod:`pertflow.models.target_effect`) where the test does. Singles
+    in ``exclude`` are not drawn (an earlier rotation held them out)."""
     data = view.data
     names = sorted(set(map(str, data.perturbations[perturbed])))
     singles = sorted({data.components(p)[0] for p in names if len(data.components(p)) == 1})
@@ -209,6 +249,8 @@ def _held_out_perturbations(view: SplitView, perturbed: np.ndarray, n_held_out: 
     if unseen and unseen <= measured and len(measured_singles) >= 2:
         singles = measured_singles
     n = _count(n_held_out, len(singles))
+    singles = [c for c in singles if c not in exclude]
+    n = min(n, len(singles))
     if n == 0:
         return []
     chosen = set(rng.choice(singles, size=n, replace=False).tolist())

@@ -47,7 +47,7 @@ predicted change).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ import torch
 from pertflow.data.view import SplitView
 from pertflow.models.baselines import DeltaModel
 from pertflow.models.registry import model_class
-from pertflow.models.validation import ValidationScore, ValidationSet
+from pertflow.models.validation import ValidationScore, ValidationSet, mean_score
 from pertflow.train.launch import is_main_process
 
 #: Prior names and the baseline each one is (``none``: the controls themselves, no change).
@@ -109,10 +109,13 @@ class Prior:
 
     @classmethod
     def fit(cls, choice: str, view: SplitView, validation: ValidationSet | None = None,
-            strengths: tuple[float, ...] = (1.0,)) -> Prior:
+            strengths: tuple[float, ...] = (1.0,),
+            more: Sequence[tuple[SplitView, ValidationSet]] = ()) -> Prior:
         """Fit the prior named ``choice`` on the training cells of ``view`` (``auto``: choose on
         ``validation``; without validation groups, ``mean``), at the one of ``strengths`` that
-        scores best on ``validation`` (the first without it)."""
+        scores best on ``validation`` (the first without it). ``more``: further inner splits
+        (view, validation), each candidate's scores averaged over them and ``validation``
+        (:func:`~pertflow.models.inner_split.rotations`)."""
         judged = validation is not None and len(validation) > 0
         if choice != "auto" and (len(strengths) == 1 or not judged):
             return cls(choice, cls._baseline(choice, view), None, strengths[0])
@@ -120,17 +123,17 @@ class Prior:
             prior = cls("mean", cls._baseline("mean", view), None, strengths[0])
             prior.reason = "no validation groups to choose on: the mean"
             return prior
-        candidates: dict[str, Prior] = {}
-        for name in PRIOR_BASELINES if choice == "auto" else (choice,):
-            full = cls(name, cls._baseline(name, view))
-            for strength in strengths if name != "none" else (1.0,):
-                prior = full.at_strength(strength)
-                candidates[prior.label] = prior
-        scores = {label: prior.score(validation) for label, prior in candidates.items()}
+        candidates = cls._candidates(choice, view, strengths)
+        every = [{label: prior.score(validation) for label, prior in candidates.items()}]
+        for other_view, other_validation in more:
+            if len(other_validation):
+                others = cls._candidates(choice, other_view, strengths)
+                every.append({label: prior.score(other_validation) for label, prior in others.items()})
+        scores = {label: mean_score([s[label] for s in every]) for label in candidates}
         # ties (one perturbation: mean = additive = linear = context-shift) go to the first, the
         # simplest and the strongest
         best = max(candidates, key=lambda label: (round(scores[label].score, 9), -list(candidates).index(label)))
-        reason = "the best validation score"
+        reason = "the best validation score" + (f" (the mean over {len(every)} inner splits)" if len(every) > 1 else "")
         if choice == "auto" and not validation.of_test_kind and validation.test_kinds.measured_combinations:
             best = next(label for label, prior in candidates.items() if prior.name == "additive")  # the strongest
             reason = UNJUDGED_COMBINATIONS
@@ -139,6 +142,17 @@ class Prior:
         chosen.scores = {label: s.as_dict("") for label, s in scores.items()}
         chosen.reason = reason
         return chosen
+
+    @classmethod
+    def _candidates(cls, choice: str, view: SplitView, strengths: tuple[float, ...]) -> dict[str, Prior]:
+        """Every prior ``choice`` may take (``auto``: each baseline) at each strength, fitted on ``view``."""
+        candidates: dict[str, Prior] = {}
+        for name in PRIOR_BASELINES if choice == "auto" else (choice,):
+            full = cls(name, cls._baseline(name, view))
+            for strength in strengths if name != "none" else (1.0,):
+                prior = full.at_strength(strength)
+                candidates[prior.label] = prior
+        return candidates
 
     def refitted(self, view: SplitView) -> Prior:
         """The same baseline fitted on ``view``'s training cells (after it was chosen on an inner

@@ -59,6 +59,12 @@ class ValidationScore:
                 f"{prefix}score": self.score}
 
 
+def mean_score(scores: list[ValidationScore]) -> ValidationScore:
+    """The mean of several validation scores (of one candidate on several inner splits)."""
+    return ValidationScore(*(float(np.mean([getattr(s, f) for s in scores]))
+                             for f in ("pearson_top20_de", "edistance", "score")))
+
+
 Kind = tuple[int, int]  # (components, how many of them are measured as singles in training)
 
 

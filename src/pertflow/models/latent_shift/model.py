@@ -60,7 +60,7 @@ from pertflow.models.latent_shift.embeddings import (
 from pertflow.models.latent_shift.predictors import PREDICTORS, LatentPredictor, NetworkPredictor
 from pertflow.models.latent_shift.training import CellBatches, stage_dir, train_network
 from pertflow.models.prior import Prior
-from pertflow.models.validation import ValidationSet
+from pertflow.models.validation import ValidationSet, mean_score
 from pertflow.train.config import TrainConfig
 
 MAX_PAIRS = 256  # control cells paired with a group: at least its own size, up to this many when there are
@@ -226,7 +226,7 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
                     scores.append(scored.score(lambda p, c, controls: self.predicted_cells(
                         controls, p, c, self.prior.held_out_delta(p, c), rng, self.predict_config)[1]))
             kept = (self.predictor, self.descriptors, self.fit_report["predictor"])
-            return descriptor_choice.mean_score(scores), kept
+            return mean_score(scores), kept
 
         self.descriptor_kind, kept, report = descriptor_choice.choose(kinds, fit_and_score, self.what)
         self.predictor, self.descriptors, self.fit_report["predictor"] = kept
