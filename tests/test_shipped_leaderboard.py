@@ -44,7 +44,8 @@ def test_shipped_rows_override_by_run_and_report_what_differs(tmp_path, monkeypa
     monkeypatch.setattr(shipped, "SHIPPED", configs)
     results = tmp_path / "results"
     _folder(results, "base", [("A", "mean", 0.5, 2.0), ("A", "no-change", 0.0, 3.0),
-                              ("B", "mean", 0.5, 2.0), ("B", "no-change", 0.0, 3.0)])
+                              ("B", "mean", 0.5, 2.0), ("B", "no-change", 0.0, 3.0),
+                              ("C", "mean", 0.5, 2.0), ("C", "no-change", 0.0, 3.0)])
     _folder(results, "old", [("A", "latent-shift", 0.1, 9.0), ("B", "latent-shift", 0.9, 1.0)],
             "model:\n  hidden: 128\ntrain:\n  max_steps: 1500\n", "latent-shift")
     _folder(results, "new", [("A", "latent-shift@v", 0.6, 1.5)],
@@ -58,9 +59,15 @@ def test_shipped_rows_override_by_run_and_report_what_differs(tmp_path, monkeypa
                                       "--csv", str(tmp_path / "shipped.csv")])
     shipped.main()
     text = out.read_text()
-    assert "| latent-shift | 0.750 | 1.250 | 2/2 | 2/2 | - |" in text  # A from 'new', B from 'old'
+    assert "| latent-shift | 0.750 | 1.250 | 2/2 | 2/2 | C |" in text  # A from 'new', B from 'old', no run of C
     assert "model.hidden: 128 -> 256" in text and "width" in text
     assert "## Folds below the bar" in text and "| t | A |" not in text
+
+    spec["baselines"] = []  # a fold without a baseline has no bar: refused
+    (results / "shipped.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit, match="no baseline run"):
+        shipped.main()
+    spec["baselines"] = ["base"]
 
     _folder(results, "wrong", [("A", "latent-shift", 0.1, 9.0)], "model:\n  hidden: 256\n", "latent-shift",
             sha="0000000000000000")

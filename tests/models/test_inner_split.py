@@ -220,3 +220,17 @@ def test_the_prior_and_mode_are_chosen_on_the_mean_over_rotations(tmp_path):
     assert model.prediction_mode == max(means, key=means.get)
     model.save(tmp_path / "saved")
     assert "validation_rotations" in json.loads((tmp_path / "saved" / "model.json").read_text())["fit_report"]
+
+
+def test_rotations_of_a_dose_screen_hold_out_other_drugs():
+    """A drug at several doses is one single (drugA@1's component is drugA): a rotation holds out
+    another drug, never the first split's again at its other doses."""
+    adata = make_synthetic(n_genes=30, n_singles=6, n_combos=0, n_contexts=1, cells_per_group=10,
+                           controls_per_context=40, n_effect_genes=6, doses=(0.1, 1.0, 10.0), seed=2)
+    data = PerturbationData.from_anndata(adata, dose_col="dose")
+    drugs = sorted({data.components(p)[0] for p in map(str, data.perturbations) if p != data.spec.control})
+    view = SplitView(data, make_split(data, "perturbations", test_perturbations=[p for p in set(map(
+        str, data.perturbations)) if p.startswith(drugs[0])]))
+    splits = rotations(view, inner_split(view, "auto", n_held_out=1), 3)
+    held = [{data.components(p)[0] for p in s.held_out} for s in splits]
+    assert len(splits) == 3 and all(len(h) == 1 for h in held) and len(set().union(*held)) == 3

@@ -100,9 +100,12 @@ class AnchoredModel(PerturbationModel):
         inner = inner_split(view, self.config.validation, self.config.validation_held_out, VALIDATION_SEED,
                             self.config.validation_contexts)
         validation = ValidationSet(inner.view, seed=VALIDATION_SEED)
-        others = [(split, ValidationSet(split.view, seed=VALIDATION_SEED + r)) for r, split in enumerate(
-            rotations(view, inner, self.config.validation_rotations, self.config.validation_contexts,
-                      VALIDATION_SEED)[1:], start=1)]
+        others = []  # more inner splits to choose on (validation_rotations), each with groups to score
+        if len(validation):
+            splits = rotations(view, inner, self.config.validation_rotations, self.config.validation_contexts,
+                               VALIDATION_SEED)[1:]
+            others = [(split, val) for r, split in enumerate(splits, start=1)
+                      if len(val := ValidationSet(split.view, seed=VALIDATION_SEED + r))]
         self.prior = Prior.fit(self.config.prior, inner.view, validation, self.config.prior_strengths,
                                more=[(split.view, val) for split, val in others])
         rotation_scores = [self.fit_rotation(r, split, val, train_config, run_dir, resume)

@@ -234,6 +234,11 @@ class AdditiveSingleMean(Additive):
     name = "additive-mean"
     predicts_unknown_labels = True
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._single_means: dict[str, np.ndarray] = {}  # context -> its measured singles' mean response
+        self._single_mean = np.zeros(len(self.genes), dtype=np.float32)  # over every context
+
     def fit_responses(self, keys: list[tuple[str, str]], responses: np.ndarray) -> None:
         super().fit_responses(keys, responses)
         singles = [i for i, (p, _) in enumerate(self.keys) if len(self.components(p)) == 1]

@@ -151,10 +151,10 @@ def hold_out(view: SplitView, kind: str, held: list[str], reason: str = "") -> I
 
 def rotations(view: SplitView, first: InnerSplit, n: int, contexts: str = "nearest", seed: int = 0) -> list[InnerSplit]:
     """``first`` (the inner split a model is fitted on) and up to ``n - 1`` more of its kind, each
-    holding out as many training contexts or perturbations as ``first``, none held out by an
-    earlier one (contexts in the order ``contexts`` ranks them; perturbations drawn with seeds
-    ``seed + 1``, ...), so that a choice is judged on more held-out groups than one split has.
-    Fewer where the candidates run out (one context always stays in training); ``cells`` has none."""
+    holding out as many training contexts or perturbations as ``first`` (the last one fewer where
+    too few are left), none held out by an earlier one: contexts in the order ``contexts`` ranks
+    them, perturbations drawn with seeds ``seed + 1``, ..., so that a choice is judged on more
+    held-out groups than one split has. One context always stays in training; ``cells`` has none."""
     out = [first]
     if first.kind == "cells" or n <= 1:
         return out
@@ -164,15 +164,16 @@ def rotations(view: SplitView, first: InnerSplit, n: int, contexts: str = "neare
     held: set[str] = set(first.held_out)
     if first.kind == "contexts":
         candidates = sorted(set(map(str, data.contexts[perturbed])))
-        ranked = [c for c in _ranked_contexts(view, candidates, contexts, np.random.default_rng(seed)) if c not in held]
-        size = len(first.held_out)
-        while len(out) < n and ranked and len(candidates) - size >= 1:
+        ranking = _ranked_contexts(view, candidates, contexts, np.random.default_rng(seed))
+        ranked = [c for c in ranking if c not in held]
+        size = len(first.held_out)  # fewer than the candidates, so one always stays in training
+        while len(out) < n and ranked:
             chosen, ranked = ranked[:size], ranked[size:]
             out.append(hold_out(view, "contexts", chosen, f"{first.reason}; rotation {len(out)}"))
         return out
     size = len({c for p in first.held_out for c in data.components(p) if len(data.components(p)) == 1}) or 1
     for r in range(1, n):
-        singles = {p for p in held if len(data.components(p)) == 1}
+        singles = {data.components(p)[0] for p in held if len(data.components(p)) == 1}  # drugA@1 -> drugA
         chosen = _held_out_perturbations(view, perturbed, size, np.random.default_rng(seed + r), exclude=singles)
         if not chosen:
             break

@@ -8,8 +8,8 @@ with the run.
 In training, the shift of a training perturbation (in its context) is the baseline's prediction
 *without* that perturbation's own response (leave one out): otherwise the baseline would see
 the answer, and the flow would learn to trust a prior that at test time, for a perturbation it
-never measured, is only an estimate. The one exception is a single under the ``additive`` prior:
-the additive baseline builds a combination from its *measured* singles, so a measured single is
+never measured, is only an estimate. The one exception is a single under the ``additive`` (or
+``additive-mean``) prior: these build a combination from its *measured* singles, so a measured single is
 that prior's input, not something it predicts; its shift is its own response, the same as when
 it is a component of a test combination. (Only in training: validation scores every prior and
 every prediction mode leave-one-out, :meth:`Prior.held_out_delta`.) The flow then learns a
@@ -217,7 +217,7 @@ class Prior:
 
     def training_delta(self, perturbation: str, context: str) -> np.ndarray:
         """(G,) the shift a training batch of this perturbation starts from: :meth:`held_out_delta`,
-        except for a measured single under the additive prior, whose shift is its own response
+        except for a measured single under an additive prior (:data:`ADDITIVE`): its own response
         (the additive prior's input; see the module docstring). Never used for scoring."""
         if self.name in ADDITIVE and (perturbation, context) in self.baseline.keys \
                 and len(self.baseline.components(perturbation)) == 1 \
