@@ -31,7 +31,7 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from leaderboard import EDIST, TOP20, leaderboard  # noqa: E402  (a sibling script)
+from leaderboard import fold_means, leaderboard  # noqa: E402  (a sibling script)
 
 from pertflow.io import write_text  # noqa: E402
 from pertflow.models.registry import BASELINES  # noqa: E402
@@ -82,35 +82,28 @@ def model_rows(name: str, runs: list[dict], results: Path) -> tuple[pd.DataFrame
         matches = sha is not None and hashlib.sha256(text.encode()).hexdigest()[:len(sha)] == sha
         if sha and not matches and not run.get("unchecked"):
             raise SystemExit(f"{run['folder']}: config {run['config']} is not the one its manifest recorded for "
-                             f"{run['label']} (sha256 {sha}); name the config that run used, or say why under 'unchecked'")
-        table = pd.read_csv(folder / "results.csv", usecols=["task", "fold", "model", TOP20, EDIST])
-        table = table[table["model"] == run["label"]]
-        if table.empty:
+                             f"{run['label']} (sha256 {sha}); name the config that run used, "
+                             "or say why under 'unchecked'")
+        every = fold_means([folder])
+        if run["label"] not in every.index.get_level_values("model"):
             raise SystemExit(f"{run['folder']}/results.csv holds no run labelled {run['label']!r}")
-        table["fold"] = table["fold"].fillna("").astype(str)
-        means = table.groupby(["task", "fold"])[[TOP20, EDIST]].mean().reset_index()
+        means = every.xs(run["label"], level="model").reset_index()
         means["model"], means["rank"], means["source"] = name, rank, run["folder"]
         tables.append(means)
         folds = {t: sorted(b["fold"]) for t, b in means.groupby("task")}
         provenance.append({"model": name, "folder": run["folder"], "label": run["label"], "config": run["config"],
-                           "checked": "checked" if matches else run.get("unchecked", "no sha256 recorded"), "differs": differences(settings(text), shipped),
-                           "why": run.get("why", ""), "folds": folds})
+                           "checked": "checked" if matches else run.get("unchecked", "no sha256 recorded"),
+                           "differs": differences(settings(text), shipped), "why": run.get("why", ""), "folds": folds})
     every = pd.concat(tables).sort_values("rank")
     return every.drop_duplicates(["task", "fold"], keep="last"), provenance
 
 
 def baseline_rows(folders: list[str], results: Path) -> pd.DataFrame:
-    tables = []
-    for rank, folder in enumerate(folders):
-        table = pd.read_csv(results / folder / "results.csv", usecols=["task", "fold", "model", TOP20, EDIST])
-        table = table[table["model"].isin(list(BASELINES) + ["ceiling"])]
-        table["fold"] = table["fold"].fillna("").astype(str)
-        means = table.groupby(["task", "fold", "model"])[[TOP20, EDIST]].mean().reset_index()
-        means["rank"], means["source"] = rank, folder
-        tables.append(means)
-    if not tables:
-        return pd.DataFrame(columns=["task", "fold", "model", TOP20, EDIST, "rank", "source"])
-    return pd.concat(tables).sort_values("rank").drop_duplicates(["task", "fold", "model"], keep="last")
+    """The baselines' and the noise ceiling's (task, fold) means, a later folder's first."""
+    if not folders:
+        return pd.DataFrame(columns=["task", "fold", "model"])
+    every = fold_means([results / folder for folder in folders]).reset_index()
+    return every[every["model"].isin([*BASELINES, "ceiling"])]
 
 
 def markdown(board: pd.DataFrame, models: list[str], provenance: list[dict], tasks: dict[str, list[str]]) -> str:
@@ -136,7 +129,8 @@ def markdown(board: pd.DataFrame, models: list[str], provenance: list[dict], tas
         lines += [f"| *strongest baseline per fold* | {best.best_top20:.3f} | {best.best_edist:.3f} | | | |", ""]
     below = board[board["model"].isin(models) & ~board["within"]]
     lines += ["## Folds below the bar", "",
-              "| task | fold | model | top-20 | E-distance | strongest baseline (top-20 / E) |", "|---|---|---|---|---|---|"]
+              "| task | fold | model | top-20 | E-distance | strongest baseline (top-20 / E) |",
+              "|---|---|---|---|---|---|"]
     for r in below.sort_values(["task", "fold", "model"]).itertuples():
         lines.append(f"| {r.task} | {r.fold or '-'} | {r.model} | {r.top20:.3f} | {r.edist:.3f} | "
                      f"{r.best_top20:.3f} / {r.best_edist:.3f} |")
