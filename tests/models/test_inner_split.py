@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 
+from pertflow.configs import build
 from pertflow.data.dataset import PerturbationData
 from pertflow.data.splits import make_split
 from pertflow.data.synthetic import make_synthetic
 from pertflow.data.view import SplitView
+from pertflow.errors import InputError
 from pertflow.models.inner_split import inner_split, kind_of_test, rotations
 from pertflow.models.latent_shift.config import LatentShiftConfig
 from pertflow.models.latent_shift.model import LatentShift
@@ -220,6 +222,20 @@ def test_the_prior_and_mode_are_chosen_on_the_mean_over_rotations(tmp_path):
     assert model.prediction_mode == max(means, key=means.get)
     model.save(tmp_path / "saved")
     assert "validation_rotations" in json.loads((tmp_path / "saved" / "model.json").read_text())["fit_report"]
+
+
+def test_rotations_only_on_the_kinds_named(tmp_path):
+    """``validation_rotations_on: [perturbations]`` leaves a context transfer on its one inner split."""
+    cell_types = _cell_types({"sib_a": 0.0, "sib_b": 0.1, "lone": 0.9, "near": 2.0, "test": 2.8})
+    view = SplitView(cell_types, make_split(cell_types, "context", test_context="test"))
+    config = LatentShiftConfig(n_components=8, hidden=32, decoder_hidden=32, decoder_steps=20, groups_per_step=4,
+                               prior="auto", validation_rotations=2, validation_rotations_on=("perturbations",))
+    model = LatentShift.from_view(view, config)
+    model.fit(view, TrainConfig(max_steps=20, batch_size=16, val_every=20, checkpoint_every=20, progress=False), tmp_path)
+    assert model.fit_report["validation_split"]["held_out"] == ["near"]
+    assert "validation_rotations" not in model.fit_report and not (tmp_path / "stages" / "rotation-1").exists()
+    with pytest.raises(InputError, match="validation_rotations_on"):
+        build(LatentShiftConfig, {"validation_rotations_on": ["cells"]}, "model")
 
 
 def test_rotations_of_a_dose_screen_hold_out_other_drugs():

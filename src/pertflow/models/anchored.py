@@ -102,8 +102,8 @@ class AnchoredModel(PerturbationModel):
         validation = ValidationSet(inner.view, seed=VALIDATION_SEED)
         others = []  # more inner splits to choose on (validation_rotations), each with groups to score
         if len(validation):
-            splits = rotations(view, inner, self.config.validation_rotations, self.config.validation_contexts,
-                               VALIDATION_SEED)[1:]
+            n_splits = self.config.validation_rotations if inner.kind in self.config.validation_rotations_on else 1
+            splits = rotations(view, inner, n_splits, self.config.validation_contexts, VALIDATION_SEED)[1:]
             others = [(split, val) for r, split in enumerate(splits, start=1)
                       if len(val := ValidationSet(split.view, seed=VALIDATION_SEED + r))]
         self.prior = Prior.fit(self.config.prior, inner.view, validation, self.config.prior_strengths,

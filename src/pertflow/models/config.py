@@ -139,6 +139,12 @@ class AnchoredConfig:
         averaged): the first as above, each other one holding out as many other training contexts
         or perturbations, none held out before (:func:`pertflow.models.inner_split.rotations`).
         The model is trained once more per extra split; 1: one inner split.
+    validation_rotations_on
+        The kinds of inner split that take ``validation_rotations`` (the others use one):
+        ``perturbations`` alone keeps a context transfer on the held-out context nearest its test
+        (a gene-space flow's quality differs by lineage, so a farther one is weaker evidence)
+        while an unseen-perturbation test, whose one held-out single is a small sample, is judged
+        on several.
     """
 
     prior: PriorName = "none"
@@ -148,6 +154,7 @@ class AnchoredConfig:
     refit: bool = False
     prior_strengths: tuple[float, ...] = (1.0,)
     validation_rotations: int = 1
+    validation_rotations_on: tuple[Literal["contexts", "perturbations"], ...] = ("contexts", "perturbations")
 
     def __post_init__(self) -> None:
         if self.validation_rotations < 1:
