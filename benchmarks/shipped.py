@@ -4,7 +4,8 @@
 used. This script answers the narrower question "how does ``pertflow benchmark --models X`` do
 on every fold, with the config that ships": ``shipped.yaml`` lists, for each shipped model, the
 benchmark runs made with its config (older first; a later run overrides an earlier one on the
-folds it holds) and the config each run used, a file or ``<commit>:<path>`` of this repository.
+folds it holds) and the config each run used, a file or ``<commit>:<path>`` of this repository;
+``tasks`` keeps only those of a run's tasks (a run that stands for the config on some of them).
 The config is checked against the run's manifest (its sha256, where the manifest kept one), and
 each setting that differs from today's shipped config is printed beside the spec's ``why``:
 what the difference changes on that run's folds (often nothing, e.g. a descriptor on a
@@ -88,6 +89,10 @@ def model_rows(name: str, runs: list[dict], results: Path) -> tuple[pd.DataFrame
         if run["label"] not in every.index.get_level_values("model"):
             raise SystemExit(f"{run['folder']}/results.csv holds no run labelled {run['label']!r}")
         means = every.xs(run["label"], level="model").reset_index()
+        if run.get("tasks"):
+            means = means[means["task"].isin(run["tasks"])]
+            if means.empty:
+                raise SystemExit(f"{run['folder']}: no fold of the tasks {run['tasks']} under {run['label']!r}")
         means["model"], means["rank"], means["source"] = name, rank, run["folder"]
         tables.append(means)
         folds = {t: sorted(b["fold"]) for t, b in means.groupby("task")}

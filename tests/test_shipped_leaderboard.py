@@ -81,3 +81,12 @@ def test_shipped_rows_override_by_run_and_report_what_differs(tmp_path, monkeypa
     text = out.read_text()
     assert "| t | A | latent-shift | 0.100 | 9.000 |" in text  # the last run's fold, now below the bar
     assert "its comments were rewritten" in text
+
+    spec["models"]["latent-shift"][-1]["tasks"] = ["other"]  # stands for the config on another task only
+    (results / "shipped.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit, match="no fold of the tasks"):
+        shipped.main()
+    spec["models"]["latent-shift"][-1]["tasks"] = ["t"]
+    (results / "shipped.yaml").write_text(yaml.safe_dump(spec))
+    shipped.main()
+    assert "| t | A | latent-shift | 0.100 | 9.000 |" in out.read_text()
