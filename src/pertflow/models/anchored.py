@@ -23,7 +23,8 @@ the choice of mode are the contract's, so a new kind of validation is one change
 After fitting the model predicts the way that scored best on validation (``prediction_mode``):
 
 * ``flow``: the model's own cells;
-* ``prior-mean``: its cells moved onto the prior's mean (the prior's shift, the model's spread);
+* ``prior-mean``: its cells moved onto the prior's mean (the prior's shift, the model's spread;
+  clipped at zero after, see :data:`~pertflow.models.prior.PREDICTION_MODES`);
 * ``prior``: the prior's own cells (the model added nothing on validation).
 
 So a run is never worse on validation than its baseline, and says which way it predicts.

@@ -253,8 +253,10 @@ class Prior:
 
 # ---------------------------------------------------------------------------- prediction modes
 #: How a model anchored on a prior predicts: ``flow``, its own cells; ``prior-mean``, its cells
-#: moved onto the prior's mean (the prior's shift, the model's spread); ``prior``, the prior's
-#: own cells (the model added nothing on validation). ``predict.mode`` forces one.
+#: moved onto the prior's mean (the prior's shift, the model's spread), then clipped at zero, which
+#: raises the mean of a gene whose moved cells went below zero (so the mean is the prior's only
+#: where none did); ``prior``, the prior's own cells (the model added nothing on validation).
+#: ``predict.mode`` forces one.
 PREDICTION_MODES = ("flow", "prior-mean", "prior")
 
 
