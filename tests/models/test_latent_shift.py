@@ -177,6 +177,27 @@ def test_save_load_reproduces_predictions(view, tmp_path, predictor):
     assert PerturbationModel.load(tmp_path).prediction_mode == "flow"
 
 
+def test_prior_residual_decoding_keeps_the_priors_whole_shift(view, tmp_path):
+    """``decode: prior-residual``: an embedding the predictor leaves at its prior's is decoded to the
+    prior's cells exactly (``residual`` loses the part of the shift outside the 8-d embedding)."""
+    config = LatentShiftConfig(**{**TINY.__dict__, "prior": "mean", "decode": "prior-residual"})
+    model = LatentShift.from_view(view, config)
+    model.fit(view, SHORT, tmp_path)
+    controls = view.expression.get(view.control_rows("line_B")[:20])
+    latent = model.embedding.encode(controls)
+    shift = model.prior.delta(view.data.perturbation_names[0], "line_B")
+    assert np.abs(shift).max() > 0.05
+    start = model.embedding.shifted(controls, latent, shift)
+    np.testing.assert_allclose(model.decode(start, controls, latent, shift), np.clip(controls + shift, 0, None),
+                               atol=1e-5)
+    residual = LatentShift.from_view(view, LatentShiftConfig(**{**config.__dict__, "decode": "residual"}))
+    residual.embedding, residual.decoder = model.embedding, model.decoder
+    lost = residual.decode(start, controls, latent, shift) - np.clip(controls + shift, 0, None)
+    assert np.abs(lost.mean(0)).max() > 0.01  # what the embedding and the decoder miss of the prior's shift
+    np.testing.assert_allclose(model.decode(latent, controls, latent, np.zeros_like(shift)),
+                               residual.decode(latent, controls, latent), atol=1e-6)  # no shift: as residual
+
+
 def test_descriptors_from_a_file(view, tmp_path):
     components = sorted({c for p in view.training_perturbations for c in view.data.components(p)})
     table = pd.DataFrame(np.random.default_rng(0).normal(size=(len(components), 3)), index=components)

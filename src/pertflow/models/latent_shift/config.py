@@ -93,7 +93,12 @@ class LatentShiftConfig(AnchoredConfig, FlowPathConfig):
     decode
         ``direct``: a predicted cell is ``decoder(z)``. ``residual``: the control cell it came from
         plus ``decoder(z) - decoder(z_control)`` (the decoder's change), which keeps that cell's
-        variation outside the embedding and cancels the decoder's bias.
+        variation outside the embedding and cancels the decoder's bias. ``prior-residual``: the
+        prior's cell (the control cell plus the prior's shift) plus ``decoder(z) - decoder(z_prior)``,
+        the decoder's change from the prior's embedding to the predicted one: the prior's shift
+        enters whole, also the part of it outside the embedding, which ``residual`` loses, and a
+        predictor that adds nothing to its prior predicts the prior exactly (the same as
+        ``residual`` where the prior's shift is zero).
     """
 
     embedding: Literal["pca", "scgpt", "cfm-vc"] = "pca"
@@ -121,7 +126,7 @@ class LatentShiftConfig(AnchoredConfig, FlowPathConfig):
     decoder_steps: int = 800
     decoder_lr: float = 1e-3
     decoder_batch_size: int = 256
-    decode: Literal["direct", "residual"] = "direct"
+    decode: Literal["direct", "residual", "prior-residual"] = "direct"
 
     def __post_init__(self) -> None:
         super().__post_init__()

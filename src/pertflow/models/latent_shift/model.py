@@ -371,7 +371,7 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
         """(the predicted embeddings, their decoded cells) of a perturbation from control cells."""
         latent = self.embedding.encode(controls)
         predicted = self.predict_latent(controls, latent, perturbation, context, shift, rng, settings)
-        return predicted, self.decode(predicted, controls, latent)
+        return predicted, self.decode(predicted, controls, latent, shift)
 
     def predict_latent(self, controls: np.ndarray, latent: np.ndarray, perturbation: str, context: str,
                        delta: np.ndarray, rng: np.random.Generator,
@@ -388,10 +388,15 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
             moved = np.asarray(self.predictor.predict(anchor - origin, cov), dtype=np.float32)
         return moved + origin
 
-    def decode(self, predicted: np.ndarray, controls: np.ndarray, latent: np.ndarray) -> np.ndarray:
-        """Expression of predicted embeddings with the frozen decoder (see ``decode`` in the config)."""
+    def decode(self, predicted: np.ndarray, controls: np.ndarray, latent: np.ndarray,
+               shift: np.ndarray | None = None) -> np.ndarray:
+        """Expression of predicted embeddings with the frozen decoder (see ``decode`` in the config):
+        ``controls`` the cells whose embeddings are ``latent``, ``shift`` the prior's (G,) shift."""
         cells = self.decoder.decode(predicted)
-        if self.config.decode == "residual":
+        if self.config.decode == "prior-residual" and shift is not None and np.any(shift):
+            start = self.embedding.shifted(controls, latent, shift)
+            cells = controls + np.asarray(shift, np.float32)[None, :] + cells - self.decoder.decode(start)
+        elif self.config.decode in ("residual", "prior-residual"):
             cells = controls + cells - self.decoder.decode(latent)
         return np.clip(cells, 0, None)
 
