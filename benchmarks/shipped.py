@@ -89,10 +89,13 @@ def model_rows(name: str, runs: list[dict], results: Path) -> tuple[pd.DataFrame
         if run["label"] not in every.index.get_level_values("model"):
             raise SystemExit(f"{run['folder']}/results.csv holds no run labelled {run['label']!r}")
         means = every.xs(run["label"], level="model").reset_index()
-        if run.get("tasks"):
-            means = means[means["task"].isin(run["tasks"])]
-            if means.empty:
-                raise SystemExit(f"{run['folder']}: no fold of the tasks {run['tasks']} under {run['label']!r}")
+        if "tasks" in run:
+            tasks = run["tasks"]
+            unknown = sorted(set(tasks) - set(means["task"])) if isinstance(tasks, list) else tasks
+            if not isinstance(tasks, list) or not tasks or unknown:
+                raise SystemExit(f"{run['folder']}: 'tasks' must be a list of tasks its run of {run['label']!r} "
+                                 f"holds ({sorted(set(means['task']))}); got {tasks!r}")
+            means = means[means["task"].isin(tasks)]
         means["model"], means["rank"], means["source"] = name, rank, run["folder"]
         tables.append(means)
         folds = {t: sorted(b["fold"]) for t, b in means.groupby("task")}

@@ -82,11 +82,23 @@ def test_shipped_rows_override_by_run_and_report_what_differs(tmp_path, monkeypa
     assert "| t | A | latent-shift | 0.100 | 9.000 |" in text  # the last run's fold, now below the bar
     assert "its comments were rewritten" in text
 
-    spec["models"]["latent-shift"][-1]["tasks"] = ["other"]  # stands for the config on another task only
-    (results / "shipped.yaml").write_text(yaml.safe_dump(spec))
-    with pytest.raises(SystemExit, match="no fold of the tasks"):
-        shipped.main()
+    # a run that stands for the config on one of its tasks: 'tasks' keeps that one
+    with (results / "wrong" / "results.csv").open("a") as rows:
+        rows.write("u,A,latent-shift,p,0.9,0.5\nu,A,mean,p,0.5,2.0\n")
+    with (results / "base" / "results.csv").open("a") as rows:
+        rows.write("u,A,mean,p,0.5,2.0\nu,A,no-change,p,0.0,3.0\n")
+    _folder(results, "u-old", [("A", "latent-shift", 0.2, 2.5)], "model:\n  hidden: 256\ntrain:\n  max_steps: 1500\n",
+            "latent-shift")
+    (results / "u-old" / "results.csv").write_text((results / "u-old" / "results.csv").read_text().replace("t,A", "u,A"))
+    spec["models"]["latent-shift"].insert(0, {"folder": "u-old", "label": "latent-shift", "config": "run.yaml"})
+    for bad in (["v"], [], "u"):  # a task the run does not hold, none, not a list: refused
+        spec["models"]["latent-shift"][-1]["tasks"] = bad
+        (results / "shipped.yaml").write_text(yaml.safe_dump(spec))
+        with pytest.raises(SystemExit, match="'tasks' must be a list"):
+            shipped.main()
     spec["models"]["latent-shift"][-1]["tasks"] = ["t"]
     (results / "shipped.yaml").write_text(yaml.safe_dump(spec))
     shipped.main()
-    assert "| t | A | latent-shift | 0.100 | 9.000 |" in out.read_text()
+    text = out.read_text()
+    assert "| t | A | latent-shift | 0.100 | 9.000 |" in text  # task t from the last run
+    assert "| u | A | latent-shift | 0.200 | 2.500 |" in text  # task u still from the earlier run, below the bar

@@ -234,8 +234,11 @@ def test_rotations_only_on_the_kinds_named(tmp_path):
     model.fit(view, TrainConfig(max_steps=20, batch_size=16, val_every=20, checkpoint_every=20, progress=False), tmp_path)
     assert model.fit_report["validation_split"]["held_out"] == ["near"]
     assert "validation_rotations" not in model.fit_report and not (tmp_path / "stages" / "rotation-1").exists()
+    assert "leaves out 'contexts'" in model.fit_report["validation_split"]["rotations"]
     with pytest.raises(InputError, match="validation_rotations_on"):
         build(LatentShiftConfig, {"validation_rotations_on": ["cells"]}, "model")
+    with pytest.raises(ValueError, match="validation_rotations_on is empty"):
+        LatentShiftConfig(validation_rotations=3, validation_rotations_on=())
 
 
 def test_rotations_of_a_dose_screen_hold_out_other_drugs():

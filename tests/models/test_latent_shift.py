@@ -15,6 +15,7 @@ from pertflow.errors import InputError
 from pertflow.eval.config import EvalConfig
 from pertflow.eval.context_metrics import latent_knn_purity
 from pertflow.models.base import PerturbationModel
+from pertflow.models.ccfm.config import CellCascadeConfig
 from pertflow.models.config import PredictConfig
 from pertflow.models.latent_shift.config import LatentShiftConfig
 from pertflow.models.latent_shift.model import LatentShift
@@ -194,8 +195,16 @@ def test_prior_residual_decoding_keeps_the_priors_whole_shift(view, tmp_path):
     residual.embedding, residual.decoder = model.embedding, model.decoder
     lost = residual.decode(start, controls, latent, shift) - np.clip(controls + shift, 0, None)
     assert np.abs(lost.mean(0)).max() > 0.01  # what the embedding and the decoder miss of the prior's shift
-    np.testing.assert_allclose(model.decode(latent, controls, latent, np.zeros_like(shift)),
-                               residual.decode(latent, controls, latent), atol=1e-6)  # no shift: as residual
+    moved = latent + 0.3
+    np.testing.assert_allclose(model.decode(moved, controls, latent, np.zeros_like(shift)),
+                               residual.decode(moved, controls, latent), atol=1e-6)  # no shift: as residual
+    # through prediction: a predictor that leaves every embedding where its prior put it
+    model.predictor.predict = lambda x, cov, **how: x
+    cells = model.own_cells(controls, view.data.perturbation_names[0], "line_B", shift, np.random.default_rng(0),
+                            model.predict_config)
+    np.testing.assert_allclose(cells, np.clip(controls + shift, 0, None), atol=1e-5)
+    with pytest.raises(ValueError, match="prior-residual"):
+        CellCascadeConfig(decode="prior-residual")
 
 
 def test_descriptors_from_a_file(view, tmp_path):

@@ -15,7 +15,8 @@ baseline's predicted shift (:mod:`pertflow.models.prior`) and learns what the ba
 
 With ``validation_rotations`` > 1 the prior and the mode are chosen on the mean over that many
 inner splits (:func:`~pertflow.models.inner_split.rotations`): the model is first trained on each
-extra one (``stages/rotation-<r>``) and its modes scored there, then on the first as above.
+extra one (``stages/rotation-<r>``) and its modes scored there, then on the first as above;
+only on the kinds of inner split ``validation_rotations_on`` names (the fit report says so).
 
 A family implements :meth:`fit_anchored` and :meth:`own_cells` (its own cells of a perturbation
 from control cells and the prior's shift); prediction (:meth:`generate`), validation scoring and
@@ -116,6 +117,10 @@ class AnchoredModel(PerturbationModel):
             self.prior = self.prior.refitted(inner.view)
         self.fit_anchored(inner.view, train_config, run_dir, resume, validation)
         chosen: dict[str, Any] = {"validation_split": {**inner.describe(), "groups": len(validation)}}
+        if self.config.validation_rotations > 1 and inner.kind not in self.config.validation_rotations_on:
+            chosen["validation_split"]["rotations"] = (f"one split: validation_rotations_on "
+                                                      f"{list(self.config.validation_rotations_on)} leaves out "
+                                                      f"'{inner.kind}'")
         if len(validation):
             first = {mode: self.validation_score(validation, mode) for mode in PREDICTION_MODES}
             self.prediction_mode, choice = choose_prediction_mode(

@@ -141,10 +141,10 @@ class AnchoredConfig:
         The model is trained once more per extra split; 1: one inner split.
     validation_rotations_on
         The kinds of inner split that take ``validation_rotations`` (the others use one):
-        ``perturbations`` alone keeps a context transfer on the held-out context nearest its test
-        (a gene-space flow's quality differs by lineage, so a farther one is weaker evidence)
-        while an unseen-perturbation test, whose one held-out single is a small sample, is judged
-        on several.
+        ``perturbations`` alone keeps a context transfer on its one inner split (the contexts
+        ``validation_contexts`` picks; more splits hold out contexts farther from the test, weaker
+        evidence where a model's quality differs by lineage) while an unseen-perturbation test,
+        whose one held-out single is a small sample, is judged on several.
     """
 
     prior: PriorName = "none"
@@ -160,6 +160,10 @@ class AnchoredConfig:
         if self.validation_rotations < 1:
             raise ValueError(f"validation_rotations must be 1 or more (1: one inner split); "
                              f"got {self.validation_rotations}")
+        if self.validation_rotations > 1 and not self.validation_rotations_on:
+            raise ValueError("validation_rotations_on is empty, so validation_rotations would never apply: name "
+                             "the kinds of inner split that take it (contexts, perturbations) or set "
+                             "validation_rotations=1")
         if not self.prior_strengths or any(not 0 < s <= 1 for s in self.prior_strengths):
             raise ValueError(f"prior_strengths must be one or more factors in (0, 1], e.g. [1.0, 0.75, 0.5, 0.25]; got "
                              f"{list(self.prior_strengths)}")

@@ -169,3 +169,6 @@ class CellCascadeConfig(LatentShiftConfig):
                 or self.latent_augment < 0):
             raise ValueError("expression_lr must be > 0; expression_noise, expression_mean_weight and "
                              "latent_augment >= 0")
+        if self.decode == "prior-residual":  # stage 2 trains from starts decoded without a prior's shift
+            raise ValueError("decode 'prior-residual' is latent-shift's: the cascade's expression flow is trained "
+                             "from cells decoded without the prior's shift, so use decode=residual (or direct)")

@@ -370,14 +370,17 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
                         rng: np.random.Generator, settings: PredictConfig) -> tuple[np.ndarray, np.ndarray]:
         """(the predicted embeddings, their decoded cells) of a perturbation from control cells."""
         latent = self.embedding.encode(controls)
-        predicted = self.predict_latent(controls, latent, perturbation, context, shift, rng, settings)
-        return predicted, self.decode(predicted, controls, latent, shift)
+        start = self.embedding.shifted(controls, latent, shift) if np.any(shift) else latent
+        predicted = self.predict_latent(controls, latent, perturbation, context, shift, rng, settings, start)
+        return predicted, self.decode(predicted, controls, latent, shift, start)
 
     def predict_latent(self, controls: np.ndarray, latent: np.ndarray, perturbation: str, context: str,
                        delta: np.ndarray, rng: np.random.Generator,
-                       settings: PredictConfig | None = None) -> np.ndarray:
-        """(n, k) predicted embeddings of a perturbation from control cells and their embeddings."""
-        anchor = self.embedding.shifted(controls, latent, delta) if np.any(delta) else latent
+                       settings: PredictConfig | None = None, anchor: np.ndarray | None = None) -> np.ndarray:
+        """(n, k) predicted embeddings of a perturbation from control cells and their embeddings
+        (``anchor``: their embeddings moved by the prior's shift ``delta``, where already computed)."""
+        if anchor is None:
+            anchor = self.embedding.shifted(controls, latent, delta) if np.any(delta) else latent
         cov = np.repeat(self.covariate(perturbation, context, latent)[None, :], len(latent), axis=0)
         origin = self.origin(context, latent)
         if isinstance(self.predictor, NetworkPredictor):
@@ -389,12 +392,14 @@ class LatentShift(ReadsControlExpression, AnchoredModel):
         return moved + origin
 
     def decode(self, predicted: np.ndarray, controls: np.ndarray, latent: np.ndarray,
-               shift: np.ndarray | None = None) -> np.ndarray:
+               shift: np.ndarray | None = None, start: np.ndarray | None = None) -> np.ndarray:
         """Expression of predicted embeddings with the frozen decoder (see ``decode`` in the config):
-        ``controls`` the cells whose embeddings are ``latent``, ``shift`` the prior's (G,) shift."""
+        ``controls`` the cells whose embeddings are ``latent``, ``shift`` the prior's (G,) shift and
+        ``start`` the embeddings it moves them to (computed here when not given)."""
         cells = self.decoder.decode(predicted)
         if self.config.decode == "prior-residual" and shift is not None and np.any(shift):
-            start = self.embedding.shifted(controls, latent, shift)
+            if start is None:
+                start = self.embedding.shifted(controls, latent, shift)
             cells = controls + np.asarray(shift, np.float32)[None, :] + cells - self.decoder.decode(start)
         elif self.config.decode in ("residual", "prior-residual"):
             cells = controls + cells - self.decoder.decode(latent)
