@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -219,9 +220,36 @@ def test_the_prior_and_mode_are_chosen_on_the_mean_over_rotations(tmp_path):
     for mode, mean in means.items():  # each mode's score is its mean over the two splits
         assert mean == pytest.approx((report["validation_first_split"][mode]["score"]
                                       + rotation["validation"][mode]["score"]) / 2)
-    assert model.prediction_mode == max(means, key=means.get)
+    splits = [report["validation_first_split"], rotation["validation"]]  # mode_rule every-split (the default)
+    allowed = [m for m in means if all(split[m]["score"] >= split["prior"]["score"] for split in splits)]
+    assert model.prediction_mode == max(allowed, key=means.get)
     model.save(tmp_path / "saved")
     assert "validation_rotations" in json.loads((tmp_path / "saved" / "model.json").read_text())["fit_report"]
+
+
+def test_every_split_keeps_a_mode_that_leads_on_the_mean_only_by_one_split():
+    """``mode_rule: every-split``: the flow's cells lead the prior's on the mean of two inner splits
+    but lose on one, so the prior's cells (or a mode that leads on both) are chosen instead."""
+    from pertflow.models.prior import choose_prediction_mode
+    from pertflow.models.validation import ValidationScore, mean_score
+
+    def scores(flow, prior_mean, prior):
+        return {m: ValidationScore(0.0, 0.0, v) for m, v in zip(("flow", "prior-mean", "prior"), (flow, prior_mean, prior))}
+
+    splits = [scores(0.9, 0.25, 0.2), scores(0.1, 0.25, 0.2)]  # the flow: +0.7 on one split, -0.1 on the other
+    prior = SimpleNamespace(reason="the best validation score", label="mean")  # what the choice reads of a prior
+
+    def mean(mode):
+        return mean_score([split[mode] for split in splits])
+
+    def every(mode):
+        return all(split[mode].score >= split["prior"].score for split in splits)
+
+    assert choose_prediction_mode(mean, prior)[0] == "flow"  # mode_rule: mean
+    mode, report = choose_prediction_mode(mean, prior, allowed=every)
+    assert mode == "prior-mean" and report["modes_not_allowed"] == ["flow"]
+    splits[1]["prior-mean"] = ValidationScore(0.0, 0.0, 0.1)
+    assert choose_prediction_mode(mean, prior, allowed=every)[0] == "prior"
 
 
 def test_rotations_only_on_the_kinds_named(tmp_path):

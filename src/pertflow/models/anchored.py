@@ -17,6 +17,8 @@ With ``validation_rotations`` > 1 the prior and the mode are chosen on the mean 
 inner splits (:func:`~pertflow.models.inner_split.rotations`): the model is first trained on each
 extra one (``stages/rotation-<r>``) and its modes scored there, then on the first as above;
 only on the kinds of inner split ``validation_rotations_on`` names (the fit report says so).
+With ``mode_rule: every-split`` (the default) a mode other than the prior's cells is a candidate
+only where it scores at least the prior's cells on every inner split, not only on their mean.
 
 A family implements :meth:`fit_anchored` and :meth:`own_cells` (its own cells of a perturbation
 from control cells and the prior's shift); prediction (:meth:`generate`), validation scoring and
@@ -123,8 +125,11 @@ class AnchoredModel(PerturbationModel):
                                                       f"'{inner.kind}'")
         if len(validation):
             first = {mode: self.validation_score(validation, mode) for mode in PREDICTION_MODES}
+            every = [first, *rotation_scores]  # each inner split's scores of every mode
             self.prediction_mode, choice = choose_prediction_mode(
-                lambda mode: mean_score([first[mode]] + [s[mode] for s in rotation_scores]), self.prior, self.what)
+                lambda mode: mean_score([split[mode] for split in every]), self.prior, self.what,
+                None if self.config.mode_rule == "mean" else
+                lambda mode: all(split[mode].score >= split["prior"].score for split in every))
             chosen.update(choice)  # with rotations, "validation" is the mean over the inner splits
             if others:
                 chosen["validation_first_split"] = {m: s.as_dict("") for m, s in first.items()}

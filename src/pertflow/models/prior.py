@@ -272,18 +272,22 @@ def mode_cells(mode: str, controls: np.ndarray, shift: np.ndarray, model_cells: 
     return cells
 
 
-def choose_prediction_mode(score: Callable[[str], ValidationScore], prior: Prior,
-                           what: str = "the flow") -> tuple[str, dict[str, Any]]:
+def choose_prediction_mode(score: Callable[[str], ValidationScore], prior: Prior, what: str = "the flow",
+                           allowed: Callable[[str], bool] | None = None) -> tuple[str, dict[str, Any]]:
     """The prediction mode that scores best on validation (``score(mode)``; ties go to the first of
-    :data:`PREDICTION_MODES`), and the scores for the fit report (``{"validation": {mode: ...}}``).
+    :data:`PREDICTION_MODES`) among ``prior`` and the modes ``allowed`` (default: every one), and
+    the scores for the fit report (``{"validation": {mode: ...}}``).
 
     So a model is never worse on validation than its own prior. Where validation cannot judge the
     test's kind of combination (:data:`UNJUDGED_COMBINATIONS`), ``prior`` (the additive prior).
     ``what`` names the model in the note printed when it does not predict as itself.
     """
     scores = {mode: score(mode) for mode in PREDICTION_MODES}
-    mode = max(PREDICTION_MODES, key=lambda m: (scores[m].score, -PREDICTION_MODES.index(m)))
-    report = {"validation": {m: s.as_dict("") for m, s in scores.items()}}
+    candidates = [m for m in PREDICTION_MODES if m == "prior" or allowed is None or allowed(m)]
+    mode = max(candidates, key=lambda m: (scores[m].score, -PREDICTION_MODES.index(m)))
+    report: dict[str, Any] = {"validation": {m: s.as_dict("") for m, s in scores.items()}}
+    if len(candidates) < len(PREDICTION_MODES):
+        report["modes_not_allowed"] = [m for m in PREDICTION_MODES if m not in candidates]
     if prior.reason == UNJUDGED_COMBINATIONS:  # validation has none of the test's kind
         mode = "prior"
         if is_main_process():
