@@ -24,16 +24,16 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from pertflow.models.prior import best_mode
+
 MODES = {"flow": "flow", "prior-mean": "prior_mean", "prior": "prior"}  # mode -> its column suffix
 
 
 def pick(row: pd.Series, margin: float) -> str:
-    """The mode validation picks (ties to the first of :data:`MODES`), or ``prior`` where the pick
-    beats the prior's validation score by less than ``margin``."""
-    best = max(MODES, key=lambda m: (row[f"val_score_{MODES[m]}"], -list(MODES).index(m)))
-    if best != "prior" and row[f"val_score_{MODES[best]}"] - row["val_score_prior"] < margin:
-        return "prior"
-    return best
+    """The mode validation picks (ties to the first mode), or ``prior`` where the pick beats the
+    prior's validation score by less than ``margin``."""
+    scores = {m: row[f"val_score_{column}"] for m, column in MODES.items()}
+    return best_mode(scores, lambda m: scores[m] - scores["prior"] >= margin)
 
 
 def selection_rows(spec: dict, results: Path) -> pd.DataFrame:

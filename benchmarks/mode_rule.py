@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 from pertflow.io import write_text
+from pertflow.models.prior import PREDICTION_MODES, best_mode, led_on_every_split
 
-MODES = ("flow", "prior-mean", "prior")
 COLUMN = {"flow": "flow", "prior-mean": "prior_mean", "prior": "prior"}
 BASELINES = ("no-change", "mean", "additive", "linear", "context-shift")
 
@@ -32,11 +32,9 @@ BASELINES = ("no-change", "mean", "additive", "linear", "context-shift")
 def picks(report: dict) -> tuple[str, str, list[dict]]:
     """(the ``mean`` rule's mode, the ``every-split`` rule's mode, each split's scores) of a fit report."""
     splits = [report["validation_first_split"]] + [r["validation"] for r in report["validation_rotations"]]
-    mean = {m: sum(s[m]["score"] for s in splits) / len(splits) for m in MODES}
-    order = {m: -MODES.index(m) for m in MODES}  # ties go to the first mode
-    by_mean = max(MODES, key=lambda m: (mean[m], order[m]))
-    allowed = [m for m in MODES if m == "prior" or all(s[m]["score"] >= s["prior"]["score"] for s in splits)]
-    return by_mean, max(allowed, key=lambda m: (mean[m], order[m])), splits
+    scores = [{m: s[m]["score"] for m in PREDICTION_MODES} for s in splits]
+    mean = {m: sum(s[m] for s in scores) / len(scores) for m in PREDICTION_MODES}
+    return best_mode(mean), best_mode(mean, led_on_every_split(scores)), splits
 
 
 def bar(out: Path, split: str) -> tuple[float, float]:

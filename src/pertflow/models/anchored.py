@@ -53,7 +53,7 @@ from pertflow.models.base import PerturbationModel
 from pertflow.models.config import PredictConfig
 from pertflow.models.inner_split import InnerSplit, inner_split, rotations
 from pertflow.models.network import NetworkModel, inference_device
-from pertflow.models.prior import PREDICTION_MODES, Prior, choose_prediction_mode, mode_cells
+from pertflow.models.prior import PREDICTION_MODES, Prior, choose_prediction_mode, led_on_every_split, mode_cells
 from pertflow.models.validation import ValidationScore, ValidationSet, mean_score
 from pertflow.train.checkpoint import STAGES_DIR
 from pertflow.train.config import TrainConfig
@@ -129,7 +129,7 @@ class AnchoredModel(PerturbationModel):
             self.prediction_mode, choice = choose_prediction_mode(
                 lambda mode: mean_score([split[mode] for split in every]), self.prior, self.what,
                 None if self.config.mode_rule == "mean" else
-                lambda mode: all(split[mode].score >= split["prior"].score for split in every))
+                led_on_every_split([{m: s.score for m, s in split.items()} for split in every]))
             chosen.update(choice)  # with rotations, "validation" is the mean over the inner splits
             if others:
                 chosen["validation_first_split"] = {m: s.as_dict("") for m, s in first.items()}

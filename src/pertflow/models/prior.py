@@ -47,7 +47,7 @@ predicted change).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -272,6 +272,19 @@ def mode_cells(mode: str, controls: np.ndarray, shift: np.ndarray, model_cells: 
     return cells
 
 
+def best_mode(scores: Mapping[str, float], allowed: Callable[[str], bool] | None = None) -> str:
+    """The mode of :data:`PREDICTION_MODES` with the best score (``scores``: mode -> score) among
+    ``prior`` and the modes ``allowed`` (default: every one); ties go to the first."""
+    candidates = [m for m in PREDICTION_MODES if m == "prior" or allowed is None or allowed(m)]
+    return max(candidates, key=lambda m: (scores[m], -PREDICTION_MODES.index(m)))
+
+
+def led_on_every_split(splits: Sequence[Mapping[str, float]]) -> Callable[[str], bool]:
+    """``mode_rule: every-split``: whether a mode scores at least the prior's cells on every inner
+    split (``splits``: each split's mode -> score)."""
+    return lambda mode: all(split[mode] >= split["prior"] for split in splits)
+
+
 def choose_prediction_mode(score: Callable[[str], ValidationScore], prior: Prior, what: str = "the flow",
                            allowed: Callable[[str], bool] | None = None) -> tuple[str, dict[str, Any]]:
     """The prediction mode that scores best on validation (``score(mode)``; ties go to the first of
@@ -283,11 +296,10 @@ def choose_prediction_mode(score: Callable[[str], ValidationScore], prior: Prior
     ``what`` names the model in the note printed when it does not predict as itself.
     """
     scores = {mode: score(mode) for mode in PREDICTION_MODES}
-    candidates = [m for m in PREDICTION_MODES if m == "prior" or allowed is None or allowed(m)]
-    mode = max(candidates, key=lambda m: (scores[m].score, -PREDICTION_MODES.index(m)))
+    mode = best_mode({m: s.score for m, s in scores.items()}, allowed)
     report: dict[str, Any] = {"validation": {m: s.as_dict("") for m, s in scores.items()}}
-    if len(candidates) < len(PREDICTION_MODES):
-        report["modes_not_allowed"] = [m for m in PREDICTION_MODES if m not in candidates]
+    if allowed is not None and (dropped := [m for m in PREDICTION_MODES if m != "prior" and not allowed(m)]):
+        report["modes_not_allowed"] = dropped
     if prior.reason == UNJUDGED_COMBINATIONS:  # validation has none of the test's kind
         mode = "prior"
         if is_main_process():
