@@ -6,6 +6,7 @@ clone); with ``PERTFLOW_REQUIRE_SHARED_DATA=1`` (set by ``.ci/run``) they fail i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -22,6 +23,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes (pyte
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PERTFLOW_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Loads a script of ``benchmarks/`` as a module: ``benchmark_script("shipped")``."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +77,7 @@ def tiny_cfm_run(synthetic_file, split_file, tmp_path_factory) -> Path:
     6) on the synthetic file and its split, trained once for the tests that resume, extend or damage
     such a run. Do not modify; copy (``shutil.copytree``: a run folder names no path of its own)."""
     from cli_helpers import TINY_CFM, sets
+
     from pertflow.cli import main
 
     run = tmp_path_factory.mktemp("tiny_cfm") / "run"

@@ -2,9 +2,7 @@
 the selection table has a row per anchored run with each mode scored, a second pass redoes
 nothing, and arguments that name no benchmark are refused."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,7 +11,6 @@ from pertflow.analysis import analysis_inputs, analysis_parser
 from pertflow.benchmark import benchmark
 from pertflow.errors import InputError
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_LATENT_SHIFT = """
 model:
   embedding: pca
@@ -47,20 +44,17 @@ def finished(synthetic_file, tmp_path_factory):
     return bench, data_dir, tasks
 
 
-def run_script(name, argv, monkeypatch):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(sys, "argv", [name, *argv])
+def run_script(module, argv, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
     module.main()
 
 
-def test_selection_table_scores_every_mode_and_continues(finished, tmp_path, monkeypatch):
+def test_selection_table_scores_every_mode_and_continues(finished, tmp_path, monkeypatch, benchmark_script):
     bench, data_dir, tasks = finished
     out = tmp_path / "selection.csv"
     argv = [str(bench), "--models", "latent-shift", "--data-dir", str(data_dir), "--tasks-dir", str(tasks),
             "--out", str(out)]
-    run_script("selection", argv, monkeypatch)
+    run_script(benchmark_script("selection"), argv, monkeypatch)
     table = pd.read_csv(out)
     assert list(table[["split", "model"]].itertuples(index=False, name=None)) == [("tiny-combo", "latent-shift")]
     row = table.iloc[0]
@@ -70,7 +64,7 @@ def test_selection_table_scores_every_mode_and_continues(finished, tmp_path, mon
     assert row["test_loss_of_choice"] >= 0 and bool(row["right"]) == (row["test_loss_of_choice"] == 0)
 
     written = out.read_bytes()
-    run_script("selection", argv, monkeypatch)  # every row is there: nothing is redone or rewritten
+    run_script(benchmark_script("selection"), argv, monkeypatch)  # every row is there: nothing is redone or rewritten
     assert out.read_bytes() == written
 
 

@@ -1,29 +1,19 @@
 """benchmarks/ccfm_steps.py on a tiny CCFM run of a synthetic task: the steps table, the plot and
 the cost report (with both probes, each in its own process)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from pertflow.api import train
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = dict(d_model=32, n_heads=4, n_layers=1, dropout=0.0, genes_per_step=60, source="control", source_noise=0.1,
             center=True, coupling="ot", foundation_d_model=16, foundation_layers=1, foundation_steps=10,
             foundation_batch_size=16, bottleneck_dim=16, dh_depth=1, warmup_batches=4, prior="mean")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("ccfm_steps", BENCHMARKS / "ccfm_steps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_steps_table_and_cost_report(synthetic_file, tmp_path):
+def test_steps_table_and_cost_report(benchmark_script, synthetic_file, tmp_path):
     data_dir, tasks = tmp_path / "data", tmp_path / "tasks"
     data_dir.mkdir()
     tasks.mkdir()
@@ -33,13 +23,15 @@ def test_steps_table_and_cost_report(synthetic_file, tmp_path):
     sets = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY.items()] + [
         "train.batch_size=16", "train.max_steps=6", "train.checkpoint_every=6", "train.val_every=6", "train.val_batches=2",
         "train.progress=false", "predict.ode_method=euler", "predict.ode_steps=1", "predict.gene_chunk=32"]
-    from pertflow.api import split as make_task_split  # the task's split, as the benchmark builds it
+    from pertflow.api import (
+        split as make_task_split,  # the task's split, as the benchmark builds it
+    )
 
     split = make_task_split(task=str(tasks / "tiny-combo.yaml"), data_dir=data_dir)
     train("ccfm", data_dir / "synthetic.h5ad", split, run, sets=sets)
 
     out = tmp_path / "out"
-    script = load_script()
+    script = benchmark_script("ccfm_steps")
     assert script.main([str(run), "--data-dir", str(data_dir), "--tasks-dir", str(tasks), "--out", str(out),
                         "--steps", "1", "--probe-steps", "2"]) == 0
     table = pd.read_csv(out / "steps.csv")

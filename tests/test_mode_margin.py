@@ -1,22 +1,10 @@
 """benchmarks/mode_margin.py: a margin sends a mode that leads its prior by less on validation to the prior."""
 
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("mode_margin", BENCHMARKS / "mode_margin.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_margin_keeps_the_prior_unless_a_mode_leads_it_by_as_much():
-    script = load_script()
+def test_a_margin_keeps_the_prior_unless_a_mode_leads_it_by_as_much(benchmark_script):
+    script = benchmark_script("mode_margin")
     row = pd.Series({"val_score_flow": -0.50, "val_score_prior_mean": -0.52, "val_score_prior": -0.55,
                      "top20_flow": 0.80, "edist_flow": 1.0, "top20_prior_mean": 0.85, "edist_prior_mean": 2.0,
                      "top20_prior": 0.70, "edist_prior": 3.0, "best_on_test": "flow",

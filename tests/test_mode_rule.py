@@ -1,24 +1,12 @@
 """benchmarks/mode_rule.py: the two rules of mode_rule, replayed on a fit report's per-split scores."""
 
-import importlib.util
-from pathlib import Path
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("mode_rule", BENCHMARKS / "mode_rule.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def _scores(flow, prior_mean, prior):
     return {"flow": {"score": flow}, "prior-mean": {"score": prior_mean}, "prior": {"score": prior}}
 
 
-def test_every_split_drops_a_mode_that_loses_to_the_prior_on_one_split():
-    script = load_script()
+def test_every_split_drops_a_mode_that_loses_to_the_prior_on_one_split(benchmark_script):
+    script = benchmark_script("mode_rule")
     report = {"validation_first_split": _scores(0.9, 0.3, 0.2),
               "validation_rotations": [{"validation": _scores(0.1, 0.25, 0.2)}]}
     by_mean, every, splits = script.picks(report)

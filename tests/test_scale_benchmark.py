@@ -1,24 +1,13 @@
 """benchmarks/scale.py at a tiny size: the dataset it writes, and the report of both trainings."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("scale_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_written_dataset_is_a_sparse_h5ad(tmp_path):
-    scale = load_script()
+def test_written_dataset_is_a_sparse_h5ad(benchmark_script, tmp_path):
+    scale = benchmark_script("scale")
     path = tmp_path / "d.h5ad"
     scale.write_dataset(path, 2500, 300, 40, chunk=700)  # chunks that do not divide the cells
     adata = ad.read_h5ad(path)
@@ -28,8 +17,8 @@ def test_written_dataset_is_a_sparse_h5ad(tmp_path):
     assert adata.obs["perturbation"].nunique() == 41 and (adata.obs["perturbation"] == "control").mean() > 0.05
 
 
-def test_tiny_run_writes_the_report(tmp_path):
-    scale = load_script()
+def test_tiny_run_writes_the_report(benchmark_script, tmp_path):
+    scale = benchmark_script("scale")
     out = tmp_path / "scale.json"
     # the cfm CPU config at a tiny width, without the prior's selection; one Euler step (a network
     # call, not RK4's 4) for the cells validation generates, most of such a run's time

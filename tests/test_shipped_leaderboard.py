@@ -4,7 +4,6 @@ a setting that differs from the shipped config is shown, and a config that is no
 run's manifest recorded is refused."""
 
 import hashlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,15 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TOP20, EDIST = "pearson_delta_top20_de", "edistance_pca"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("shipped", BENCHMARKS / "shipped.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _folder(root: Path, name: str, rows: list[tuple], config: str | None = None, label: str = "",
@@ -36,8 +27,8 @@ def _folder(root: Path, name: str, rows: list[tuple], config: str | None = None,
         (folder / "manifest.json").write_text(json.dumps({"configs": {label: {"sha256": digest}}}))
 
 
-def test_shipped_rows_override_by_run_and_report_what_differs(tmp_path, monkeypatch):
-    shipped = load_script()
+def test_shipped_rows_override_by_run_and_report_what_differs(benchmark_script, tmp_path, monkeypatch):
+    shipped = benchmark_script("shipped")
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / "latent-shift-cpu.yaml").write_text("model:\n  hidden: 256\ntrain:\n  max_steps: 1500\n")
