@@ -91,8 +91,7 @@ def model_rows(name: str, runs: list[dict], results: Path) -> tuple[pd.DataFrame
         means = every.xs(run["label"], level="model").reset_index()
         if "tasks" in run:
             tasks = run["tasks"]
-            unknown = sorted(set(tasks) - set(means["task"])) if isinstance(tasks, list) else tasks
-            if not isinstance(tasks, list) or not tasks or unknown:
+            if not isinstance(tasks, list) or not tasks or not set(tasks) <= set(means["task"]):
                 raise SystemExit(f"{run['folder']}: 'tasks' must be a list of tasks its run of {run['label']!r} "
                                  f"holds ({sorted(set(means['task']))}); got {tasks!r}")
             means = means[means["task"].isin(tasks)]

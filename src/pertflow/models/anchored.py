@@ -104,9 +104,10 @@ class AnchoredModel(PerturbationModel):
         inner = inner_split(view, self.config.validation, self.config.validation_held_out, VALIDATION_SEED,
                             self.config.validation_contexts)
         validation = ValidationSet(inner.view, seed=VALIDATION_SEED)
+        rotates = inner.kind in self.config.validation_rotations_on
         others = []  # more inner splits to choose on (validation_rotations), each with groups to score
         if len(validation):
-            n_splits = self.config.validation_rotations if inner.kind in self.config.validation_rotations_on else 1
+            n_splits = self.config.validation_rotations if rotates else 1
             splits = rotations(view, inner, n_splits, self.config.validation_contexts, VALIDATION_SEED)[1:]
             others = [(split, val) for r, split in enumerate(splits, start=1)
                       if len(val := ValidationSet(split.view, seed=VALIDATION_SEED + r))]
@@ -119,7 +120,7 @@ class AnchoredModel(PerturbationModel):
             self.prior = self.prior.refitted(inner.view)
         self.fit_anchored(inner.view, train_config, run_dir, resume, validation)
         chosen: dict[str, Any] = {"validation_split": {**inner.describe(), "groups": len(validation)}}
-        if self.config.validation_rotations > 1 and inner.kind not in self.config.validation_rotations_on:
+        if self.config.validation_rotations > 1 and not rotates:
             chosen["validation_split"]["rotations"] = (f"one split: validation_rotations_on "
                                                       f"{list(self.config.validation_rotations_on)} leaves out "
                                                       f"'{inner.kind}'")
