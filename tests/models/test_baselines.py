@@ -8,6 +8,7 @@ from pertflow.data.splits import make_split
 from pertflow.data.synthetic import make_synthetic
 from pertflow.data.view import SplitView
 from pertflow.models.base import PerturbationModel
+from pertflow.models.config import PredictConfig
 from pertflow.models.predict import predict_split
 from pertflow.models.baselines import Additive, ContextShift, Linear, LinearConfig, NoChange, TrainingMean
 from pertflow.models.registry import BASELINES, model_class
@@ -74,13 +75,19 @@ def test_linear_fits_its_training_responses_and_falls_back_to_the_mean():
     np.testing.assert_allclose(model.predicted_delta("UNMEASURED", "line_A"), model.offset, atol=1e-6)
 
 
+def predicted_cells(view, settings=PredictConfig()):
+    """How many cells predict_split writes for the view's test groups (``predict.control_cells``)."""
+    return sum(settings.cells_to_generate(len(rows), len(view.control_rows(ctx)))
+               for (_, ctx), rows in view.test_groups().items())
+
+
 @pytest.mark.parametrize("name", BASELINES)
 def test_every_baseline_predicts_cells_and_round_trips(combo, tmp_path, name):
     data, fit = combo
     model = model_class(name).from_view(fit)
     model.fit(fit)
     pred = predict_split(model, fit, seed=2)
-    assert (pred.X >= 0).all() and pred.n_obs == len(fit.split.test) + len(fit.split.test_controls)
+    assert (pred.X >= 0).all() and pred.n_obs == predicted_cells(fit) + len(fit.split.test_controls)
     model.save(tmp_path)
     again = PerturbationModel.load(tmp_path)
     np.testing.assert_array_equal(predict_split(again, fit, seed=2).X, pred.X)
@@ -92,3 +99,31 @@ def test_test_cells_never_reach_a_model(combo):
     data, fit = combo
     with pytest.raises(RuntimeError, match="not visible to the model"):
         fit.expression.get(fit.rows.test[:3])
+
+
+def test_a_group_is_generated_from_every_control_so_its_mean_shift_is_the_models(combo):
+    """Where a context's controls are few enough, each test group is predicted from all of them:
+    the written cells' mean shift against those controls is the baseline's shift exactly (no draw
+    noise); with ``control_cells: null`` as many cells as the real group are drawn, as before."""
+    data, fit = combo
+    model = TrainingMean.from_view(fit)
+    model.fit(fit)
+    pred = predict_split(model, fit, seed=5)
+    x, obs = np.asarray(pred.X), pred.obs
+    for (pert, ctx), rows in fit.test_groups().items():
+        pool = fit.control_rows(ctx)
+        assert len(rows) <= len(pool) <= PredictConfig().control_cells  # the case this test is about
+        mine = x[((obs["perturbation"] == pert) & (obs["cell_type"] == ctx)).to_numpy()]
+        assert len(mine) == len(pool)
+        controls = fit.expression.get(pool)
+        expected = np.clip(controls + model.predicted_delta(pert, ctx), 0, None).mean(0) - controls.mean(0)
+        np.testing.assert_allclose(mine.mean(0) - controls.mean(0), expected, atol=1e-5)
+    drawn = predict_split(model, fit, seed=5, settings=PredictConfig(control_cells=None))
+    assert drawn.n_obs == len(fit.split.test) + len(fit.split.test_controls)
+    few = PredictConfig(control_cells=1)  # fewer than any group: drawn as many as the real cells
+    assert predict_split(model, fit, seed=5, settings=few).n_obs == len(fit.split.test) + len(fit.split.test_controls)
+
+
+def test_control_cells_is_checked():
+    with pytest.raises(ValueError, match="control_cells must be at least 1"):
+        PredictConfig(control_cells=0)

@@ -108,7 +108,10 @@ def test_interrupted_run_resumes_to_the_same_weights(synthetic_file, tmp_path, m
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     pred = predict(tmp_path / "unbroken", data, split, seed=1)
-    assert pred.n_obs == len(split.test) + len(split.test_controls)
+    view = SplitView(data, split)  # a group is generated from every control of its context (predict.control_cells)
+    generated = sum(PredictConfig().cells_to_generate(len(rows), len(view.control_rows(ctx)))
+                    for (_, ctx), rows in view.test_groups().items())
+    assert pred.n_obs == generated + len(split.test_controls)
     assert list(pred.var_names) == split.genes
 
 

@@ -1,5 +1,5 @@
 """Uncertainty from samples (predict.interval): per-gene intervals of the predicted mean shift,
-a bootstrap over the generated cells of several generations."""
+a bootstrap over the generated cells (each paired with its control cell) of several generations."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def test_shift_interval_covers_the_true_shift_and_narrows_with_more_cells():
     for n in (40, 400):
         hits, width = [], []
         for rep in range(5):  # the generating distribution: control mean + an exponential shift (skewed)
-            cells = control_mean + rng.exponential(shift, size=(n, genes))
-            mean, lower, upper = shift_intervals(cells, control_mean, LEVEL, 200, np.random.default_rng(rep))
+            controls = control_mean + rng.normal(0, 1.0, size=(n, genes))  # a spread the pairing takes out
+            cells = controls + rng.exponential(shift, size=(n, genes))
+            mean, lower, upper = shift_intervals(cells - controls, LEVEL, 200, np.random.default_rng(rep))
             assert np.all(lower <= mean) and np.all(mean <= upper)
             hits.append((lower <= shift) & (shift <= upper))
             width.append(upper - lower)

@@ -291,7 +291,10 @@ def test_train_predict_evaluate_through_the_api(synthetic_file, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "decoder" / "history.csv").is_file()
     assert (tmp_path / "run" / "checkpoints" / "predictor" / "history.csv").is_file()
     pred = predict(tmp_path / "run", data, split, tmp_path / "pred.h5ad")
-    assert pred.n_obs == len(split.test) + int((pred.obs["perturbation"] == "control").sum())
+    view = SplitView(data, split)  # a group is generated from every control of its context (predict.control_cells)
+    generated = sum(PredictConfig().cells_to_generate(len(rows), len(view.control_rows(ctx)))
+                    for (_, ctx), rows in view.test_groups().items())
+    assert pred.n_obs == generated + int((pred.obs["perturbation"] == "control").sum())
     result = evaluate_split(data, split, pred, config=FAST_EVAL, run=tmp_path / "run", baselines=False)
     purity = result.per_perturbation["knn_purity_latent"]
     assert purity.notna().all() and purity.between(0, 1).all()

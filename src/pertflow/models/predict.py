@@ -30,11 +30,13 @@ def predict_split(
 ) -> ad.AnnData:
     """A cell-eval-ready prediction of a split's test cells.
 
-    For every (perturbation, context) of the test cells, as many control cells of that context
-    as there are real test cells are drawn (without replacement when there are enough) from the
-    visible controls, and the model generates one cell from each. The control cells drawn depend
-    only on the split and ``seed``, not on the model (a model draws its noise from a generator of
-    its own), so every model of a benchmark starts from the same cells. The file holds the predicted
+    For every (perturbation, context) of the test cells, the model generates one cell from each of
+    the context's visible control cells where there are no more than ``predict.control_cells`` of
+    them (and at least as many as the group's real cells: then the predicted mean shift carries no
+    noise of a draw); otherwise as many control cells as there are real test cells are drawn
+    (without replacement when there are enough). The control cells drawn depend only on the split
+    and ``seed``, not on the model (a model draws its noise from a generator of its own), so every
+    model of a benchmark starts from the same cells. The file holds the predicted
     cells and, under the control label, the real control cells of every test context; ``X`` is
     non-negative log1p expression on the split's genes, in their order. Test cells are never
     read: only their labels and counts.
@@ -125,11 +127,9 @@ def predict_split(
     pools = {ctx: view.control_rows(ctx) for ctx in view.test_contexts}
     rng = np.random.default_rng(seed)  # the control cells drawn
     model_rng = np.random.default_rng([seed, 1])  # the model's noise
-    interval_cfg = settings or model.predict_config
-    want_interval = interval_cfg.interval is not None
+    config = settings or model.predict_config
+    want_interval = config.interval is not None
     intervals: dict[str, list] = {"perturbation": [], "context": [], "mean": [], "lower": [], "upper": []}
-    control_means = ({ctx: view.expression.get(pool).mean(axis=0) for ctx, pool in pools.items()} if want_interval
-                     else {})
     blocks, obs_rows = [], []
     context_cols = list(data.spec.context_cols)
     dose_col = data.spec.dose_col
@@ -145,37 +145,43 @@ def predict_split(
         cells[:, to_model] = np.clip(pred, 0, None)
         return cells
 
-    bar = progress_bar(sum(len(group) for _, group in items), "predicting", "cell", enabled=progress)
+    sizes = {key: config.cells_to_generate(len(group), len(pools[key[1]])) for key, group in items}
+    bar = progress_bar(sum(sizes.values()), "predicting", "cell", enabled=progress)
+
+    def draw(pool: np.ndarray, n: int, generator: np.random.Generator) -> np.ndarray:
+        """``n`` control rows of ``pool``: all of them in order when ``n`` is the pool's size."""
+        return pool if n == len(pool) else generator.choice(pool, size=n, replace=len(pool) < n)
+
     for (pert, ctx), group in items:
         pool = pools[ctx]
-        chosen = rng.choice(pool, size=len(group), replace=len(pool) < len(group))
-        own = view.expression.get(chosen)[:, to_model]
+        n_cells = sizes[(pert, ctx)]
+        own_cells = view.expression.get(draw(pool, n_cells, rng))  # in the view's gene order
+        own = own_cells[:, to_model]
         controls = model_controls(own, ctx)
         crash_point("predict")
         pred = model.generate(controls, to_label(pert), to_label(ctx), model_rng, settings)
-        if pred.shape != (len(group), len(model.genes)) or not np.isfinite(pred).all():
+        if pred.shape != (n_cells, len(model.genes)) or not np.isfinite(pred).all():
             raise RuntimeError(f"model '{model.name}' returned a bad prediction for {pert} in {ctx}: shape "
                                f"{pred.shape}")
         cells = to_file(pred, own, controls, ctx)
         blocks.append(cells)
         if want_interval:
-            generations = [cells]
-            for extra in range(1, interval_cfg.n_seeds):  # own generators: the written cells do not change
-                extra_rng = np.random.default_rng([seed, 2, extra])
-                chosen = extra_rng.choice(pool, size=len(group), replace=len(pool) < len(group))
-                own = view.expression.get(chosen)[:, to_model]
+            changes = [cells - own_cells]
+            for extra in range(1, config.n_seeds):  # own generators: the written cells do not change
+                extra_cells = view.expression.get(draw(pool, n_cells, np.random.default_rng([seed, 2, extra])))
+                own = extra_cells[:, to_model]
                 controls = model_controls(own, ctx)
                 more = model.generate(controls, to_label(pert), to_label(ctx), np.random.default_rng([seed, 3, extra]),
                                       settings)
-                generations.append(to_file(more, own, controls, ctx))
-            mean, lower, upper = shift_intervals(np.concatenate(generations), control_means[ctx], interval_cfg.interval,
-                                                 interval_cfg.n_bootstrap, np.random.default_rng([seed, 4]))
+                changes.append(to_file(more, own, controls, ctx) - extra_cells)
+            mean, lower, upper = shift_intervals(np.concatenate(changes), config.interval, config.n_bootstrap,
+                                                 np.random.default_rng([seed, 4]))
             for key, value in zip(intervals, (pert, ctx, mean, lower, upper)):
                 intervals[key].append(value)
-        bar.update(len(group))
+        bar.update(n_cells)
         first = data.adata.obs.iloc[group[0]]
         obs_rows += [{data.spec.pert_col: pert, **dose_of(pert), **{c: str(first[c]) for c in context_cols},
-                      "source": "predicted"}] * len(group)
+                      "source": "predicted"}] * n_cells
     bar.close()
     for ctx, pool in pools.items():
         blocks.append(view.expression.get(pool))
@@ -199,7 +205,7 @@ def predict_split(
             "perturbation": np.array(intervals["perturbation"], dtype=str),
             "context": np.array(intervals["context"], dtype=str),
             **{k: np.stack(intervals[k]).astype(np.float32) for k in ("mean", "lower", "upper")},
-            "level": float(interval_cfg.interval), "n_seeds": int(interval_cfg.n_seeds),
+            "level": float(config.interval), "n_seeds": int(config.n_seeds),
         }
     return out
 
@@ -219,20 +225,22 @@ def unread_note(pred: ad.AnnData, shown: int = 5) -> str | None:
             "uns (data spec descriptors_key) for the token-reading models.")
 
 
-def shift_intervals(cells: np.ndarray, control_mean: np.ndarray, level: float, n_bootstrap: int,
+def shift_intervals(changes: np.ndarray, level: float, n_bootstrap: int,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-gene percentile-bootstrap interval of the mean shift ``mean(cells) - control_mean``.
+    """Per-gene percentile-bootstrap interval of the predicted mean shift ``mean(changes)``.
 
-    ``cells`` (n, G) are generated cells (of one or several generations, pooled); the control mean
-    is the reference the shift is read against (the file's real controls), held fixed. Returns the
-    shift of the pooled mean and the interval's lower and upper ends, each (G,)."""
-    cells = np.asarray(cells, dtype=np.float64)
-    n = len(cells)
+    ``changes`` (n, G) are generated cells minus the control cells they were generated from (of
+    one or several generations, pooled): paired so, the spread of the control cells themselves is
+    not read as uncertainty of the model's shift (where a group is generated from every control of
+    its context, the written cells' mean shift against those controls' mean is exactly this mean).
+    Returns the mean shift and the interval's lower and upper ends, each (G,)."""
+    changes = np.asarray(changes, dtype=np.float64)
+    n = len(changes)
     weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap) / n  # (B, n): one resample a row
-    boot = weights @ cells - control_mean
+    boot = weights @ changes
     tail = (1 - level) / 2
     lower, upper = np.quantile(boot, [tail, 1 - tail], axis=0)
-    return cells.mean(axis=0) - control_mean, lower, upper
+    return changes.mean(axis=0), lower, upper
 
 
 def interval_table(pred: ad.AnnData) -> pd.DataFrame | None:
