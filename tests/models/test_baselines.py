@@ -101,27 +101,44 @@ def test_test_cells_never_reach_a_model(combo):
         fit.expression.get(fit.rows.test[:3])
 
 
+def _assert_each_group_is_every_control_shifted(model, view, pred):
+    x, obs = np.asarray(pred.X), pred.obs
+    for (pert, ctx), rows in view.test_groups().items():
+        pool = view.control_rows(ctx)
+        mine = x[((obs["perturbation"] == pert) & (obs["cell_type"] == ctx)).to_numpy()]
+        assert len(mine) % len(pool) == 0 and len(rows) <= len(mine) < len(rows) + len(pool)
+        controls = view.expression.get(pool)
+        expected = np.clip(controls + model.predicted_delta(pert, ctx), 0, None).mean(0) - controls.mean(0)
+        np.testing.assert_allclose(mine.mean(0) - controls.mean(0), expected, atol=1e-5)
+
+
 def test_a_group_is_generated_from_every_control_so_its_mean_shift_is_the_models(combo):
-    """Where a context's controls are few enough, each test group is predicted from all of them:
-    the written cells' mean shift against those controls is the baseline's shift exactly (no draw
-    noise); with ``control_cells: null`` as many cells as the real group are drawn, as before."""
+    """Where a context's controls are few enough, each test group is predicted from all of them,
+    each as often (once here, where the groups are smaller than the pools): the written cells' mean
+    shift against those controls is the baseline's shift exactly (no draw noise). With
+    ``control_cells: null``, or above it, as many cells as the real group are drawn, as before."""
     data, fit = combo
     model = TrainingMean.from_view(fit)
     model.fit(fit)
     pred = predict_split(model, fit, seed=5)
-    x, obs = np.asarray(pred.X), pred.obs
-    for (pert, ctx), rows in fit.test_groups().items():
-        pool = fit.control_rows(ctx)
-        assert len(rows) <= len(pool) <= PredictConfig().control_cells  # the case this test is about
-        mine = x[((obs["perturbation"] == pert) & (obs["cell_type"] == ctx)).to_numpy()]
-        assert len(mine) == len(pool)
-        controls = fit.expression.get(pool)
-        expected = np.clip(controls + model.predicted_delta(pert, ctx), 0, None).mean(0) - controls.mean(0)
-        np.testing.assert_allclose(mine.mean(0) - controls.mean(0), expected, atol=1e-5)
+    _assert_each_group_is_every_control_shifted(model, fit, pred)
+    assert pred.n_obs > len(fit.split.test) + len(fit.split.test_controls)  # the pools are larger than the groups
     drawn = predict_split(model, fit, seed=5, settings=PredictConfig(control_cells=None))
     assert drawn.n_obs == len(fit.split.test) + len(fit.split.test_controls)
-    few = PredictConfig(control_cells=1)  # fewer than any group: drawn as many as the real cells
+    few = PredictConfig(control_cells=1)  # fewer than any pool: drawn as many as the real cells
     assert predict_split(model, fit, seed=5, settings=few).n_obs == len(fit.split.test) + len(fit.split.test_controls)
+
+
+def test_a_pool_smaller_than_its_group_is_used_whole_as_often_as_it_takes():
+    adata = make_synthetic(n_genes=30, n_singles=4, n_combos=0, cells_per_group=25, controls_per_context=9,
+                           n_effect_genes=6, n_contexts=2, seed=4)
+    data = PerturbationData.from_anndata(adata)
+    view = SplitView(data, make_split(data, "random", test_fraction=0.5))
+    model = TrainingMean.from_view(view)
+    model.fit(view)
+    pred = predict_split(model, view, seed=1)
+    assert any(len(rows) > len(view.control_rows(ctx)) for (_, ctx), rows in view.test_groups().items())
+    _assert_each_group_is_every_control_shifted(model, view, pred)
 
 
 def test_control_cells_is_checked():

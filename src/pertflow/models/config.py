@@ -44,14 +44,15 @@ class PredictConfig:
     n_bootstrap
         Bootstrap replicates of the intervals.
     control_cells
-        How many control cells each predicted group is generated from (one cell each). Where the
-        context has at most this many visible control cells, and at least as many as the group has
-        real cells, every one of them (as scGen and CPA predict a held-out cell type), so that the
-        predicted mean shift is the model's, not that of a draw: the evaluator's reference is the
-        mean of all of them. Otherwise as many as the group's real cells, drawn (``null``: always
-        so, the protocol of the results before this setting). On gbm, where the responses are
-        small, the draw of 88 of 100 controls moved each baseline's top-20 DE Pearson delta by a
-        standard deviation of 0.05-0.11 (``benchmarks/results/draw-noise``).
+        Which control cells each predicted group is generated from (one cell from each). Where the
+        context has at most this many visible control cells, every one of them, each the same
+        number of times (once, or as often as it takes to reach the group's real cells), as scGen
+        and CPA predict a held-out cell type: the predicted mean shift is then the model's and
+        carries no noise of a draw (the evaluator's reference is the mean of all those controls).
+        Above it, as many as the group's real cells, drawn (``null``: always so, the protocol of
+        the results before this setting). On gbm, where the responses are small, the draw of 88 of
+        100 controls moved each baseline's top-20 DE Pearson delta by a standard deviation of
+        0.05-0.11 (``benchmarks/results/draw-noise``).
     """
 
     batch_size: int = 128
@@ -82,9 +83,10 @@ class PredictConfig:
 
     def cells_to_generate(self, group: int, pool: int) -> int:
         """How many cells a group of ``group`` real cells is predicted with, from ``pool`` controls
-        (see ``control_cells``): the whole pool where it is that small, else ``group``."""
-        if self.control_cells is not None and group <= pool <= self.control_cells:
-            return pool
+        (see ``control_cells``): a whole multiple of the pool where it is that small (the fewest
+        that reach ``group``), else ``group``."""
+        if self.control_cells is not None and pool <= self.control_cells:
+            return pool * -(-group // pool)
         return group
 
 

@@ -31,10 +31,10 @@ def predict_split(
     """A cell-eval-ready prediction of a split's test cells.
 
     For every (perturbation, context) of the test cells, the model generates one cell from each of
-    the context's visible control cells where there are no more than ``predict.control_cells`` of
-    them (and at least as many as the group's real cells: then the predicted mean shift carries no
-    noise of a draw); otherwise as many control cells as there are real test cells are drawn
-    (without replacement when there are enough). The control cells drawn depend only on the split
+    the context's visible control cells, each the same number of times (once, or as often as it
+    takes to reach the group's real cells), where there are no more than ``predict.control_cells``
+    of them: then the predicted mean shift carries no noise of a draw. Otherwise as many control
+    cells as there are real test cells are drawn (without replacement when there are enough). The control cells drawn depend only on the split
     and ``seed``, not on the model (a model draws its noise from a generator of its own), so every
     model of a benchmark starts from the same cells. The file holds the predicted
     cells and, under the control label, the real control cells of every test context; ``X`` is
@@ -149,8 +149,10 @@ def predict_split(
     bar = progress_bar(sum(sizes.values()), "predicting", "cell", enabled=progress)
 
     def draw(pool: np.ndarray, n: int, generator: np.random.Generator) -> np.ndarray:
-        """``n`` control rows of ``pool``: all of them in order when ``n`` is the pool's size."""
-        return pool if n == len(pool) else generator.choice(pool, size=n, replace=len(pool) < n)
+        """``n`` control rows of ``pool``: every one of them ``n / len(pool)`` times where that is whole."""
+        if n % len(pool) == 0 and config.control_cells is not None and len(pool) <= config.control_cells:
+            return np.tile(pool, n // len(pool))
+        return generator.choice(pool, size=n, replace=len(pool) < n)
 
     for (pert, ctx), group in items:
         pool = pools[ctx]
