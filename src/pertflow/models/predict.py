@@ -34,12 +34,12 @@ def predict_split(
     the context's visible control cells, each the same number of times (once, or as often as it
     takes to reach the group's real cells), where there are no more than ``predict.control_cells``
     of them: then the predicted mean shift carries no noise of a draw. Otherwise as many control
-    cells as there are real test cells are drawn (without replacement when there are enough). The control cells drawn depend only on the split
-    and ``seed``, not on the model (a model draws its noise from a generator of its own), so every
-    model of a benchmark starts from the same cells. The file holds the predicted
-    cells and, under the control label, the real control cells of every test context; ``X`` is
-    non-negative log1p expression on the split's genes, in their order. Test cells are never
-    read: only their labels and counts.
+    cells as there are real test cells are drawn (without replacement when there are enough). The
+    control cells drawn depend only on the split and ``seed``, not on the model (a model draws its
+    noise from a generator of its own), so every model of a benchmark starts from the same cells.
+    The file holds the predicted cells and, under the control label, the real control cells of
+    every test context; ``X`` is non-negative log1p expression on the split's genes, in their
+    order. Test cells are never read: only their labels and counts.
 
     With ``settings.interval`` (e.g. 0.9), ``uns["pertflow_interval"]`` holds per-gene intervals of
     each predicted mean shift (:func:`shift_intervals`): ``perturbation``, ``context`` (K,),
