@@ -103,14 +103,15 @@ class AnchoredModel(PerturbationModel):
         self.prediction_mode = "flow"
         inner = inner_split(view, self.config.validation, self.config.validation_held_out, VALIDATION_SEED,
                             self.config.validation_contexts)
-        validation = ValidationSet(inner.view, seed=VALIDATION_SEED)
+        reference = self.config.validation_reference
+        validation = ValidationSet(inner.view, seed=VALIDATION_SEED, reference=reference)
         rotates = inner.kind in self.config.validation_rotations_on
         others = []  # more inner splits to choose on (validation_rotations), each with groups to score
         if len(validation):
             n_splits = self.config.validation_rotations if rotates else 1
             splits = rotations(view, inner, n_splits, self.config.validation_contexts, VALIDATION_SEED)[1:]
             others = [(split, val) for r, split in enumerate(splits, start=1)
-                      if len(val := ValidationSet(split.view, seed=VALIDATION_SEED + r))]
+                      if len(val := ValidationSet(split.view, seed=VALIDATION_SEED + r, reference=reference))]
         self.prior = Prior.fit(self.config.prior, inner.view, validation, self.config.prior_strengths,
                                more=[(split.view, val) for split, val in others])
         rotation_scores = [self.fit_rotation(r, split, val, train_config, run_dir, resume)

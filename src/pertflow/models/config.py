@@ -174,6 +174,13 @@ class AnchoredConfig:
         the mean that one held-out group carries is the choice that failed on the test: replayed on
         the committed runs with three splits it put 4 more folds within the bar and took none out
         (benchmarks/results/mode-rule).
+    validation_reference
+        What validation reads a predicted shift against for its top-20 DE Pearson delta:
+        ``all-controls``, the mean of all the context's visible controls, as the evaluator reads
+        the real shift (a prediction from a draw of 32 of them carries the draw's deviation from
+        that mean); ``drawn``, the mean of the controls the prediction was generated from, as the
+        evaluator now reads a test prediction generated from every control
+        (``predict.control_cells``): no change then scores 0, as on the test.
     """
 
     prior: PriorName = "none"
@@ -185,6 +192,7 @@ class AnchoredConfig:
     validation_rotations: int = 1
     validation_rotations_on: tuple[Literal["contexts", "perturbations"], ...] = ("contexts", "perturbations")
     mode_rule: Literal["mean", "every-split"] = "every-split"
+    validation_reference: Literal["all-controls", "drawn"] = "all-controls"
 
     def __post_init__(self) -> None:
         if self.validation_rotations < 1:

@@ -88,7 +88,7 @@ def rotations(view: SplitView, validation: ValidationSet, n: int) -> list[tuple[
     for seed in range(1, n):
         inner = inner_split(view, "perturbations", held, seed)
         if inner.held_out:
-            scored = ValidationSet(inner.view, seed=seed)
+            scored = ValidationSet(inner.view, seed=seed, reference=validation.reference)
             if len(scored):
                 out.append((inner.view, scored))
     return out

@@ -18,7 +18,10 @@ the score has no unit and no change scores -1 plus its Pearson delta. That Pears
 the predicted mean is that of the drawn control cells, whose difference from the mean of all the
 context's controls is sampling noise, correlated with the real shift by chance (the evaluator's no
 change has the same noise on a test's larger groups). A choice between ``none`` and a weak prior
-is decided partly by it.
+is decided partly by it. With ``reference="drawn"`` (a model's ``validation_reference``) the
+predicted shift is read against the drawn controls' own mean instead: the prediction's shift
+alone, as the evaluator reads a test prediction generated from every control of its context
+(``predict.control_cells``), and no change scores 0.
 """
 
 from __future__ import annotations
@@ -159,7 +162,10 @@ class ValidationSet:
 
     def __init__(self, view: SplitView, max_cells: int = 200, n_generated: int = 32, max_groups: int = 16,
                  n_pcs: int = 50, max_pca_cells: int = 5000, top_k: int = 20, min_cells: int = 3, seed: int = 0,
-                 max_control_cells: int = 50_000):
+                 max_control_cells: int = 50_000, reference: str = "all-controls"):
+        if reference not in ("all-controls", "drawn"):
+            raise ValueError(f"reference must be 'all-controls' or 'drawn', got {reference!r}")
+        self.reference = reference
         rng = np.random.default_rng(seed)
         data = view.data
         train = view.rows.train
@@ -238,7 +244,11 @@ class ValidationSet:
         pearsons, distances = [], []
         for g in self.groups:
             cells = np.clip(predict(g.perturbation, g.context, g.controls), 0, None)
-            r = M.pearson_delta_vs_reference(cells.mean(0), g.real.mean(0), g.control_mean, g.de_genes)
+            if self.reference == "drawn":  # the prediction's own shift, against the real one
+                r = M.pearson_r((cells.mean(0) - g.controls.mean(0))[g.de_genes],
+                                (g.real.mean(0) - g.control_mean)[g.de_genes])
+            else:
+                r = M.pearson_delta_vs_reference(cells.mean(0), g.real.mean(0), g.control_mean, g.de_genes)
             pearsons.append(0.0 if np.isnan(r) else r)
             distances.append(M.edistance(self.pca.transform(cells), g.real_pcs))
         pearson, distance = (float(np.average(pearsons, weights=self.weights)),
