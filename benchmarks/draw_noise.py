@@ -30,20 +30,23 @@ Run (after the benchmark whose folder it reads)::
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pertflow.api import EvalConfig, evaluate_split, evaluation_inputs, predict, split_view
-from pertflow.benchmark import fold_split
-from pertflow.data.tasks import find_tasks
-from pertflow.io import atomic_path
-from pertflow.runtime import set_threads
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from leaderboard import EDIST, TOP20, wins, within  # noqa: E402  (a sibling script: one home for the bar)
 
-BASELINES = ("no-change", "mean", "additive", "linear", "context-shift")
-METRICS = {"top20": "pearson_delta_top20_de", "edist": "edistance_pca"}
-TOP20_SLACK, EDIST_SLACK = 0.02, 0.10  # the bar: 0.02 top-20 below, 10% E-distance above
+from pertflow.api import EvalConfig, evaluate_split, evaluation_inputs, predict, split_view  # noqa: E402
+from pertflow.benchmark import fold_split  # noqa: E402
+from pertflow.data.tasks import find_tasks  # noqa: E402
+from pertflow.io import atomic_path  # noqa: E402
+from pertflow.models.registry import BASELINES  # noqa: E402
+from pertflow.runtime import set_threads  # noqa: E402
+
+METRICS = {"top20": TOP20, "edist": EDIST}
 
 
 def score(run_dir: Path, view, inputs, seed: int) -> dict[str, float]:
@@ -52,14 +55,6 @@ def score(run_dir: Path, view, inputs, seed: int) -> dict[str, float]:
     agg = evaluate_split(None, None, pred, inputs=inputs,
                          config=EvalConfig(cell_eval_profile="anndata")).aggregate.loc["mean"]
     return {key: float(agg[column]) for key, column in METRICS.items()}
-
-
-def within(top20: float, edist: float, best_top20: float, best_edist: float) -> bool:
-    return bool(top20 >= best_top20 - TOP20_SLACK and edist <= best_edist * (1 + EDIST_SLACK))
-
-
-def wins(top20: float, edist: float, best_top20: float, best_edist: float) -> bool:
-    return bool(top20 > best_top20 and edist < best_edist)
 
 
 def bar_table(draws: pd.DataFrame, models: list[str]) -> pd.DataFrame:

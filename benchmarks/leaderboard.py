@@ -37,6 +37,16 @@ def fold_means(folders: list[Path]) -> pd.DataFrame:
     return every.drop_duplicates(["task", "fold", "model"], keep="last").set_index(["task", "fold", "model"])
 
 
+def wins(top20: float, edist: float, best_top20: float, best_edist: float) -> bool:
+    """Better than the strongest baseline on both metrics."""
+    return bool(top20 > best_top20 and edist < best_edist)
+
+
+def within(top20: float, edist: float, best_top20: float, best_edist: float) -> bool:
+    """The issue's bar: top-20 no more than 0.02 below the strongest baseline, E-distance no more than 10% above."""
+    return bool(top20 >= best_top20 - 0.02 and edist <= 1.1 * best_edist)
+
+
 def leaderboard(folds: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (task, fold), block in folds.groupby(level=["task", "fold"]):
@@ -46,8 +56,8 @@ def leaderboard(folds: pd.DataFrame) -> pd.DataFrame:
         for model, row in block.iterrows():
             rows.append({"task": task, "fold": fold, "model": model, "top20": row[TOP20], "edist": row[EDIST],
                          "best_top20": best_top20, "best_edist": best_edist, "source": row["source"],
-                         "wins": bool(row[TOP20] > best_top20 and row[EDIST] < best_edist),
-                         "within": bool(row[TOP20] >= best_top20 - 0.02 and row[EDIST] <= 1.1 * best_edist)})
+                         "wins": wins(row[TOP20], row[EDIST], best_top20, best_edist),
+                         "within": within(row[TOP20], row[EDIST], best_top20, best_edist)})
     return pd.DataFrame(rows)
 
 

@@ -81,13 +81,15 @@ class PredictConfig:
             raise ValueError(f"control_cells must be at least 1 (or null to draw as many as the real cells), got "
                              f"{self.control_cells}")
 
+    def reads_every_control(self, pool: int) -> bool:
+        """Whether a group is generated from every one of ``pool`` controls (see ``control_cells``)."""
+        return self.control_cells is not None and pool <= self.control_cells
+
     def cells_to_generate(self, group: int, pool: int) -> int:
         """How many cells a group of ``group`` real cells is predicted with, from ``pool`` controls
-        (see ``control_cells``): a whole multiple of the pool where it is that small (the fewest
-        that reach ``group``), else ``group``."""
-        if self.control_cells is not None and pool <= self.control_cells:
-            return pool * -(-group // pool)
-        return group
+        (see ``control_cells``): a whole multiple of the pool where every control is read (the
+        fewest that reach ``group``), else ``group``."""
+        return pool * -(-group // pool) if self.reads_every_control(pool) else group
 
 
 #: How a flow pairs a batch's sources with its targets, and where on the path it trains

@@ -149,8 +149,8 @@ def predict_split(
     bar = progress_bar(sum(sizes.values()), "predicting", "cell", enabled=progress)
 
     def draw(pool: np.ndarray, n: int, generator: np.random.Generator) -> np.ndarray:
-        """``n`` control rows of ``pool``: every one of them ``n / len(pool)`` times where that is whole."""
-        if n % len(pool) == 0 and config.control_cells is not None and len(pool) <= config.control_cells:
+        """``n`` control rows of ``pool``: every one of them ``n / len(pool)`` times where every control is read."""
+        if config.reads_every_control(len(pool)):  # n is then a whole multiple of the pool
             return np.tile(pool, n // len(pool))
         return generator.choice(pool, size=n, replace=len(pool) < n)
 
