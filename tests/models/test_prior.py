@@ -19,7 +19,7 @@ from pertflow.models.cfm.model import CFM
 from pertflow.models.config import PredictConfig
 from pertflow.models.predict import predict_split
 from pertflow.models.inner_split import inner_split
-from pertflow.models.prior import PRIOR_BASELINES, PRIOR_STRENGTHS, Prior
+from pertflow.models.prior import PRIOR_BASELINES, PRIOR_STRENGTHS, Prior, strongest_within
 from pertflow.models.validation import ValidationSet
 from pertflow.train import TrainConfig
 
@@ -311,6 +311,45 @@ def test_prior_strengths_must_be_factors_in_zero_one():
         CFMConfig(prior_strengths=(1.0, 1.5))
     with pytest.raises(ValueError, match="prior_strengths"):
         LatentShiftConfig(prior_strengths=())
+    with pytest.raises(ValueError, match="strength_margin"):
+        LatentShiftConfig(strength_margin=-0.01)
+
+
+def test_strongest_within_takes_the_strongest_candidate_inside_the_margin():
+    scores = {"none": -0.880, "mean": -1.245, "mean x 0.5": -0.893, "mean x 0.25": -0.874, "linear": -1.30}
+    scales = {"none": 0.0, "mean": 1.0, "mean x 0.5": 0.5, "mean x 0.25": 0.25, "linear": 1.0}
+    assert strongest_within(scores, scales, 0.0) == "mean x 0.25"  # the best score
+    assert strongest_within(scores, scales, 0.01) == "mean x 0.25"  # none is within, and weaker
+    assert strongest_within(scores, scales, 0.02) == "mean x 0.5"
+    assert strongest_within(scores, scales, 0.5) == "mean"  # equal strengths: the better score
+    # no change leads by more than the margin: it stays
+    assert strongest_within({**scores, "none": -0.85}, scales, 0.02) == "none"
+    # exact ties (one perturbation: mean = linear) go to the first, with or without a margin
+    tied = {"mean": -0.5, "linear": -0.5, "mean x 0.75": -0.6}
+    tied_scales = {"mean": 1.0, "linear": 1.0, "mean x 0.75": 0.75}
+    assert strongest_within(tied, tied_scales, 0.0) == strongest_within(tied, tied_scales, 0.2) == "mean"
+
+
+def test_a_strength_margin_keeps_the_stronger_prior_where_validation_cannot_tell_them_apart():
+    """The held-out cell type responds at 0.6 of the training ones (0.9 against 1.5): between half
+    and three quarters of the shift, so validation's lead of the nearer strength is small. With a margin
+    wider than that lead the stronger prior is kept, and the report says why; a clear lead (a
+    quarter of the response) still shrinks the prior."""
+    view = _partly_transferring(0.9)
+    inner = inner_split(view, "auto", 0, 0)
+    validation = ValidationSet(inner.view, seed=0)
+    plain = Prior.fit("auto", inner.view, validation, PRIOR_STRENGTHS)
+    scores = {label: s["score"] for label, s in plain.scores.items()}
+    assert plain.strength in (0.5, 0.75) and plain.reason == "the best validation score"
+    strength = {label: float(label.split(" x ")[1]) if " x " in label else 1.0 for label in scores if label != "none"}
+    lead = scores[plain.label] - max(scores[label] for label in strength if strength[label] > plain.strength)
+    assert 0 < lead < 0.1
+    kept = Prior.fit("auto", inner.view, validation, PRIOR_STRENGTHS, margin=lead + 1e-6)
+    assert kept.strength > plain.strength and "strongest prior within" in kept.reason
+    clear = _partly_transferring(0.375)
+    inner = inner_split(clear, "auto", 0, 0)
+    shrunk = Prior.fit("auto", inner.view, ValidationSet(inner.view, seed=0), PRIOR_STRENGTHS, margin=0.02)
+    assert shrunk.strength == 0.25
 
 
 def _shared_response_screen(seed: int = 5) -> ad.AnnData:
@@ -373,3 +412,22 @@ def test_auto_chooses_additive_mean_where_unseen_singles_share_the_screens_respo
     context = next(c for _, c in view.test_groups())
     error = {name: np.abs(p.delta(unseen[0], context) - truth).mean() for name, p in fitted.items()}
     assert error["additive-mean"] < 0.5 * error["additive"], error
+
+
+def test_a_model_chooses_its_prior_with_the_configs_strength_margin(tmp_path):
+    """``strength_margin`` of a model's config reaches the choice of its prior, and the fit report
+    says which rule chose it."""
+    from pertflow.models.latent_shift.config import LatentShiftConfig
+    from pertflow.models.latent_shift.model import LatentShift
+
+    view = _partly_transferring(0.9)
+    short = TrainConfig(max_steps=5, batch_size=16, val_every=5, checkpoint_every=5, progress=False)
+    tiny = dict(n_components=4, hidden=16, decoder_hidden=16, decoder_steps=5, groups_per_step=2, prior="auto",
+                prior_strengths=PRIOR_STRENGTHS)
+    chosen = {}
+    for margin in (0.0, 0.2):
+        model = LatentShift.from_view(view, LatentShiftConfig(**tiny, strength_margin=margin))
+        model.fit(view, short, tmp_path / str(margin))
+        chosen[margin] = (model.prior.strength, model.fit_report["prior_reason"])
+    assert chosen[0.0] == (0.5, "the best validation score")
+    assert chosen[0.2][0] == 0.75 and chosen[0.2][1].startswith("the strongest prior within 0.2")

@@ -63,6 +63,23 @@ PRIOR_PREFIX = "prior."
 REFIT_DIR = "refit"  # where the model trained again on every training cell keeps its checkpoints
 
 
+def validation_splits(view: SplitView, config: Any) -> tuple[InnerSplit, ValidationSet,
+                                                              list[tuple[InnerSplit, ValidationSet]]]:
+    """The inner split an anchored model with ``config`` (an :class:`~pertflow.models.config.AnchoredConfig`)
+    is fitted on, its validation set, and the further inner splits it chooses on
+    (``validation_rotations``), each with validation groups to score."""
+    inner = inner_split(view, config.validation, config.validation_held_out, VALIDATION_SEED,
+                        config.validation_contexts)
+    reference = config.validation_reference
+    validation = ValidationSet(inner.view, seed=VALIDATION_SEED, reference=reference)
+    if not len(validation):
+        return inner, validation, []
+    n_splits = config.validation_rotations if inner.kind in config.validation_rotations_on else 1
+    splits = rotations(view, inner, n_splits, config.validation_contexts, VALIDATION_SEED)[1:]
+    return inner, validation, [(split, val) for r, split in enumerate(splits, start=1)
+                               if len(val := ValidationSet(split.view, seed=VALIDATION_SEED + r, reference=reference))]
+
+
 class AnchoredModel(PerturbationModel):
     """A model anchored on a prior (see the module docstring).
 
@@ -101,19 +118,10 @@ class AnchoredModel(PerturbationModel):
         run_dir = Path(run_dir)
         self.fit_report = {}
         self.prediction_mode = "flow"
-        inner = inner_split(view, self.config.validation, self.config.validation_held_out, VALIDATION_SEED,
-                            self.config.validation_contexts)
-        reference = self.config.validation_reference
-        validation = ValidationSet(inner.view, seed=VALIDATION_SEED, reference=reference)
+        inner, validation, others = validation_splits(view, self.config)
         rotates = inner.kind in self.config.validation_rotations_on
-        others = []  # more inner splits to choose on (validation_rotations), each with groups to score
-        if len(validation):
-            n_splits = self.config.validation_rotations if rotates else 1
-            splits = rotations(view, inner, n_splits, self.config.validation_contexts, VALIDATION_SEED)[1:]
-            others = [(split, val) for r, split in enumerate(splits, start=1)
-                      if len(val := ValidationSet(split.view, seed=VALIDATION_SEED + r, reference=reference))]
         self.prior = Prior.fit(self.config.prior, inner.view, validation, self.config.prior_strengths,
-                               more=[(split.view, val) for split, val in others])
+                               more=[(split.view, val) for split, val in others], margin=self.config.strength_margin)
         rotation_scores = [self.fit_rotation(r, split, val, train_config, run_dir, resume)
                            for r, (split, val) in enumerate(others, start=1)]
         if others:  # the rotations trained the model on other splits: the first one's now

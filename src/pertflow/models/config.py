@@ -158,6 +158,13 @@ class AnchoredConfig:
         The prior's shift is scaled by the one of these that scores best on validation (first:
         the strongest; see :mod:`pertflow.models.prior`). ``[1.0, 0.75, 0.5, 0.25]`` lets validation
         shrink a prior whose response transfers only partly to the held-out contexts.
+    strength_margin
+        A weaker prior (a lower strength, or no change) is chosen only where it scores more than
+        this above every stronger candidate on validation: among the candidates within it of the
+        best score, the strongest is taken (:mod:`pertflow.models.prior`). 0: the best score.
+        Redrawing the validation cells moves the difference between two strengths' scores by
+        0.005-0.07 (sd; benchmarks/results/strength-margin), so a smaller lead is not evidence
+        that the response transfers only partly.
     validation_rotations
         How many inner splits the prior and the prediction mode are chosen on (their scores
         averaged): the first as above, each other one holding out as many other training contexts
@@ -191,6 +198,7 @@ class AnchoredConfig:
     validation_contexts: Literal["nearest", "as-novel", "both"] = "nearest"
     refit: bool = False
     prior_strengths: tuple[float, ...] = (1.0,)
+    strength_margin: float = 0.0
     validation_rotations: int = 1
     validation_rotations_on: tuple[Literal["contexts", "perturbations"], ...] = ("contexts", "perturbations")
     mode_rule: Literal["mean", "every-split"] = "every-split"
@@ -207,3 +215,6 @@ class AnchoredConfig:
         if not self.prior_strengths or any(not 0 < s <= 1 for s in self.prior_strengths):
             raise ValueError(f"prior_strengths must be one or more factors in (0, 1], e.g. [1.0, 0.75, 0.5, 0.25]; got "
                              f"{list(self.prior_strengths)}")
+        if not 0 <= self.strength_margin < 1:
+            raise ValueError(f"strength_margin must be in [0, 1) (a difference of validation scores, e.g. 0.02); got "
+                             f"{self.strength_margin}")

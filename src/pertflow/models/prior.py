@@ -42,7 +42,10 @@ new context, the baseline's full shift moves the cells too far: on the kang CD4T
 linear baseline's shift kept its direction (top-20 DE Pearson 0.843 vs 0.845) and brought its
 E-distance from 1.635 to 0.536 (no change: 1.330). The strength stops at a quarter, so that the
 prior still says which way the genes move (below it the drawn control cells' noise is most of the
-predicted change).
+predicted change). With ``strength_margin`` (a model's config) a weaker prior, no change the
+weakest, must score more than that margin above every stronger one: validation drawn again moves
+two strengths' score difference by about as much, and a lead inside it chose a quarter of the mean
+where the test wanted all of it (zhao PW030) or no change where it wanted a quarter (gbm T98G).
 """
 
 from __future__ import annotations
@@ -101,6 +104,11 @@ class Prior:
         """The prior as reports name it: ``mean``, or ``mean x 0.5`` at a strength below 1."""
         return self.name if self.strength == 1.0 else f"{self.name} x {self.strength:g}"
 
+    @property
+    def shift_scale(self) -> float:
+        """How much of a baseline's shift the prior moves cells by: its strength, 0 for no change."""
+        return 0.0 if self.name == "none" else self.strength
+
     def at_strength(self, strength: float) -> Prior:
         """The same fitted baseline at another strength (sharing its leave-one-out shifts)."""
         prior = Prior(self.name, self.baseline, None, strength)
@@ -110,12 +118,13 @@ class Prior:
     @classmethod
     def fit(cls, choice: str, view: SplitView, validation: ValidationSet | None = None,
             strengths: tuple[float, ...] = (1.0,),
-            more: Sequence[tuple[SplitView, ValidationSet]] = ()) -> Prior:
+            more: Sequence[tuple[SplitView, ValidationSet]] = (), margin: float = 0.0) -> Prior:
         """Fit the prior named ``choice`` on the training cells of ``view`` (``auto``: choose on
         ``validation``; without validation groups, ``mean``), at the one of ``strengths`` that
         scores best on ``validation`` (the first without it). ``more``: further inner splits
         (view, validation), each candidate's scores averaged over them and ``validation``
-        (:func:`~pertflow.models.inner_split.rotations`)."""
+        (:func:`~pertflow.models.inner_split.rotations`). ``margin``: the strongest candidate
+        within it of the best score is chosen (:func:`strongest_within`)."""
         judged = validation is not None and len(validation) > 0
         if choice != "auto" and (len(strengths) == 1 or not judged):
             return cls(choice, cls._baseline(choice, view), None, strengths[0])
@@ -130,10 +139,12 @@ class Prior:
                 others = cls._candidates(choice, other_view, strengths)
                 every.append({label: prior.score(other_validation) for label, prior in others.items()})
         scores = {label: mean_score([s[label] for s in every]) for label in candidates}
-        # ties (one perturbation: mean = additive = linear = context-shift) go to the first, the
-        # simplest and the strongest
-        best = max(candidates, key=lambda label: (round(scores[label].score, 9), -list(candidates).index(label)))
-        reason = "the best validation score" + (f" (the mean over {len(every)} inner splits)" if len(every) > 1 else "")
+        ranked = {label: s.score for label, s in scores.items()}
+        scales = {label: prior.shift_scale for label, prior in candidates.items()}
+        best = strongest_within(ranked, scales, margin)
+        reason = ("the best validation score" if best == strongest_within(ranked, scales, 0.0) else
+                  f"the strongest prior within {margin:g} of the best validation score")
+        reason += f" (the mean over {len(every)} inner splits)" if len(every) > 1 else ""
         if choice == "auto" and not validation.of_test_kind and validation.test_kinds.measured_combinations:
             best = next(label for label, prior in candidates.items() if prior.name == "additive")  # the strongest
             reason = UNJUDGED_COMBINATIONS
@@ -258,6 +269,18 @@ class Prior:
 #: where none did); ``prior``, the prior's own cells (the model added nothing on validation).
 #: ``predict.mode`` forces one.
 PREDICTION_MODES = ("flow", "prior-mean", "prior")
+
+
+def strongest_within(scores: Mapping[str, float], scales: Mapping[str, float], margin: float) -> str:
+    """The candidate to choose: among those scoring within ``margin`` of the best, the one with the
+    largest ``scales`` (the share of a baseline's shift it moves cells by), then the best score,
+    then the first (ties of one perturbation: mean = additive = linear = context-shift go to the
+    first, the simplest). With ``margin`` 0: the best score."""
+    order = list(scores)
+    top = max(round(score, 9) for score in scores.values())
+    near = [label for label in order if round(scores[label], 9) >= top - margin]
+    return max(near, key=lambda label: (round(scores[label], 9) if margin == 0 else scales[label],
+                                        round(scores[label], 9), -order.index(label)))
 
 
 def mode_cells(mode: str, controls: np.ndarray, shift: np.ndarray, model_cells: Callable[[], np.ndarray]) -> np.ndarray:
