@@ -13,7 +13,8 @@ context-transfer task, where every model keeps the one-hot). A fold no listed ru
 reported missing, not filled in.
 
 Writes a markdown table per task (mean over folds, folds won and within the bar of the strongest
-baseline per fold), the list of folds below that bar, and the provenance of every row::
+baseline per fold), the list of folds below that bar (with the baselines, if any, that meet it
+themselves), and the provenance of every row::
 
     python benchmarks/shipped.py benchmarks/results/shipped.yaml \\
         --out benchmarks/results/shipped.md --csv benchmarks/results/shipped.csv
@@ -113,7 +114,16 @@ def baseline_rows(folders: list[str], results: Path) -> pd.DataFrame:
     return every[every["model"].isin([*BASELINES, "ceiling"])]
 
 
-def markdown(board: pd.DataFrame, models: list[str], provenance: list[dict], tasks: dict[str, list[str]]) -> str:
+def baselines_within(board: pd.DataFrame) -> dict[tuple[str, str], list[str]]:
+    """Per (task, fold), the baselines within that fold's bar themselves. The bar takes the best
+    top-20 and the best E-distance separately, so where they come from two baselines none may
+    meet it (zhao PW040: no change's top-20, the mean's E-distance)."""
+    base = board[board["model"].isin(BASELINES) & board["within"]]
+    return {key: sorted(block["model"]) for key, block in base.groupby(["task", "fold"])}
+
+
+def markdown(board: pd.DataFrame, models: list[str], provenance: list[dict], tasks: dict[str, list[str]],
+             meeting: dict[tuple[str, str], list[str]]) -> str:
     lines = ["# The shipped CPU configs on every fold", "",
              "Made by `benchmarks/shipped.py` from `shipped.yaml` (the runs of each shipped config and why "
              "their settings may differ). Strongest baseline: per fold and metric, the best of "
@@ -136,11 +146,11 @@ def markdown(board: pd.DataFrame, models: list[str], provenance: list[dict], tas
         lines += [f"| *strongest baseline per fold* | {best.best_top20:.3f} | {best.best_edist:.3f} | | | |", ""]
     below = board[board["model"].isin(models) & ~board["within"]]
     lines += ["## Folds below the bar", "",
-              "| task | fold | model | top-20 | E-distance | strongest baseline (top-20 / E) |",
-              "|---|---|---|---|---|---|"]
+              "| task | fold | model | top-20 | E-distance | strongest baseline (top-20 / E) | baselines within it |",
+              "|---|---|---|---|---|---|---|"]
     for r in below.sort_values(["task", "fold", "model"]).itertuples():
         lines.append(f"| {r.task} | {r.fold or '-'} | {r.model} | {r.top20:.3f} | {r.edist:.3f} | "
-                     f"{r.best_top20:.3f} / {r.best_edist:.3f} |")
+                     f"{r.best_top20:.3f} / {r.best_edist:.3f} | {', '.join(meeting.get((r.task, r.fold), [])) or 'none'} |")
     lines += ["", "## Where each row comes from", "",
               "Later runs override earlier ones on the folds they hold. *Differs*: the run's setting -> "
               "today's; *checked*: the config matches the sha256 the run's manifest recorded (else why not).", ""]
@@ -172,9 +182,10 @@ def main() -> None:
     if len(lacking := every_fold.difference(with_baseline)):
         raise SystemExit(f"no baseline run for the folds {list(lacking)}: add a folder that holds them to 'baselines'")
     board = leaderboard(folds)
+    meeting = baselines_within(board)
     board = board[board["model"].isin(list(spec["models"]))]
     tasks = {task: sorted(f for t, f in with_baseline if t == task) for task in sorted({t for t, _ in with_baseline})}
-    write_text(args.out, markdown(board, list(spec["models"]), provenance, tasks))
+    write_text(args.out, markdown(board, list(spec["models"]), provenance, tasks, meeting))
     if args.csv:
         write_text(args.csv, board.to_csv(index=False))
     print(f"wrote {args.out}")

@@ -70,7 +70,7 @@ def test_shipped_rows_override_by_run_and_report_what_differs(benchmark_script, 
     (results / "shipped.yaml").write_text(yaml.safe_dump(spec))
     shipped.main()
     text = out.read_text()
-    assert "| t | A | latent-shift | 0.100 | 9.000 |" in text  # the last run's fold, now below the bar
+    assert "| t | A | latent-shift | 0.100 | 9.000 | 0.500 / 2.000 | mean |" in text  # the last run's fold, now below
     assert "its comments were rewritten" in text
 
     # a run that stands for the config on one of its tasks: 'tasks' keeps that one
@@ -93,3 +93,17 @@ def test_shipped_rows_override_by_run_and_report_what_differs(benchmark_script, 
     text = out.read_text()
     assert "| t | A | latent-shift | 0.100 | 9.000 |" in text  # task t from the last run
     assert "| u | A | latent-shift | 0.200 | 2.500 |" in text  # task u still from the earlier run, below the bar
+
+
+def test_a_bar_no_single_baseline_meets_is_named(benchmark_script):
+    """The bar takes each metric's best baseline: where those are two baselines and neither is
+    within the other's, the below-the-bar table says no baseline meets it."""
+    import pandas as pd
+
+    leaderboard = benchmark_script("leaderboard")
+    shipped = benchmark_script("shipped")
+    rows = [("t", "A", "no-change", 0.0, 4.7), ("t", "A", "mean", -0.09, 4.1),  # PW040's shape
+            ("t", "B", "no-change", 0.0, 3.0), ("t", "B", "mean", 0.5, 2.0)]
+    folds = pd.DataFrame(rows, columns=["task", "fold", "model", TOP20, EDIST]).assign(source="x")
+    board = leaderboard.leaderboard(folds.set_index(["task", "fold", "model"]))
+    assert shipped.baselines_within(board) == {("t", "B"): ["mean"]}
