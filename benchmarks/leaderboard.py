@@ -37,9 +37,14 @@ def fold_means(folders: list[Path]) -> pd.DataFrame:
     return every.drop_duplicates(["task", "fold", "model"], keep="last").set_index(["task", "fold", "model"])
 
 
+#: Differences below this (relative to the baseline's figure) are a tie, not a win: a model that
+#: predicts its prior's cells repeats a baseline's figures up to float32 rounding (~1e-8).
+TIE = 1e-6
+
+
 def wins(top20: float, edist: float, best_top20: float, best_edist: float) -> bool:
-    """Better than the strongest baseline on both metrics."""
-    return bool(top20 > best_top20 and edist < best_edist)
+    """Better than the strongest baseline on both metrics (by more than :data:`TIE`)."""
+    return bool(top20 > best_top20 + TIE * max(abs(best_top20), 1.0) and edist < best_edist * (1 - TIE))
 
 
 def within(top20: float, edist: float, best_top20: float, best_edist: float) -> bool:

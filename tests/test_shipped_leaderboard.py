@@ -107,3 +107,13 @@ def test_a_bar_no_single_baseline_meets_is_named(benchmark_script):
     folds = pd.DataFrame(rows, columns=["task", "fold", "model", TOP20, EDIST]).assign(source="x")
     board = leaderboard.leaderboard(folds.set_index(["task", "fold", "model"]))
     assert shipped.baselines_within(board) == {("t", "B"): ["mean"]}
+
+
+def test_a_prediction_that_repeats_a_baseline_ties_it(benchmark_script):
+    """A model predicting its prior's cells repeats a baseline's figures up to float32 rounding:
+    a tie, never a win; a real lead on both metrics still wins."""
+    leaderboard = benchmark_script("leaderboard")
+    best_top20, best_edist = 0.8178915465321418, 0.9532520367105556
+    assert not leaderboard.wins(0.8178915597980307, 0.9532520335961115, best_top20, best_edist)  # zhao PW036
+    assert leaderboard.wins(0.8188, 0.95, best_top20, best_edist)
+    assert not leaderboard.wins(0.8188, 0.96, best_top20, best_edist)
