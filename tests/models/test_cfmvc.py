@@ -61,7 +61,7 @@ def test_the_flow_fields_live_in_flow_config_and_saved_runs_still_load():
                                "context_from_controls": False, "prior_strengths": [1.0], "predict_residual": False,
                                "descriptor": "onehot", "validation_rotations": 1,
                                "validation_rotations_on": ["contexts", "perturbations"], "mode_rule": "every-split",
-                               "validation_reference": "all-controls", "strength_margin": 0.0}
+                               "validation_reference": "all-controls", "strength_margin": 0.02}
     assert config == dataclasses.replace(CFMVCConfig(), context_names=("a",), batch_names=("all",))
     shared = {f.name for f in dataclasses.fields(FlowConfig)}
     assert {"source", "source_noise", "coupling", "time_sampler", "prior"} <= shared
