@@ -42,25 +42,25 @@ def anchored_config(path: str) -> AnchoredConfig:
     return build(AnchoredConfig, {k: v for k, v in model.items() if k in fields}, "model")
 
 
-def neighbour_noise(split_view_, strengths: tuple[float, ...], redraws: int, seed0: int) -> dict[str, float]:
+def neighbour_noise(view, strengths: tuple[float, ...], redraws: int, seed0: int) -> dict[str, float]:
     """Per pair of neighbouring strengths (and a quarter against no change): the sd over ``redraws``
     validation sets drawn with other seeds of their score difference, the median over ``BASELINES``."""
-    candidates = Prior._candidates("auto", split_view_, strengths)
+    candidates = Prior._candidates("auto", view, strengths)
     draws = []
     for k in range(redraws):
-        validation = ValidationSet(split_view_, seed=seed0 + 1000 * (k + 1))
+        validation = ValidationSet(view, seed=seed0 + 1000 * (k + 1))
         if len(validation):
             draws.append({label: prior.score(validation).score for label, prior in candidates.items()})
     if len(draws) < 2:
         return {}
     pairs: dict[str, list[float]] = {}
-    ordered = sorted(strengths, reverse=True)
-    for base in BASELINES:
-        labels = [base if s == 1.0 else f"{base} x {s:g}" for s in ordered] + ["none"]
-        for a, b in zip(labels, labels[1:]):
-            name = f"{a.split(' x ')[-1] if ' x ' in a else '1'} vs {b.split(' x ')[-1] if ' x ' in b else b}"
-            diff = [d[a] - d[b] for d in draws]
-            pairs.setdefault(name, []).append(float(np.std(diff, ddof=1)))
+    for base in BASELINES:  # each baseline's strengths, strongest first, then no change
+        ladder = sorted((label for label, prior in candidates.items() if prior.name in (base, "none")),
+                        key=lambda label: -candidates[label].shift_scale)
+        for a, b in zip(ladder, ladder[1:]):
+            name = " vs ".join("none" if candidates[x].name == "none" else f"{candidates[x].strength:g}"
+                               for x in (a, b))
+            pairs.setdefault(name, []).append(float(np.std([d[a] - d[b] for d in draws], ddof=1)))
     return {name: round(float(np.median(v)), 4) for name, v in pairs.items()}
 
 

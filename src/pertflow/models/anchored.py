@@ -50,7 +50,7 @@ import torch
 from pertflow.data.keys import BATCH_KEYS
 from pertflow.data.view import SplitView
 from pertflow.models.base import PerturbationModel
-from pertflow.models.config import PredictConfig
+from pertflow.models.config import AnchoredConfig, PredictConfig
 from pertflow.models.inner_split import InnerSplit, inner_split, rotations
 from pertflow.models.network import NetworkModel, inference_device
 from pertflow.models.prior import PREDICTION_MODES, Prior, choose_prediction_mode, led_on_every_split, mode_cells
@@ -63,11 +63,10 @@ PRIOR_PREFIX = "prior."
 REFIT_DIR = "refit"  # where the model trained again on every training cell keeps its checkpoints
 
 
-def validation_splits(view: SplitView, config: Any) -> tuple[InnerSplit, ValidationSet,
-                                                              list[tuple[InnerSplit, ValidationSet]]]:
-    """The inner split an anchored model with ``config`` (an :class:`~pertflow.models.config.AnchoredConfig`)
-    is fitted on, its validation set, and the further inner splits it chooses on
-    (``validation_rotations``), each with validation groups to score."""
+def validation_splits(view: SplitView, config: AnchoredConfig) -> tuple[InnerSplit, ValidationSet,
+                                                                         list[tuple[InnerSplit, ValidationSet]]]:
+    """The inner split an anchored model with ``config`` is fitted on, its validation set, and the
+    further inner splits it chooses on (``validation_rotations``), each with validation groups to score."""
     inner = inner_split(view, config.validation, config.validation_held_out, VALIDATION_SEED,
                         config.validation_contexts)
     reference = config.validation_reference
